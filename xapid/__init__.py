@@ -1,0 +1,3 @@
+"""xapid: a XenAPI (xapi) emulator daemon centred on HA with pluggable cluster stacks."""
+
+__version__ = "0.1.0"

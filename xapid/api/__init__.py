@@ -1,0 +1,55 @@
+"""Hand-written behaviour per XenAPI class, registered by wire name.
+
+A module here decorates a function with ``@handler("VM.start")``; the
+dispatcher binds it to the message of that name declared in the schema (or
+overrides the generic implementation of ``create``/``destroy``/setters).
+Handlers receive a :class:`Call` then the unmarshalled arguments, with the
+session already checked and stripped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from xapid.daemon import Daemon
+    from xapid.store import Store
+
+Handler = Callable[..., Any]
+
+HANDLERS: dict[str, Handler] = {}
+
+
+def handler(*names: str) -> Callable[[Handler], Handler]:
+    """Register the decorated function as the implementation of the given wire names."""
+
+    def register(fn: Handler) -> Handler:
+        for name in names:
+            assert name not in HANDLERS, f"duplicate handler {name}"
+            HANDLERS[name] = fn
+        return fn
+
+    return register
+
+
+@dataclass
+class Call:
+    """What a handler knows about the call it serves."""
+
+    daemon: Daemon
+    method: str
+    session: str | None = None
+    task: str | None = None
+
+    @property
+    def store(self) -> Store:
+        return self.daemon.store
+
+
+def load_all() -> dict[str, Handler]:
+    """Import every behaviour module so their handlers register; return the table."""
+    from xapid.api import host, pbd, pool, session, sr, task, vdi, vm  # noqa: F401
+
+    return HANDLERS

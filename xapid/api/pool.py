@@ -1,0 +1,35 @@
+"""pool: the HA calls (their behaviour lives in :mod:`xapid.ha.manager`)."""
+
+from __future__ import annotations
+
+from xapid.api import Call, handler
+from xapid.errors import ApiError
+
+
+@handler("pool.enable_ha")
+def enable_ha(call: Call, heartbeat_srs: list[str], configuration: dict[str, str], cluster_stack: str) -> None:
+    call.daemon.ha.enable(call, heartbeat_srs, configuration, cluster_stack)
+
+
+@handler("pool.disable_ha")
+def disable_ha(call: Call) -> None:
+    call.daemon.ha.disable(call)
+
+
+@handler("pool.set_ha_host_failures_to_tolerate")
+def set_ha_host_failures_to_tolerate(call: Call, self: str, value: int) -> None:
+    if value < 0:
+        raise ApiError("INVALID_VALUE", "ha_host_failures_to_tolerate", value)
+    with call.store.transaction() as tx:
+        tx.update("pool", self, ha_host_failures_to_tolerate=value)
+    call.daemon.ha.update_plan()
+
+
+@handler("pool.ha_compute_max_host_failures_to_tolerate")
+def ha_compute_max_host_failures_to_tolerate(call: Call) -> int:
+    return call.daemon.ha.compute_max_failures(update=True)
+
+
+@handler("pool.ha_failover_plan_exists")
+def ha_failover_plan_exists(call: Call, n: int) -> bool:
+    return call.daemon.ha.plan_exists(n)

@@ -1,0 +1,1 @@
+"""Command-line entry points (``xapid`` and ``xe``); thin wrappers over the package."""

@@ -1,0 +1,133 @@
+"""``xapid serve`` and ``xapid passwd``: the daemon's command line (contract in the README)."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import signal
+import ssl
+import sys
+import threading
+from pathlib import Path
+
+import structlog
+
+from xapid import config as config_mod
+from xapid.logging import configure
+from xapid.store import StoreCorrupt
+
+log = structlog.get_logger("xapid.cli")
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    return host.strip("[]"), int(port)
+
+
+def serve(args: argparse.Namespace) -> int:
+    from xapid.daemon import Daemon
+    from xapid.server import XapiServer
+
+    try:
+        cfg = config_mod.load(Path(args.config) if args.config else None)
+        daemon = Daemon(cfg, Path(args.state_dir), hosts=args.hosts)
+    except (config_mod.ConfigError, StoreCorrupt) as e:
+        print(f"xapid: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 - start-up errors are reported, not dumped
+        log.exception("start-up failed")
+        print(f"xapid: start-up failed: {e}", file=sys.stderr)
+        return 2
+    host, port = args.listen
+    try:
+        if not ipaddress.ip_address(host).is_loopback:
+            log.warning("listening on a non-loopback address", address=host)
+    except ValueError:
+        log.warning("listening on a host name, not a loopback address", address=host)
+    tls = None
+    if args.tls_cert:
+        tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        tls.load_cert_chain(args.tls_cert, args.tls_key)
+    server = XapiServer((host, port), daemon, tls)
+    scheme = "https" if tls else "http"
+    bound_host, bound_port = server.server_address[:2]
+    url = f"{scheme}://{bound_host}:{bound_port}/"
+    daemon.start()
+    url_file = daemon.state_dir / "url"
+    tmp = url_file.with_suffix(".tmp")
+    tmp.write_text(url + "\n")
+    os.replace(tmp, url_file)
+    log.info("xapid ready", url=url, state_dir=str(daemon.state_dir),
+             root_password_file=str(daemon.state_dir / "root-password"))
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="http")
+    thread.start()
+    stop.wait()
+    log.info("stopping")
+    server.shutdown()
+    thread.join()
+    server.drain(30.0)
+    server.server_close()
+    daemon.stop()
+    try:
+        url_file.unlink()
+    except FileNotFoundError:
+        pass
+    log.info("stopped")
+    return 0
+
+
+def passwd(args: argparse.Namespace) -> int:
+    from xapid.auth import Users
+    from xapid.daemon import ensure_private_dir
+
+    state = Path(args.state_dir)
+    ensure_private_dir(state)
+    line = sys.stdin.readline()
+    password = line.rstrip("\n")
+    if not password:
+        print("xapid passwd: empty password on standard input", file=sys.stderr)
+        return 1
+    try:
+        Users(state / "users.json").set_password(args.user, password, args.role)
+    except ValueError as e:
+        print(f"xapid passwd: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="xapid", description="XenAPI emulator daemon")
+    sub = parser.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("serve", help="run the daemon in the foreground")
+    s.add_argument("--config", help="xapi.conf (default: the shipped etc/xapi.conf)")
+    s.add_argument("--state-dir", default="./var", help="state folder (default ./var)")
+    s.add_argument("--listen", type=parse_listen, default=("127.0.0.1", 8080), help="HOST:PORT (port 0 = any)")
+    s.add_argument("--hosts", type=int, default=3, help="hosts in the seeded pool (first start only)")
+    s.add_argument("--tls-cert", help="serve HTTPS with this certificate (PEM)")
+    s.add_argument("--tls-key", help="private key for --tls-cert")
+    s.add_argument("--log-level", default="info")
+    p = sub.add_parser("passwd", help="set a user's password (read from standard input)")
+    p.add_argument("--state-dir", required=True)
+    p.add_argument("--role", default=None, help="pool-admin or read-only (default: keep, root: pool-admin)")
+    p.add_argument("user")
+    args = parser.parse_args(argv)
+    configure(getattr(args, "log_level", "warning") if args.command == "serve" else "warning")
+    if args.command == "serve":
+        if args.hosts < 1 or args.hosts > 64:
+            parser.error("--hosts must be between 1 and 64")
+        return serve(args)
+    return passwd(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

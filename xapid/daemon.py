@@ -1,0 +1,79 @@
+"""The daemon object: loads configuration, schema and store, and owns every service."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+import structlog
+
+from xapid import schema as schema_mod
+from xapid.auth import Sessions, Users
+from xapid.config import Config, validate_runtime
+from xapid.dispatch import Dispatcher
+from xapid.ha.manager import HaManager
+from xapid.seed import seed
+from xapid.storage import Disks, load_descriptors, sync_sm_table
+from xapid.store import Store
+from xapid.tasks import Tasks
+from xapid.wire import Encoder
+
+log = structlog.get_logger("xapid.daemon")
+
+
+def ensure_private_dir(path: Path) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+
+
+class Daemon:
+    """Everything one running xapid holds; the HTTP server calls into :attr:`dispatcher`."""
+
+    def __init__(self, config: Config, state_dir: Path, hosts: int = 3) -> None:
+        validate_runtime(config)
+        self.config = config
+        self.state_dir = state_dir.resolve()
+        ensure_private_dir(self.state_dir)
+        self.schema = schema_mod.load()
+        self.encoder = Encoder(self.schema)
+        self.store = Store(self.schema, self.state_dir / "xapid.db")
+        self.disks = Disks(self.state_dir)
+        sync_sm_table(self.store, load_descriptors(Path(config["sm-dir"])))
+        if not self.store.refs("pool"):
+            seed(self.store, self.disks, hosts)
+            log.info("seeded demo pool", hosts=hosts)
+        self.users = Users(self.state_dir / "users.json")
+        if not self.users.users:
+            self._create_root()
+        self.sessions = Sessions(self.store, self.users, config["session-idle-timeout"],
+                                 config["login-failure-delay"], self.master_ref)
+        self.tasks = Tasks(self)
+        self.dispatcher = Dispatcher(self)
+        self.ha = HaManager(self)
+
+    def _create_root(self) -> None:
+        password = secrets.token_urlsafe(18)
+        path = self.state_dir / "root-password"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(password + "\n")
+        self.users.set_password("root", password, "pool-admin")
+        log.info("created user root; its password is in the file named here", path=str(path))
+
+    def pool_ref(self) -> str:
+        return self.store.refs("pool")[0]
+
+    def master_ref(self) -> str:
+        pool = self.store.get("pool", self.pool_ref())
+        assert pool is not None
+        return str(pool["master"])
+
+    def start(self) -> None:
+        """Services that run in the background (the HA re-arm and monitor)."""
+        self.ha.start()
+
+    def stop(self) -> None:
+        self.ha.stop()
+        self.tasks.wait_all(10.0)
+        self.store.close()

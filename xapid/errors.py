@@ -1,0 +1,98 @@
+"""The one failure type of xapid and the catalogue of XenAPI error codes.
+
+Every refusal anywhere in the daemon is an :class:`ApiError` carrying the
+XenAPI code and its string parameters.  The wire layer is the single place
+that turns it into a ``Failure`` envelope; nothing else formats errors.
+"""
+
+from __future__ import annotations
+
+# Codes used by xapid, with the datamodel's parameter labels (xe prints them).
+# Source: ../shared/spec/wire.md 4.4 and ../shared/spec/ha.md 6, plus the
+# design's four cluster-stack errors.
+CATALOGUE: dict[str, tuple[str, ...]] = {
+    "SESSION_AUTHENTICATION_FAILED": ("username", "reason"),
+    "SESSION_INVALID": ("handle",),
+    "HANDLE_INVALID": ("class", "handle"),
+    "UUID_INVALID": ("type", "uuid"),
+    "MESSAGE_METHOD_UNKNOWN": ("method",),
+    "MESSAGE_PARAMETER_COUNT_MISMATCH": ("method", "expected", "received"),
+    "MESSAGE_REMOVED": (),
+    "INTERNAL_ERROR": ("message",),
+    "MAP_DUPLICATE_KEY": ("type", "param_name", "uuid", "key"),
+    "INVALID_VALUE": ("field", "value"),
+    "VALUE_NOT_SUPPORTED": ("field", "value", "reason"),
+    "OPERATION_NOT_ALLOWED": ("reason",),
+    "NOT_IMPLEMENTED": ("function",),
+    "RBAC_PERMISSION_DENIED": ("permission", "message"),
+    "VM_BAD_POWER_STATE": ("vm", "expected", "actual"),
+    "VM_IS_TEMPLATE": ("vm", "operation"),
+    "SR_HAS_PBD": ("sr",),
+    "SR_UNKNOWN_DRIVER": ("driver",),
+    "SR_NOT_EMPTY": (),
+    "PBD_EXISTS": ("sr", "host", "pbd"),
+    "VDI_IN_USE": ("vdi", "operation"),
+    "SR_FULL": ("requested", "maximum"),
+    "HA_IS_ENABLED": (),
+    "HA_NOT_ENABLED": (),
+    "HA_ENABLE_IN_PROGRESS": (),
+    "HA_DISABLE_IN_PROGRESS": (),
+    "HA_FAILED_TO_FORM_LIVESET": (),
+    "HA_HOST_CANNOT_ACCESS_STATEFILE": (),
+    "HOST_OFFLINE": ("host",),
+    "SR_HAS_NO_PBDS": ("sr",),
+    "CANNOT_CREATE_STATE_FILE": (),
+    "SR_SOURCE_SPACE_INSUFFICIENT": ("sr",),
+    "SR_OPERATION_NOT_SUPPORTED": ("sr",),
+    "INCOMPATIBLE_STATEFILE_SR": ("SR type",),
+    "INCOMPATIBLE_CLUSTER_STACK_ACTIVE": ("cluster_stack",),
+    "UNKNOWN_CLUSTER_STACK": ("cluster_stack",),
+    "CLUSTER_STACK_CONSTRAINT": ("ref", "cluster_stack"),
+    "HOST_NOT_ENOUGH_FREE_MEMORY": ("needed", "available"),
+    "VM_HAS_PCI_ATTACHED": ("vm",),
+    "DEVICE_ALREADY_ATTACHED": ("device",),
+    "DEVICE_DETACH_REJECTED": ("type", "ref", "msg"),
+    "EVENT_FROM_TOKEN_PARSE_FAILURE": ("token",),
+    "TASK_CANCELLED": ("task",),
+}
+
+# Human descriptions for the xe client (wire.md 8.6).
+DESCRIPTIONS: dict[str, str] = {
+    "HANDLE_INVALID": "You gave an invalid object reference.  The object may have recently been deleted.",
+    "UUID_INVALID": "The uuid you supplied was invalid.",
+    "SESSION_INVALID": "You gave an invalid session reference.",
+    "HA_IS_ENABLED": "The operation could not be performed because HA is enabled on the Pool",
+    "HA_NOT_ENABLED": "The operation could not be performed because HA is not enabled on the Pool",
+    "HOST_OFFLINE": "You attempted an operation which involves a host which could not be contacted.",
+    "SR_HAS_NO_PBDS": "The SR has no attached PBDs",
+    "CANNOT_CREATE_STATE_FILE": "An HA statefile could not be created, perhaps because no SR with the appropriate capability was found.",
+    "INCOMPATIBLE_STATEFILE_SR": "The specified SR is incompatible with the selected HA cluster stack.",
+    "INCOMPATIBLE_CLUSTER_STACK_ACTIVE": "This operation cannot be performed, because it is incompatible with the currently active HA cluster stack.",
+    "UNKNOWN_CLUSTER_STACK": "The requested cluster stack does not exist.",
+    "CLUSTER_STACK_CONSTRAINT": "HA cannot be enabled with the provided cluster stack because some third-party software is already active which requires a different cluster stack setting.",
+    "VM_BAD_POWER_STATE": "You attempted an operation on a VM that was not in an appropriate power state at the time; for example, you attempted to start a VM that was already running.  The parameters returned are the VM's handle, and the expected and actual VM state at the time of the call.",
+    "SR_HAS_PBD": "The SR is still connected to a host via a PBD. It cannot be destroyed or forgotten.",
+    "INTERNAL_ERROR": "The server failed to handle your request, due to an internal error. The given message may give details useful for debugging the problem.",
+}
+
+
+class ApiError(Exception):
+    """A XenAPI failure: ``code`` plus its parameters, all strings on the wire."""
+
+    def __init__(self, code: str, *params: object) -> None:
+        self.code = code
+        self.params = [str(p) for p in params]
+        super().__init__(code, *self.params)
+
+    @property
+    def description(self) -> list[str]:
+        """The ``ErrorDescription`` list: ``[code, param1, ...]``."""
+        return [self.code, *self.params]
+
+    def __str__(self) -> str:
+        return str(self.description)
+
+
+def internal(message: str) -> ApiError:
+    """An ``INTERNAL_ERROR`` with a short human message."""
+    return ApiError("INTERNAL_ERROR", message)

@@ -1,0 +1,1 @@
+"""High availability: xhad.conf, liveset parsing and the cluster-stack script runner."""

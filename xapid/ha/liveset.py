@@ -1,0 +1,228 @@
+"""Strict parser for the liveset XML printed by ``ha_query_liveset`` (ha.md 3.2.1).
+
+The parser follows xapi's rules to the letter, so a stack that xapi would reject is rejected
+here too.  Every problem, including malformed or hostile XML (DTDs, entities) and oversized
+input, raises ``ApiError("INTERNAL_ERROR", <what is wrong>)`` and nothing else.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from xml.etree.ElementTree import Element, ParseError
+
+import defusedxml.ElementTree as DET
+
+from xapid.errors import internal
+
+MAX_BYTES = 1 << 20
+
+STATUSES: tuple[str, ...] = ("Online", "Starting", "Offline")
+HOST_FIELDS: tuple[str, ...] = (
+    "HostID",
+    "liveness",
+    "master",
+    "statefile_access",
+    "statefile_corrupted",
+    "excluded",
+)
+RAW_LATENCIES: tuple[str, ...] = (
+    "statefile_latency",
+    "statefile_latency_min",
+    "statefile_latency_max",
+    "heartbeat_latency",
+    "heartbeat_latency_min",
+    "heartbeat_latency_max",
+    "Xapi_healthcheck_latency",
+    "Xapi_healthcheck_latency_min",
+    "Xapi_healthcheck_latency_max",
+)
+RAW_HOST_INTS: tuple[str, ...] = (
+    "time_since_last_update_on_statefile",
+    "time_since_last_heartbeat",
+    "time_since_xapi_restart_first_attempted",
+)
+RAW_HOST_LISTS: tuple[str, ...] = (
+    "heartbeat_active_list_on_heartbeat",
+    "heartbeat_active_list_on_statefile",
+)
+WARNINGS: tuple[str, ...] = (
+    "statefile_lost",
+    "heartbeat_approaching_timeout",
+    "statefile_approaching_timeout",
+    "Xapi_healthcheck_approaching_timeout",
+    "network_bonding_error",
+)
+
+_INT = re.compile(r"-?[0-9]+")
+
+
+@dataclass(frozen=True)
+class HostStatus:
+    """One ``host`` entry of the liveset."""
+
+    liveness: bool
+    master: bool
+    statefile_access: bool
+    statefile_corrupted: bool
+    excluded: bool
+
+
+@dataclass(frozen=True)
+class RawHost:
+    """The parts of one ``host_raw_data`` entry that xapi uses (``host.ha_network_peers``)."""
+
+    time_since_last_update_on_statefile: int
+    time_since_last_heartbeat: int
+    heartbeat_active_list_on_heartbeat: list[str]
+    heartbeat_active_list_on_statefile: list[str]
+
+
+@dataclass(frozen=True)
+class Liveset:
+    """A parsed liveset; ``raw`` and ``warnings`` are None when their block is absent."""
+
+    status: str
+    local_host: str
+    hosts: dict[str, HostStatus]
+    raw: dict[str, RawHost] | None
+    warnings: dict[str, bool] | None
+
+
+def _children(parent: Element, tag: str) -> list[Element]:
+    return [child for child in parent if child.tag == tag]
+
+
+def _single(parent: Element, tag: str, where: str) -> Element:
+    found = _children(parent, tag)
+    if not found:
+        raise internal(f"liveset: <{where}> has no <{tag}>")
+    if len(found) > 1:
+        raise internal(f"liveset: <{where}> has {len(found)} <{tag}> elements")
+    return found[0]
+
+
+def _leaf_text(element: Element, where: str) -> str:
+    """The raw text of a leaf element; a leaf has no element children."""
+    if len(element):
+        raise internal(f"liveset: <{element.tag}> in <{where}> must be a leaf element")
+    return element.text or ""
+
+
+def _field(parent: Element, tag: str, where: str) -> str:
+    return _leaf_text(_single(parent, tag, where), where).strip()
+
+
+def _bool(text: str, what: str) -> bool:
+    upper = text.upper()
+    if upper == "TRUE":
+        return True
+    if upper == "FALSE":
+        return False
+    raise internal(f"liveset: {what} is not TRUE or FALSE: {text!r}")
+
+
+def _int(text: str, what: str) -> int:
+    if not _INT.fullmatch(text):
+        raise internal(f"liveset: {what} is not an integer: {text!r}")
+    return int(text)
+
+
+def _status(root: Element) -> str:
+    element = _single(root, "status", "ha_liveset_info")
+    text = _leaf_text(element, "ha_liveset_info")
+    for status in STATUSES:
+        # Case-insensitive but deliberately not trimmed, as in xapi.
+        if text.lower() == status.lower():
+            return status
+    raise internal(f"liveset: <status> is not Online, Starting or Offline: {text!r}")
+
+
+def _local_host(root: Element) -> str:
+    localhost = _single(root, "localhost", "ha_liveset_info")
+    if (localhost.text or "").strip():
+        raise internal("liveset: <localhost> has text before its first child")
+    if not len(localhost) or localhost[0].tag != "HostID":
+        raise internal("liveset: the first child of <localhost> must be <HostID>")
+    uuid = _leaf_text(localhost[0], "localhost")
+    if not uuid or uuid != uuid.strip():
+        raise internal(f"liveset: localhost <HostID> is empty or has surrounding whitespace: {uuid!r}")
+    return uuid
+
+
+def _hosts(root: Element) -> dict[str, HostStatus]:
+    hosts: dict[str, HostStatus] = {}
+    for host in _children(root, "host"):
+        uuid = _field(host, "HostID", "host")
+        if not uuid:
+            raise internal("liveset: a <host> has an empty <HostID>")
+        if uuid in hosts:
+            raise internal(f"liveset: host {uuid} is listed twice")
+        flags = {name: _bool(_field(host, name, "host"), f"host {uuid} {name}") for name in HOST_FIELDS[1:]}
+        hosts[uuid] = HostStatus(**flags)
+    return hosts
+
+
+def _raw(root: Element) -> dict[str, RawHost] | None:
+    found = _children(root, "raw_status_on_local_host")
+    if not found:
+        return None
+    if len(found) > 1:
+        raise internal("liveset: more than one <raw_status_on_local_host>")
+    block = found[0]
+    where = "raw_status_on_local_host"
+    for name in RAW_LATENCIES:
+        _int(_field(block, name, where), name)
+    raw: dict[str, RawHost] = {}
+    for entry in _children(block, "host_raw_data"):
+        uuid = _field(entry, "HostID", "host_raw_data")
+        if not uuid:
+            raise internal("liveset: a <host_raw_data> has an empty <HostID>")
+        if uuid in raw:
+            raise internal(f"liveset: host_raw_data for {uuid} is listed twice")
+        ints = {name: _int(_field(entry, name, "host_raw_data"), f"{uuid} {name}") for name in RAW_HOST_INTS}
+        lists = {name: _field(entry, name, "host_raw_data").split() for name in RAW_HOST_LISTS}
+        raw[uuid] = RawHost(
+            time_since_last_update_on_statefile=ints["time_since_last_update_on_statefile"],
+            time_since_last_heartbeat=ints["time_since_last_heartbeat"],
+            heartbeat_active_list_on_heartbeat=lists["heartbeat_active_list_on_heartbeat"],
+            heartbeat_active_list_on_statefile=lists["heartbeat_active_list_on_statefile"],
+        )
+    return raw
+
+
+def _warnings(root: Element) -> dict[str, bool] | None:
+    found = _children(root, "warning_on_local_host")
+    if not found:
+        return None
+    if len(found) > 1:
+        raise internal("liveset: more than one <warning_on_local_host>")
+    where = "warning_on_local_host"
+    # Only the exact upper-case word counts as true, as in xapi; the text is not trimmed.
+    return {name: _leaf_text(_single(found[0], name, where), where) == "TRUE" for name in WARNINGS}
+
+
+def parse(text: str) -> Liveset:
+    """Parse a liveset document, applying every rule of ha.md 3.2.1.
+
+    Raises INTERNAL_ERROR (and no other exception) for input over 1 MiB, malformed XML, any
+    DTD or entity declaration, a wrong root, a bad or missing status, a bad localhost, a host
+    entry with a missing or non-boolean field, an incomplete raw block or warning block.
+    """
+    if not isinstance(text, str):
+        raise internal(f"liveset must be text, got {type(text).__name__}")
+    if len(text) > MAX_BYTES or len(text.encode("utf-8", "surrogatepass")) > MAX_BYTES:
+        raise internal("liveset is larger than 1 MiB")
+    try:
+        root = DET.fromstring(text, forbid_dtd=True, forbid_entities=True, forbid_external=True)
+    except (ParseError, ValueError) as exc:  # DefusedXmlException is a ValueError
+        raise internal(f"liveset is not acceptable XML: {exc}") from None
+    if root.tag != "ha_liveset_info":
+        raise internal(f"liveset: root element is <{root.tag}>, expected <ha_liveset_info>")
+    return Liveset(
+        status=_status(root),
+        local_host=_local_host(root),
+        hosts=_hosts(root),
+        raw=_raw(root),
+        warnings=_warnings(root),
+    )

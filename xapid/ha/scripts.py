@@ -1,0 +1,367 @@
+"""The one place where xapid runs cluster-stack scripts (ha.md 2).
+
+A cluster stack is a directory ``<root>/<stack>`` holding the seven ``ha_*`` scripts.  xapi
+runs them with nothing but ``PATH`` in the environment, one at a time per host, and maps
+their exit status through the MTC table of ha.md 2.3.  xapid follows that contract and adds
+what xapi lacks: ``XHAD_CONF`` and ``XAPI_HOST_UUID`` (several emulated hosts share one
+machine), a timeout per call that kills the script's whole process group, and caps on the
+captured output.
+"""
+
+from __future__ import annotations
+
+import os
+import selectors
+import signal
+import stat
+import subprocess
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from xapid.errors import ApiError, internal
+from xapid.ha import liveset
+
+log = structlog.get_logger("xapid.ha.scripts")
+
+SCRIPTS: tuple[str, ...] = (
+    "ha_set_pool_state",
+    "ha_start_daemon",
+    "ha_stop_daemon",
+    "ha_query_liveset",
+    "ha_propose_master",
+    "ha_disarm_fencing",
+    "ha_set_excluded",
+)
+
+MTC_CODES: dict[int, str] = {
+    0: "MTC_EXIT_SUCCESS",
+    1: "MTC_EXIT_INVALID_PARAMETER",
+    2: "MTC_EXIT_SYSTEM_ERROR",
+    3: "MTC_EXIT_TRANSIENT_SYSTEM_ERROR",
+    4: "MTC_EXIT_WATCHDOG_ERROR",
+    5: "MTC_EXIT_IMPROPER_LICENSE",
+    6: "MTC_EXIT_CAN_NOT_READ_CONFIG_FILE",
+    7: "MTC_EXIT_INVALID_CONFIG_FILE",
+    8: "MTC_EXIT_CAN_NOT_ACCESS_STATEFILE",
+    9: "MTC_EXIT_INVALID_STATE_FILE",
+    10: "MTC_EXIT_GENERATION_UUID_MISMATCH",
+    11: "MTC_EXIT_INVALID_POOL_STATE",
+    12: "MTC_EXIT_BOOTJOIN_TIMEOUT",
+    13: "MTC_EXIT_CAN_NOT_JOIN_EXISTING_LIVESET",
+    14: "MTC_EXIT_DAEMON_IS_NOT_PRESENT",
+    15: "MTC_EXIT_DAEMON_IS_PRESENT",
+    16: "MTC_EXIT_INVALID_ENVIRONMENT",
+    17: "MTC_EXIT_INVALID_LOCALHOST_STATE",
+    18: "MTC_EXIT_BOOT_BLOCKED_BY_EXCLUDED",
+    19: "MTC_EXIT_SET_EXCLUDED",
+    127: "MTC_EXIT_INTERNAL_BUG",
+}
+
+MAX_STACK_NAME = 64
+STDERR_CAP = 64 * 1024
+# How long to keep reading after the script itself exited: a detached grandchild may hold
+# the pipes open forever, and its output is not the script's answer.
+EXIT_GRACE = 0.5
+_SUPPORTED_SRS_CAP = 64 * 1024
+_READ_CHUNK = 65536
+
+
+def valid_stack_name(name: str) -> bool:
+    """True iff ``name`` can only denote a folder directly below the root.
+
+    Non-empty, at most 64 characters, no ``/``, not ``..``, no leading ``.``, and no NUL or
+    other control character (code points below 32 and 127).
+    """
+    return (
+        isinstance(name, str)
+        and 0 < len(name) <= MAX_STACK_NAME
+        and "/" not in name
+        and ".." not in name
+        and not name.startswith(".")
+        and not any(ord(ch) < 32 or ord(ch) == 127 for ch in name)
+    )
+
+
+@dataclass(frozen=True)
+class ScriptResult:
+    """A script run that exited 0."""
+
+    stack: str
+    script: str
+    host_uuid: str
+    args: tuple[str, ...]
+    exit_code: int
+    stdout: str
+    duration: float
+    stdout_truncated: bool = False
+
+
+class ScriptError(ApiError):
+    """A script exited with a non-zero MTC code.
+
+    The XenAPI form is INTERNAL_ERROR naming the stack, script, host and MTC symbol; callers
+    that give a code a specific meaning (12 -> HA_FAILED_TO_FORM_LIVESET, 8 ->
+    HA_HOST_CANNOT_ACCESS_STATEFILE, 14 -> "daemon not running") test ``exit_code``.
+    """
+
+    def __init__(self, stack: str, script: str, host_uuid: str, exit_code: int, stdout: str = "") -> None:
+        self.stack = stack
+        self.script = script
+        self.host_uuid = host_uuid
+        self.exit_code = exit_code
+        self.symbol = MTC_CODES[exit_code]
+        self.stdout = stdout
+        super().__init__(
+            "INTERNAL_ERROR",
+            f"Cluster stack script {stack}/{script} failed on host {host_uuid}: "
+            f"{self.symbol} (exit code {exit_code})",
+        )
+
+
+@dataclass
+class _Captured:
+    data: bytearray
+    cap: int
+    dropped: int = 0
+
+    def add(self, chunk: bytes) -> None:
+        room = self.cap - len(self.data)
+        if room > 0:
+            self.data += chunk[:room]
+        self.dropped += max(0, len(chunk) - max(room, 0))
+
+    def text(self) -> str:
+        return self.data.decode("utf-8", errors="replace")
+
+
+class ClusterStackRunner:
+    """Runs the scripts of the stacks below ``root`` under the rules of ha.md 2.1.
+
+    Thread-safe.  At most one script runs at a time per host UUID; different hosts run in
+    parallel.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        timeout: float = 60.0,
+        start_timeout: float = 180.0,
+        stdout_cap: int = 1 << 20,
+    ) -> None:
+        self.root = Path(root)
+        self.timeout = timeout
+        self.start_timeout = start_timeout
+        self.stdout_cap = stdout_cap
+        self._locks: dict[str, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+
+    def _host_lock(self, host_uuid: str) -> threading.Lock:
+        with self._locks_guard:
+            return self._locks.setdefault(host_uuid, threading.Lock())
+
+    def stack_dir(self, stack: str) -> Path:
+        """The resolved directory of ``stack``.
+
+        Raises UNKNOWN_CLUSTER_STACK if the name is not a plain folder name (checked before
+        any filesystem access), or ``<root>/<stack>`` is not an existing directory whose
+        resolved path lies inside the resolved root.
+        """
+        if not valid_stack_name(stack):
+            raise ApiError("UNKNOWN_CLUSTER_STACK", stack)
+        try:
+            root = self.root.resolve(strict=True)
+            path = (root / stack).resolve(strict=True)
+        except (OSError, RuntimeError):
+            raise ApiError("UNKNOWN_CLUSTER_STACK", stack) from None
+        if path == root or not path.is_relative_to(root) or not path.is_dir():
+            raise ApiError("UNKNOWN_CLUSTER_STACK", stack)
+        return path
+
+    def supported_srs(self, stack: str) -> list[str] | None:
+        """SR types listed in ``<root>/<stack>/ha_supported_srs`` (ha.md 1.5), in file order.
+
+        None when the file is absent, unreadable, not a regular file, or resolves outside the
+        root: the stack then places no restriction.  Raises UNKNOWN_CLUSTER_STACK for an
+        unknown stack.
+        """
+        directory = self.stack_dir(stack)
+        try:
+            path = (directory / "ha_supported_srs").resolve(strict=True)
+            if not path.is_relative_to(self.root.resolve()) or not stat.S_ISREG(path.stat().st_mode):
+                return None
+            with path.open("rb") as handle:
+                data = handle.read(_SUPPORTED_SRS_CAP)
+        except (OSError, RuntimeError):
+            return None
+        return data.decode("utf-8", errors="replace").split()
+
+    def _script_path(self, stack: str, script: str) -> tuple[Path, Path]:
+        if script not in SCRIPTS:
+            raise internal(f"{script!r} is not a cluster-stack script")
+        directory = self.stack_dir(stack)
+        where = f"cluster stack script {stack}/{script}"
+        try:
+            path = (directory / script).resolve(strict=True)
+            mode = path.stat().st_mode
+        except (OSError, RuntimeError):
+            raise internal(f"{where} does not exist") from None
+        if not path.is_relative_to(self.root.resolve()):
+            raise internal(f"{where} resolves outside the cluster-stack root")
+        if not stat.S_ISREG(mode):
+            raise internal(f"{where} is not a regular file")
+        if not mode & 0o111 or not os.access(path, os.X_OK):
+            raise internal(f"{where} is not executable")
+        return directory, path
+
+    def run(
+        self,
+        stack: str,
+        script: str,
+        host_uuid: str,
+        xhad_conf: Path,
+        args: Sequence[str] = (),
+        timeout: float | None = None,
+    ) -> ScriptResult:
+        """Run ``<root>/<stack>/<script> args...`` for ``host_uuid`` and return its result.
+
+        Environment is exactly PATH (the daemon's plus the stack folder), XHAD_CONF and
+        XAPI_HOST_UUID; cwd is the stack folder; stdin is /dev/null.  Exit 0 gives a
+        ScriptResult; an MTC code raises ScriptError; anything else (unknown code, death by
+        signal, timeout, missing/non-executable/escaping script) raises INTERNAL_ERROR, and an
+        invalid or missing stack UNKNOWN_CLUSTER_STACK.
+        """
+        directory, path = self._script_path(stack, script)
+        argv = tuple(str(a) for a in args)
+        if timeout is None:
+            timeout = self.start_timeout if script == "ha_start_daemon" else self.timeout
+        base_path = os.environ.get("PATH", os.defpath)
+        env = {
+            "PATH": f"{base_path}{os.pathsep}{directory}" if base_path else str(directory),
+            "XHAD_CONF": str(xhad_conf),
+            "XAPI_HOST_UUID": host_uuid,
+        }
+        where = f"{stack}/{script} on host {host_uuid}"
+        with self._host_lock(host_uuid):
+            started = time.monotonic()
+            try:
+                proc = subprocess.Popen(
+                    [str(path), *argv],
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    cwd=directory,
+                    env=env,
+                    start_new_session=True,
+                    close_fds=True,
+                )
+            except OSError as exc:
+                log.info("ha_script", stack=stack, script=script, host=host_uuid, args=argv,
+                         exit_code=None, duration=time.monotonic() - started, error=str(exc))
+                raise internal(f"Cannot run cluster stack script {where}: {exc}") from None
+            stdout, stderr, timed_out = self._communicate(proc, started + timeout)
+            duration = time.monotonic() - started
+        code = proc.returncode
+        log.info("ha_script", stack=stack, script=script, host=host_uuid, args=argv,
+                 exit_code=code, duration=round(duration, 3), timed_out=timed_out)
+        if stderr.data or stderr.dropped:
+            log.warning("ha_script_stderr", stack=stack, script=script, host=host_uuid,
+                        stderr=stderr.text(), stderr_dropped=stderr.dropped)
+        if stdout.dropped:
+            log.warning("ha_script_stdout_truncated", stack=stack, script=script, host=host_uuid,
+                        kept=len(stdout.data), dropped=stdout.dropped)
+        if timed_out:
+            raise internal(f"Cluster stack script {where} timed out after {timeout:g} seconds; killed")
+        if code < 0:
+            try:
+                name = signal.Signals(-code).name
+            except ValueError:
+                name = f"signal {-code}"
+            raise internal(f"Cluster stack script {where} was killed by {name}")
+        if code == 0:
+            return ScriptResult(stack, script, host_uuid, argv, 0, stdout.text(), duration, bool(stdout.dropped))
+        if code in MTC_CODES:
+            raise ScriptError(stack, script, host_uuid, code, stdout.text())
+        raise internal(f"Unrecognised MTC exit code {code} from {stack}/{script} on host {host_uuid}")
+
+    def _communicate(self, proc: subprocess.Popen[bytes], deadline: float) -> tuple[_Captured, _Captured, bool]:
+        """Drain both pipes until they close, or the child exited and EXIT_GRACE passed, or the
+        deadline; on the deadline kill the child's process group.  Returns (stdout, stderr,
+        timed_out); the child is always reaped."""
+        out = _Captured(bytearray(), self.stdout_cap)
+        err = _Captured(bytearray(), STDERR_CAP)
+        assert proc.stdout is not None and proc.stderr is not None
+        sel = selectors.DefaultSelector()
+        sel.register(proc.stdout, selectors.EVENT_READ, out)
+        sel.register(proc.stderr, selectors.EVENT_READ, err)
+        exited_at: float | None = None
+        timed_out = False
+        try:
+            while True:
+                now = time.monotonic()
+                if exited_at is None and proc.poll() is not None:
+                    exited_at = now
+                if not sel.get_map():
+                    if exited_at is not None:
+                        break
+                    wait_for = deadline - now
+                    if wait_for <= 0:
+                        timed_out = True
+                        break
+                    try:
+                        proc.wait(timeout=min(wait_for, 0.1))
+                    except subprocess.TimeoutExpired:
+                        pass
+                    continue
+                if exited_at is not None and now - exited_at >= EXIT_GRACE:
+                    break
+                if exited_at is None and now >= deadline:
+                    timed_out = True
+                    break
+                for key, _ in sel.select(timeout=0.05):
+                    chunk = os.read(key.fd, _READ_CHUNK)
+                    if chunk:
+                        key.data.add(chunk)
+                    else:
+                        sel.unregister(key.fileobj)
+        finally:
+            sel.close()
+            # Only while the child is unreaped is its pid (= process group id) safe from reuse.
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                timed_out = True
+            proc.wait()
+            proc.stdout.close()
+            proc.stderr.close()
+        return out, err, timed_out
+
+    def query_liveset(
+        self, stack: str, host_uuid: str, xhad_conf: Path, timeout: float | None = None
+    ) -> liveset.Liveset:
+        """Run ``ha_query_liveset`` and parse its output strictly (INTERNAL_ERROR if malformed).
+
+        Exit 14 (daemon not running) arrives as ScriptError with ``exit_code == 14``.
+        """
+        result = self.run(stack, "ha_query_liveset", host_uuid, xhad_conf, timeout=timeout)
+        return liveset.parse(result.stdout)
+
+    def propose_master(
+        self, stack: str, host_uuid: str, xhad_conf: Path, timeout: float | None = None
+    ) -> bool:
+        """Run ``ha_propose_master``; True iff it printed ``TRUE`` (trailing whitespace ignored).
+
+        A non-zero MTC exit means "not accepted" and gives False; other failures propagate.
+        """
+        try:
+            result = self.run(stack, "ha_propose_master", host_uuid, xhad_conf, timeout=timeout)
+        except ScriptError as exc:
+            log.info("ha_propose_master_refused", stack=stack, host=host_uuid, exit_code=exc.exit_code)
+            return False
+        return result.stdout.rstrip() == "TRUE"

@@ -1,0 +1,107 @@
+"""Storage emulation: the SM table from driver descriptors, SR folders and VDI files.
+
+Each SR owns a folder ``<state-dir>/sr/<sr-uuid>/``; each VDI is a real sparse
+file ``<vdi-uuid>.img`` in it whose length is the VDI's ``virtual_size``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from xapid.errors import ApiError
+from xapid.store import Store, Transaction
+
+SM_KEYS = ("type", "name_label", "name_description", "vendor", "copyright", "version",
+           "required_api_version", "capabilities", "features", "configuration", "driver_filename",
+           "required_cluster_stack")
+
+
+class DescriptorError(Exception):
+    pass
+
+
+def load_descriptors(sm_dir: Path) -> dict[str, dict[str, Any]]:
+    """Read every ``*.json`` driver descriptor; a bad one is a start-up error naming the file."""
+    out: dict[str, dict[str, Any]] = {}
+    for path in sorted(sm_dir.glob("*.json")):
+        try:
+            doc = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise DescriptorError(f"{path}: {e}") from None
+        if not isinstance(doc, dict) or not isinstance(doc.get("type"), str) or not doc["type"]:
+            raise DescriptorError(f"{path}: descriptor needs a non-empty string 'type'")
+        unknown = set(doc) - set(SM_KEYS)
+        if unknown:
+            raise DescriptorError(f"{path}: unknown keys {sorted(unknown)}")
+        stacks = doc.get("required_cluster_stack", [])
+        if not isinstance(stacks, list) or not all(isinstance(s, str) for s in stacks):
+            raise DescriptorError(f"{path}: required_cluster_stack must be a list of strings")
+        features = doc.get("features", {})
+        if not isinstance(features, dict) or not all(isinstance(v, int) for v in features.values()):
+            raise DescriptorError(f"{path}: features must map names to integer versions")
+        if doc["type"] in out:
+            raise DescriptorError(f"{path}: duplicate driver type {doc['type']}")
+        out[doc["type"]] = doc
+    return out
+
+
+def sync_sm_table(store: Store, descriptors: dict[str, dict[str, Any]]) -> None:
+    """Make the SM table match the descriptors (create, update, remove), keeping refs stable."""
+    with store.transaction() as tx:
+        by_type = {rec["type"]: ref for ref, rec in tx.items("SM")}
+        for sm_type, doc in descriptors.items():
+            values = {k: doc[k] for k in SM_KEYS if k in doc}
+            values.setdefault("name_label", sm_type)
+            if sm_type in by_type:
+                tx.update("SM", by_type[sm_type], **values)
+            else:
+                tx.create("SM", values)
+        for sm_type, ref in by_type.items():
+            if sm_type not in descriptors:
+                tx.delete("SM", ref)
+
+
+def sm_of(tx: Transaction, sr_type: str) -> tuple[str, dict[str, Any]] | None:
+    """The SM record driving SRs of ``sr_type``."""
+    for ref, rec in tx.items("SM"):
+        if rec["type"] == sr_type:
+            return ref, rec
+    return None
+
+
+class Disks:
+    """Files backing SRs and VDIs under the state dir."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.root = state_dir / "sr"
+
+    def sr_dir(self, sr_uuid: str) -> Path:
+        return self.root / sr_uuid
+
+    def vdi_path(self, sr_uuid: str, vdi_uuid: str) -> Path:
+        return self.sr_dir(sr_uuid) / f"{vdi_uuid}.img"
+
+    def create_vdi(self, sr_uuid: str, vdi_uuid: str, size: int) -> Path:
+        path = self.vdi_path(sr_uuid, vdi_uuid)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(path, "wb") as f:
+                f.truncate(size)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            raise ApiError("SR_BACKEND_FAILURE", "1", "", f"cannot create VDI file: {e.strerror}") from None
+        return path
+
+    def remove_vdi(self, sr_uuid: str, vdi_uuid: str) -> None:
+        try:
+            self.vdi_path(sr_uuid, vdi_uuid).unlink()
+        except FileNotFoundError:
+            pass
+
+    def remove_sr(self, sr_uuid: str) -> None:
+        shutil.rmtree(self.sr_dir(sr_uuid), ignore_errors=True)

@@ -1,0 +1,314 @@
+"""The persisted object store: one row per object in SQLite, every record in memory.
+
+Reads are served from memory.  Writes go through :meth:`Store.transaction`:
+a transaction works on copies, and at commit writes only the rows it changed
+to SQLite (WAL, ``synchronous=FULL``) in one SQLite transaction, then swaps the
+new records into memory.  A call that fails leaves nothing behind; a commit
+that returned is durable, so a reply sent after it survives SIGKILL.  The cost
+of a write depends on the rows it touches, never on the size of the store.
+
+Classes whose schema says ``persist: false`` (session, task, message) live
+only in memory, as in xapi.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sqlite3
+import threading
+import uuid as uuidlib
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from xapid.errors import ApiError, internal
+from xapid.schema import NULL_REF, Schema
+
+Record = dict[str, Any]
+
+FORMAT_VERSION = 1
+
+
+class StoreCorrupt(Exception):
+    """The store file failed verification; the daemon must not serve from it."""
+
+
+def new_ref() -> str:
+    return f"OpaqueRef:{uuidlib.uuid4()}"
+
+
+def new_uuid() -> str:
+    return str(uuidlib.uuid4())
+
+
+class Store:
+    """All objects of all classes, indexed by ref, uuid and relation."""
+
+    def __init__(self, schema: Schema, path: Path | None) -> None:
+        self.schema = schema
+        self.path = path
+        self.lock = threading.RLock()
+        self._tables: dict[str, dict[str, Record]] = {name: {} for name in schema.classes}
+        self._uuids: dict[str, dict[str, str]] = {name: {} for name in schema.classes}
+        # (source class, ref field) -> target ref -> set of source refs
+        self._inverse: dict[tuple[str, str], dict[str, set[str]]] = {}
+        for _cls, _field, src_cls, src_field in schema.relations():
+            self._inverse[(src_cls, src_field)] = defaultdict(set)
+        self.generation = 0
+        self._db: sqlite3.Connection | None = None
+        if path is not None:
+            self._open(path)
+
+    # -- persistence ---------------------------------------------------------------------------
+
+    def _open(self, path: Path) -> None:
+        fresh = not path.exists()
+        try:
+            db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            if fresh:
+                db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+                db.execute("CREATE TABLE objects (ref TEXT PRIMARY KEY, cls TEXT NOT NULL, data TEXT NOT NULL)")
+                db.execute("INSERT INTO meta VALUES ('format', ?)", (str(FORMAT_VERSION),))
+            else:
+                check = db.execute("PRAGMA quick_check").fetchone()
+                if not check or check[0] != "ok":
+                    raise StoreCorrupt(f"{path}: SQLite integrity check failed: {check}")
+                row = db.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()
+                if not row or row[0] != str(FORMAT_VERSION):
+                    raise StoreCorrupt(f"{path}: unknown store format {row}")
+                for ref, cls, data in db.execute("SELECT ref, cls, data FROM objects"):
+                    if cls not in self._tables:
+                        raise StoreCorrupt(f"{path}: object {ref} of unknown class {cls}")
+                    try:
+                        rec = json.loads(data)
+                    except ValueError as e:
+                        raise StoreCorrupt(f"{path}: object {ref} is not valid JSON: {e}") from e
+                    if not isinstance(rec, dict) or not isinstance(rec.get("uuid"), str):
+                        raise StoreCorrupt(f"{path}: object {ref} has no uuid")
+                    self._install(cls, ref, None, self._complete(cls, rec))
+        except sqlite3.DatabaseError as e:
+            raise StoreCorrupt(f"{path}: {e}") from e
+        self._db = db
+
+    def _complete(self, cls: str, rec: Record) -> Record:
+        """Fill fields added to the schema since the row was written (xapi's upgrade rule)."""
+        for name, f in self.schema.classes[cls].fields.items():
+            if f.derived_from is None and name not in rec:
+                rec[name] = f.initial()
+        return rec
+
+    def close(self) -> None:
+        with self.lock:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+
+    # -- memory ----------------------------------------------------------------------------------
+
+    def _install(self, cls: str, ref: str, old: Record | None, new: Record | None) -> None:
+        table = self._tables[cls]
+        if old is not None:
+            self._uuids[cls].pop(old["uuid"], None)
+            for (src_cls, src_field), index in self._inverse.items():
+                if src_cls == cls:
+                    target = old.get(src_field)
+                    if target in index:
+                        index[target].discard(ref)
+                        if not index[target]:
+                            del index[target]
+        if new is None:
+            table.pop(ref, None)
+            return
+        table[ref] = new
+        self._uuids[cls][new["uuid"]] = ref
+        for (src_cls, src_field), index in self._inverse.items():
+            if src_cls == cls:
+                target = new.get(src_field)
+                if isinstance(target, str) and target != NULL_REF:
+                    index[target].add(ref)
+
+    # -- reads (committed state) -------------------------------------------------------------------
+
+    def get(self, cls: str, ref: str) -> Record | None:
+        """The committed record (shared: callers must not mutate it)."""
+        return self._tables[cls].get(ref)
+
+    def exists(self, cls: str, ref: str) -> bool:
+        return ref in self._tables[cls]
+
+    def refs(self, cls: str) -> list[str]:
+        with self.lock:
+            return list(self._tables[cls])
+
+    def items(self, cls: str) -> list[tuple[str, Record]]:
+        with self.lock:
+            return list(self._tables[cls].items())
+
+    def by_uuid(self, cls: str, uuid: str) -> str | None:
+        return self._uuids[cls].get(uuid)
+
+    def referrers(self, src_cls: str, src_field: str, target: str) -> list[str]:
+        with self.lock:
+            return sorted(self._inverse[(src_cls, src_field)].get(target, ()))
+
+    def class_of(self, ref: str) -> str | None:
+        for name, table in self._tables.items():
+            if ref in table:
+                return name
+        return None
+
+    def render(self, cls: str, ref: str, rec: Record | None = None) -> Record:
+        """The full public record in schema order, derived relation fields filled in."""
+        rec = rec if rec is not None else self._tables[cls][ref]
+        out: Record = {}
+        for name, f in self.schema.classes[cls].fields.items():
+            if f.derived_from:
+                out[name] = self.referrers(f.derived_from[0], f.derived_from[1], ref)
+            else:
+                out[name] = rec.get(name, f.initial()) if name in rec else f.initial()
+        return out
+
+    # -- writes ----------------------------------------------------------------------------------
+
+    @contextmanager
+    def transaction(self) -> Iterator[Transaction]:
+        """Run a block of changes atomically; nothing is visible or durable unless it completes."""
+        with self.lock:
+            tx = Transaction(self)
+            yield tx
+            tx._commit()
+
+    def _write(self, changes: dict[tuple[str, str], Record | None]) -> None:
+        rows = [(cls, ref, rec) for (cls, ref), rec in changes.items() if self.schema.classes[cls].persist]
+        if self._db is None or not rows:
+            return
+        db = self._db
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            for cls, ref, rec in rows:
+                if rec is None:
+                    db.execute("DELETE FROM objects WHERE ref = ?", (ref,))
+                else:
+                    db.execute(
+                        "INSERT OR REPLACE INTO objects (ref, cls, data) VALUES (?, ?, ?)",
+                        (ref, cls, json.dumps(rec, separators=(",", ":"))),
+                    )
+            db.execute("COMMIT")
+        except sqlite3.Error as e:
+            try:
+                db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            raise internal(f"store write failed: {e}") from e
+
+
+class Transaction:
+    """A set of changes on top of the committed state, with read-your-writes."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.schema = store.schema
+        self._changes: dict[tuple[str, str], Record | None] = {}
+        self._order: list[tuple[str, str]] = []
+
+    def find(self, cls: str, ref: str) -> Record | None:
+        """The record as this transaction sees it (a private copy), or None."""
+        key = (cls, ref)
+        if key in self._changes:
+            return self._changes[key]
+        rec = self.store.get(cls, ref)
+        if rec is None:
+            return None
+        rec = copy.deepcopy(rec)
+        self._changes[key] = rec
+        self._order.append(key)
+        return rec
+
+    def get(self, cls: str, ref: str) -> Record:
+        """Like :meth:`find` but a missing object is ``HANDLE_INVALID [cls, ref]``."""
+        rec = self.find(cls, ref)
+        if rec is None:
+            raise ApiError("HANDLE_INVALID", cls, ref)
+        return rec
+
+    def read(self, cls: str, ref: str) -> Record | None:
+        """Read without taking a private copy (for records this transaction will not change)."""
+        key = (cls, ref)
+        if key in self._changes:
+            return self._changes[key]
+        return self.store.get(cls, ref)
+
+    def refs(self, cls: str) -> list[str]:
+        out = [r for r in self.store.refs(cls) if self._changes.get((cls, r), True) is not None]
+        for (c, r) in self._order:
+            if c == cls and r not in self.store._tables[cls] and self._changes.get((c, r)) is not None:
+                out.append(r)
+        return out
+
+    def items(self, cls: str) -> list[tuple[str, Record]]:
+        out = []
+        for r in self.refs(cls):
+            rec = self.read(cls, r)
+            if rec is not None:
+                out.append((r, rec))
+        return out
+
+    def referrers(self, src_cls: str, src_field: str, target: str) -> list[str]:
+        return [r for r, rec in self.items(src_cls) if rec.get(src_field) == target]
+
+    def by_uuid(self, cls: str, uuid: str) -> str | None:
+        for (c, r) in self._order:
+            rec = self._changes[(c, r)]
+            if c == cls and rec is not None and rec.get("uuid") == uuid:
+                return r
+        ref = self.store.by_uuid(cls, uuid)
+        if ref is not None and self.read(cls, ref) is None:
+            return None
+        return ref
+
+    def create(self, cls: str, values: Record, ref: str | None = None) -> str:
+        """Insert a new object: schema defaults for everything not in ``values``."""
+        cdef = self.schema.classes[cls]
+        rec: Record = {}
+        for name, f in cdef.fields.items():
+            if f.derived_from is None:
+                rec[name] = copy.deepcopy(values[name]) if name in values else f.initial()
+        if not rec.get("uuid"):
+            rec["uuid"] = new_uuid()
+        ref = ref or new_ref()
+        self._changes[(cls, ref)] = rec
+        self._order.append((cls, ref))
+        return ref
+
+    def update(self, cls: str, ref: str, **values: Any) -> Record:
+        rec = self.get(cls, ref)
+        rec.update(values)
+        return rec
+
+    def delete(self, cls: str, ref: str) -> None:
+        self.get(cls, ref)
+        self._changes[(cls, ref)] = None
+        if (cls, ref) not in self._order:
+            self._order.append((cls, ref))
+
+    def _commit(self) -> None:
+        changed: dict[tuple[str, str], Record | None] = {}
+        for key in self._order:
+            new = self._changes[key]
+            old = self.store.get(*key)
+            if new is None and old is None:
+                continue
+            if new is not None and old is not None and new == old:
+                continue
+            changed[key] = new
+        if not changed:
+            return
+        self.store._write(changed)
+        for (cls, ref), new in changed.items():
+            self.store._install(cls, ref, self.store.get(cls, ref), new)
+        self.store.generation += 1

@@ -1,0 +1,321 @@
+"""XML-RPC and JSON-RPC codec and the XenAPI envelope.
+
+Decoding turns a request body into ``(method, params)`` with plain Python
+values (``XDateTime`` for ``dateTime.iso8601``).  Encoding is type-directed,
+like xapi's rpclib: the declared datamodel type decides the wire form, so an
+``int`` goes out as untyped digits and a ``datetime`` as a compact
+``dateTime.iso8601`` with ``Z``.  The envelope helpers produce exactly the
+single-line ``Status``/``Value`` and ``Status``/``ErrorDescription`` structs
+of wire.md 2.2; no XML-RPC ``<fault>`` is ever produced.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+from xml.etree.ElementTree import Element
+
+import defusedxml.ElementTree as safe_et
+from defusedxml import DefusedXmlException
+
+from xapid.schema import Schema, Type
+
+MAX_DEPTH = 64
+
+
+class BadRequest(Exception):
+    """The body could not be parsed; the HTTP layer answers 500 (as xapi does)."""
+
+
+@dataclass(frozen=True)
+class XDateTime:
+    """A ``dateTime.iso8601`` value as received (text kept verbatim)."""
+
+    value: str
+
+
+# -- decoding ----------------------------------------------------------------------------------
+
+
+def _text(el: Element) -> str:
+    return el.text or ""
+
+
+def _decode_value(el: Element, depth: int) -> Any:
+    if depth > MAX_DEPTH:
+        raise BadRequest("value nesting too deep")
+    children = list(el)
+    if not children:
+        return _text(el)
+    if len(children) != 1:
+        raise BadRequest("value with several children")
+    v = children[0]
+    tag = v.tag
+    if tag in ("int", "i4", "i8"):
+        try:
+            return int(_text(v).strip())
+        except ValueError as e:
+            raise BadRequest(f"bad int {_text(v)!r}") from e
+    if tag == "string":
+        return _text(v)
+    if tag == "boolean":
+        return _text(v).strip() == "1"
+    if tag == "double":
+        try:
+            return float(_text(v).strip())
+        except ValueError as e:
+            raise BadRequest(f"bad double {_text(v)!r}") from e
+    if tag == "dateTime.iso8601":
+        return XDateTime(_text(v).strip())
+    if tag == "base64":
+        try:
+            return base64.b64decode(_text(v))
+        except ValueError as e:
+            raise BadRequest("bad base64") from e
+    if tag == "nil":
+        return None
+    if tag == "array":
+        data = v.find("data")
+        if data is None:
+            return []
+        return [_decode_value(x, depth + 1) for x in data if x.tag == "value"]
+    if tag == "struct":
+        out: dict[str, Any] = {}
+        for m in v:
+            if m.tag != "member":
+                continue
+            name = m.find("name")
+            val = m.find("value")
+            if name is None or val is None:
+                raise BadRequest("struct member without name or value")
+            out[_text(name)] = _decode_value(val, depth + 1)
+        return out
+    raise BadRequest(f"unknown value type {tag}")
+
+
+def decode_xmlrpc(body: bytes) -> tuple[str, list[Any]]:
+    """Parse a ``methodCall``; any problem (including DTDs and entities) is :class:`BadRequest`."""
+    try:
+        root = safe_et.fromstring(body, forbid_dtd=True, forbid_entities=True, forbid_external=True)
+    except (DefusedXmlException, SyntaxError, ValueError) as e:
+        raise BadRequest(f"{type(e).__name__}: {e}") from e
+    if root.tag != "methodCall":
+        raise BadRequest("root element is not methodCall")
+    name_el = root.find("methodName")
+    params_el = root.find("params")
+    if name_el is None or params_el is None:
+        raise BadRequest("methodName or params missing")
+    params = []
+    for p in params_el:
+        if p.tag != "param":
+            continue
+        val = p.find("value")
+        if val is None:
+            raise BadRequest("param without value")
+        params.append(_decode_value(val, 1))
+    return _text(name_el).strip(), params
+
+
+@dataclass
+class JsonCall:
+    method: str
+    params: list[Any]
+    id: Any
+    v2: bool
+
+
+def decode_jsonrpc(body: bytes) -> JsonCall:
+    """Parse a JSON-RPC v1 or v2 request (wire.md 3)."""
+    try:
+        doc = json.loads(body.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BadRequest(f"bad JSON: {e}") from e
+    if not isinstance(doc, dict) or not isinstance(doc.get("method"), str):
+        raise BadRequest("JSON-RPC request without method")
+    if doc.get("id") is None:
+        raise BadRequest("JSON-RPC request without id")
+    v2 = doc.get("jsonrpc") == "2.0"
+    params = doc.get("params")
+    if params is None and v2:
+        params = []
+    elif isinstance(params, dict) and v2:
+        params = [params]
+    if not isinstance(params, list):
+        raise BadRequest("JSON-RPC params is not an array")
+    return JsonCall(doc["method"], params, doc["id"], v2)
+
+
+# -- encoding ----------------------------------------------------------------------------------
+
+_CTRL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff]")
+
+
+def escape(text: str) -> str:
+    """XML-escape ``text`` and drop control characters, as xapi does."""
+    text = _CTRL.sub("", text)
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")
+
+
+def format_double(x: float) -> str:
+    if math.isnan(x):
+        return "nan"
+    if math.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    return "%.16g" % x
+
+
+class Encoder:
+    """Type-directed XML-RPC value encoder bound to a schema (for records)."""
+
+    def __init__(self, schema: Schema) -> None:
+        self.schema = schema
+
+    def xml(self, value: Any, ty: Type | None) -> str:
+        out: list[str] = []
+        self._xml(value, ty, out)
+        return "".join(out)
+
+    def _xml(self, value: Any, ty: Type | None, out: list[str]) -> None:
+        kind = ty.kind if ty is not None else None
+        if kind is None:
+            self._dyn(value, out)
+        elif kind in ("string", "ref", "enum"):
+            out.append(f"<value>{escape(str(value))}</value>")
+        elif kind == "int":
+            out.append(f"<value>{int(value)}</value>")
+        elif kind == "float":
+            out.append(f"<value><double>{format_double(float(value))}</double></value>")
+        elif kind == "bool":
+            out.append(f"<value><boolean>{1 if value else 0}</boolean></value>")
+        elif kind == "datetime":
+            out.append(f"<value><dateTime.iso8601>{escape(str(value))}</dateTime.iso8601></value>")
+        elif kind == "void":
+            out.append("<value></value>")
+        elif kind == "set":
+            out.append("<value><array><data>")
+            for v in value:
+                self._xml(v, ty.elem, out)
+            out.append("</data></array></value>")
+        elif kind == "map":
+            out.append("<value><struct>")
+            for k, v in value.items():
+                out.append(f"<member><name>{escape(_key(k))}</name>")
+                self._xml(v, ty.value, out)
+                out.append("</member>")
+            out.append("</struct></value>")
+        elif kind == "record":
+            fields = self.schema.classes[ty.name].fields
+            out.append("<value><struct>")
+            for name, v in value.items():
+                f = fields.get(name)
+                out.append(f"<member><name>{escape(name)}</name>")
+                self._xml(v, f.type if f else None, out)
+                out.append("</member>")
+            out.append("</struct></value>")
+        else:
+            self._dyn(value, out)
+
+    def _dyn(self, value: Any, out: list[str]) -> None:
+        if isinstance(value, bool):
+            out.append(f"<value><boolean>{1 if value else 0}</boolean></value>")
+        elif isinstance(value, int):
+            out.append(f"<value>{value}</value>")
+        elif isinstance(value, float):
+            out.append(f"<value><double>{format_double(value)}</double></value>")
+        elif isinstance(value, (list, tuple)):
+            out.append("<value><array><data>")
+            for v in value:
+                self._dyn(v, out)
+            out.append("</data></array></value>")
+        elif isinstance(value, dict):
+            out.append("<value><struct>")
+            for k, v in value.items():
+                out.append(f"<member><name>{escape(_key(k))}</name>")
+                self._dyn(v, out)
+                out.append("</member>")
+            out.append("</struct></value>")
+        elif value is None:
+            out.append("<value></value>")
+        else:
+            out.append(f"<value>{escape(str(value))}</value>")
+
+    def json(self, value: Any, ty: Type | None) -> Any:
+        """The JSON-RPC form: like XML but with native numbers and booleans."""
+        kind = ty.kind if ty is not None else None
+        if kind == "int":
+            return int(value)
+        if kind == "float":
+            return float(value)
+        if kind == "bool":
+            return bool(value)
+        if kind in ("string", "ref", "enum", "datetime"):
+            return str(value)
+        if kind == "void":
+            return ""
+        if kind == "set":
+            return [self.json(v, ty.elem) for v in value]
+        if kind == "map":
+            return {_key(k): self.json(v, ty.value) for k, v in value.items()}
+        if kind == "record":
+            fields = self.schema.classes[ty.name].fields
+            return {k: self.json(v, fields[k].type if k in fields else None) for k, v in value.items()}
+        return value
+
+
+def _key(k: Any) -> str:
+    if isinstance(k, bool):
+        return "true" if k else "false"
+    return str(k)
+
+
+XML_HEAD = '<?xml version="1.0"?><methodResponse><params><param>'
+XML_TAIL = "</param></params></methodResponse>"
+
+
+def xml_success(value_xml: str) -> bytes:
+    return (
+        XML_HEAD
+        + "<value><struct><member><name>Status</name><value>Success</value></member>"
+        + f"<member><name>Value</name>{value_xml}</member></struct></value>"
+        + XML_TAIL
+    ).encode("utf-8")
+
+
+def xml_failure(description: list[str]) -> bytes:
+    items = "".join(f"<value>{escape(d)}</value>" for d in description)
+    return (
+        XML_HEAD
+        + "<value><struct><member><name>Status</name><value>Failure</value></member>"
+        + f"<member><name>ErrorDescription</name><value><array><data>{items}</data></array></value></member>"
+        + "</struct></value>"
+        + XML_TAIL
+    ).encode("utf-8")
+
+
+def xml_bare(value_xml: str) -> bytes:
+    """A response whose value is not wrapped in the envelope (``system.listMethods``)."""
+    return (XML_HEAD + value_xml + XML_TAIL).encode("utf-8")
+
+
+def json_success(call: JsonCall, value: Any) -> bytes:
+    if call.v2:
+        doc: dict[str, Any] = {"jsonrpc": "2.0", "result": value, "id": call.id}
+    else:
+        doc = {"result": value, "error": None, "id": call.id}
+    return json.dumps(doc).encode("utf-8")
+
+
+def json_failure(call: JsonCall, description: list[str]) -> bytes:
+    if call.v2:
+        doc: dict[str, Any] = {
+            "jsonrpc": "2.0",
+            "error": {"code": 1, "message": description[0], "data": description[1:]},
+            "id": call.id,
+        }
+    else:
+        doc = {"result": None, "error": description, "id": call.id}
+    return json.dumps(doc).encode("utf-8")
