@@ -82,7 +82,8 @@ def seed(store: Store, disks: Disks, hosts: int) -> None:
                                                     "state": ["running"], "start_time": stamp,
                                                     "install_time": stamp, "last_updated": stamp})
             dom0 = tx.create("VM", {
-                "name_label": f"Control domain on host: {hostname}", "name_description": "The domain which manages physical devices and manages other domains",
+                "name_label": f"Control domain on host: {hostname}",
+                "name_description": "The domain which manages physical devices and manages other domains",
                 "power_state": "Running", "is_control_domain": True, "resident_on": host, "domid": 0,
                 "memory_static_max": DOM0_MEMORY, "memory_dynamic_max": DOM0_MEMORY,
                 "memory_dynamic_min": DOM0_MEMORY, "memory_static_min": DOM0_MEMORY, "memory_target": DOM0_MEMORY,
@@ -116,4 +117,5 @@ def seed(store: Store, disks: Disks, hosts: int) -> None:
             "other_config": {"memory-ratio-hvm": "0.25", "memory-ratio-pv": "0.25"},
             "cpu_info": {"cpu_count": str(8 * hosts), "socket_count": str(hosts), "vendor": "GenuineIntel"},
             "restrictions": {"restrict_ha": "false"},
+            "allowed_operations": ["ha_enable", "cluster_create", "designate_new_master"],
         })

@@ -65,15 +65,20 @@ class Store:
     # -- persistence ---------------------------------------------------------------------------
 
     def _open(self, path: Path) -> None:
-        fresh = not path.exists()
         try:
             db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
+            # Fresh: no file, or one a crash left before the first commit (no tables, header page
+            # only).  A file with data pages but no tables is damaged, not fresh.
+            fresh = (db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0
+                     and db.execute("PRAGMA page_count").fetchone()[0] <= 1)
             if fresh:
+                db.execute("BEGIN IMMEDIATE")
                 db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
                 db.execute("CREATE TABLE objects (ref TEXT PRIMARY KEY, cls TEXT NOT NULL, data TEXT NOT NULL)")
                 db.execute("INSERT INTO meta VALUES ('format', ?)", (str(FORMAT_VERSION),))
+                db.execute("COMMIT")
             else:
                 check = db.execute("PRAGMA quick_check").fetchone()
                 if not check or check[0] != "ok":

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 from xml.etree.ElementTree import Element
 
-import defusedxml.ElementTree as safe_et
+from defusedxml import ElementTree as SafeET
 from defusedxml import DefusedXmlException
 
 from xapid.schema import Schema, Type
@@ -100,7 +100,7 @@ def _decode_value(el: Element, depth: int) -> Any:
 def decode_xmlrpc(body: bytes) -> tuple[str, list[Any]]:
     """Parse a ``methodCall``; any problem (including DTDs and entities) is :class:`BadRequest`."""
     try:
-        root = safe_et.fromstring(body, forbid_dtd=True, forbid_entities=True, forbid_external=True)
+        root = SafeET.fromstring(body, forbid_dtd=True, forbid_entities=True, forbid_external=True)
     except (DefusedXmlException, SyntaxError, ValueError) as e:
         raise BadRequest(f"{type(e).__name__}: {e}") from e
     if root.tag != "methodCall":

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from xml.etree.ElementTree import Element, ParseError
 
-import defusedxml.ElementTree as DET
+from defusedxml.ElementTree import fromstring as defused_fromstring
 
 from xapid.errors import internal
 
@@ -218,6 +218,7 @@ def write(path: Path, text: str) -> None:
 
 
 def _only(parent: Element, tag: str, where: str) -> Element:
+    """The single ``tag`` child of ``parent``; INTERNAL_ERROR if absent or repeated."""
     found = parent.findall(tag)
     if len(found) != 1:
         raise internal(f"xhad.conf: expected exactly one <{tag}> in {where}, found {len(found)}")
@@ -225,6 +226,7 @@ def _only(parent: Element, tag: str, where: str) -> Element:
 
 
 def _leaf(parent: Element, tag: str, where: str) -> str:
+    """The trimmed, non-empty text of the single leaf ``tag`` of ``parent``."""
     element = _only(parent, tag, where)
     if len(element):
         raise internal(f"xhad.conf: <{tag}> in {where} must not have child elements")
@@ -235,6 +237,7 @@ def _leaf(parent: Element, tag: str, where: str) -> str:
 
 
 def _int(text: str, what: str) -> int:
+    """``text`` as a decimal integer; INTERNAL_ERROR otherwise."""
     if not _INT_TEXT.fullmatch(text):
         raise internal(f"xhad.conf: {what} is not an integer: {text!r}")
     return int(text)
@@ -251,13 +254,14 @@ def parse(text: str) -> XhadConf:
     if len(text) > _MAX_CONF_BYTES or len(text.encode("utf-8", "surrogatepass")) > _MAX_CONF_BYTES:
         raise internal("xhad.conf is larger than 1 MiB")
     try:
-        root = DET.fromstring(text, forbid_dtd=True)
+        root = defused_fromstring(text, forbid_dtd=True)
     except (ParseError, ValueError) as exc:  # DefusedXmlException is a ValueError
         raise internal(f"xhad.conf is not well-formed XML: {exc}") from None
     return _parse_tree(root)
 
 
 def _parse_tree(root: Element) -> XhadConf:
+    """Check the structure of a parsed document and extract its values."""
     if root.tag != "xhad-config":
         raise internal(f"xhad.conf: root element is <{root.tag}>, expected <xhad-config>")
     common = _only(root, "common-config", "xhad-config")

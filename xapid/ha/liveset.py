@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from xml.etree.ElementTree import Element, ParseError
 
-import defusedxml.ElementTree as DET
+from defusedxml.ElementTree import fromstring as defused_fromstring
 
 from xapid.errors import internal
 
@@ -90,10 +90,12 @@ class Liveset:
 
 
 def _children(parent: Element, tag: str) -> list[Element]:
+    """Every direct child of ``parent`` named ``tag``, in document order."""
     return [child for child in parent if child.tag == tag]
 
 
 def _single(parent: Element, tag: str, where: str) -> Element:
+    """The only ``tag`` child of ``parent``; INTERNAL_ERROR if absent or repeated."""
     found = _children(parent, tag)
     if not found:
         raise internal(f"liveset: <{where}> has no <{tag}>")
@@ -110,10 +112,12 @@ def _leaf_text(element: Element, where: str) -> str:
 
 
 def _field(parent: Element, tag: str, where: str) -> str:
+    """The trimmed text of the single leaf ``tag`` of ``parent``."""
     return _leaf_text(_single(parent, tag, where), where).strip()
 
 
 def _bool(text: str, what: str) -> bool:
+    """``TRUE``/``FALSE`` in any case; INTERNAL_ERROR otherwise."""
     upper = text.upper()
     if upper == "TRUE":
         return True
@@ -123,12 +127,14 @@ def _bool(text: str, what: str) -> bool:
 
 
 def _int(text: str, what: str) -> int:
+    """A decimal integer, optionally negative; INTERNAL_ERROR otherwise."""
     if not _INT.fullmatch(text):
         raise internal(f"liveset: {what} is not an integer: {text!r}")
     return int(text)
 
 
 def _status(root: Element) -> str:
+    """The canonical status word."""
     element = _single(root, "status", "ha_liveset_info")
     text = _leaf_text(element, "ha_liveset_info")
     for status in STATUSES:
@@ -139,6 +145,7 @@ def _status(root: Element) -> str:
 
 
 def _local_host(root: Element) -> str:
+    """The local host UUID from ``localhost``'s first child."""
     localhost = _single(root, "localhost", "ha_liveset_info")
     if (localhost.text or "").strip():
         raise internal("liveset: <localhost> has text before its first child")
@@ -151,6 +158,7 @@ def _local_host(root: Element) -> str:
 
 
 def _hosts(root: Element) -> dict[str, HostStatus]:
+    """Every ``host`` entry by UUID, in document order."""
     hosts: dict[str, HostStatus] = {}
     for host in _children(root, "host"):
         uuid = _field(host, "HostID", "host")
@@ -164,6 +172,7 @@ def _hosts(root: Element) -> dict[str, HostStatus]:
 
 
 def _raw(root: Element) -> dict[str, RawHost] | None:
+    """The ``raw_status_on_local_host`` block by host UUID, or None if absent."""
     found = _children(root, "raw_status_on_local_host")
     if not found:
         return None
@@ -192,6 +201,7 @@ def _raw(root: Element) -> dict[str, RawHost] | None:
 
 
 def _warnings(root: Element) -> dict[str, bool] | None:
+    """The five warning flags, or None if the block is absent."""
     found = _children(root, "warning_on_local_host")
     if not found:
         return None
@@ -214,7 +224,7 @@ def parse(text: str) -> Liveset:
     if len(text) > MAX_BYTES or len(text.encode("utf-8", "surrogatepass")) > MAX_BYTES:
         raise internal("liveset is larger than 1 MiB")
     try:
-        root = DET.fromstring(text, forbid_dtd=True, forbid_entities=True, forbid_external=True)
+        root = defused_fromstring(text, forbid_dtd=True, forbid_entities=True, forbid_external=True)
     except (ParseError, ValueError) as exc:  # DefusedXmlException is a ValueError
         raise internal(f"liveset is not acceptable XML: {exc}") from None
     if root.tag != "ha_liveset_info":

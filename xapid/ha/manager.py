@@ -50,8 +50,11 @@ class HaManager:
         self.daemon = daemon
         self.store = daemon.store
         cfg = daemon.config
-        self.runner = ClusterStackRunner(cfg["cluster-stack-root"], timeout=cfg["ha-script-timeout"],
-                                         start_timeout=cfg["ha-start-daemon-timeout"])
+        self.runner = ClusterStackRunner(
+            cfg["cluster-stack-root"],
+            timeout=cfg["ha-script-timeout"],
+            start_timeout=cfg["ha-start-daemon-timeout"],
+        )
         self.local = LocalDb(daemon.state_dir)
         self._op_lock = threading.Lock()
         self.monitor = Monitor(self)
@@ -90,7 +93,9 @@ class HaManager:
             log.warning("cluster-stack script failed", script=script, host=self.host_uuid(host), error=str(e))
         return False
 
-    def in_parallel(self, hosts: list[str], fn: Callable[[str], Any]) -> list[tuple[str, BaseException | None]]:
+    def in_parallel(
+        self, hosts: list[str], fn: Callable[[str], Any]
+    ) -> list[tuple[str, BaseException | None]]:
         """Run ``fn`` for every host at once; return each host's exception (or None) in host order."""
         if not hosts:
             return []
@@ -115,7 +120,9 @@ class HaManager:
                 raise ApiError("HA_NOT_ENABLED")
             op_id = call.task or new_ref()
             pool["current_operations"][op_id] = op
-            pool["allowed_operations"] = [o for o in pool["allowed_operations"] if o not in ("ha_enable", "ha_disable")]
+            pool["allowed_operations"] = [
+                o for o in pool["allowed_operations"] if o not in ("ha_enable", "ha_disable")
+            ]
             return op_id
 
     def _end(self, op_id: str) -> None:
@@ -133,7 +140,9 @@ class HaManager:
 
     # -- enable ----------------------------------------------------------------------------------------
 
-    def enable(self, call: Call, heartbeat_srs: list[str], configuration: dict[str, str], cluster_stack: str) -> None:
+    def enable(
+        self, call: Call, heartbeat_srs: list[str], configuration: dict[str, str], cluster_stack: str
+    ) -> None:
         """``pool.enable_ha`` (ha.md 4.1, with the design's ``cluster_stack`` argument)."""
         op_id = self._begin(call, "ha_enable")
         try:
@@ -159,7 +168,9 @@ class HaManager:
             pool = tx.get("pool", pool_ref)
             if pool["ha_enabled"]:
                 raise ApiError("HA_IS_ENABLED")
-            unplugged = [r for r, p in tx.items("PIF") if p["disallow_unplug"] and not p["currently_attached"]]
+            unplugged = [
+                r for r, p in tx.items("PIF") if p["disallow_unplug"] and not p["currently_attached"]
+            ]
             if unplugged:
                 raise ApiError("REQUIRED_PIF_IS_UNPLUGGED", *unplugged)
             for href, h in tx.items("host"):
@@ -173,8 +184,12 @@ class HaManager:
         self.local.set(self.host_uuid(master), ha_cluster_stack=chosen)
         log.info("HA cluster stack chosen", stack=chosen, requested=requested or None)
 
-        base_t = configuration.get("timeout", self.pool()["other_config"].get(
-            "default_ha_timeout", self.daemon.config["ha_default_timeout_base"]))
+        base_t = configuration.get(
+            "timeout",
+            self.pool()["other_config"].get(
+                "default_ha_timeout", self.daemon.config["ha_default_timeout_base"]
+            ),
+        )
         with self.store.transaction() as tx:
             candidates = heartbeat_srs[:1] or [r for r, _ in tx.items("SR")]
             sr = None
@@ -190,13 +205,17 @@ class HaManager:
                 if heartbeat_srs and first_error is not None:
                     raise first_error
                 raise ApiError("CANNOT_CREATE_STATE_FILE")
-            statefile = self._find_or_create(tx, sr, "ha_statefile", STATEFILE_SIZE, "Statefile for HA",
-                                             "Used for storage heartbeating")
-            metadata = self._find_or_create(tx, sr, "redo_log", METADATA_SIZE, "Metadata for HA",
-                                            "Used for master failover")
+            statefile = self._find_or_create(
+                tx, sr, "ha_statefile", STATEFILE_SIZE, "Statefile for HA", "Used for storage heartbeating"
+            )
+            metadata = self._find_or_create(
+                tx, sr, "redo_log", METADATA_SIZE, "Metadata for HA", "Used for master failover"
+            )
             pool = tx.get("pool", pool_ref)
             pool.update(ha_statefiles=[statefile], ha_configuration=dict(configuration), ha_plan_exists_for=0)
-            statefile_path = str(self.daemon.disks.vdi_path(tx.get("SR", sr)["uuid"], tx.get("VDI", statefile)["uuid"]))
+            statefile_path = str(
+                self.daemon.disks.vdi_path(tx.get("SR", sr)["uuid"], tx.get("VDI", statefile)["uuid"])
+            )
         conf.timeouts(base_t)  # a bad timeout is refused before any script runs
         self.update_plan()
         generation = str(uuidlib.uuid4())
@@ -205,8 +224,16 @@ class HaManager:
         hosts = [r for r, _ in self.hosts()]
         try:
             for h in hosts:
-                self._preconfigure(h, chosen, [statefile], metadata, generation, base_t, statefile_path,
-                                   is_master=h == master)
+                self._preconfigure(
+                    h,
+                    chosen,
+                    [statefile],
+                    metadata,
+                    generation,
+                    base_t,
+                    statefile_path,
+                    is_master=h == master,
+                )
             results = self.in_parallel(hosts, lambda h: self._join(h, master))
             failures = [e for _h, e in results if e is not None]
             if failures:
@@ -228,7 +255,9 @@ class HaManager:
         rec = tx.get("SR", sr)
         pbds = [tx.get("PBD", p) for p in tx.referrers("PBD", "SR", sr)]
         hosts_with = {p["host"] for p in pbds}
-        if any(h not in hosts_with for h in tx.refs("host")) or not all(p["currently_attached"] for p in pbds):
+        if any(h not in hosts_with for h in tx.refs("host")) or not all(
+            p["currently_attached"] for p in pbds
+        ):
             raise ApiError("SR_HAS_NO_PBDS", sr)
         supported = self.runner.supported_srs(chosen)
         if supported is not None and rec["type"] not in supported:
@@ -250,21 +279,32 @@ class HaManager:
                 return vdi
         return None
 
-    def _find_or_create(self, tx: Transaction, sr: str, vdi_type: str, size: int, label: str, descr: str) -> str:
+    def _find_or_create(
+        self, tx: Transaction, sr: str, vdi_type: str, size: int, label: str, descr: str
+    ) -> str:
         found = self._reusable(tx, sr, vdi_type, size)
         if found is not None:
             return found
         rec = tx.get("SR", sr)
         if rec["physical_size"] - rec["physical_utilisation"] < size:
             raise ApiError("SR_SOURCE_SPACE_INSUFFICIENT", sr)
+        from xapid.api import Call
         from xapid.api.vdi import create_vdi
 
-        from xapid.api import Call
-
-        return create_vdi(Call(self.daemon, "pool.enable_ha"), tx, {
-            "name_label": label, "name_description": descr, "SR": sr, "virtual_size": size, "type": vdi_type,
-            "sharable": True, "read_only": False, "sm_config": {"type": "raw"},
-        })
+        return create_vdi(
+            Call(self.daemon, "pool.enable_ha"),
+            tx,
+            {
+                "name_label": label,
+                "name_description": descr,
+                "SR": sr,
+                "virtual_size": size,
+                "type": vdi_type,
+                "sharable": True,
+                "read_only": False,
+                "sm_config": {"type": "raw"},
+            },
+        )
 
     def _write_conf(self, host: str, generation: str, base_t: object, statefile_path: str) -> None:
         host_rec = self.store.get("host", host)
@@ -281,17 +321,33 @@ class HaManager:
             raise internal("there is no management interface for heartbeating")
         cfg = self.daemon.config
         text = conf.render(
-            generation, [(h["uuid"], h["address"]) for _r, h in self.hosts()], base_t, host_rec["uuid"],
-            bridge, device, statefile_path,
-            {"XapiHealthCheckInterval": cfg["ha_xapi_healthcheck_interval"],
-             "XapiHealthCheckTimeout": cfg["ha_xapi_healthcheck_timeout"],
-             "XapiRestartAttempts": cfg["ha_xapi_restart_attempts"],
-             "XapiRestartTimeout": cfg["ha_xapi_restart_timeout"]},
+            generation,
+            [(h["uuid"], h["address"]) for _r, h in self.hosts()],
+            base_t,
+            host_rec["uuid"],
+            bridge,
+            device,
+            statefile_path,
+            {
+                "XapiHealthCheckInterval": cfg["ha_xapi_healthcheck_interval"],
+                "XapiHealthCheckTimeout": cfg["ha_xapi_healthcheck_timeout"],
+                "XapiRestartAttempts": cfg["ha_xapi_restart_attempts"],
+                "XapiRestartTimeout": cfg["ha_xapi_restart_timeout"],
+            },
         )
         conf.write(self.local.conf_path(host_rec["uuid"]), text)
 
-    def _preconfigure(self, host: str, chosen: str, statefiles: list[str], metadata: str, generation: str,
-                      base_t: object, statefile_path: str, is_master: bool) -> None:
+    def _preconfigure(
+        self,
+        host: str,
+        chosen: str,
+        statefiles: list[str],
+        metadata: str,
+        generation: str,
+        base_t: object,
+        statefile_path: str,
+        is_master: bool,
+    ) -> None:
         """``Host.preconfigure_ha`` (ha.md 4.2)."""
         self.runner.stack_dir(chosen)
         uuid = self.host_uuid(host)
@@ -328,8 +384,12 @@ class HaManager:
                 raise internal("the master is missing from the liveset during HA enable")
             if live.status == "Online" and entry.master and entry.liveness:
                 return
-            if live.status == "Online" and (not entry.liveness or entry.statefile_corrupted
-                                            or not entry.statefile_access or entry.excluded):
+            if live.status == "Online" and (
+                not entry.liveness
+                or entry.statefile_corrupted
+                or not entry.statefile_access
+                or entry.excluded
+            ):
                 raise internal("existing master failed during HA enable")
             if time.monotonic() > deadline:
                 raise internal("timed out waiting for the master to appear in the liveset")
@@ -374,8 +434,19 @@ class HaManager:
                 pool["ha_plan_exists_for"] = 0
             for vdi in pool["ha_statefiles"]:
                 if tx.find("VDI", vdi) is not None:
-                    tx.update("VDI", vdi, allowed_operations=["clone", "copy", "resize", "snapshot", "destroy",
-                                                              "forget", "update"])
+                    tx.update(
+                        "VDI",
+                        vdi,
+                        allowed_operations=[
+                            "clone",
+                            "copy",
+                            "resize",
+                            "snapshot",
+                            "destroy",
+                            "forget",
+                            "update",
+                        ],
+                    )
 
     def _attempt(self, master: str, hosts: list[str]) -> bool:
         if self._master_has_statefile(master):
@@ -436,12 +507,16 @@ class HaManager:
             left = self._still_running(hosts)
             if not left:
                 break
-            log.warning("heartbeat daemons still running after disable attempt", attempt=attempt + 1, hosts=left)
+            log.warning(
+                "heartbeat daemons still running after disable attempt", attempt=attempt + 1, hosts=left
+            )
             time.sleep(self.daemon.config["ha-disable-retry-delay"])
         for h in hosts:
             self.local.set(self.host_uuid(h), **{"ha.armed": False})
         if left and not rollback:
-            raise internal(f"HA disabled, but the heartbeat daemon could not be stopped on: {', '.join(left)}")
+            raise internal(
+                f"HA disabled, but the heartbeat daemon could not be stopped on: {', '.join(left)}"
+            )
 
     # -- emergency disable, boot, shutdown -------------------------------------------------------------
 
@@ -484,8 +559,11 @@ class HaManager:
                 if e.exit_code == MTC_INVALID_POOL_STATE:
                     self.local.set(self.host_uuid(h), **{"ha.armed": False})
                     return
-                log.error("HA heartbeat could not start at boot (emergency mode in xapi)",
-                          host=self.host_uuid(h), error=str(e))
+                log.error(
+                    "HA heartbeat could not start at boot (emergency mode in xapi)",
+                    host=self.host_uuid(h),
+                    error=str(e),
+                )
             except ApiError as e:
                 log.error("HA heartbeat could not start at boot", host=self.host_uuid(h), error=str(e))
 
@@ -505,8 +583,11 @@ class HaManager:
     # -- planning (ha.md 4.10, conservative) ---------------------------------------------------------------
 
     def _protected(self) -> list[dict[str, Any]]:
-        return [v for _r, v in self.store.items("VM")
-                if v["ha_restart_priority"] == "restart" and not v["is_control_domain"] and not v["is_a_template"]]
+        return [
+            v
+            for _r, v in self.store.items("VM")
+            if v["ha_restart_priority"] == "restart" and not v["is_control_domain"] and not v["is_a_template"]
+        ]
 
     def plan_exists(self, n: int) -> bool:
         """Whether every protected VM still fits after losing the ``n`` largest hosts."""
@@ -554,8 +635,7 @@ class HaManager:
             if self.plan_exists(n):
                 pool.update(ha_overcommitted=False, ha_plan_exists_for=n)
             else:
-                pool.update(ha_overcommitted=True,
-                            ha_plan_exists_for=min(n, self.compute_max_failures()))
+                pool.update(ha_overcommitted=True, ha_plan_exists_for=min(n, self.compute_max_failures()))
 
 
 __all__ = ["HaManager", "NULL_REF"]

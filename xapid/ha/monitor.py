@@ -39,7 +39,9 @@ class Monitor:
             if self._thread is not None and self._thread.is_alive():
                 return
             self._stop = threading.Event()
-            self._thread = threading.Thread(target=self._loop, args=(self._stop,), name="ha-monitor", daemon=True)
+            self._thread = threading.Thread(
+                target=self._loop, args=(self._stop,), name="ha-monitor", daemon=True
+            )
             self._thread.start()
 
     def stop(self) -> None:

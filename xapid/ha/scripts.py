@@ -125,6 +125,8 @@ class ScriptError(ApiError):
 
 @dataclass
 class _Captured:
+    """Bytes kept from one pipe, up to ``cap``; the rest is counted and dropped."""
+
     data: bytearray
     cap: int
     dropped: int = 0
@@ -161,6 +163,7 @@ class ClusterStackRunner:
         self._locks_guard = threading.Lock()
 
     def _host_lock(self, host_uuid: str) -> threading.Lock:
+        """The lock serialising scripts for ``host_uuid``."""
         with self._locks_guard:
             return self._locks.setdefault(host_uuid, threading.Lock())
 
@@ -201,6 +204,7 @@ class ClusterStackRunner:
         return data.decode("utf-8", errors="replace").split()
 
     def _script_path(self, stack: str, script: str) -> tuple[Path, Path]:
+        """(stack folder, resolved script path) after every check of ``run``; raises otherwise."""
         if script not in SCRIPTS:
             raise internal(f"{script!r} is not a cluster-stack script")
         directory = self.stack_dir(stack)
@@ -235,8 +239,13 @@ class ClusterStackRunner:
         signal, timeout, missing/non-executable/escaping script) raises INTERNAL_ERROR, and an
         invalid or missing stack UNKNOWN_CLUSTER_STACK.
         """
-        directory, path = self._script_path(stack, script)
         argv = tuple(str(a) for a in args)
+        fields = {"stack": stack, "script": script, "host": host_uuid, "args": argv}
+        try:
+            directory, path = self._script_path(stack, script)
+        except ApiError as exc:
+            log.info("ha_script", **fields, exit_code=None, duration=0.0, refused=exc.description)
+            raise
         if timeout is None:
             timeout = self.start_timeout if script == "ha_start_daemon" else self.timeout
         base_path = os.environ.get("PATH", os.defpath)
@@ -260,20 +269,17 @@ class ClusterStackRunner:
                     close_fds=True,
                 )
             except OSError as exc:
-                log.info("ha_script", stack=stack, script=script, host=host_uuid, args=argv,
-                         exit_code=None, duration=time.monotonic() - started, error=str(exc))
+                duration = round(time.monotonic() - started, 3)
+                log.info("ha_script", **fields, exit_code=None, duration=duration, error=str(exc))
                 raise internal(f"Cannot run cluster stack script {where}: {exc}") from None
             stdout, stderr, timed_out = self._communicate(proc, started + timeout)
             duration = time.monotonic() - started
         code = proc.returncode
-        log.info("ha_script", stack=stack, script=script, host=host_uuid, args=argv,
-                 exit_code=code, duration=round(duration, 3), timed_out=timed_out)
+        log.info("ha_script", **fields, exit_code=code, duration=round(duration, 3), timed_out=timed_out)
         if stderr.data or stderr.dropped:
-            log.warning("ha_script_stderr", stack=stack, script=script, host=host_uuid,
-                        stderr=stderr.text(), stderr_dropped=stderr.dropped)
+            log.warning("ha_script_stderr", **fields, stderr=stderr.text(), stderr_dropped=stderr.dropped)
         if stdout.dropped:
-            log.warning("ha_script_stdout_truncated", stack=stack, script=script, host=host_uuid,
-                        kept=len(stdout.data), dropped=stdout.dropped)
+            log.warning("ha_script_stdout_truncated", **fields, kept=len(stdout.data), dropped=stdout.dropped)
         if timed_out:
             raise internal(f"Cluster stack script {where} timed out after {timeout:g} seconds; killed")
         if code < 0:
@@ -283,12 +289,16 @@ class ClusterStackRunner:
                 name = f"signal {-code}"
             raise internal(f"Cluster stack script {where} was killed by {name}")
         if code == 0:
-            return ScriptResult(stack, script, host_uuid, argv, 0, stdout.text(), duration, bool(stdout.dropped))
+            return ScriptResult(
+                stack, script, host_uuid, argv, 0, stdout.text(), duration, bool(stdout.dropped)
+            )
         if code in MTC_CODES:
             raise ScriptError(stack, script, host_uuid, code, stdout.text())
         raise internal(f"Unrecognised MTC exit code {code} from {stack}/{script} on host {host_uuid}")
 
-    def _communicate(self, proc: subprocess.Popen[bytes], deadline: float) -> tuple[_Captured, _Captured, bool]:
+    def _communicate(
+        self, proc: subprocess.Popen[bytes], deadline: float
+    ) -> tuple[_Captured, _Captured, bool]:
         """Drain both pipes until they close, or the child exited and EXIT_GRACE passed, or the
         deadline; on the deadline kill the child's process group.  Returns (stdout, stderr,
         timed_out); the child is always reaped."""

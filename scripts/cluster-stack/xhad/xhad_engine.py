@@ -96,6 +96,7 @@ LOG_FILE = "xhad.log"
 POLL = 0.1
 HEARTBEAT_POLL = 0.2
 STOP_GRACE = 5.0
+LOCK_TIMEOUT = 10.0
 MAX_CONF_BYTES = 1 << 20
 # Exit statuses of a heartbeat process that ha_start_daemon passes on unchanged.
 PASS_ON = (
@@ -141,14 +142,17 @@ class Conf:
 
     @property
     def heartbeat_interval(self) -> int:
+        """Seconds between beats: HeartbeatInterval, at least 1."""
         return max(1, self.parameters.get("HeartbeatInterval", 1))
 
     @property
     def heartbeat_timeout(self) -> int:
+        """Beats older than this many seconds (HeartbeatTimeout) no longer count."""
         return max(1, self.parameters.get("HeartbeatTimeout", 60))
 
     @property
     def join_timeout(self) -> int:
+        """How long ha_start_daemon waits for the first beat (EnableJoinTimeout)."""
         return max(1, self.parameters.get("EnableJoinTimeout", 120))
 
 
@@ -156,6 +160,7 @@ class Conf:
 
 
 def _leaf(parent: ET.Element, path: str) -> str:
+    """The trimmed, non-empty text at ``path``; Exit 7 otherwise."""
     element = parent.find(path)
     text = (element.text or "").strip() if element is not None else ""
     if not text:
@@ -187,7 +192,9 @@ def read_conf(path: str) -> Conf:
         try:
             parameters[element.tag] = int((element.text or "").strip())
         except ValueError:
-            raise Exit(EXIT_INVALID_CONFIG_FILE, f"{path}: parameter {element.tag} is not an integer") from None
+            raise Exit(
+                EXIT_INVALID_CONFIG_FILE, f"{path}: parameter {element.tag} is not an integer"
+            ) from None
     local = _leaf(root, "local-config/localhost/HostID")
     if local not in hosts:
         raise Exit(EXIT_INVALID_CONFIG_FILE, f"{path}: local host {local} is not in the host list")
@@ -218,15 +225,26 @@ class Statefile:
             raise Exit(EXIT_CAN_NOT_ACCESS_STATEFILE, f"cannot size statefile {path}: {exc}") from None
         if size != STATEFILE_SIZE:
             os.close(self.fd)
-            raise Exit(EXIT_CAN_NOT_ACCESS_STATEFILE, f"statefile {path} has {size} bytes, not {STATEFILE_SIZE}")
+            raise Exit(
+                EXIT_CAN_NOT_ACCESS_STATEFILE, f"statefile {path} has {size} bytes, not {STATEFILE_SIZE}"
+            )
 
     def __enter__(self) -> Self:
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX if self.writable else fcntl.LOCK_SH)
-        except OSError as exc:
-            os.close(self.fd)
-            raise Exit(EXIT_CAN_NOT_ACCESS_STATEFILE, f"cannot lock statefile: {exc}") from None
-        return self
+        # Bounded wait: a hung (e.g. SIGSTOPped) holder must look like an unreachable
+        # statefile, not block every other host forever.
+        deadline = time.monotonic() + LOCK_TIMEOUT
+        while True:
+            try:
+                fcntl.flock(self.fd, (fcntl.LOCK_EX if self.writable else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+                return self
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    os.close(self.fd)
+                    raise Exit(EXIT_CAN_NOT_ACCESS_STATEFILE, "statefile lock not granted in time") from None
+                time.sleep(0.005)
+            except OSError as exc:
+                os.close(self.fd)
+                raise Exit(EXIT_CAN_NOT_ACCESS_STATEFILE, f"cannot lock statefile: {exc}") from None
 
     def __exit__(self, *exc_info: object) -> None:
         os.close(self.fd)  # closing releases the flock
@@ -294,10 +312,12 @@ class Statefile:
         return block
 
     def write_slot(self, index: int, slot: dict | None) -> None:
+        """Replace the slot of the conf's ``index``-th host (None empties it)."""
         self.write_block(1 + index, slot)
 
 
 def empty_slot(host: str) -> dict:
+    """The slot of a host that never beat."""
     return {"host": host, "pid": None, "heartbeat": None, "excluded": False, "armed": False}
 
 
@@ -316,6 +336,7 @@ def checked_global(sf: Statefile, conf: Conf) -> dict:
 
 
 def _cmdline(pid: int) -> list[bytes] | None:
+    """The NUL-separated command line of ``pid``, or None if unreadable."""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as handle:
             return handle.read().split(b"\0")
@@ -343,6 +364,7 @@ def is_heartbeat(pid: object, conf_path: str | None = None) -> bool:
 
 
 def read_pid_file(hostdir: str) -> int | None:
+    """The pid recorded in ``<hostdir>/xhad.pid``, or None."""
     try:
         with open(os.path.join(hostdir, PID_FILE)) as handle:
             return int(handle.read().strip())
@@ -351,6 +373,7 @@ def read_pid_file(hostdir: str) -> int | None:
 
 
 def write_pid_file(hostdir: str, pid: int) -> None:
+    """Atomically record ``pid`` in ``<hostdir>/xhad.pid``."""
     path = os.path.join(hostdir, PID_FILE)
     tmp = f"{path}.{pid}.tmp"
     with open(tmp, "w") as handle:
@@ -359,6 +382,7 @@ def write_pid_file(hostdir: str, pid: int) -> None:
 
 
 def remove_pid_file(hostdir: str, only_if: int | None = None) -> None:
+    """Remove ``<hostdir>/xhad.pid`` (only if it names ``only_if``, when given)."""
     if only_if is not None and read_pid_file(hostdir) != only_if:
         return
     try:
@@ -374,6 +398,7 @@ def running_pid(conf_path: str) -> int | None:
 
 
 def is_live(slot: dict, conf: Conf, now: float) -> bool:
+    """A host is live iff not excluded, its beat is fresh and its heartbeat process runs."""
     beat = slot.get("heartbeat")
     return (
         not slot.get("excluded")
@@ -384,6 +409,7 @@ def is_live(slot: dict, conf: Conf, now: float) -> bool:
 
 
 def liveness(sf: Statefile, conf: Conf) -> tuple[list[dict], list[bool]]:
+    """The slots of the conf's hosts, in conf order, and whether each host is live."""
     slots = [sf.slot(conf, index) for index in range(len(conf.hosts))]
     now = time.time()
     return slots, [is_live(slot, conf, now) for slot in slots]
@@ -424,6 +450,7 @@ def heartbeat_main(conf_path: str) -> int:
 
 
 def _beat(conf: Conf, me: int, stopping: list[bool]) -> int:
+    """Beat until a signal arrives (exit 0) or a stop condition raises Exit."""
     next_beat = 0.0
     while not stopping:
         if not os.path.isdir(conf.hostdir):
@@ -466,6 +493,7 @@ def _leave(conf: Conf, me: int) -> None:
 
 
 def _log(message: str) -> None:
+    """Append a timestamped line to the heartbeat log (its stdout)."""
     if message:
         print(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} [{os.getpid()}] {message}", flush=True)
 
@@ -474,6 +502,7 @@ def _log(message: str) -> None:
 
 
 def set_pool_state(conf_path: str, args: list[str]) -> int:
+    """ha_set_pool_state init|invalid|active: init (re)formats the statefile; the others set the state."""
     if len(args) != 1 or args[0] not in POOL_STATES:
         raise Exit(EXIT_INVALID_PARAMETER, "usage: ha_set_pool_state init|invalid|active")
     state = args[0]
@@ -501,6 +530,7 @@ def set_pool_state(conf_path: str, args: list[str]) -> int:
 
 
 def start_daemon(conf_path: str) -> int:
+    """ha_start_daemon: spawn the heartbeat process and wait for its first beat (exit 0)."""
     conf = read_conf(conf_path)
     if running_pid(conf.path):
         raise Exit(EXIT_DAEMON_IS_PRESENT, "the heartbeat daemon is already running")
@@ -547,6 +577,7 @@ def start_daemon(conf_path: str) -> int:
 
 
 def stop_daemon(conf_path: str) -> int:
+    """ha_stop_daemon: SIGTERM (then SIGKILL) the heartbeat process; 0 also when none runs."""
     pid = running_pid(conf_path)
     if pid is not None:
         _signal(pid, signal.SIGTERM)
@@ -562,6 +593,7 @@ def stop_daemon(conf_path: str) -> int:
 
 
 def _signal(pid: int, signum: int) -> None:
+    """Send ``signum`` to ``pid`` unless it is already gone."""
     try:
         os.kill(pid, signum)
     except ProcessLookupError:
@@ -569,6 +601,7 @@ def _signal(pid: int, signum: int) -> None:
 
 
 def _wait_gone(pid: int, conf_path: str, limit: float) -> bool:
+    """Wait up to ``limit`` seconds for heartbeat ``pid`` to end; whether it did."""
     deadline = time.monotonic() + limit
     while is_heartbeat(pid, conf_path):
         if time.monotonic() >= deadline:
@@ -578,11 +611,13 @@ def _wait_gone(pid: int, conf_path: str, limit: float) -> bool:
 
 
 def _require_running(conf: Conf) -> None:
+    """Exit 14 unless this host's heartbeat process runs."""
     if running_pid(conf.path) is None:
         raise Exit(EXIT_DAEMON_IS_NOT_PRESENT, "the heartbeat daemon is not running")
 
 
 def query_liveset(conf_path: str) -> int:
+    """ha_query_liveset: print the liveset computed from the statefile now."""
     conf = read_conf(conf_path)
     _require_running(conf)
     began = time.monotonic()
@@ -604,7 +639,7 @@ def render_liveset(conf: Conf, block: dict, slots: list[dict], live: list[bool],
         return "TRUE" if value else "FALSE"
 
     now = time.time()
-    live_hosts = " ".join(host for host, up in zip(conf.hosts, live) if up)
+    live_hosts = " ".join(host for host, up in zip(conf.hosts, live, strict=True) if up)
     interval_ms = conf.heartbeat_interval * 1000
     out = [
         '<?xml version="1.0" encoding="UTF-8"?>',
@@ -612,7 +647,7 @@ def render_liveset(conf: Conf, block: dict, slots: list[dict], live: list[bool],
         "  <status>Online</status>",
         f"  <localhost><HostID>{escape(conf.local)}</HostID><HostIndex>{conf.index}</HostIndex></localhost>",
     ]
-    for index, (host, slot, up) in enumerate(zip(conf.hosts, slots, live)):
+    for index, (host, slot, up) in enumerate(zip(conf.hosts, slots, live, strict=True)):
         out += [
             "  <host>",
             f"    <HostID>{escape(host)}</HostID><HostIndex>{index}</HostIndex>",
@@ -635,7 +670,7 @@ def render_liveset(conf: Conf, block: dict, slots: list[dict], live: list[bool],
         ("Xapi_healthcheck_latency_max", 0),
     ):
         out.append(f"    <{name}>{value}</{name}>")
-    for host, slot, up in zip(conf.hosts, slots, live):
+    for host, slot, up in zip(conf.hosts, slots, live, strict=True):
         age = -1 if slot["heartbeat"] is None else max(0, int((now - slot["heartbeat"]) * 1000))
         # A dead host sees nobody; a live one sees every live host.
         peers = live_hosts if up else ""
@@ -665,6 +700,7 @@ def render_liveset(conf: Conf, block: dict, slots: list[dict], live: list[bool],
 
 
 def propose_master(conf_path: str) -> int:
+    """ha_propose_master: take the master lock if free, ours, or held by a dead host; print TRUE/FALSE."""
     conf = read_conf(conf_path)
     _require_running(conf)
     with Statefile(conf.statefile, writable=True) as sf:
@@ -686,6 +722,7 @@ def propose_master(conf_path: str) -> int:
 
 
 def disarm_fencing(conf_path: str) -> int:
+    """ha_disarm_fencing: clear this host's armed flag (14 if the daemon is not running)."""
     conf = read_conf(conf_path)
     _require_running(conf)
     with Statefile(conf.statefile, writable=True) as sf:
@@ -696,6 +733,7 @@ def disarm_fencing(conf_path: str) -> int:
 
 
 def set_excluded(conf_path: str) -> int:
+    """ha_set_excluded: set this host's excluded flag straight in the statefile."""
     conf = read_conf(conf_path)
     with Statefile(conf.statefile, writable=True) as sf:
         slot = sf.slot(conf, conf.index)
@@ -735,6 +773,7 @@ def _fist(hostdir: str, script: str) -> int | None:
 
 
 def _run(script: str, argv: list[str]) -> int:
+    """Dispatch one script invocation; raises Exit for MTC failures."""
     if script not in SCRIPTS:
         raise Exit(EXIT_INVALID_PARAMETER, f"unknown script {script}")
     args = list(argv)

@@ -99,12 +99,42 @@ def stack_root(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def process_groups() -> Iterator[list[int]]:
-    """A list a test appends process group ids to; every group is SIGKILLed at teardown."""
-    groups: list[int] = []
-    yield groups
-    for pgid in groups:
+def make_script(stack_root: Path) -> Callable[..., Path]:
+    """``make_script(stack, name, body, mode=0o755, root=stack_root)`` writes a script."""
+
+    def factory(stack: str, name: str, body: str, mode: int = 0o755, root: Path = stack_root) -> Path:
+        return write_script(root, stack, name, body, mode)
+
+    return factory
+
+
+class ProcessGroups:
+    """Process groups a test started; all are SIGKILLed at teardown."""
+
+    def __init__(self) -> None:
+        self.groups: list[int] = []
+
+    def track(self, pgid: int) -> int:
+        self.groups.append(pgid)
+        return pgid
+
+    members = staticmethod(live_group_members)
+    kill = staticmethod(kill_group)
+
+
+@pytest.fixture
+def process_groups() -> Iterator[ProcessGroups]:
+    """Track process groups with ``.track(pgid)``; each is SIGKILLed at teardown."""
+    tracker = ProcessGroups()
+    yield tracker
+    for pgid in tracker.groups:
         kill_group(pgid)
+
+
+@pytest.fixture(name="wait_until")
+def wait_until_fixture() -> Callable[..., bool]:
+    """The :func:`wait_until` polling helper."""
+    return wait_until
 
 
 @dataclass
@@ -131,8 +161,14 @@ class EnginePool:
         pairs = [(host, f"127.0.0.{index + 1}") for index, host in enumerate(self.hosts)]
         for host in self.hosts:
             text = conf.render(
-                generation or self.generation, pairs, base_t, host, "xenbr0", "eth0",
-                str(self.statefile), XAPI_PARAMS,
+                generation or self.generation,
+                pairs,
+                base_t,
+                host,
+                "xenbr0",
+                "eth0",
+                str(self.statefile),
+                XAPI_PARAMS,
             )
             conf.write(self.conf(host), text)
 
@@ -156,6 +192,9 @@ class EnginePool:
         with self.statefile.open("rb") as handle:
             body = handle.read(4096).rstrip(b"\0")
         return json.loads(body) if body else None
+
+    def running_heartbeats(self) -> list[int]:
+        return heartbeat_pids_under(self.state)
 
     def stop_all(self) -> None:
         """SIGKILL every heartbeat process of this pool (pid files, then a /proc scan)."""

@@ -100,19 +100,40 @@ def test_render_element_order() -> None:
     assert [child.tag for child in root] == ["common-config", "local-config"]
     common = root.find("common-config")
     assert common is not None
-    assert [child.tag for child in common] == ["GenerationUUID", "UDPport", "host", "host", "host", "parameters"]
+    assert [child.tag for child in common] == [
+        "GenerationUUID",
+        "UDPport",
+        "host",
+        "host",
+        "host",
+        "parameters",
+    ]
     assert [[leaf.tag for leaf in host] for host in common.findall("host")] == [["HostID", "IPaddress"]] * 3
     assert [host.findtext("HostID") for host in common.findall("host")] == [uuid for uuid, _ in HOSTS]
     parameters = common.find("parameters")
     assert parameters is not None
     assert [child.tag for child in parameters] == [
-        "HeartbeatInterval", "HeartbeatTimeout", "StateFileInterval", "StateFileTimeout",
-        "HeartbeatWatchdogTimeout", "StateFileWatchdogTimeout", "BootJoinTimeout", "EnableJoinTimeout",
-        "XapiHealthCheckInterval", "XapiHealthCheckTimeout", "XapiRestartAttempts", "XapiRestartTimeout",
+        "HeartbeatInterval",
+        "HeartbeatTimeout",
+        "StateFileInterval",
+        "StateFileTimeout",
+        "HeartbeatWatchdogTimeout",
+        "StateFileWatchdogTimeout",
+        "BootJoinTimeout",
+        "EnableJoinTimeout",
+        "XapiHealthCheckInterval",
+        "XapiHealthCheckTimeout",
+        "XapiRestartAttempts",
+        "XapiRestartTimeout",
     ]
     local = root.find("local-config/localhost")
     assert local is not None
-    assert [child.tag for child in local] == ["HostID", "HeartbeatInterface", "HeartbeatPhysicalInterface", "StateFile"]
+    assert [child.tag for child in local] == [
+        "HostID",
+        "HeartbeatInterface",
+        "HeartbeatPhysicalInterface",
+        "StateFile",
+    ]
 
 
 def test_render_parse_round_trip_reproduces_the_example() -> None:
@@ -122,9 +143,15 @@ def test_render_parse_round_trip_reproduces_the_example() -> None:
         udp_port=694,
         hosts=HOSTS,
         parameters={
-            "HeartbeatInterval": 3, "HeartbeatTimeout": 90, "StateFileInterval": 4, "StateFileTimeout": 90,
-            "HeartbeatWatchdogTimeout": 90, "StateFileWatchdogTimeout": 105, "BootJoinTimeout": 150,
-            "EnableJoinTimeout": 150, **XAPI,
+            "HeartbeatInterval": 3,
+            "HeartbeatTimeout": 90,
+            "StateFileInterval": 4,
+            "StateFileTimeout": 90,
+            "HeartbeatWatchdogTimeout": 90,
+            "StateFileWatchdogTimeout": 105,
+            "BootJoinTimeout": 150,
+            "EnableJoinTimeout": 150,
+            **XAPI,
         },
         local_host_uuid=HOSTS[1][0],
         heartbeat_interface="xenbr0",
@@ -187,7 +214,9 @@ def test_write_failure_leaves_old_file_and_no_temp(tmp_path: Path) -> None:
         lambda t: t.replace("<GenerationUUID>", "<X>").replace("</GenerationUUID>", "</X>"),
         lambda t: t.replace("<UDPport>694", "<UDPport>six"),
         lambda t: t.replace("<XapiRestartAttempts>1", "<XapiRestartAttempts>one"),
-        lambda t: t.replace("<HostID>aaaaaaaa-0000-4000-8000-000000000002</HostID>\n", "<HostID>nobody</HostID>\n"),
+        lambda t: t.replace(
+            "<HostID>aaaaaaaa-0000-4000-8000-000000000002</HostID>\n", "<HostID>nobody</HostID>\n"
+        ),
         lambda t: t.replace('encoding="utf-8"?>', 'encoding="utf-8"?><!DOCTYPE x [<!ENTITY e "x">]>'),
         lambda t: t.replace("<StateFile>/dev/sm/backend/sr-uuid/vdi-uuid</StateFile>", ""),
     ],

@@ -75,7 +75,9 @@ EXAMPLE = f"""<?xml version="1.0" encoding="UTF-8"?>
 </ha_liveset_info>
 """
 
-MINIMAL = f"<ha_liveset_info><status>Starting</status><localhost><HostID>{H1}</HostID></localhost></ha_liveset_info>"
+MINIMAL = (
+    f"<ha_liveset_info><status>Starting</status><localhost><HostID>{H1}</HostID></localhost></ha_liveset_info>"
+)
 
 
 def refused(text: object) -> str:
@@ -114,11 +116,17 @@ def test_example_parses() -> None:
 def test_minimal_starting_document_parses() -> None:
     result = liveset.parse(MINIMAL)
     assert (result.status, result.local_host, result.hosts, result.raw, result.warnings) == (
-        "Starting", H1, {}, None, None,
+        "Starting",
+        H1,
+        {},
+        None,
+        None,
     )
 
 
-@pytest.mark.parametrize(("given", "canonical"), [("ONLINE", "Online"), ("starting", "Starting"), ("oFFline", "Offline")])
+@pytest.mark.parametrize(
+    ("given", "canonical"), [("ONLINE", "Online"), ("starting", "Starting"), ("oFFline", "Offline")]
+)
 def test_status_is_case_insensitive(given: str, canonical: str) -> None:
     assert liveset.parse(EXAMPLE.replace("<status>Online", f"<status>{given}")).status == canonical
 
@@ -159,19 +167,29 @@ STRICT_CASES = {
     "status unknown": EXAMPLE.replace("<status>Online", "<status>Up"),
     "status empty": EXAMPLE.replace("<status>Online</status>", "<status/>"),
     "status child": EXAMPLE.replace("<status>Online</status>", "<status><b>Online</b></status>"),
-    "status twice": EXAMPLE.replace("<status>Online</status>", "<status>Online</status><status>Online</status>"),
+    "status twice": EXAMPLE.replace(
+        "<status>Online</status>", "<status>Online</status><status>Online</status>"
+    ),
     "localhost missing": EXAMPLE.replace(f"<localhost><HostID>{H1}</HostID></localhost>", ""),
-    "localhost first child": EXAMPLE.replace("<localhost><HostID>", "<localhost><HostIndex>0</HostIndex><HostID>"),
+    "localhost first child": EXAMPLE.replace(
+        "<localhost><HostID>", "<localhost><HostIndex>0</HostIndex><HostID>"
+    ),
     "localhost hostid spaces": EXAMPLE.replace(f"<localhost><HostID>{H1}", f"<localhost><HostID> {H1}"),
     "localhost hostid empty": EXAMPLE.replace(f"<localhost><HostID>{H1}</HostID>", "<localhost><HostID/>"),
     "localhost text first": EXAMPLE.replace("<localhost><HostID>", "<localhost>x<HostID>"),
     "host boolean": EXAMPLE.replace("<liveness>TRUE", "<liveness>yes", 1),
     "host boolean empty": EXAMPLE.replace("<master>FALSE</master>", "<master/>", 1),
-    "host duplicate": EXAMPLE.replace(f"<HostID>{H2}</HostID>\n    <liveness>", f"<HostID>{H1}</HostID>\n    <liveness>"),
-    "host field twice": EXAMPLE.replace("<excluded>FALSE</excluded>", "<excluded>FALSE</excluded><excluded>TRUE</excluded>", 1),
+    "host duplicate": EXAMPLE.replace(
+        f"<HostID>{H2}</HostID>\n    <liveness>", f"<HostID>{H1}</HostID>\n    <liveness>"
+    ),
+    "host field twice": EXAMPLE.replace(
+        "<excluded>FALSE</excluded>", "<excluded>FALSE</excluded><excluded>TRUE</excluded>", 1
+    ),
     "raw latency not int": EXAMPLE.replace("<statefile_latency>12", "<statefile_latency>12ms"),
     "raw host int": EXAMPLE.replace("<time_since_last_heartbeat>500", "<time_since_last_heartbeat>5.0", 1),
-    "raw host empty id": EXAMPLE.replace(f"<HostID>{H3}</HostID>\n      <time", "<HostID></HostID>\n      <time"),
+    "raw host empty id": EXAMPLE.replace(
+        f"<HostID>{H3}</HostID>\n      <time", "<HostID></HostID>\n      <time"
+    ),
     "not xml": "this is not XML <<<",
     "empty": "",
     "truncated": EXAMPLE[: len(EXAMPLE) // 2],

@@ -1,0 +1,29 @@
+# xapid: two commands on a fresh machine (Python 3.11 and the package registries only).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: run test lint clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+## run: start the daemon in the foreground at http://127.0.0.1:8080/ with state in ./var
+run: $(STAMP)
+	@echo "xapid: serving http://127.0.0.1:8080/ ; the root password is in ./var/root-password"
+	$(BIN)/xapid serve --state-dir ./var --listen 127.0.0.1:8080
+
+## lint: ruff over the whole tree
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+## test: lint, then unit and integration tests against real daemons
+test: $(STAMP) lint
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info

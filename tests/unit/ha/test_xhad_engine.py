@@ -1,0 +1,389 @@
+"""The reference stacks (xhad and melio) end to end, through ClusterStackRunner, with real processes."""
+
+from __future__ import annotations
+
+import fcntl
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING
+
+import pytest
+
+from xapid.errors import ApiError
+from xapid.ha import conf, liveset
+from xapid.ha.scripts import ClusterStackRunner, ScriptError
+
+if TYPE_CHECKING:
+    from conftest import EnginePool
+
+MakePool = Callable[..., "EnginePool"]
+REPO_STACKS = Path(__file__).resolve().parents[3] / "scripts" / "cluster-stack"
+SCRIPT_NAMES = (
+    "ha_start_daemon",
+    "ha_stop_daemon",
+    "ha_query_liveset",
+    "ha_propose_master",
+    "ha_set_pool_state",
+    "ha_disarm_fencing",
+    "ha_set_excluded",
+)
+
+
+def code(pool: EnginePool, host: str, script: str, *args: str) -> int:
+    """The MTC exit code of one script run (0 on success)."""
+    try:
+        pool.run(host, script, *args)
+    except ScriptError as exc:
+        return exc.exit_code
+    return 0
+
+
+def start_all(pool: EnginePool, hosts: list[str]) -> list[int]:
+    with ThreadPoolExecutor(len(hosts)) as executor:
+        return list(executor.map(lambda host: code(pool, host, "ha_start_daemon"), hosts))
+
+
+def live(pool: EnginePool, viewer: str) -> dict[str, bool]:
+    result = pool.runner.query_liveset(pool.stack, viewer, pool.conf(viewer))
+    return {host: status.liveness for host, status in result.hosts.items()}
+
+
+def enabled_pool(make_pool: MakePool, stack: str = "xhad", hosts: int = 3) -> EnginePool:
+    pool = make_pool(stack, hosts)
+    assert code(pool, pool.hosts[0], "ha_set_pool_state", "init") == 0
+    assert start_all(pool, pool.hosts) == [0] * hosts
+    return pool
+
+
+def freeze_outside_lock(pool: EnginePool, pid: int) -> None:
+    """SIGSTOP ``pid`` at a moment it does not hold the statefile lock."""
+    with pool.statefile.open("rb") as handle:
+        for _ in range(200):
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.kill(pid, signal.SIGCONT)
+                time.sleep(0.01)
+                continue
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            return
+    raise AssertionError("the heartbeat process never released the statefile lock")
+
+
+def load_engine() -> ModuleType:
+    spec = importlib.util.spec_from_file_location(
+        "xhad_engine_under_test", REPO_STACKS / "xhad" / "xhad_engine.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_stack_layout() -> None:
+    for stack in ("xhad", "melio"):
+        for name in SCRIPT_NAMES:
+            path = REPO_STACKS / stack / name
+            assert path.is_file() and not path.is_symlink()
+            assert path.stat().st_mode & 0o777 == 0o755
+            assert path.read_text().startswith("#!/usr/bin/env python3\n")
+            assert len(path.read_text().splitlines()) < 20  # a shim, not a copy of the engine
+    assert (REPO_STACKS / "melio" / "ha_supported_srs").read_text() == "melio\n"
+    assert not (REPO_STACKS / "melio" / "xhad_engine.py").exists()
+    runner = ClusterStackRunner(REPO_STACKS)
+    assert runner.supported_srs("melio") == ["melio"]
+    assert runner.supported_srs("xhad") is None
+
+
+def test_xhad_full_flow(make_pool: MakePool, wait_until: Callable[..., bool]) -> None:
+    pool = make_pool("xhad", 3)
+    h1, h2, h3 = pool.hosts
+    assert code(pool, h1, "ha_set_pool_state", "init") == 0
+    assert pool.global_block() == {"pool_state": "init", "generation": pool.generation, "master": None}
+    assert pool.statefile.stat().st_size == 266240
+
+    assert start_all(pool, pool.hosts) == [0, 0, 0]
+    assert pool.global_block()["pool_state"] == "active"
+    for host in pool.hosts:  # slot N at byte 4096 * (N + 1) belongs to the N-th conf host
+        slot = pool.slot(host)
+        assert slot is not None and slot["host"] == host and slot["pid"] == pool.pid(host)
+        assert slot["armed"] is True and slot["excluded"] is False
+
+    result = pool.runner.query_liveset("xhad", h1, pool.conf(h1))
+    assert (result.status, result.local_host) == ("Online", h1)
+    assert list(result.hosts) == pool.hosts
+    assert all(s.liveness and s.statefile_access and not s.excluded for s in result.hosts.values())
+    assert result.raw is not None and sorted(result.raw) == sorted(pool.hosts)
+    assert all(
+        sorted(raw.heartbeat_active_list_on_statefile) == sorted(pool.hosts) for raw in result.raw.values()
+    )
+    assert result.warnings == dict.fromkeys(liveset.WARNINGS, False)
+
+    assert pool.runner.propose_master("xhad", h1, pool.conf(h1)) is True
+    assert pool.runner.propose_master("xhad", h2, pool.conf(h2)) is False
+    assert pool.runner.propose_master("xhad", h1, pool.conf(h1)) is True
+    masters = pool.runner.query_liveset("xhad", h2, pool.conf(h2)).hosts
+    assert [host for host, status in masters.items() if status.master] == [h1]
+
+    os.kill(pool.pid(h3), signal.SIGKILL)
+    result = pool.runner.query_liveset("xhad", h1, pool.conf(h1))
+    assert {h: s.liveness for h, s in result.hosts.items()} == {h1: True, h2: True, h3: False}
+    assert result.hosts[h3].statefile_access is False
+    assert result.raw is not None and result.raw[h3].heartbeat_active_list_on_heartbeat == []
+    assert sorted(result.raw[h1].heartbeat_active_list_on_heartbeat) == sorted([h1, h2])
+    assert live(pool, h2) == {h1: True, h2: True, h3: False}
+
+    assert code(pool, h3, "ha_start_daemon") == 0
+    assert live(pool, h1) == {h1: True, h2: True, h3: True}
+    assert code(pool, h3, "ha_start_daemon") == 15
+
+    assert code(pool, h1, "ha_set_pool_state", "invalid") == 0
+    assert pool.global_block()["pool_state"] == "invalid"
+    assert code(pool, h1, "ha_query_liveset") == 14
+    assert wait_until(lambda: not pool.running_heartbeats(), 5.0)
+    assert [pool.pid(host) for host in pool.hosts] == [None, None, None]
+    assert code(pool, h1, "ha_query_liveset") == 14
+    assert code(pool, h2, "ha_stop_daemon") == 0
+    assert code(pool, h2, "ha_start_daemon") == 11
+    assert not pool.running_heartbeats()
+
+
+def test_master_lock_moves_when_its_holder_dies(make_pool: MakePool) -> None:
+    pool = enabled_pool(make_pool, hosts=2)
+    h1, h2 = pool.hosts
+    assert pool.runner.propose_master("xhad", h1, pool.conf(h1)) is True
+    os.kill(pool.pid(h1), signal.SIGKILL)
+    assert pool.runner.propose_master("xhad", h2, pool.conf(h2)) is True
+    hosts = pool.runner.query_liveset("xhad", h2, pool.conf(h2)).hosts
+    assert (hosts[h1].master, hosts[h2].master) == (False, True)
+
+
+def test_melio_basic_flow(make_pool: MakePool, wait_until: Callable[..., bool]) -> None:
+    pool = make_pool("melio", 2)
+    h1, h2 = pool.hosts
+    assert code(pool, h1, "ha_set_pool_state", "init") == 0
+    assert start_all(pool, pool.hosts) == [0, 0]
+    assert live(pool, h2) == {h1: True, h2: True}
+    assert pool.runner.propose_master("melio", h2, pool.conf(h2)) is True
+    assert pool.runner.propose_master("melio", h1, pool.conf(h1)) is False
+    assert code(pool, h1, "ha_stop_daemon") == 0
+    assert live(pool, h2) == {h1: False, h2: True}
+    assert code(pool, h1, "ha_query_liveset") == 14
+    assert code(pool, h1, "ha_set_pool_state", "invalid") == 0
+    assert wait_until(lambda: not pool.running_heartbeats(), 5.0)
+
+
+def test_stop_daemon_stops_and_cleans_up(make_pool: MakePool) -> None:
+    pool = enabled_pool(make_pool, hosts=2)
+    h1, h2 = pool.hosts
+    pid = pool.pid(h1)
+    assert pid in pool.running_heartbeats()
+    assert code(pool, h1, "ha_stop_daemon") == 0
+    assert pid not in pool.running_heartbeats()
+    assert pool.pid(h1) is None
+    assert pool.slot(h1)["pid"] is None
+    assert code(pool, h1, "ha_query_liveset") == 14
+    assert code(pool, h1, "ha_propose_master") == 14
+    assert code(pool, h1, "ha_disarm_fencing") == 14
+    assert code(pool, h1, "ha_stop_daemon") == 0
+    assert live(pool, h2) == {h1: False, h2: True}
+
+
+def test_excluded_host_is_not_live_until_it_rejoins(make_pool: MakePool) -> None:
+    pool = enabled_pool(make_pool, hosts=2)
+    h1, h2 = pool.hosts
+    assert code(pool, h2, "ha_disarm_fencing") == 0
+    assert pool.slot(h2)["armed"] is False
+    assert code(pool, h2, "ha_stop_daemon") == 0
+    assert code(pool, h2, "ha_set_excluded") == 0
+    assert pool.slot(h2)["excluded"] is True
+    hosts = pool.runner.query_liveset("xhad", h1, pool.conf(h1)).hosts
+    assert (hosts[h2].liveness, hosts[h2].excluded) == (False, True)
+
+    assert code(pool, h2, "ha_start_daemon") == 0
+    assert pool.slot(h2)["excluded"] is False and pool.slot(h2)["armed"] is True
+    assert live(pool, h1) == {h1: True, h2: True}
+
+    assert code(pool, h2, "ha_set_excluded") == 0  # while running: no longer live
+    assert code(pool, h2, "ha_propose_master") == 17
+    assert live(pool, h1) == {h1: True, h2: False}
+
+
+def test_stale_heartbeat_drops_out(make_pool: MakePool, wait_until: Callable[..., bool]) -> None:
+    pool = enabled_pool(make_pool, hosts=2)
+    h1, h2 = pool.hosts
+    pid = pool.pid(h2)
+    freeze_outside_lock(pool, pid)
+    try:
+        slot = pool.slot(h2)
+        slot["heartbeat"] = time.time() - 11  # older than HeartbeatTimeout (T = 10)
+        with pool.statefile.open("r+b") as handle:
+            handle.seek(4096 * 2)
+            handle.write(json.dumps(slot).encode().ljust(4096, b"\0"))
+        assert live(pool, h1) == {h1: True, h2: False}
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert wait_until(lambda: live(pool, h1)[h2], 5.0, 0.2)
+
+
+def test_heartbeat_exits_when_its_folders_vanish(
+    make_pool: MakePool, wait_until: Callable[..., bool]
+) -> None:
+    pool = enabled_pool(make_pool, hosts=2)
+    h1, h2 = pool.hosts
+    shutil.rmtree(pool.hostdir(h1))
+    pool.statefile.unlink()
+    assert wait_until(lambda: not pool.running_heartbeats(), 3.0)
+
+
+@pytest.mark.parametrize(
+    ("damage", "script", "expected"),
+    [
+        ("no conf", "ha_start_daemon", 6),
+        ("bad conf", "ha_start_daemon", 7),
+        ("foreign host", "ha_start_daemon", 16),
+        ("no statefile", "ha_start_daemon", 8),
+        ("short statefile", "ha_set_excluded", 8),
+        ("uninitialised", "ha_start_daemon", 9),
+        ("corrupt global", "ha_start_daemon", 9),
+        ("corrupt slot", "ha_set_excluded", 9),
+        ("new generation", "ha_start_daemon", 10),
+        ("missing argument", "ha_set_pool_state", 1),
+        ("bad argument", "ha_set_pool_state", 1),
+        ("extra argument", "ha_query_liveset", 1),
+    ],
+)
+def test_failure_exit_codes(make_pool: MakePool, damage: str, script: str, expected: int) -> None:
+    pool = make_pool("xhad", 2)
+    h1, h2 = pool.hosts
+    host, args, conf_path = h1, [], pool.conf(h1)
+    if damage != "uninitialised":
+        assert code(pool, h1, "ha_set_pool_state", "init") == 0
+    if damage == "no conf":
+        pool.conf(h1).unlink()
+    elif damage == "bad conf":
+        pool.conf(h1).write_text("<xhad-config><common-config>")
+    elif damage == "foreign host":
+        host = h2
+    elif damage == "no statefile":
+        pool.statefile.unlink()
+    elif damage == "short statefile":
+        os.truncate(pool.statefile, 4096)
+    elif damage in ("corrupt global", "corrupt slot"):
+        with pool.statefile.open("r+b") as handle:
+            handle.seek(0 if damage == "corrupt global" else 4096)
+            handle.write(b"{not json")
+    elif damage == "new generation":
+        pool.write_confs(generation="another-generation")
+    elif damage == "bad argument":
+        args = ["enable"]
+    elif damage == "extra argument":
+        args = ["now"]
+    if script == "ha_set_pool_state" and damage == "missing argument":
+        args = []
+    with pytest.raises(ScriptError) as caught:
+        pool.runner.run("xhad", script, host, conf_path, args)
+    assert caught.value.exit_code == expected
+    assert not pool.running_heartbeats()
+
+
+def test_init_refuses_while_the_daemon_runs(make_pool: MakePool) -> None:
+    pool = enabled_pool(make_pool, hosts=1)
+    assert code(pool, pool.hosts[0], "ha_set_pool_state", "init") == 15
+
+
+def test_fist_points(make_pool: MakePool) -> None:
+    pool = make_pool("xhad", 1)
+    (host,) = pool.hosts
+    fist = pool.hostdir(host) / "fist"
+    fist.mkdir()
+    (fist / "ha_start_daemon").write_text("exit 12\n")
+    assert code(pool, host, "ha_set_pool_state", "init") == 0
+    assert code(pool, host, "ha_start_daemon") == 12
+    assert not pool.running_heartbeats()
+
+    (fist / "ha_query_liveset").write_text("garbage\n")
+    error = pytest.raises(ApiError, pool.runner.query_liveset, "xhad", host, pool.conf(host)).value
+    assert error.code == "INTERNAL_ERROR" and not isinstance(error, ScriptError)
+
+    (fist / "ha_set_excluded").write_text("\nsleep 0.2\nexit 3\n")
+    started = time.monotonic()
+    assert code(pool, host, "ha_set_excluded") == 3
+    assert time.monotonic() - started >= 0.2
+
+    (fist / "ha_disarm_fencing").write_text("sleep 30\n")
+    started = time.monotonic()
+    with pytest.raises(ApiError) as caught:
+        pool.runner.run("xhad", "ha_disarm_fencing", host, pool.conf(host), timeout=0.5)
+    assert "timed out" in caught.value.params[0] and time.monotonic() - started < 5
+
+    (fist / "ha_stop_daemon").write_text("explode\n")
+    assert code(pool, host, "ha_stop_daemon") == 1
+
+    (fist / "ha_start_daemon").unlink()
+    assert code(pool, host, "ha_start_daemon") == 0
+
+
+def test_shim_without_engine_exits_127(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    (root / "lonely").mkdir(parents=True)
+    shutil.copy2(REPO_STACKS / "xhad" / "ha_query_liveset", root / "lonely" / "ha_query_liveset")
+    with pytest.raises(ScriptError) as caught:
+        ClusterStackRunner(root).run("lonely", "ha_query_liveset", "h", tmp_path / "xhad.conf")
+    assert caught.value.exit_code == 127
+
+
+def test_unexpected_exception_is_exit_127(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    engine = load_engine()
+
+    def broken(path: str) -> None:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(engine, "read_conf", broken)
+    monkeypatch.setenv("XHAD_CONF", str(tmp_path / "xhad.conf"))
+    monkeypatch.delenv("XAPI_HOST_UUID", raising=False)
+    assert engine.main("ha_query_liveset", []) == 127
+    assert "RuntimeError: boom" in capsys.readouterr().err
+    assert engine.main("ha_no_such_script", []) == 1
+    monkeypatch.delenv("XHAD_CONF")
+    assert engine.main("ha_query_liveset", []) == 6
+
+
+def test_engine_conf_reader_agrees_with_xapid(tmp_path: Path) -> None:
+    engine = load_engine()
+    hosts = [("h1", "10.0.0.1"), ("h&2", "10.0.0.2")]
+    params = {
+        "XapiHealthCheckInterval": 60,
+        "XapiHealthCheckTimeout": 120,
+        "XapiRestartAttempts": 1,
+        "XapiRestartTimeout": 300,
+    }
+    text = conf.render("gen", hosts, 30, "h&2", "xenbr0", "eth0", "/sf", params)
+    path = tmp_path / "xhad.conf"
+    conf.write(path, text)
+    theirs = engine.read_conf(str(path))
+    ours = conf.parse(text)
+    assert (theirs.generation, theirs.hosts, theirs.local, theirs.statefile, theirs.parameters) == (
+        ours.generation,
+        [uuid for uuid, _ in ours.hosts],
+        ours.local_host_uuid,
+        ours.statefile,
+        ours.parameters,
+    )
+    assert (theirs.index, theirs.heartbeat_interval, theirs.heartbeat_timeout, theirs.join_timeout) == (
+        1,
+        3,
+        30,
+        90,
+    )

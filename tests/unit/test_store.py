@@ -1,0 +1,255 @@
+"""The SQLite-backed object store: atomicity, durability, indexes and corruption detection."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from xapid import schema as schema_mod
+from xapid.errors import ApiError
+from xapid.schema import NULL_REF, Schema
+from xapid.store import Store, StoreCorrupt
+
+
+@pytest.fixture(scope="module")
+def schema() -> Schema:
+    return schema_mod.load()
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    return tmp_path / "xapid.db"
+
+
+def make_sr(store: Store, label: str = "sr") -> str:
+    with store.transaction() as tx:
+        return tx.create("SR", {"name_label": label, "type": "nfs", "physical_size": 1024})
+
+
+def test_create_fills_every_field_and_a_fresh_uuid(schema: Schema, db: Path) -> None:
+    store = Store(schema, db)
+    ref = make_sr(store)
+    assert ref.startswith("OpaqueRef:") and ref != NULL_REF
+    rec = store.render("SR", ref)
+    assert list(rec) == list(schema.classes["SR"].fields)
+    assert rec["name_label"] == "sr" and rec["physical_size"] == 1024
+    assert len(rec["uuid"]) == 36 and store.by_uuid("SR", rec["uuid"]) == ref
+    assert make_sr(store) != ref
+
+
+def test_committed_writes_survive_reopening(schema: Schema, db: Path) -> None:
+    store = Store(schema, db)
+    a, b = make_sr(store, "a"), make_sr(store, "b")
+    with store.transaction() as tx:
+        tx.update("SR", a, name_label="a2", other_config={"k": "v"})
+        tx.delete("SR", b)
+    uuid_a = store.get("SR", a)["uuid"]  # type: ignore[index]
+    store.close()
+    again = Store(schema, db)
+    assert again.refs("SR") == [a]
+    rec = again.get("SR", a)
+    assert rec is not None and rec["name_label"] == "a2" and rec["other_config"] == {"k": "v"}
+    assert again.by_uuid("SR", uuid_a) == a
+
+
+def test_commit_is_durable_without_a_clean_close(schema: Schema, db: Path) -> None:
+    """A second opener (as after SIGKILL: no close, WAL not checkpointed) sees every commit."""
+    store = Store(schema, db)
+    ref = make_sr(store, "kept")
+    other = Store(schema, db)
+    rec = other.get("SR", ref)
+    assert rec is not None and rec["name_label"] == "kept"
+    other.close()
+    store.close()
+
+
+def test_failed_transaction_leaves_nothing(schema: Schema, db: Path) -> None:
+    store = Store(schema, db)
+    kept = make_sr(store, "kept")
+    generation = store.generation
+    with pytest.raises(ApiError), store.transaction() as tx:
+        new = tx.create("SR", {"name_label": "ghost"})
+        tx.update("SR", kept, name_label="changed")
+        raise ApiError("INTERNAL_ERROR", "boom")
+    assert store.get("SR", new) is None
+    assert store.get("SR", kept)["name_label"] == "kept"  # type: ignore[index]
+    assert store.generation == generation
+    store.close()
+    again = Store(schema, db)
+    assert again.refs("SR") == [kept]
+    assert again.get("SR", kept)["name_label"] == "kept"  # type: ignore[index]
+
+
+def test_transaction_reads_its_own_writes_and_others_do_not(schema: Schema, db: Path) -> None:
+    store = Store(schema, db)
+    with store.transaction() as tx:
+        ref = tx.create("SR", {"name_label": "x"})
+        assert tx.get("SR", ref)["name_label"] == "x"
+        assert ref in tx.refs("SR")
+        assert tx.by_uuid("SR", tx.get("SR", ref)["uuid"]) == ref
+        assert store.get("SR", ref) is None  # not committed yet
+    assert store.get("SR", ref) is not None
+
+
+def test_missing_object_is_handle_invalid(schema: Schema) -> None:
+    store = Store(schema, None)
+    with pytest.raises(ApiError) as e, store.transaction() as tx:
+        tx.get("VM", "OpaqueRef:nope")
+    assert e.value.description == ["HANDLE_INVALID", "VM", "OpaqueRef:nope"]
+
+
+def test_derived_relation_fields_follow_the_ref_side(schema: Schema, db: Path) -> None:
+    store = Store(schema, db)
+    sr1, sr2 = make_sr(store, "1"), make_sr(store, "2")
+    with store.transaction() as tx:
+        host = tx.create("host", {"name_label": "h"})
+        p1 = tx.create("PBD", {"SR": sr1, "host": host})
+        p2 = tx.create("PBD", {"SR": sr1, "host": host})
+    assert sorted(store.render("SR", sr1)["PBDs"]) == sorted([p1, p2])
+    assert sorted(store.render("host", host)["PBDs"]) == sorted([p1, p2])
+    assert store.render("SR", sr2)["PBDs"] == []
+    with store.transaction() as tx:
+        tx.update("PBD", p2, SR=sr2)
+    assert store.render("SR", sr1)["PBDs"] == [p1]
+    assert store.render("SR", sr2)["PBDs"] == [p2]
+    with store.transaction() as tx:
+        tx.delete("PBD", p1)
+    assert store.render("SR", sr1)["PBDs"] == []
+    # Derived fields are computed, never stored, and rebuilt on reopening.
+    store.close()
+    again = Store(schema, db)
+    assert again.render("SR", sr2)["PBDs"] == [p2]
+    raw = sqlite3.connect(db).execute("SELECT data FROM objects WHERE ref = ?", (sr2,)).fetchone()[0]
+    assert '"PBDs"' not in raw
+
+
+def test_by_uuid_misses_and_follows_deletes(schema: Schema) -> None:
+    store = Store(schema, None)
+    ref = make_sr(store)
+    uuid = store.get("SR", ref)["uuid"]  # type: ignore[index]
+    assert store.by_uuid("SR", uuid) == ref
+    assert store.by_uuid("VM", uuid) is None
+    assert store.by_uuid("SR", uuid.upper()) is None  # exact match (wire.md 2.4)
+    with store.transaction() as tx:
+        tx.delete("SR", ref)
+        assert tx.by_uuid("SR", uuid) is None
+    assert store.by_uuid("SR", uuid) is None
+
+
+def test_memory_only_classes_are_not_written(schema: Schema, db: Path) -> None:
+    store = Store(schema, db)
+    with store.transaction() as tx:
+        session = tx.create("session", {"auth_user_name": "root"})
+        task = tx.create("task", {"name_label": "t"})
+    assert store.get("session", session) is not None and store.get("task", task) is not None
+    store.close()
+    again = Store(schema, db)
+    assert again.refs("session") == [] and again.refs("task") == []
+
+
+def test_rows_written_later_by_an_older_schema_get_defaults(schema: Schema, db: Path) -> None:
+    store = Store(schema, db)
+    ref = make_sr(store)
+    store.close()
+    con = sqlite3.connect(db)
+    con.execute("UPDATE objects SET data = ? WHERE ref = ?", ('{"uuid": "u-1", "name_label": "old"}', ref))
+    con.commit()
+    con.close()
+    rec = Store(schema, db).render("SR", ref)
+    assert rec["name_label"] == "old" and rec["other_config"] == {} and rec["shared"] is False
+
+
+def wal_bytes_for_one_update(schema: Schema, path: Path, rows: int) -> int:
+    store = Store(schema, path)
+    with store.transaction() as tx:
+        refs = [tx.create("VM", {"name_label": f"vm{i}", "other_config": {"pad": "x" * 200}})
+                for i in range(rows)]
+    con = sqlite3.connect(path)
+    con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    con.close()
+    wal = path.with_name(path.name + "-wal")
+    assert wal.stat().st_size == 0
+    with store.transaction() as tx:
+        tx.update("VM", refs[rows // 2], name_label="renamed")
+    written = wal.stat().st_size
+    store.close()
+    return written
+
+
+def test_a_write_costs_the_rows_it_touches_not_the_store_size(schema: Schema, tmp_path: Path) -> None:
+    small = wal_bytes_for_one_update(schema, tmp_path / "small.db", 50)
+    large = wal_bytes_for_one_update(schema, tmp_path / "large.db", 2000)
+    large_db_size = (tmp_path / "large.db").stat().st_size
+    assert small > 0
+    # One row touched: a handful of pages, whatever the size of the store.
+    assert large <= small + 2 * 4096 + 64
+    assert large < large_db_size / 20
+
+
+# -- opening and corruption ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("left_by", ["connect", "journal_mode"])
+def test_existing_file_without_tables_opens_as_fresh(schema: Schema, db: Path, left_by: str) -> None:
+    """A crash between creating the file and its first commit must not brick the daemon."""
+    con = sqlite3.connect(db, isolation_level=None)
+    if left_by == "journal_mode":
+        con.execute("PRAGMA journal_mode=WAL")  # writes the header page
+    con.close()
+    store = Store(schema, db)
+    ref = make_sr(store)
+    store.close()
+    assert Store(schema, db).get("SR", ref) is not None
+
+
+def populated(schema: Schema, db: Path, rows: int = 300) -> None:
+    store = Store(schema, db)
+    with store.transaction() as tx:
+        for i in range(rows):
+            tx.create("VM", {"name_label": f"vm{i}", "other_config": {"pad": "y" * 300}})
+    store.close()
+
+
+def test_garbage_file_is_store_corrupt(schema: Schema, db: Path) -> None:
+    db.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(StoreCorrupt, match=str(db)):
+        Store(schema, db)
+
+
+def test_overwritten_header_is_store_corrupt(schema: Schema, db: Path) -> None:
+    populated(schema, db)
+    with open(db, "r+b") as f:
+        f.write(b"\xde\xad\xbe\xef" * 25)
+    with pytest.raises(StoreCorrupt):
+        Store(schema, db)
+
+
+def test_overwritten_pages_are_store_corrupt(schema: Schema, db: Path) -> None:
+    populated(schema, db)
+    size = db.stat().st_size
+    assert size > 8 * 4096
+    with open(db, "r+b") as f:
+        for page in range(1, size // 4096):
+            f.seek(page * 4096)
+            f.write(b"\x00\xff" * 64)
+    with pytest.raises(StoreCorrupt):
+        Store(schema, db)
+
+
+@pytest.mark.parametrize(("sql", "match"), [
+    ("UPDATE objects SET data = '{not json' WHERE rowid = 1", "not valid JSON"),
+    ("UPDATE objects SET data = '[1, 2]' WHERE rowid = 1", "no uuid"),
+    ("UPDATE objects SET cls = 'Nonsense' WHERE rowid = 1", "unknown class"),
+    ("UPDATE meta SET value = '99' WHERE key = 'format'", "format"),
+    ("DROP TABLE objects", "objects"),
+])
+def test_damaged_rows_are_store_corrupt(schema: Schema, db: Path, sql: str, match: str) -> None:
+    populated(schema, db, rows=3)
+    con = sqlite3.connect(db)
+    con.execute(sql)
+    con.commit()
+    con.close()
+    with pytest.raises(StoreCorrupt, match=match):
+        Store(schema, db)

@@ -1,0 +1,346 @@
+"""The XML-RPC/JSON-RPC codec and the XenAPI envelope (wire.md 1.5, 2.1-2.3, 3)."""
+
+from __future__ import annotations
+
+import xmlrpc.client
+from typing import Any
+
+import pytest
+
+from xapid import schema as schema_mod
+from xapid.schema import Type, parse_type
+from xapid.wire import (
+    MAX_DEPTH,
+    BadRequest,
+    Encoder,
+    XDateTime,
+    decode_jsonrpc,
+    decode_xmlrpc,
+    escape,
+    format_double,
+    json_failure,
+    json_success,
+    xml_bare,
+    xml_failure,
+    xml_success,
+)
+
+
+@pytest.fixture(scope="module")
+def enc() -> Encoder:
+    return Encoder(schema_mod.load())
+
+
+def call(params_xml: str, method: str = "m") -> bytes:
+    return f"<methodCall><methodName>{method}</methodName><params>{params_xml}</params></methodCall>".encode()
+
+
+def one(value_xml: str) -> Any:
+    """Decode a single-parameter call whose parameter is ``value_xml``."""
+    _name, params = decode_xmlrpc(call(f"<param>{value_xml}</param>"))
+    assert len(params) == 1
+    return params[0]
+
+
+# -- decoding ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("xml", "expected"), [
+    ("<value><int>42</int></value>", 42),
+    ("<value><i4>-7</i4></value>", -7),
+    ("<value><i8>4294967296</i8></value>", 4294967296),
+    ("<value><boolean>1</boolean></value>", True),
+    ("<value><boolean>0</boolean></value>", False),
+    ("<value><double>0.25</double></value>", 0.25),
+    ("<value><string>a &amp; b</string></value>", "a & b"),
+    ("<value><string/></value>", ""),
+    ("<value><base64>aGVsbG8=</base64></value>", b"hello"),
+    ("<value><nil/></value>", None),
+    ("<value><array><data><value>a</value><value><int>1</int></value></data></array></value>", ["a", 1]),
+    ("<value><array><data></data></array></value>", []),
+    ("<value><struct><member><name>k</name><value>v</value></member></struct></value>", {"k": "v"}),
+    ("<value><struct></struct></value>", {}),
+])
+def test_decode_every_xmlrpc_type(xml: str, expected: Any) -> None:
+    got = one(xml)
+    assert got == expected
+    assert type(got) is type(expected)
+
+
+def test_decode_datetime_keeps_text_verbatim() -> None:
+    assert one("<value><dateTime.iso8601>20250319T04:16:24Z</dateTime.iso8601></value>") == XDateTime(
+        "20250319T04:16:24Z")
+
+
+def test_decode_boolean_is_true_only_for_text_1() -> None:
+    """wire.md 2.1: anything but ``1`` (including ``true``) is false."""
+    assert one("<value><boolean>true</boolean></value>") is False
+    assert one("<value><boolean>1</boolean></value>") is True
+
+
+def test_decode_untyped_text_is_a_string() -> None:
+    assert one("<value>abc</value>") == "abc"
+    assert one("<value>42</value>") == "42"
+
+
+@pytest.mark.parametrize("xml", ["<value/>", "<value></value>"])
+def test_decode_empty_value_is_the_empty_string(xml: str) -> None:
+    """wire.md 2.1: ``<value/>`` and ``<value></value>`` are ``""``."""
+    assert one(xml) == ""
+
+
+def test_decode_what_python_xmlrpc_client_sends() -> None:
+    """wire.md 1.5: the stdlib's requests (with newlines between tags) round-trip."""
+    params = ("OpaqueRef:abc", 5, True, 1.5, ["x", "y"], {"a": {"b": [1, 2]}}, None,
+              xmlrpc.client.DateTime("20250101T00:00:00"))
+    body = xmlrpc.client.dumps(params, "VM.get_record", allow_none=True).encode()
+    name, got = decode_xmlrpc(body)
+    assert name == "VM.get_record"
+    assert got[:7] == list(params[:4]) + [["x", "y"], {"a": {"b": [1, 2]}}, None]
+    assert got[7] == XDateTime("20250101T00:00:00")
+
+
+def test_decode_accepts_xml_declaration_and_whitespace() -> None:
+    body = b'<?xml version="1.0"?>\n<methodCall>\n <methodName> session.logout </methodName>\n <params>\n' \
+           b'  <param>\n   <value><string>r</string></value>\n  </param>\n </params>\n</methodCall>\n'
+    assert decode_xmlrpc(body) == ("session.logout", ["r"])
+
+
+def test_decode_zero_params() -> None:
+    assert decode_xmlrpc(call("")) == ("m", [])
+
+
+@pytest.mark.parametrize("body", [
+    b"<methodCall><methodName>m</methodName></methodCall>",            # params missing (wire.md 2.1)
+    b"<methodCall><params/></methodCall>",                              # methodName missing
+    b"<methodResponse><params/></methodResponse>",                      # wrong root
+    b"<methodCall><methodName>m</methodName><params>",                  # truncated
+    b"not xml at all",
+    b"",
+    b"<methodCall><methodName>m</methodName><params><param/></params></methodCall>",  # param w/o value
+    b"<methodCall><methodName>m</methodName><params><param><value><int>x</int></value></param></params>"
+    b"</methodCall>",
+    b"<methodCall><methodName>m</methodName><params><param><value><double>x</double></value></param>"
+    b"</params></methodCall>",
+    b"<methodCall><methodName>m</methodName><params><param><value><foo>1</foo></value></param></params>"
+    b"</methodCall>",
+    b"<methodCall><methodName>m</methodName><params><param><value><struct><member><name>k</name></member>"
+    b"</struct></value></param></params></methodCall>",
+])
+def test_decode_malformed_requests_are_bad_requests(body: bytes) -> None:
+    with pytest.raises(BadRequest):
+        decode_xmlrpc(body)
+
+
+def test_decode_refuses_entity_expansion_bomb() -> None:
+    bomb = (b'<?xml version="1.0"?><!DOCTYPE lolz [<!ENTITY lol "lol">'
+            b'<!ENTITY lol2 "&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;">'
+            b'<!ENTITY lol3 "&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;">]>'
+            b"<methodCall><methodName>m</methodName><params><param><value>&lol3;</value></param></params>"
+            b"</methodCall>")
+    with pytest.raises(BadRequest):
+        decode_xmlrpc(bomb)
+
+
+def test_decode_refuses_external_entities() -> None:
+    xxe = (b'<?xml version="1.0"?><!DOCTYPE x [<!ENTITY e SYSTEM "file:///etc/passwd">]>'
+           b"<methodCall><methodName>m</methodName><params><param><value>&e;</value></param></params>"
+           b"</methodCall>")
+    with pytest.raises(BadRequest):
+        decode_xmlrpc(xxe)
+
+
+def test_decode_refuses_any_dtd() -> None:
+    body = b'<!DOCTYPE methodCall><methodCall><methodName>m</methodName><params/></methodCall>'
+    with pytest.raises(BadRequest):
+        decode_xmlrpc(body)
+
+
+def nested_arrays(depth: int) -> str:
+    return "<value><array><data>" * depth + "<value>x</value>" + "</data></array></value>" * depth
+
+
+def test_decode_accepts_moderate_nesting() -> None:
+    got = one(nested_arrays(MAX_DEPTH - 2))
+    for _ in range(MAX_DEPTH - 2):
+        assert isinstance(got, list) and len(got) == 1
+        got = got[0]
+    assert got == "x"
+
+
+@pytest.mark.parametrize("depth", [MAX_DEPTH + 1, 10_000])
+def test_decode_refuses_deep_nesting(depth: int) -> None:
+    with pytest.raises(BadRequest):
+        one(nested_arrays(depth))
+
+
+def test_decode_refuses_deeply_nested_structs() -> None:
+    xml = "<value><struct><member><name>k</name>" * 200 + "<value>x</value>" + "</member></struct></value>" * 200
+    with pytest.raises(BadRequest):
+        one(xml)
+
+
+# -- JSON-RPC requests ---------------------------------------------------------------------------
+
+
+def test_jsonrpc_v1_request() -> None:
+    c = decode_jsonrpc(b'{"method": "VM.get_all", "params": ["OpaqueRef:s"], "id": 7}')
+    assert (c.method, c.params, c.id, c.v2) == ("VM.get_all", ["OpaqueRef:s"], 7, False)
+
+
+def test_jsonrpc_v2_params_omitted_or_object() -> None:
+    """wire.md 3: v2 params may be omitted/null; an object is one struct argument."""
+    c = decode_jsonrpc(b'{"jsonrpc": "2.0", "method": "system.listMethods", "id": "a"}')
+    assert (c.params, c.v2, c.id) == ([], True, "a")
+    c = decode_jsonrpc(b'{"jsonrpc": "2.0", "method": "m", "params": {"k": 1}, "id": 1}')
+    assert c.params == [{"k": 1}]
+
+
+@pytest.mark.parametrize("body", [
+    b"{not json",
+    b'{"params": [], "id": 1}',                         # no method
+    b'{"method": "m", "params": []}',                   # no id
+    b'{"method": "m", "params": [], "id": null}',       # null id
+    b'{"method": "m", "id": 1}',                        # v1 needs params
+    b'{"method": "m", "params": "x", "id": 1}',         # params wrong type
+    b'[1, 2]',
+    b"\xff\xfe",
+])
+def test_jsonrpc_malformed_requests_are_bad_requests(body: bytes) -> None:
+    with pytest.raises(BadRequest):
+        decode_jsonrpc(body)
+
+
+# -- encoding ----------------------------------------------------------------------------------
+
+
+def test_ints_are_untyped_digits(enc: Encoder) -> None:
+    """wire.md 2.3: int64 goes out untyped, so XML-RPC clients read a string."""
+    assert enc.xml(4294967296, Type("int")) == "<value>4294967296</value>"
+    assert enc.xml(-1, Type("int")) == "<value>-1</value>"
+
+
+@pytest.mark.parametrize(("x", "text"), [
+    (1.0, "1"), (0.25, "0.25"), (0.1, "0.1"), (1e20, "1e+20"), (1 / 3, "0.3333333333333333"),
+    (float("nan"), "nan"), (float("inf"), "inf"), (float("-inf"), "-inf"), (-2.5, "-2.5"),
+])
+def test_doubles_use_percent_16g(enc: Encoder, x: float, text: str) -> None:
+    assert format_double(x) == text
+    assert enc.xml(x, Type("float")) == f"<value><double>{text}</double></value>"
+
+
+def test_booleans(enc: Encoder) -> None:
+    assert enc.xml(True, Type("bool")) == "<value><boolean>1</boolean></value>"
+    assert enc.xml(False, Type("bool")) == "<value><boolean>0</boolean></value>"
+
+
+def test_datetimes_keep_their_z(enc: Encoder) -> None:
+    assert enc.xml("20250319T04:16:24Z", Type("datetime")) == \
+        "<value><dateTime.iso8601>20250319T04:16:24Z</dateTime.iso8601></value>"
+    value, _ = xmlrpc.client.loads(xml_success(enc.xml("19700101T00:00:00Z", Type("datetime"))).decode())
+    dt = value[0]["Value"]
+    assert isinstance(dt, xmlrpc.client.DateTime) and dt.value == "19700101T00:00:00Z"
+
+
+def test_void_is_the_empty_value(enc: Encoder) -> None:
+    assert enc.xml(None, Type("void")) == "<value></value>"
+
+
+def test_strings_refs_and_enums_are_untyped_and_escaped(enc: Encoder) -> None:
+    assert enc.xml('a<b>&"c"', Type("string")) == "<value>a&lt;b&gt;&amp;&quot;c&quot;</value>"
+    assert enc.xml("OpaqueRef:NULL", parse_type("VM ref")) == "<value>OpaqueRef:NULL</value>"
+    assert enc.xml("Running", parse_type("enum vm_power_state")) == "<value>Running</value>"
+
+
+def test_control_characters_are_dropped_but_tab_lf_cr_and_utf8_kept() -> None:
+    """wire.md 2.3: bytes 0x00-0x1F other than TAB/LF/CR are dropped; UTF-8 passes."""
+    dropped = "".join(chr(c) for c in range(0x20) if c not in (9, 10, 13))
+    assert escape(f"a{dropped}b\t\n\rc é✓") == "ab\t\n\rc é✓"
+
+
+def test_sets_and_maps(enc: Encoder) -> None:
+    assert enc.xml([1, 2], parse_type("int set")) == "<value><array><data><value>1</value><value>2</value>" \
+        "</data></array></value>"
+    assert enc.xml([], parse_type("string set")) == "<value><array><data></data></array></value>"
+    assert enc.xml({}, parse_type("(string -> string) map")) == "<value><struct></struct></value>"
+    assert enc.xml({"a&b": 1}, parse_type("(string -> int) map")) == \
+        "<value><struct><member><name>a&amp;b</name><value>1</value></member></struct></value>"
+
+
+def test_records_are_encoded_by_field_type(enc: Encoder) -> None:
+    rec = {"uuid": "u", "live": True, "memory_total": 17, "last_updated": "20250101T00:00:00Z"}
+    xml = enc.xml(rec, Type("record", name="host_metrics"))
+    assert xml == (
+        "<value><struct><member><name>uuid</name><value>u</value></member>"
+        "<member><name>live</name><value><boolean>1</boolean></value></member>"
+        "<member><name>memory_total</name><value>17</value></member>"
+        "<member><name>last_updated</name><value><dateTime.iso8601>20250101T00:00:00Z</dateTime.iso8601>"
+        "</value></member></struct></value>"
+    )
+
+
+def test_json_encoding_uses_native_numbers(enc: Encoder) -> None:
+    """wire.md 3: ints are JSON integers, floats numbers, datetimes strings."""
+    assert enc.json("12", Type("int")) == 12
+    assert enc.json(1, Type("float")) == 1.0 and isinstance(enc.json(1, Type("float")), float)
+    assert enc.json({"k": 5}, parse_type("(string -> int) map")) == {"k": 5}
+    assert enc.json(None, Type("void")) == ""
+
+
+# -- envelopes ---------------------------------------------------------------------------------
+
+
+def test_success_envelope_is_exactly_xapis_single_line() -> None:
+    """wire.md 2.2, byte for byte."""
+    ref = "OpaqueRef:5b4c0a8e-2a1f-4d0e-9b6e-3f2d7c1a9e10"
+    assert xml_success(f"<value>{ref}</value>") == (
+        '<?xml version="1.0"?><methodResponse><params><param><value><struct><member><name>Status</name>'
+        '<value>Success</value></member><member><name>Value</name><value>OpaqueRef:5b4c0a8e-2a1f-4d0e-9b6e-'
+        '3f2d7c1a9e10</value></member></struct></value></param></params></methodResponse>'
+    ).encode()
+
+
+def test_failure_envelope_is_exactly_xapis_single_line() -> None:
+    """wire.md 2.2, byte for byte."""
+    assert xml_failure(["HANDLE_INVALID", "VM", "OpaqueRef:NULL"]) == (
+        '<?xml version="1.0"?><methodResponse><params><param><value><struct><member><name>Status</name>'
+        '<value>Failure</value></member><member><name>ErrorDescription</name><value><array><data><value>'
+        'HANDLE_INVALID</value><value>VM</value><value>OpaqueRef:NULL</value></data></array></value></member>'
+        '</struct></value></param></params></methodResponse>'
+    ).encode()
+
+
+def test_void_success_reads_as_empty_string_in_python(enc: Encoder) -> None:
+    (value,), _ = xmlrpc.client.loads(xml_success(enc.xml(None, Type("void"))).decode())
+    assert value == {"Status": "Success", "Value": ""}
+
+
+def test_envelopes_never_contain_a_fault_and_parse_in_python() -> None:
+    body = xml_failure(["INTERNAL_ERROR", "<oops> & \x01"]).decode()
+    assert "<fault>" not in body and "\n" not in body
+    (value,), _ = xmlrpc.client.loads(body)
+    assert value == {"Status": "Failure", "ErrorDescription": ["INTERNAL_ERROR", "<oops> & "]}
+
+
+def test_bare_response_is_not_wrapped(enc: Encoder) -> None:
+    """wire.md 2.7: ``system.listMethods`` returns the array itself."""
+    body = xml_bare(enc.xml(["a.b"], parse_type("string set")))
+    (value,), _ = xmlrpc.client.loads(body.decode())
+    assert value == ["a.b"]
+
+
+def test_jsonrpc_v1_and_v2_response_shapes() -> None:
+    """wire.md 3: member order and error forms for both versions."""
+    import json
+
+    v1 = decode_jsonrpc(b'{"method": "m", "params": [], "id": 3}')
+    v2 = decode_jsonrpc(b'{"jsonrpc": "2.0", "method": "m", "params": [], "id": "x"}')
+    ok1 = json.loads(json_success(v1, "r"))
+    assert list(ok1.items()) == [("result", "r"), ("error", None), ("id", 3)]
+    bad1 = json.loads(json_failure(v1, ["CODE", "p1"]))
+    assert list(bad1.items()) == [("result", None), ("error", ["CODE", "p1"]), ("id", 3)]
+    ok2 = json.loads(json_success(v2, 5))
+    assert list(ok2.items()) == [("jsonrpc", "2.0"), ("result", 5), ("id", "x")]
+    bad2 = json.loads(json_failure(v2, ["CODE", "p1", "p2"]))
+    assert list(bad2.items()) == [
+        ("jsonrpc", "2.0"), ("error", {"code": 1, "message": "CODE", "data": ["p1", "p2"]}), ("id", "x")]

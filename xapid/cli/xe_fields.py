@@ -1,0 +1,244 @@
+"""The CLI's view of the datamodel: xe class and field names, tags and write methods.
+
+Everything here is derived from :func:`xapid.schema.load`: a CLI class per
+API class that has ``get_all`` (name lowercased, ``_`` → ``-``), a CLI field
+per published field (name with ``_`` → ``-``), with the wire methods that
+write it worked out exactly as the daemon's dispatcher derives them.  The
+only hand-written parts are data: xe's default ``-list`` columns and
+filters (wire.md 8.3), xe's derived fields (``host-uuid`` on pbd, ...) and
+the few fields xe renders specially.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from xapid.schema import NULL_REF, ClassDef, Schema, Type
+
+Record = dict[str, Any]
+
+
+class Records(Protocol):
+    """Read access to the server's objects, as derived fields need it."""
+
+    def record(self, cls: str, ref: str) -> Record | None:
+        """The record of ``ref`` in ``cls``, or None when it does not exist (or ``cls`` is not served)."""
+        ...
+
+    def records(self, cls: str) -> Mapping[str, Record]:
+        """Every record of ``cls`` keyed by ref (empty when the class is not served)."""
+        ...
+
+
+Compute = Callable[[str, Record, "Records"], str]
+
+
+@dataclass(frozen=True)
+class CliField:
+    """One field as xe shows it.
+
+    ``api`` is the record member it reads (None for a computed field);
+    ``compute(ref, record, db)`` returns the display string of a computed field; the method
+    names are the wire methods that write it (None when there is none).
+    """
+
+    name: str
+    type: Type
+    api: str | None = None
+    deprecated: bool = False
+    setter: str | None = None
+    map_add: str | None = None
+    map_remove: str | None = None
+    set_add: str | None = None
+    set_remove: str | None = None
+    join: str = "; "
+    compute: Compute | None = None
+
+    @property
+    def kind(self) -> str:
+        return self.type.kind
+
+    @property
+    def writable(self) -> bool:
+        """Whether any write method exists (the ``W`` of the tag)."""
+        return any((self.setter, self.map_add, self.map_remove, self.set_add, self.set_remove))
+
+    @property
+    def tag(self) -> str:
+        """xe's access tag: `` RO``/`` RW`` for scalars, ``MRO``/``MRW`` maps, ``SRO``/``SRW`` sets."""
+        prefix = {"map": "M", "set": "S"}.get(self.kind, " ")
+        return f"{prefix}{'RW' if self.writable else 'RO'}"
+
+    @property
+    def label(self) -> str:
+        """``name (tag)`` plus `` [DEPRECATED]`` for deprecated fields."""
+        return f"{self.name} ({self.tag})" + (" [DEPRECATED]" if self.deprecated else "")
+
+
+@dataclass
+class CliClass:
+    """An xe object class (``vm``, ``sr``, ... or a filtered view such as ``template``)."""
+
+    name: str
+    api: str
+    fields: list[CliField]
+    default_columns: tuple[str, ...] = ()
+    default_filter: dict[str, str] = field(default_factory=dict)
+    _by_name: dict[str, CliField] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self._by_name = {f.name: f for f in self.fields}
+
+    def field(self, name: str) -> CliField | None:
+        """The field called ``name`` in xe's spelling, or None."""
+        return self._by_name.get(name)
+
+    @property
+    def has_name_label(self) -> bool:
+        return "name-label" in self._by_name
+
+
+def cli_name(api_name: str) -> str:
+    """xe's spelling of an API class or field name."""
+    return api_name.replace("_", "-")
+
+
+# -- data: what xe adds to or changes in the plain schema view -------------------------------------
+
+# Default columns of ``<class>-list`` (wire.md 8.3), by CLI class name.
+DEFAULT_COLUMNS: dict[str, tuple[str, ...]] = {
+    "pool": ("uuid", "name-label", "name-description", "master", "default-SR"),
+    "host": ("uuid", "name-label", "name-description"),
+    "vm": ("name-label", "uuid", "power-state"),
+    "template": ("name-label", "name-description", "uuid"),
+    "snapshot": ("uuid", "name-label", "name-description"),
+    "sr": ("uuid", "name-label", "name-description", "host", "type", "content-type"),
+    "sm": ("uuid", "type", "name-label", "name-description", "vendor", "copyright", "configuration"),
+    "pbd": ("uuid", "host-uuid", "sr-uuid", "device-config", "currently-attached"),
+    "vdi": ("uuid", "name-label", "name-description", "virtual-size", "read-only", "sharable", "sr-uuid"),
+    "vbd": ("uuid", "vm-uuid", "vm-name-label", "vdi-uuid", "device", "empty"),
+    "network": ("uuid", "name-label", "name-description", "bridge"),
+    "pif": ("uuid", "device", "VLAN", "MAC", "network-uuid", "currently-attached", "host-uuid"),
+    "vif": ("uuid", "device", "vm-uuid", "network-uuid"),
+    "task": ("uuid", "name-label", "name-description", "status", "progress"),
+    "message": ("uuid", "name", "priority", "cls", "obj-uuid", "timestamp", "body"),
+}
+
+# Filtered views of one API class: CLI name -> (API class, default filter).
+VIEWS: dict[str, tuple[str, dict[str, str]]] = {
+    "vm": ("VM", {"is-a-template": "false"}),
+    "template": ("VM", {"is-a-template": "true", "is-a-snapshot": "false"}),
+    "snapshot": ("VM", {"is-a-snapshot": "true"}),
+}
+
+# Fields xe derives from a ref field: API class -> (CLI name, ref field, member of the target).
+DERIVED: dict[str, tuple[tuple[str, str, str], ...]] = {
+    "PBD": (("host-uuid", "host", "uuid"), ("sr-uuid", "SR", "uuid")),
+    "VDI": (("sr-uuid", "SR", "uuid"),),
+    "VBD": (("vm-uuid", "VM", "uuid"), ("vm-name-label", "VM", "name_label"), ("vdi-uuid", "VDI", "uuid")),
+    "PIF": (("network-uuid", "network", "uuid"), ("host-uuid", "host", "uuid")),
+    "VIF": (("vm-uuid", "VM", "uuid"), ("network-uuid", "network", "uuid")),
+}
+
+# String fields that hold refs of another class (xe prints the target's uuid).
+REF_STRINGS: dict[tuple[str, str], str] = {
+    ("pool", "ha_statefiles"): "VDI",
+    ("host", "ha_statefiles"): "VDI",
+}
+
+# Sets xe joins with something other than "; ".
+JOINS: dict[tuple[str, str], str] = {
+    ("SM", "required_cluster_stack"): ",",
+}
+
+NOT_IN_DATABASE = "<not in database>"
+
+
+def _through(ref_field: str, target_cls: str, member: str) -> Compute:
+    def compute(_ref: str, rec: Record, db: Records) -> str:
+        ref = rec.get(ref_field, NULL_REF)
+        target = db.record(target_cls, ref) if ref != NULL_REF else None
+        return NOT_IN_DATABASE if target is None else str(target.get(member, ""))
+
+    return compute
+
+
+def _sr_host(ref: str, rec: Record, db: Records) -> str:
+    """xe's ``host`` column of sr-list: ``<shared>``, or the name of the one host that has a PBD."""
+    if rec.get("shared"):
+        return "<shared>"
+    hosts = [p["host"] for p in db.records("PBD").values() if p.get("SR") == ref]
+    host = db.record("host", hosts[0]) if len(hosts) == 1 else None
+    return NOT_IN_DATABASE if host is None else str(host.get("name_label", ""))
+
+
+# Computed fields with no ref field to derive from: API class -> (CLI name, compute, insert after).
+COMPUTED: dict[str, tuple[tuple[str, Compute, str], ...]] = {
+    "SR": (("host", _sr_host, "name_description"),),
+}
+
+
+def _wire_methods(c: ClassDef, name: str, ty: Type, qualifier: str, removed: bool,
+                  derived: bool) -> dict[str, str | None]:
+    """The write methods of one field, derived as the daemon's dispatcher derives them."""
+    writable = qualifier == "RW" and not derived and not removed
+    explicit = c.messages
+
+    def method(msg: str, exists: bool) -> str | None:
+        return f"{c.name}.{msg}" if exists else None
+
+    out: dict[str, str | None] = {"setter": method(f"set_{name}", writable or f"set_{name}" in explicit)}
+    if ty.kind == "map":
+        has = writable or f"add_to_{name}" in explicit
+        out["map_add"] = method(f"add_to_{name}", has)
+        out["map_remove"] = method(f"remove_from_{name}", has or f"remove_from_{name}" in explicit)
+    if ty.kind == "set":
+        generic = writable and ty.elem is not None and ty.elem.kind != "ref"
+        out["set_add"] = method(f"add_{name}", generic or f"add_{name}" in explicit)
+        out["set_remove"] = method(f"remove_{name}", generic or f"remove_{name}" in explicit)
+    return out
+
+
+def class_fields(c: ClassDef) -> list[CliField]:
+    """Every field xe shows for API class ``c``, in record order, derived fields after their source."""
+    derived: dict[str, list[CliField]] = {src: [] for _n, src, _m in DERIVED.get(c.name, ())}
+    for cli, src, member in DERIVED.get(c.name, ()):
+        target = c.fields[src].type.name
+        derived[src].append(CliField(cli, Type("string"), compute=_through(src, target, member)))
+    computed: dict[str, list[CliField]] = {}
+    for cli, fn, after in COMPUTED.get(c.name, ()):
+        computed.setdefault(after, []).append(CliField(cli, Type("string"), compute=fn))
+    out: list[CliField] = []
+    for f in c.fields.values():
+        if f.removed:
+            continue
+        ty = f.type
+        if (c.name, f.name) in REF_STRINGS:
+            target = Type("ref", name=REF_STRINGS[(c.name, f.name)])
+            ty = Type("set", elem=target) if ty.kind == "set" else target
+        methods = _wire_methods(c, f.name, f.type, f.qualifier, f.removed, f.derived_from is not None)
+        out.append(CliField(
+            name=cli_name(f.name), type=ty, api=f.name, deprecated=f.deprecated,
+            join=JOINS.get((c.name, f.name), "; "), **methods,
+        ))
+        out.extend(derived.get(f.name, ()))
+        out.extend(computed.get(f.name, ()))
+    return out
+
+
+def build(schema: Schema) -> dict[str, CliClass]:
+    """Every xe class of the schema keyed by CLI name, views (``template``, ...) included."""
+    out: dict[str, CliClass] = {}
+    for c in schema.classes.values():
+        if not c.get_all or "uuid" not in c.fields:
+            continue
+        name = cli_name(c.name).lower()
+        fields = class_fields(c)
+        out[name] = CliClass(name, c.name, fields, DEFAULT_COLUMNS.get(name, ()))
+    for name, (api, default_filter) in VIEWS.items():
+        if api in schema.classes:
+            fields = out[api.lower()].fields if api.lower() in out else class_fields(schema.classes[api])
+            out[name] = CliClass(name, api, fields, DEFAULT_COLUMNS.get(name, ()), dict(default_filter))
+    return out
