@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from typing import Any
 from xml.etree.ElementTree import Element
 
-from defusedxml import ElementTree as SafeET
 from defusedxml import DefusedXmlException
+from defusedxml import ElementTree as SafeET
 
 from xapid.schema import Schema, Type
 

@@ -294,20 +294,20 @@ def test_success_envelope_is_exactly_xapis_single_line() -> None:
     """wire.md 2.2, byte for byte."""
     ref = "OpaqueRef:5b4c0a8e-2a1f-4d0e-9b6e-3f2d7c1a9e10"
     assert xml_success(f"<value>{ref}</value>") == (
-        '<?xml version="1.0"?><methodResponse><params><param><value><struct><member><name>Status</name>'
-        '<value>Success</value></member><member><name>Value</name><value>OpaqueRef:5b4c0a8e-2a1f-4d0e-9b6e-'
-        '3f2d7c1a9e10</value></member></struct></value></param></params></methodResponse>'
-    ).encode()
+        b'<?xml version="1.0"?><methodResponse><params><param><value><struct><member><name>Status</name>'
+        b'<value>Success</value></member><member><name>Value</name><value>OpaqueRef:5b4c0a8e-2a1f-4d0e-9b6e-'
+        b'3f2d7c1a9e10</value></member></struct></value></param></params></methodResponse>'
+    )
 
 
 def test_failure_envelope_is_exactly_xapis_single_line() -> None:
     """wire.md 2.2, byte for byte."""
     assert xml_failure(["HANDLE_INVALID", "VM", "OpaqueRef:NULL"]) == (
-        '<?xml version="1.0"?><methodResponse><params><param><value><struct><member><name>Status</name>'
-        '<value>Failure</value></member><member><name>ErrorDescription</name><value><array><data><value>'
-        'HANDLE_INVALID</value><value>VM</value><value>OpaqueRef:NULL</value></data></array></value></member>'
-        '</struct></value></param></params></methodResponse>'
-    ).encode()
+        b'<?xml version="1.0"?><methodResponse><params><param><value><struct><member><name>Status</name>'
+        b'<value>Failure</value></member><member><name>ErrorDescription</name><value><array><data><value>'
+        b'HANDLE_INVALID</value><value>VM</value><value>OpaqueRef:NULL</value></data></array></value></member>'
+        b'</struct></value></param></params></methodResponse>'
+    )
 
 
 def test_void_success_reads_as_empty_string_in_python(enc: Encoder) -> None:

@@ -17,6 +17,8 @@ from typing import Any, Protocol
 
 from xapid.schema import NULL_REF, ClassDef, Schema, Type
 
+from .xe_output import NOT_IN_DATABASE
+
 Record = dict[str, Any]
 
 
@@ -32,7 +34,7 @@ class Records(Protocol):
         ...
 
 
-Compute = Callable[[str, Record, "Records"], str]
+Compute = Callable[[str, Record, Records], str]
 
 
 @dataclass(frozen=True)
@@ -152,9 +154,6 @@ REF_STRINGS: dict[tuple[str, str], str] = {
 JOINS: dict[tuple[str, str], str] = {
     ("SM", "required_cluster_stack"): ",",
 }
-
-NOT_IN_DATABASE = "<not in database>"
-
 
 def _through(ref_field: str, target_cls: str, member: str) -> Compute:
     def compute(_ref: str, rec: Record, db: Records) -> str:

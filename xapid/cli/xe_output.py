@@ -7,6 +7,7 @@ and error parameters.
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -113,8 +114,6 @@ def help_text(name: str, required: Sequence[str], optional: Sequence[str], descr
 
 def usage_text(commands: Iterable[str]) -> str:
     """``xe help``/``xe --help``: the usage line then every command, comma-separated, wrapped."""
-    import textwrap
-
     head = (
         "Usage: xe <cmd> [-s server] [-p port] ([-u username] [-pw password] or [-pwf <password file>])"
         " [--nossl] <other arguments>\n\n"

@@ -76,7 +76,9 @@ def heartbeat_pid(xapid: Xapid, host_uuid: str) -> int | None:
     p = host_dir(xapid, host_uuid) / "xhad.pid"
     try:
         pid = int(p.read_text().strip())
-        os.kill(pid, 0)
+        # A killed process may linger as a zombie here (PID 1 does not reap); its cmdline is empty.
+        if not Path(f"/proc/{pid}/cmdline").read_bytes():
+            return None
         return pid
     except (OSError, ValueError):
         return None
