@@ -265,6 +265,21 @@ def main() -> None:
             "generic_roles": generic_roles,
         }
         (out_dir / "classes" / f"{name}.json").write_text(json.dumps(doc, indent=1) + "\n")
+    # event is not a database class: explicit messages only, no record methods (wire.md 6).
+    event = next(c for c in xenapi if c["name"] == "event")
+    results = {"from": "any", "next": "any", "inject": "string", "get_current_id": "int",
+               "register": "void", "unregister": "void"}
+    (out_dir / "classes" / "event.json").write_text(json.dumps({
+        "name": "event", "persist": False, "get_all": False, "constructor": False, "in_db": False,
+        "fields": [],
+        "messages": [
+            {"name": m["name"],
+             "params": [{"name": p["name"], "type": p["type"]} for p in m["params"] if p["name"] != "session_id"],
+             "result": results[m["name"]], "session": True, "async": False, "roles": list(m["roles"])}
+            for m in event["messages"]
+        ],
+        "generic_roles": {},
+    }, indent=1) + "\n")
     enums = {e: model["enums"][e] for e in sorted(used_enums) if e in model["enums"]}
     (out_dir / "enums.json").write_text(json.dumps(enums, indent=1) + "\n")
     print(f"wrote {len(CLASSES)} classes and {len(enums)} enums to {out_dir}")

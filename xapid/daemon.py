@@ -12,6 +12,7 @@ from xapid import schema as schema_mod
 from xapid.auth import Sessions, Users
 from xapid.config import Config, validate_runtime
 from xapid.dispatch import Dispatcher
+from xapid.events import Events
 from xapid.ha.manager import HaManager
 from xapid.seed import seed
 from xapid.storage import Disks, load_descriptors, sync_sm_table
@@ -48,6 +49,7 @@ class Daemon:
             self._create_root()
         self.sessions = Sessions(self.store, self.users, config["session-idle-timeout"],
                                  config["login-failure-delay"], self.master_ref)
+        self.events = Events(self.store, self.sessions)
         self.tasks = Tasks(self)
         self.dispatcher = Dispatcher(self)
         self.ha = HaManager(self)

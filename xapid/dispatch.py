@@ -198,7 +198,8 @@ class Dispatcher:
 
     def _build(self, handlers: dict[str, Callable[..., Any]]) -> None:
         for cdef in self.schema.classes.values():
-            self._generic(cdef)
+            if cdef.in_db:
+                self._generic(cdef)
             for msg in cdef.messages.values():
                 name = f"{cdef.name}.{msg.name}"
                 existing = self.table.get(name)
@@ -278,7 +279,7 @@ class Dispatcher:
 
     # -- dispatch ------------------------------------------------------------------------------------
 
-    def dispatch(self, name: str, params: list[Any], transport: str = "xml") -> Reply:
+    def dispatch(self, name: str, params: list[Any], local: bool = False) -> Reply:
         """Run one call through xapi's check order; raise :class:`ApiError` on refusal."""
         for p in params:
             if not valid_utf8(p):
@@ -324,7 +325,7 @@ class Dispatcher:
             raise ApiError("MESSAGE_REMOVED")
         if is_async and not method.is_async:
             raise ApiError("Fault", f"No async mode for this operation (rpc: {method.name})")
-        call = Call(self.daemon, base, session)
+        call = Call(self.daemon, base, session, local=local)
         if is_async:
             task = self.daemon.tasks.start(call, method, values, name)
             return Reply(task, Type("ref", name="task"))

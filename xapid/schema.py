@@ -86,6 +86,8 @@ def parse_type(text: str) -> Type:
         return Type("enum", name=t[5:].strip())
     if t in SCALARS:
         return Type(t)
+    if t == "any":
+        return Type("any")  # dynamically typed results (event.from): encoded from the Python value
     if t in ("void", "SecretString"):
         return Type("string") if t == "SecretString" else Type("void")
     # Types the emulator does not model precisely travel as strings.
@@ -150,6 +152,7 @@ class ClassDef:
     fields: dict[str, Field]
     messages: dict[str, Message]
     generic_roles: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    in_db: bool = True  # false for event: no record methods
 
     @property
     def has_name_label(self) -> bool:
@@ -232,6 +235,7 @@ def load(directory: Path | None = None) -> Schema:
             name=doc["name"], persist=doc["persist"], get_all=doc["get_all"], constructor=doc["constructor"],
             fields=fields, messages=messages,
             generic_roles={k: tuple(v) for k, v in doc.get("generic_roles", {}).items()},
+            in_db=doc.get("in_db", True),
         )
     # Relations whose source class is not modelled stay plain (always empty) sets.
     for c in classes.values():

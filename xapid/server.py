@@ -8,10 +8,13 @@ get xapi's HTTP 500; bodies over the size cap get 413.
 
 from __future__ import annotations
 
+import os
+import socketserver
 import ssl
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -45,7 +48,7 @@ class Handler(BaseHTTPRequestHandler):
     disable_nagle_algorithm = True
     server_version = "xapid"
     sys_version = ""
-    server: XapiServer
+    server: ApiServer
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
         pass  # one structured line per call is logged instead
@@ -129,16 +132,18 @@ class Handler(BaseHTTPRequestHandler):
         self._send(200, out, "application/json")
 
 
-class XapiServer(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 128
+class UnixHandler(Handler):
+    disable_nagle_algorithm = False  # not a TCP socket
 
-    def __init__(self, address: tuple[str, int], daemon: Daemon, tls: ssl.SSLContext | None = None) -> None:
-        super().__init__(address, Handler)
+
+class ApiServer:
+    """What the TCP and Unix-socket servers share: the daemon, the call boundary, draining."""
+
+    daemon: Daemon
+    local = False
+
+    def _setup(self, daemon: Daemon) -> None:
         self.daemon = daemon
-        if tls is not None:
-            self.socket = tls.wrap_socket(self.socket, server_side=True)
         self._inflight = 0
         self._cv = threading.Condition()
 
@@ -149,7 +154,7 @@ class XapiServer(ThreadingHTTPServer):
             self._inflight += 1
         session = params[0] if params and isinstance(params[0], str) and params[0].startswith("OpaqueRef:") else None
         try:
-            reply = self.daemon.dispatcher.dispatch(method, params)
+            reply = self.daemon.dispatcher.dispatch(method, params, local=self.local)
             result: tuple[Reply | None, list[str] | None] = (reply, None)
             code = "Success"
         except ApiError as e:
@@ -175,3 +180,45 @@ class XapiServer(ThreadingHTTPServer):
         with self._cv:
             while self._inflight and time.monotonic() < deadline:
                 self._cv.wait(deadline - time.monotonic())
+
+
+class XapiServer(ApiServer, ThreadingHTTPServer):
+    """HTTP (or HTTPS with ``tls``) on a TCP address."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 128
+
+    def __init__(self, address: tuple[str, int], daemon: Daemon, tls: ssl.SSLContext | None = None) -> None:
+        super().__init__(address, Handler)
+        self._setup(daemon)
+        if tls is not None:
+            self.socket = tls.wrap_socket(self.socket, server_side=True)
+
+
+class UnixXapiServer(ApiServer, socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    """The local socket (xapi's ``/var/lib/xcp/xapi``): same protocol, pre-authenticated root.
+
+    The socket is created owner-only (0600) because whoever can connect is root.
+    """
+
+    daemon_threads = True
+    local = True
+
+    def __init__(self, path: Path, daemon: Daemon) -> None:
+        if path.exists() or path.is_symlink():
+            path.unlink()
+        old = os.umask(0o177)
+        try:
+            super().__init__(str(path), UnixHandler)
+        finally:
+            os.umask(old)
+        self._setup(daemon)
+        self.path = path
+
+    def server_close(self) -> None:
+        super().server_close()
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass

@@ -19,7 +19,7 @@ import sqlite3
 import threading
 import uuid as uuidlib
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ from xapid.errors import ApiError, internal
 from xapid.schema import NULL_REF, Schema
 
 Record = dict[str, Any]
+Change = tuple[str, str, str, Record | None, Record | None]
 
 FORMAT_VERSION = 1
 
@@ -58,6 +59,9 @@ class Store:
         for _cls, _field, src_cls, src_field in schema.relations():
             self._inverse[(src_cls, src_field)] = defaultdict(set)
         self.generation = 0
+        # Called under the store lock after every commit with (generation, changes), each change
+        # being (cls, ref, op, old, new) with op "add", "mod" or "del"; the event system subscribes here.
+        self.listeners: list[Callable[[int, list[Change]], None]] = []
         self._db: sqlite3.Connection | None = None
         if path is not None:
             self._open(path)
@@ -160,6 +164,16 @@ class Store:
     def referrers(self, src_cls: str, src_field: str, target: str) -> list[str]:
         with self.lock:
             return sorted(self._inverse[(src_cls, src_field)].get(target, ()))
+
+    def touch(self, cls: str, ref: str) -> int:
+        """Record a modification of ``ref`` without changing it (``event.inject``); return the prior generation."""
+        with self.lock:
+            before = self.generation
+            self.generation += 1
+            for listener in self.listeners:
+                rec = self._tables[cls].get(ref)
+                listener(self.generation, [(cls, ref, "mod", rec, rec)])
+            return before
 
     def class_of(self, ref: str) -> str | None:
         for name, table in self._tables.items():
@@ -314,6 +328,11 @@ class Transaction:
         if not changed:
             return
         self.store._write(changed)
+        ops: list[Change] = []
         for (cls, ref), new in changed.items():
-            self.store._install(cls, ref, self.store.get(cls, ref), new)
+            old = self.store.get(cls, ref)
+            ops.append((cls, ref, "del" if new is None else "add" if old is None else "mod", old, new))
+            self.store._install(cls, ref, old, new)
         self.store.generation += 1
+        for listener in self.store.listeners:
+            listener(self.store.generation, ops)

@@ -38,6 +38,21 @@ class XDateTime:
     value: str
 
 
+@dataclass(frozen=True)
+class I4:
+    """An int xapi sends typed (``<i4>``): only ``event.from``'s ``valid_ref_counts``."""
+
+    value: int
+
+
+@dataclass(frozen=True)
+class Typed:
+    """A value inside a dynamically typed result that must be encoded by its declared type."""
+
+    value: Any
+    type: Type
+
+
 # -- decoding ----------------------------------------------------------------------------------
 
 
@@ -220,7 +235,11 @@ class Encoder:
             self._dyn(value, out)
 
     def _dyn(self, value: Any, out: list[str]) -> None:
-        if isinstance(value, bool):
+        if isinstance(value, Typed):
+            self._xml(value.value, value.type, out)
+        elif isinstance(value, I4):
+            out.append(f"<value><i4>{value.value}</i4></value>")
+        elif isinstance(value, bool):
             out.append(f"<value><boolean>{1 if value else 0}</boolean></value>")
         elif isinstance(value, int):
             out.append(f"<value>{value}</value>")
@@ -263,6 +282,14 @@ class Encoder:
         if kind == "record":
             fields = self.schema.classes[ty.name].fields
             return {k: self.json(v, fields[k].type if k in fields else None) for k, v in value.items()}
+        if isinstance(value, Typed):
+            return self.json(value.value, value.type)
+        if isinstance(value, I4):
+            return value.value
+        if isinstance(value, dict):
+            return {_key(k): self.json(v, None) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [self.json(v, None) for v in value]
         return value
 
 

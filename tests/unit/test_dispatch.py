@@ -58,7 +58,7 @@ def table(schema: Schema) -> Dispatcher:
     (["1", 2], "int set", [1, 2]),
     ({"k": "v"}, "(string -> string) map", {"k": "v"}),
     ({"k": "7"}, "(string -> int) map", {"k": 7}),
-    ({"start": "x"}, "(enum vm_operations -> string) map", {"start": "x"}),
+    ({"k": "running"}, "(string -> enum vm_power_state) map", {"k": "Running"}),
 ])
 def test_accepted(coerce: Coercer, value: Any, ty: str, expected: Any) -> None:
     got = coerce(value, parse_type(ty))
@@ -112,6 +112,13 @@ def test_bad_enum_is_an_unhandled_variant(coerce: Coercer) -> None:
     assert "Unhandled pattern when unmarshalling variant type" in e.value.params[0]
 
 
+@pytest.mark.xfail(strict=True, reason="schema/enums.json leaves vm_operations, task_allowed_operations and "
+                   "image_format_type empty (tools/gen_schema.py), so e.g. VM.add_to_blocked_operations "
+                   "rejects every key")
+def test_every_enum_the_schema_uses_has_values(schema: Schema) -> None:
+    assert [name for name, values in schema.enums.items() if not values] == []
+
+
 def test_rpc_repr_of_nested_values() -> None:
     assert rpc_repr([1, "a", [True], {"k": 0.5}, None]) == "[I(1), S(a), [B(true)], {k: F(0.5)}, N]"
 
@@ -163,6 +170,9 @@ def test_map_and_set_field_families(table: Dispatcher, schema: Schema) -> None:
 def test_generic_object_messages_follow_the_class_flags(table: Dispatcher, schema: Schema) -> None:
     for cdef in schema.classes.values():
         n = cdef.name
+        if not cdef.in_db:  # event: explicit messages only (wire.md 6)
+            assert table.resolve(f"{n}.get_record") is None
+            continue
         assert table.resolve(f"{n}.get_record") is not None
         assert table.resolve(f"{n}.get_by_uuid") is not None
         assert (table.resolve(f"{n}.get_by_name_label") is not None) == cdef.has_name_label, n

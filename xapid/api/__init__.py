@@ -42,6 +42,7 @@ class Call:
     method: str
     session: str | None = None
     task: str | None = None
+    local: bool = False  # arrived on the Unix socket: pre-authenticated as root (wire.md 1.3)
 
     @property
     def store(self) -> Store:
@@ -50,6 +51,6 @@ class Call:
 
 def load_all() -> dict[str, Handler]:
     """Import every behaviour module so their handlers register; return the table."""
-    from xapid.api import host, pbd, pool, session, sr, task, vdi, vm  # noqa: F401
+    from xapid.api import event, host, pbd, pool, session, sr, task, vdi, vm  # noqa: F401
 
     return HANDLERS

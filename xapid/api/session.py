@@ -8,7 +8,7 @@ from xapid.errors import ApiError
 
 @handler("session.login_with_password")
 def login_with_password(call: Call, uname: str, pwd: str, version: str, originator: str) -> str:
-    return call.daemon.sessions.login(uname, pwd, originator)
+    return call.daemon.sessions.login(uname, pwd, originator, local=call.local)
 
 
 @handler("session.logout", "session.local_logout")

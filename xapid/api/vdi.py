@@ -7,6 +7,7 @@ from typing import Any
 from xapid import generic
 from xapid.api import Call, handler
 from xapid.errors import ApiError
+from xapid.schema import NULL_REF
 from xapid.store import Transaction
 
 
@@ -48,11 +49,18 @@ def destroy(call: Call, self: str) -> None:
         assert pool is not None
         if pool["ha_enabled"] and (self in pool["ha_statefiles"] or rec["type"] in ("redo_log", "ha_statefile")):
             raise ApiError("HA_IS_ENABLED")
-        for vbd in tx.referrers("VBD", "VDI", self):
+        vbds = tx.referrers("VBD", "VDI", self)
+        for vbd in vbds:
             if tx.get("VBD", vbd)["currently_attached"]:
                 raise ApiError("VDI_IN_USE", self, "destroy")
         sr_uuid = tx.get("SR", rec["SR"])["uuid"]
         tx.delete("VDI", self)
+        # As xapi: the VDI's VBDs go at once, and a VM suspended onto it forgets it.
+        for vbd in vbds:
+            tx.delete("VBD", vbd)
+        for vm, vm_rec in tx.items("VM"):
+            if vm_rec["suspend_VDI"] == self:
+                tx.update("VM", vm, suspend_VDI=NULL_REF)
         account(tx, rec["SR"])
     call.daemon.disks.remove_vdi(sr_uuid, rec["uuid"])
 

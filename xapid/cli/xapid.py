@@ -29,7 +29,7 @@ def parse_listen(text: str) -> tuple[str, int]:
 
 def serve(args: argparse.Namespace) -> int:
     from xapid.daemon import Daemon
-    from xapid.server import XapiServer
+    from xapid.server import UnixXapiServer, XapiServer
 
     try:
         cfg = config_mod.load(Path(args.config) if args.config else None)
@@ -69,14 +69,27 @@ def serve(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="http")
-    thread.start()
+    servers: list[XapiServer | UnixXapiServer] = [server]
+    unix_path = Path(args.unix) if args.unix is not None else daemon.state_dir / "xapi.sock"
+    if args.unix != "":
+        try:
+            servers.append(UnixXapiServer(unix_path, daemon))
+            log.info("serving the local socket (pre-authenticated root)", path=str(unix_path))
+        except OSError as e:
+            log.warning("cannot serve the local socket", path=str(unix_path), error=str(e))
+    threads = [threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.2}, name=f"serve-{i}")
+               for i, srv in enumerate(servers)]
+    for t in threads:
+        t.start()
     stop.wait()
     log.info("stopping")
-    server.shutdown()
-    thread.join()
-    server.drain(30.0)
-    server.server_close()
+    for srv in servers:
+        srv.shutdown()
+    for t in threads:
+        t.join()
+    for srv in servers:
+        srv.drain(30.0)
+        srv.server_close()
     daemon.stop()
     try:
         url_file.unlink()
@@ -113,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--state-dir", default="./var", help="state folder (default ./var)")
     s.add_argument("--listen", type=parse_listen, default=("127.0.0.1", 8080), help="HOST:PORT (port 0 = any)")
     s.add_argument("--hosts", type=int, default=3, help="hosts in the seeded pool (first start only)")
+    s.add_argument("--unix", default=None,
+                   help="local socket path, pre-authenticated as root (default <state-dir>/xapi.sock; '' = none)")
     s.add_argument("--tls-cert", help="serve HTTPS with this certificate (PEM)")
     s.add_argument("--tls-key", help="private key for --tls-cert")
     s.add_argument("--log-level", default="info")

@@ -139,4 +139,4 @@ def test_enable_ha_parameter_count(api: object) -> None:
     """Two or three parameters after the session; anything else is a count mismatch."""
     with pytest.raises(XenAPI.Failure) as e:
         api.pool.enable_ha([])  # type: ignore[attr-defined]
-    assert details(e) == ["MESSAGE_PARAMETER_COUNT_MISMATCH", "pool.enable_ha", "3", "1"]
+    assert details(e) == ["MESSAGE_PARAMETER_COUNT_MISMATCH", "pool.enable_ha", "2", "1"]

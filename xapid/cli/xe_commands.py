@@ -1,0 +1,648 @@
+"""The xe commands: per-class commands generated from the schema, plus the named ones.
+
+:func:`registry` returns every command by name.  A command is a
+:class:`Command` whose ``run(ctx, args)`` talks to the server through
+``ctx.rpc`` (the session is added by the connection) and writes to
+``ctx.out``.  Failures are raised, never printed: the server's as
+:class:`~xapid.cli.xe_errors.ApiFailure`, the client's own as
+:class:`~xapid.cli.xe_errors.XeError`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol, TextIO
+
+from xapid.schema import NULL_REF, Schema, Type
+
+from . import xe_output as output
+from .xe_errors import ApiFailure, ConnectFailure, XeError, failwith, usage_error
+from .xe_fields import CliClass, CliField, Record
+
+DANGEROUS = ("This operation is extremely dangerous and may cause data loss. "
+             "This operation must be forced (use --force).")
+
+
+class Rpc(Protocol):
+    """A logged-in connection: ``call`` prepends the session and unwraps the envelope."""
+
+    def call(self, method: str, *args: Any) -> Any:
+        """The ``Value`` of a successful call; raises ApiFailure or ConnectFailure."""
+        ...
+
+
+# -- arguments -------------------------------------------------------------------------------------
+
+TRUE_WORDS = ("true", "t", "yes", "y", "1", "on")
+FALSE_WORDS = ("false", "f", "no", "n", "0", "off")
+
+
+def parse_bool(text: str) -> bool:
+    """xe's boolean spelling (``true``/``yes``/``1``/``on`` and their negations, any case)."""
+    low = text.strip().lower()
+    if low in TRUE_WORDS:
+        return True
+    if low in FALSE_WORDS:
+        return False
+    raise XeError(f"Expected 'true','t','yes','y','1','false','f','no','n','0' got {text}")
+
+
+_SIZE = re.compile(r"^\s*(\d+)\s*(kib|mib|gib|tib|k|m|g|t|b)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+
+
+def parse_size(text: str) -> int:
+    """Bytes from ``<n>`` with an optional binary suffix (``KiB``..``TiB`` or ``K``..``T``)."""
+    m = _SIZE.match(text)
+    if not m:
+        raise failwith(f"Failed to parse size: {text}")
+    return int(m.group(1)) * _UNITS[(m.group(2) or "")[:1].lower()]
+
+
+@dataclass
+class Args:
+    """A command's ``key=value`` arguments in the order given (``--x`` already became ``x=true``)."""
+
+    pairs: list[tuple[str, str]]
+
+    @classmethod
+    def parse(cls, tokens: list[str], bare: bool = False) -> Args:
+        """Split each token at its first ``=``; a token without one is a syntax error unless ``bare``."""
+        pairs = []
+        for token in tokens:
+            if token.startswith("--") and "=" not in token:
+                pairs.append((token[2:], "true"))
+            elif "=" in token:
+                key, _, value = token.partition("=")
+                pairs.append((key, value))
+            elif bare:
+                pairs.append((token, ""))
+            else:
+                raise usage_error(f"Syntax error: parameter '{token}' is not of the form key=value")
+        return cls(pairs)
+
+    def get(self, key: str, default: str | None = None) -> str | None:
+        """The last value given for ``key``."""
+        for k, v in reversed(self.pairs):
+            if k == key:
+                return v
+        return default
+
+    def require(self, key: str) -> str:
+        value = self.get(key)
+        if value is None:
+            raise usage_error(f"Required parameter not found: {key}")
+        return value
+
+    def flag(self, key: str) -> bool:
+        value = self.get(key)
+        return False if value is None else parse_bool(value)
+
+    def map(self, name: str, legacy: bool = False) -> dict[str, str]:
+        """The ``name:k=v`` arguments as a map (with ``legacy``, also xe's old ``name-k=v`` form)."""
+        out = {}
+        for k, v in self.pairs:
+            if k.startswith(name + ":"):
+                out[k[len(name) + 1:]] = v
+            elif legacy and k.startswith(name + "-"):
+                out[k[len(name) + 1:]] = v
+        return out
+
+
+# -- server objects ----------------------------------------------------------------------------------
+
+
+class Database:
+    """Records fetched from the server on demand, one ``get_all_records`` per class per command."""
+
+    def __init__(self, rpc: Rpc, schema: Schema) -> None:
+        self.rpc = rpc
+        self.schema = schema
+        self._tables: dict[str, dict[str, Record]] = {}
+
+    def records(self, cls: str) -> Mapping[str, Record]:
+        """Every record of ``cls`` keyed by ref (empty when the schema has no such class)."""
+        if cls not in self._tables:
+            cdef = self.schema.classes.get(cls)
+            self._tables[cls] = self.rpc.call(f"{cls}.get_all_records") if cdef and cdef.get_all else {}
+        return self._tables[cls]
+
+    def record(self, cls: str, ref: str) -> Record | None:
+        return self.records(cls).get(ref)
+
+    def uuid_of(self, cls: str, ref: str) -> str | None:
+        rec = self.record(cls, ref)
+        return None if rec is None else rec.get("uuid")
+
+    def ref_of(self, cls: str, uuid: str) -> str:
+        """The ref of the object with ``uuid``; the server's UUID_INVALID when there is none."""
+        return str(self.rpc.call(f"{cls}.get_by_uuid", uuid))
+
+    def describe(self, label: str, ref: str) -> str:
+        """``uuid (name-label)`` of any object (``uuid`` alone when nameless); ``ref`` when unknown."""
+        guesses = [c for c in self.schema.classes if c.lower() == label.lower()]
+        try:
+            for cls in guesses + [c for c in self.schema.classes if c not in guesses]:
+                rec = self.record(cls, ref)
+                if rec is not None:
+                    name = rec.get("name_label")
+                    return f"{rec['uuid']} ({name})" if name is not None else str(rec["uuid"])
+        except (ApiFailure, ConnectFailure):
+            pass
+        return ref
+
+
+@dataclass
+class Context:
+    """What a running command works with."""
+
+    rpc: Rpc
+    schema: Schema
+    classes: dict[str, CliClass]
+    db: Database
+    out: TextIO
+
+
+Run = Callable[[Context, Args], None]
+
+
+@dataclass(frozen=True)
+class Command:
+    """One xe command: its runner and documented parameters.
+
+    ``local`` commands never contact the server; ``bare`` ones also take
+    arguments without ``=`` (``xe help vm-list``).
+    """
+
+    name: str
+    run: Run
+    required: tuple[str, ...] = ()
+    optional: tuple[str, ...] = ()
+    description: str = ""
+    local: bool = False
+    bare: bool = False
+
+    def check(self, args: Args) -> None:
+        """Raise xe's ``Required parameter not found`` for the first missing required parameter."""
+        for key in self.required:
+            args.require(key)
+
+
+# -- field values ------------------------------------------------------------------------------------
+
+
+def display(ctx: Context, f: CliField, ref: str, rec: Record) -> str:
+    """The display string of field ``f`` of the object ``ref``."""
+    if f.compute is not None:
+        return f.compute(ref, rec, ctx.db)
+    return output.render(rec.get(f.api or ""), f.type, ctx.db.uuid_of, f.join)
+
+
+def to_wire(ctx: Context, ty: Type, text: str) -> Any:
+    """The wire value for ``text`` typed by the user (refs given as uuids)."""
+    if ty.kind == "bool":
+        return parse_bool(text)
+    if ty.kind == "ref":
+        if text in ("", output.NOT_IN_DATABASE, NULL_REF):
+            return NULL_REF
+        return ctx.db.ref_of(ty.name, text)
+    # Ints, floats, enums and datetimes travel as text; the server converts and validates them.
+    return text
+
+
+def field_of(view: CliClass, name: str) -> CliField:
+    f = view.field(name)
+    if f is None:
+        raise XeError(f"Unknown field '{name}'")
+    return f
+
+
+def read_only(f: CliField) -> XeError:
+    return XeError(f"Field '{f.name}' is read-only.")
+
+
+def lookup(ctx: Context, view: CliClass, args: Args) -> tuple[str, Record]:
+    """The ref and record of the object named by ``uuid=``."""
+    ref = ctx.db.ref_of(view.api, args.require("uuid"))
+    return ref, ctx.rpc.call(f"{view.api}.get_record", ref)
+
+
+# -- generated per-class commands ----------------------------------------------------------------------
+
+
+def _columns(view: CliClass, params: str | None) -> list[CliField]:
+    """The fields a list shows, always in record order."""
+    if params == "all":
+        return list(view.fields)
+    if params is not None:
+        wanted = [p.strip() for p in params.split(",") if p.strip()]
+        for name in wanted:
+            field_of(view, name)
+    elif view.default_columns:
+        wanted = list(view.default_columns)
+    elif view.has_name_label:
+        wanted = ["uuid", "name-label", "name-description"]
+    else:
+        return list(view.fields)
+    return [f for f in view.fields if f.name in wanted]
+
+
+@dataclass(frozen=True)
+class Filter:
+    field: CliField
+    sub: str | None  # map key, "contains" for sets, None for a plain field
+    value: str
+
+    def matches(self, ctx: Context, ref: str, rec: Record) -> bool:
+        f = self.field
+        if self.sub is not None and f.kind == "map" and f.api is not None:
+            assert f.type.value is not None
+            entries = rec.get(f.api) or {}
+            if self.sub not in entries:
+                return False
+            return output.render(entries[self.sub], f.type.value, ctx.db.uuid_of) == self.value
+        if self.sub == "contains" and f.kind == "set" and f.api is not None:
+            assert f.type.elem is not None
+            return self.value in [output.render(v, f.type.elem, ctx.db.uuid_of) for v in rec.get(f.api) or []]
+        shown = display(ctx, f, ref, rec)
+        if f.kind in ("enum", "bool"):
+            return shown.lower() == self.value.lower()
+        return shown == self.value
+
+
+def _filters(view: CliClass, args: Args, skip: tuple[str, ...]) -> list[Filter]:
+    """The view's default filter overridden by every ``field=v``/``map:k=v``/``set:contains=v`` given."""
+    given = {k: v for k, v in args.pairs if k not in skip}
+    merged = {k: v for k, v in view.default_filter.items() if k not in given}
+    merged.update(given)
+    out = []
+    for key, value in merged.items():
+        name, sub = (key, None) if view.field(key) or ":" not in key else key.split(":", 1)
+        out.append(Filter(field_of(view, name), sub, value))
+    return out
+
+
+def select(ctx: Context, view: CliClass, filters: list[Filter]) -> list[tuple[str, Record]]:
+    """Every object of the view's class that passes all filters, in the server's order."""
+    records = ctx.rpc.call(f"{view.api}.get_all_records_where", "true")
+    return [(ref, rec) for ref, rec in records.items() if all(f.matches(ctx, ref, rec) for f in filters)]
+
+
+def _list(view: CliClass) -> Run:
+    def run(ctx: Context, args: Args) -> None:
+        columns = _columns(view, args.get("params"))
+        rows = select(ctx, view, _filters(view, args, ("params", "minimal")))
+        if args.flag("minimal"):
+            ctx.out.write(output.minimal_text(display(ctx, columns[0], ref, rec) for ref, rec in rows) if columns
+                          else "\n")
+            return
+        for ref, rec in rows:
+            ctx.out.write(output.record_text([(f.label, display(ctx, f, ref, rec)) for f in columns]))
+
+    return run
+
+
+def _param_list(view: CliClass) -> Run:
+    def run(ctx: Context, args: Args) -> None:
+        ref, rec = lookup(ctx, view, args)
+        ctx.out.write(output.record_text([(f.label, display(ctx, f, ref, rec)) for f in view.fields]))
+
+    return run
+
+
+def _param_get(view: CliClass) -> Run:
+    def run(ctx: Context, args: Args) -> None:
+        name = args.require("param-name")
+        f = view.field(name)
+        if f is None:
+            raise XeError("Error code: Missing parameter", f"Error parameters: {name}")
+        ref, rec = lookup(ctx, view, args)
+        key = args.get("param-key")
+        if key is not None and f.kind == "map" and f.api is not None:
+            assert f.type.value is not None
+            entries = rec.get(f.api) or {}
+            if key not in entries:
+                raise XeError(f"Key {key} not found in map")
+            ctx.out.write(output.render(entries[key], f.type.value, ctx.db.uuid_of) + "\n")
+            return
+        ctx.out.write(display(ctx, f, ref, rec) + "\n")
+
+    return run
+
+
+def _put_map_entries(ctx: Context, f: CliField, ref: str, rec: Record, entries: dict[str, str]) -> None:
+    """Set map keys of ``f``, replacing existing values (remove then add, as xe does)."""
+    if f.map_add and f.map_remove:
+        for k, v in entries.items():
+            ctx.rpc.call(f.map_remove, ref, k)
+            ctx.rpc.call(f.map_add, ref, k, v)
+    elif f.setter and f.api:
+        ctx.rpc.call(f.setter, ref, {**(rec.get(f.api) or {}), **entries})
+    else:
+        raise read_only(f)
+
+
+def _param_set(view: CliClass) -> Run:
+    def run(ctx: Context, args: Args) -> None:
+        scalars: list[tuple[CliField, str]] = []
+        maps: dict[str, tuple[CliField, dict[str, str]]] = {}
+        for key, value in args.pairs:
+            if key == "uuid":
+                continue
+            if view.field(key) is None and ":" in key:
+                name, sub = key.split(":", 1)
+                f = field_of(view, name)
+                if f.kind != "map" or not (f.map_add or f.setter):
+                    raise read_only(f)
+                maps.setdefault(f.name, (f, {}))[1][sub] = value
+                continue
+            f = field_of(view, key)
+            if f.setter is None or f.kind in ("map", "set"):
+                raise read_only(f)
+            scalars.append((f, value))
+        ref, rec = lookup(ctx, view, args)
+        for f, value in scalars:
+            assert f.setter is not None
+            ctx.rpc.call(f.setter, ref, to_wire(ctx, f.type, value))
+        for f, entries in maps.values():
+            _put_map_entries(ctx, f, ref, rec, entries)
+
+    return run
+
+
+def _collection(view: CliClass, args: Args) -> CliField:
+    f = field_of(view, args.require("param-name"))
+    if f.kind not in ("map", "set"):
+        raise XeError(f"Field '{f.name}' is not a map or set.")
+    return f
+
+
+def _param_add(view: CliClass) -> Run:
+    def run(ctx: Context, args: Args) -> None:
+        f = _collection(view, args)
+        if f.kind == "map":
+            entries = {k: v for k, v in args.pairs if k not in ("uuid", "param-name", "param-key")}
+            ref, rec = lookup(ctx, view, args)
+            if f.map_add:
+                for k, v in entries.items():
+                    ctx.rpc.call(f.map_add, ref, k, v)
+            else:
+                _put_map_entries(ctx, f, ref, rec, entries)
+            return
+        assert f.type.elem is not None
+        member = args.require("param-key")
+        if not (f.set_add or f.setter):
+            raise read_only(f)
+        ref, rec = lookup(ctx, view, args)
+        value = to_wire(ctx, f.type.elem, member)
+        if f.set_add:
+            ctx.rpc.call(f.set_add, ref, value)
+        elif f.setter and f.api:
+            current = list(rec.get(f.api) or [])
+            ctx.rpc.call(f.setter, ref, current if value in current else [*current, value])
+
+    return run
+
+
+def _param_remove(view: CliClass) -> Run:
+    def run(ctx: Context, args: Args) -> None:
+        f = _collection(view, args)
+        key = args.require("param-key")
+        ref, rec = lookup(ctx, view, args)
+        remove = f.map_remove if f.kind == "map" else f.set_remove
+        if remove:
+            value = key if f.kind == "map" or f.type.elem is None else to_wire(ctx, f.type.elem, key)
+            ctx.rpc.call(remove, ref, value)
+        elif f.setter and f.api:
+            current = rec.get(f.api)
+            if f.kind == "map":
+                ctx.rpc.call(f.setter, ref, {k: v for k, v in (current or {}).items() if k != key})
+            else:
+                assert f.type.elem is not None
+                value = to_wire(ctx, f.type.elem, key)
+                ctx.rpc.call(f.setter, ref, [v for v in current or [] if v != value])
+        else:
+            raise read_only(f)
+
+    return run
+
+
+def _param_clear(view: CliClass) -> Run:
+    def run(ctx: Context, args: Args) -> None:
+        f = field_of(view, args.require("param-name"))
+        ref, rec = lookup(ctx, view, args)
+        current = rec.get(f.api or "")
+        if f.setter and f.kind in ("map", "set", "string"):
+            ctx.rpc.call(f.setter, ref, {} if f.kind == "map" else [] if f.kind == "set" else "")
+        elif f.kind == "map" and f.map_remove:
+            for k in current or {}:
+                ctx.rpc.call(f.map_remove, ref, k)
+        elif f.kind == "set" and f.set_remove:
+            for v in current or []:
+                ctx.rpc.call(f.set_remove, ref, v)
+        else:
+            raise read_only(f)
+
+    return run
+
+
+def class_commands(view: CliClass) -> list[Command]:
+    """The seven generated commands of one xe class."""
+    c = view.name
+    return [
+        Command(f"{c}-list", _list(view), (), ("params", "--minimal", "<field>=<value>"),
+                f"Lists all the {c}s, with optional filtering."),
+        Command(f"{c}-param-list", _param_list(view), ("uuid",), (), f"Lists all the parameters of a {c}."),
+        Command(f"{c}-param-get", _param_get(view), ("uuid", "param-name"), ("param-key",),
+                f"Gets the value of a parameter of a {c}."),
+        Command(f"{c}-param-set", _param_set(view), ("uuid",), ("<field>=<value>", "<map>:<key>=<value>"),
+                f"Sets parameters of a {c}."),
+        Command(f"{c}-param-add", _param_add(view), ("uuid", "param-name"), ("param-key", "<key>=<value>"),
+                f"Adds to a set or map parameter of a {c}."),
+        Command(f"{c}-param-remove", _param_remove(view), ("uuid", "param-name", "param-key"), (),
+                f"Removes a key from a map or a member from a set parameter of a {c}."),
+        Command(f"{c}-param-clear", _param_clear(view), ("uuid", "param-name"), (),
+                f"Clears a parameter of a {c}."),
+    ]
+
+
+# -- named commands --------------------------------------------------------------------------------------
+
+
+def _print_uuid(ctx: Context, cls: str, ref: str) -> None:
+    ctx.out.write(str(ctx.rpc.call(f"{cls}.get_uuid", ref)) + "\n")
+
+
+def _master(ctx: Context) -> str:
+    pool = ctx.rpc.call("pool.get_all")[0]
+    return str(ctx.rpc.call("pool.get_master", pool))
+
+
+def sr_create(ctx: Context, args: Args) -> None:
+    host_uuid = args.get("host-uuid")
+    host = ctx.db.ref_of("host", host_uuid) if host_uuid else _master(ctx)
+    size = parse_size(args.get("physical-size") or "0")
+    ref = ctx.rpc.call(
+        "SR.create", host, args.map("device-config"), str(size), args.require("name-label"),
+        args.get("name-description", ""), args.require("type"), args.get("content-type", ""),
+        args.flag("shared"), args.map("sm-config"),
+    )
+    _print_uuid(ctx, "SR", ref)
+
+
+def sr_introduce(ctx: Context, args: Args) -> None:
+    ref = ctx.rpc.call(
+        "SR.introduce", args.require("uuid"), args.require("name-label"), args.get("name-description", ""),
+        args.require("type"), args.get("content-type", ""), args.flag("shared"), args.map("sm-config"),
+    )
+    _print_uuid(ctx, "SR", ref)
+
+
+def _on_uuid(cls: str, method: str) -> Run:
+    def run(ctx: Context, args: Args) -> None:
+        ctx.rpc.call(f"{cls}.{method}", ctx.db.ref_of(cls, args.require("uuid")))
+
+    return run
+
+
+def pbd_create(ctx: Context, args: Args) -> None:
+    host = ctx.db.ref_of("host", args.require("host-uuid"))
+    sr = ctx.db.ref_of("SR", args.require("sr-uuid"))
+    ref = ctx.rpc.call("PBD.create", {"host": host, "SR": sr, "device_config": args.map("device-config", True),
+                                      "other_config": {}})
+    _print_uuid(ctx, "PBD", ref)
+
+
+def vdi_create(ctx: Context, args: Args) -> None:
+    cdef = ctx.schema.classes["VDI"]
+    values: dict[str, Any] = {
+        f.name: f.type.zero() for f in cdef.fields.values()
+        if f.qualifier in ("RW", "SRO") and not f.has_default and f.derived_from is None and not f.removed
+    }
+    values.update({
+        "name_label": args.require("name-label"), "name_description": args.get("name-description", ""),
+        "SR": ctx.db.ref_of("SR", args.require("sr-uuid")),
+        "virtual_size": str(parse_size(args.require("virtual-size"))),
+        "type": args.get("type", "user"), "sharable": args.flag("sharable"), "read_only": args.flag("read-only"),
+        "other_config": {},
+    })
+    _print_uuid(ctx, "VDI", ctx.rpc.call("VDI.create", values))
+
+
+VM_OP_KEYS = ("vm", "uuid", "force", "multiple", "minimal")
+
+
+def select_vms(ctx: Context, args: Args) -> list[str]:
+    """The VMs a vm-* operation acts on: ``uuid=``, ``vm=<name or uuid>`` and field selectors."""
+    uuid = args.get("uuid")
+    if uuid is not None:
+        return [ctx.db.ref_of("VM", uuid)]
+    view = ctx.classes["vm"]
+    filters = _filters(view, Args([(k, v) for k, v in args.pairs if k not in VM_OP_KEYS]), ())
+    name = args.get("vm")
+    refs = [ref for ref, rec in select(ctx, view, filters)
+            if name is None or name in (rec.get("uuid"), rec.get("name_label"))]
+    if not refs:
+        raise failwith("No matching VMs found")
+    if len(refs) > 1 and not args.flag("multiple"):
+        raise failwith("Multiple matches VMs found. --multiple required to complete the operation")
+    return refs
+
+
+def _vm_op(clean: str, forced: str | None = None) -> Run:
+    def run(ctx: Context, args: Args) -> None:
+        method = forced if forced and args.flag("force") else clean
+        for vm in select_vms(ctx, args):
+            if method == "start":
+                ctx.rpc.call("VM.start", vm, False, args.flag("force"))
+            else:
+                ctx.rpc.call(f"VM.{method}", vm)
+
+    return run
+
+
+def pool_ha_enable(ctx: Context, args: Args) -> None:
+    uuids = [u for u in (args.get("heartbeat-sr-uuids") or "").split(",") if u]
+    srs = [ctx.db.ref_of("SR", u) for u in uuids]
+    stack = args.get("cluster-stack")
+    extra = [] if stack is None else [stack]
+    ctx.rpc.call("pool.enable_ha", srs, args.map("ha-config"), *extra)
+
+
+def pool_ha_disable(ctx: Context, args: Args) -> None:
+    ctx.rpc.call("pool.disable_ha")
+
+
+def pool_ha_compute_max(ctx: Context, args: Args) -> None:
+    ctx.out.write(f"{int(ctx.rpc.call('pool.ha_compute_max_host_failures_to_tolerate'))}\n")
+
+
+def host_emergency_ha_disable(ctx: Context, args: Args) -> None:
+    if not args.flag("force"):
+        raise failwith(DANGEROUS)
+    ctx.rpc.call("host.emergency_ha_disable", args.flag("soft"))
+
+
+def named_commands() -> list[Command]:
+    """The hand-written commands (wire.md 8.5, ha.md 8)."""
+    return [
+        Command("sr-create", sr_create, ("name-label", "type"),
+                ("host-uuid", "name-description", "device-config:", "shared", "physical-size", "content-type",
+                 "sm-config:"),
+                "Creates an SR on the disk space specified (on the master for a shared SR); prints its uuid."),
+        Command("sr-introduce", sr_introduce, ("uuid", "name-label", "type"),
+                ("name-description", "content-type", "shared", "sm-config:"),
+                "Introduces an SR record without creating the storage."),
+        Command("sr-forget", _on_uuid("SR", "forget"), ("uuid",), (), "Forgets an SR (its PBDs and VDIs too)."),
+        Command("sr-destroy", _on_uuid("SR", "destroy"), ("uuid",), (), "Destroys an SR and its storage."),
+        Command("pbd-create", pbd_create, ("host-uuid", "sr-uuid"), ("device-config:",),
+                "Creates a PBD connecting a host to an SR; prints its uuid."),
+        Command("pbd-plug", _on_uuid("PBD", "plug"), ("uuid",), (), "Attempts to plug in the PBD."),
+        Command("pbd-unplug", _on_uuid("PBD", "unplug"), ("uuid",), (), "Attempts to unplug the PBD."),
+        Command("pbd-destroy", _on_uuid("PBD", "destroy"), ("uuid",), (), "Destroys the PBD."),
+        Command("vdi-create", vdi_create, ("sr-uuid", "name-label", "virtual-size"),
+                ("type", "sharable", "read-only", "name-description"), "Creates a VDI; prints its uuid."),
+        Command("vdi-destroy", _on_uuid("VDI", "destroy"), ("uuid",), (), "Destroys a VDI."),
+        Command("vm-start", _vm_op("start"), (), ("vm", "uuid", "force", "multiple"), "Starts the selected VM(s)."),
+        Command("vm-shutdown", _vm_op("clean_shutdown", "hard_shutdown"), (), ("vm", "uuid", "force", "multiple"),
+                "Shuts down the selected VM(s); --force hard-shuts them down."),
+        Command("vm-reboot", _vm_op("clean_reboot", "hard_reboot"), (), ("vm", "uuid", "force", "multiple"),
+                "Reboots the selected VM(s); --force hard-reboots them."),
+        Command("pool-ha-enable", pool_ha_enable, (), ("heartbeat-sr-uuids", "ha-config:", "cluster-stack"),
+                "Enables HA on the pool, with the given heartbeat SRs, configuration and cluster stack."),
+        Command("pool-ha-disable", pool_ha_disable, (), (), "Disables HA on the pool."),
+        Command("pool-ha-compute-max-host-failures-to-tolerate", pool_ha_compute_max, (), (),
+                "Computes the maximum number of host failures the pool can tolerate with HA."),
+        Command("host-emergency-ha-disable", host_emergency_ha_disable, (), ("force", "soft"),
+                "Disables HA on the local host in an emergency. Must be forced (--force)."),
+    ]
+
+
+def _help(table: dict[str, Command]) -> Run:
+    def run(ctx: Context, args: Args) -> None:
+        names = [k for k, _v in args.pairs if k not in ("all", "minimal")]
+        if not names:
+            ctx.out.write(output.usage_text(sorted(table)))
+            return
+        for name in names:
+            command = table.get(name)
+            if command is None:
+                raise usage_error(f"Unknown command: {name}")
+            ctx.out.write(output.help_text(name, command.required, command.optional, command.description))
+
+    return run
+
+
+def registry(classes: dict[str, CliClass]) -> dict[str, Command]:
+    """Every xe command by name: generated per class, then the named ones, then ``help``."""
+    table: dict[str, Command] = {}
+    for view in classes.values():
+        for command in class_commands(view):
+            table[command.name] = command
+    for command in named_commands():
+        table[command.name] = command
+    table["help"] = Command("help", _help(table), (), ("<command>",), "Displays help on xe commands.",
+                            local=True, bare=True)
+    return table

@@ -1,0 +1,245 @@
+"""The event system: ``event.from``, ``event.inject`` and the legacy register/next (wire.md 6).
+
+Every store commit reports its changes here.  For each object the module keeps
+the generation it was created at, last changed at, and whether it is gone;
+``event.from`` answers from that table, which gives xapi's coalescing for free
+(created and changed since the token: one ``add``; created and deleted: nothing).
+Changing a ref field also changes the derived set on the object it points to
+(``PBD.SR`` -> ``SR.PBDs``), so that object gets a ``mod`` too, as in xapi.
+Waiting clients sleep on a condition variable; nobody polls.
+"""
+
+from __future__ import annotations
+
+import bisect
+import re
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from xapid.errors import ApiError
+from xapid.schema import NULL_REF, Type
+from xapid.store import Change, Store
+from xapid.wire import I4, Typed
+
+if TYPE_CHECKING:
+    from xapid.auth import Sessions
+
+HIDDEN = frozenset({"session"})  # xapi never reports sessions as events
+MAX_TOMBSTONES = 100_000
+LEGACY_QUEUE = 10_000
+_TOKEN = re.compile(r"^(\d{1,20}),(\d{1,20})$")
+
+
+@dataclass
+class Entry:
+    created: int
+    modified: int
+    deleted: bool = False
+
+
+@dataclass
+class Legacy:
+    """A session's ``event.register`` subscriptions and the generation it has seen."""
+
+    classes: set[str]
+    seen: int
+    counter: int = 0
+
+
+class Events:
+    def __init__(self, store: Store, sessions: Sessions) -> None:
+        self.store = store
+        self.sessions = sessions
+        self.cv = threading.Condition(store.lock)
+        self.entries: dict[tuple[str, str], Entry] = {}
+        # Every mark in generation order, so a client's catch-up costs what changed, not the table size.
+        self.log_gens: list[int] = []
+        self.log_keys: list[tuple[str, str]] = []
+        self.tombstones: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self.lowercase = {name.lower(): name for name, c in store.schema.classes.items() if c.in_db}
+        self.legacy: dict[str, Legacy] = {}
+        self.relations = [(src_cls, src_field, cls) for cls, _f, src_cls, src_field in store.schema.relations()]
+        with store.lock:
+            for cls in store.schema.classes:
+                for ref in store.refs(cls):
+                    self.entries[(cls, ref)] = Entry(0, 0)
+                    self.log_gens.append(0)
+                    self.log_keys.append((cls, ref))
+            store.listeners.append(self._on_commit)
+
+    # -- recording --------------------------------------------------------------------------------
+
+    def _mark(self, gen: int, cls: str, ref: str, op: str) -> None:
+        key = (cls, ref)
+        entry = self.entries.get(key)
+        if op == "add" or entry is None:
+            self.entries[key] = Entry(gen, gen)
+            self.tombstones.pop(key, None)
+        elif op == "del":
+            entry.modified, entry.deleted = gen, True
+            self.tombstones[key] = None
+            while len(self.tombstones) > MAX_TOMBSTONES:
+                old, _ = self.tombstones.popitem(last=False)
+                self.entries.pop(old, None)
+        elif not entry.deleted:
+            entry.modified = gen
+        self.log_gens.append(gen)
+        self.log_keys.append(key)
+        if len(self.log_gens) > 4 * len(self.entries) + 1024:
+            live = sorted(self.entries.items(), key=lambda item: item[1].modified)
+            self.log_gens = [e.modified for _k, e in live]
+            self.log_keys = [k for k, _e in live]
+
+    def _on_commit(self, gen: int, changes: list[Change]) -> None:
+        for cls, ref, op, old, new in changes:
+            if cls in HIDDEN:
+                continue
+            self._mark(gen, cls, ref, op)
+            for src_cls, src_field, target_cls in self.relations:
+                if src_cls != cls:
+                    continue
+                before = old.get(src_field) if old else None
+                after = new.get(src_field) if new else None
+                if before != after:
+                    for target in (before, after):
+                        if isinstance(target, str) and target != NULL_REF and self.store.exists(target_cls, target):
+                            self._mark(gen, target_cls, target, "mod")
+        self.cv.notify_all()
+
+    def wake(self) -> None:
+        """Wake every waiting client (a session was logged out)."""
+        with self.cv:
+            self.cv.notify_all()
+
+    # -- helpers ----------------------------------------------------------------------------------
+
+    def _subscription(self, classes: list[str]) -> tuple[bool, set[str], set[tuple[str, str]]]:
+        everything = False
+        names: set[str] = set()
+        objects: set[tuple[str, str]] = set()
+        for c in classes:
+            c = c.strip()
+            if c == "*":
+                everything = True
+            elif "/" in c:
+                name, ref = c.split("/", 1)
+                real = self.lowercase.get(name.lower())
+                if real:
+                    objects.add((real, ref))
+            else:
+                real = self.lowercase.get(c.lower())
+                if real:
+                    names.add(real)
+        return everything, names, objects
+
+    def _event(self, cls: str, ref: str, entry: Entry, since: int, event_id: str,
+               timestamp: str) -> dict[str, Any] | None:
+        if entry.deleted:
+            if entry.created > since:
+                return None
+            op = "del"
+        else:
+            op = "add" if entry.created > since else "mod"
+        ev: dict[str, Any] = {"id": event_id, "timestamp": timestamp, "class": cls.lower(), "operation": op,
+                              "ref": ref}
+        if op != "del":
+            rec = self.store.get(cls, ref)
+            if rec is None:
+                return None
+            ev["snapshot"] = Typed(self.store.render(cls, ref, rec), Type("record", name=cls))
+        return ev
+
+    def _collect(self, since: int, sub: tuple[bool, set[str], set[tuple[str, str]]],
+                 legacy_ids: Legacy | None = None) -> list[dict[str, Any]]:
+        everything, names, objects = sub
+        out = []
+        start = bisect.bisect_right(self.log_gens, since)
+        changed = []
+        for gen, key in zip(self.log_gens[start:], self.log_keys[start:], strict=True):
+            entry = self.entries.get(key)
+            if entry is not None and entry.modified == gen:
+                changed.append((key, entry))
+        for (cls, ref), entry in changed:
+            if not (everything or cls in names or (cls, ref) in objects):
+                continue
+            if legacy_ids is not None:
+                legacy_ids.counter += 1
+                ev = self._event(cls, ref, entry, since, str(legacy_ids.counter), f"{time.time():.0f}.")
+            else:
+                ev = self._event(cls, ref, entry, since, str(entry.modified), "0.0")
+            if ev is not None:
+                out.append(ev)
+        return out
+
+    def token(self, gen: int) -> str:
+        return f"{gen:020d},{0:020d}"
+
+    def _counts(self) -> dict[str, I4]:
+        return {name.lower(): I4(len(self.store.refs(name))) for name, c in self.store.schema.classes.items()
+                if c.in_db and name not in HIDDEN}
+
+    # -- the API ------------------------------------------------------------------------------------
+
+    def event_from(self, session: str, classes: list[str], token: str, timeout: float) -> dict[str, Any]:
+        if token == "":
+            since = -1
+        else:
+            m = _TOKEN.match(token)
+            if not m:
+                raise ApiError("EVENT_FROM_TOKEN_PARSE_FAILURE", token)
+            since = int(m.group(1))
+        sub = self._subscription(classes)
+        deadline = time.monotonic() + max(0.0, float(timeout))
+        with self.cv:
+            while True:
+                if not self.store.exists("session", session):
+                    raise ApiError("SESSION_INVALID", session)
+                events = self._collect(since, sub)
+                now = time.monotonic()
+                if events or now >= deadline:
+                    return {"events": events, "valid_ref_counts": self._counts(),
+                            "token": self.token(self.store.generation)}
+                self.cv.wait(deadline - now)
+
+    def inject(self, cls: str, ref: str) -> str:
+        real = self.lowercase.get(cls.lower()) if cls not in self.store.schema.classes else cls
+        if real is None or not self.store.exists(real, ref):
+            raise ApiError("HANDLE_INVALID", cls, ref)
+        return self.token(self.store.touch(real, ref))
+
+    def register(self, session: str, classes: list[str]) -> None:
+        with self.cv:
+            entry = self.legacy.setdefault(session, Legacy(set(), self.store.generation))
+            entry.classes.update(c.strip() for c in classes)
+
+    def unregister(self, session: str, classes: list[str]) -> None:
+        with self.cv:
+            entry = self.legacy.get(session)
+            if entry is not None:
+                entry.classes.difference_update(c.strip() for c in classes)
+
+    def next(self, session: str) -> list[dict[str, Any]]:
+        with self.cv:
+            while True:
+                entry = self.legacy.get(session)
+                if entry is None:
+                    raise ApiError("SESSION_NOT_REGISTERED", session[:18])
+                if not self.store.exists("session", session):
+                    self.legacy.pop(session, None)
+                    raise ApiError("SESSION_INVALID", session)
+                pending = len(self.log_gens) - bisect.bisect_right(self.log_gens, entry.seen)
+                if pending > LEGACY_QUEUE:
+                    entry.seen = self.store.generation
+                    raise ApiError("EVENTS_LOST")
+                events = self._collect(entry.seen, self._subscription(sorted(entry.classes)), entry)
+                entry.seen = self.store.generation
+                if events:
+                    return events
+                self.cv.wait(60.0)
+
+    def current_id(self) -> int:
+        return self.store.generation
+
