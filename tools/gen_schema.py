@@ -227,6 +227,9 @@ def main() -> None:
                         pe["default"] = value
                 note_enums(p["type"])
                 params.append(pe)
+            older = explicit_2024.get((name, m["name"]), [])
+            if len(older) > len(params) and [p["name"] for p in older[: len(params)]] == [p["name"] for p in params]:
+                params = []
             if not params and (name, m["name"]) in explicit_2024:
                 # Messages built by helper functions in xapi lose their parameters in the
                 # 2026 dump; the 2024 documentation dump still lists them.

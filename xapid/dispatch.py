@@ -313,7 +313,7 @@ class Dispatcher:
             if not isinstance(session, str):
                 raise ApiError("INTERNAL_ERROR", f'(Failure "Expected string, got \'{rpc_repr(session)}\'")')
         values = []
-        for i, p in enumerate(method.params):
+        for i, p in enumerate(() if method.removed else method.params):  # removed: only the session is read
             if i < len(args):
                 values.append(self.coerce(args[i], p.type))
             else:

@@ -210,6 +210,8 @@ def test_removed_getter_answers_message_removed(shared_xapid: Any, call_raw: Raw
     metrics = s.xenapi.host.get_metrics(host)
     assert "memory_free" in s.xenapi.host_metrics.get_record(metrics)
     assert failure(call_raw(s, "host_metrics.get_memory_free", s.handle, metrics)) == ["MESSAGE_REMOVED"]
+    # The other arguments are not even unmarshalled.
+    assert failure(call_raw(s, "host_metrics.get_memory_free", s.handle, 42)) == ["MESSAGE_REMOVED"]
     assert failure(call_raw(s, "host_metrics.get_memory_free", "bogus", metrics)) == ["SESSION_INVALID", "bogus"]
 
 

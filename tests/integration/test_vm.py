@@ -215,6 +215,7 @@ def test_async_start_returns_a_task_that_reaches_success(shared_api: Any, vm_arg
     assert rec["progress"] == 1.0
     assert rec["finished"].value.endswith("Z") and rec["finished"].value != "19700101T00:00:00Z"
     assert rec["resident_on"] in api.host.get_all()
+    assert (rec["type"], rec["backtrace"], rec["subtask_of"], rec["subtasks"]) == ("<none/>", "()", NULL, [])
     assert state(api, vm)[0] == "Running"
     api.task.destroy(task)
     assert task not in api.task.get_all()
@@ -267,3 +268,17 @@ def test_task_create_and_destroy(shared_api: Any) -> None:
     with pytest.raises(XenAPI.Failure) as e:
         shared_api.task.get_status(task)
     assert e.value.details == ["HANDLE_INVALID", "task", task]
+
+
+def test_tasks_are_listed_on_the_session_that_created_them(shared_xapid: Any, vm_args: VmArgs) -> None:
+    """wire.md 5.1: ``session.tasks`` holds the tasks created using that session."""
+    s, other = shared_xapid.session(), shared_xapid.session()
+    api = s.xenapi
+    mine = api.task.create("mine", "")
+    vm = api.VM.create(vm_args("task owner"))
+    started = api.Async.VM.start(vm, False, False)
+    wait_task(api, started)
+    assert {mine, started} <= set(api.session.get_tasks(s.handle))
+    assert not {mine, started} & set(other.xenapi.session.get_tasks(other.handle))
+    api.task.destroy(mine)
+    assert mine not in api.session.get_tasks(s.handle) and started in api.session.get_tasks(s.handle)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from xapid.api import Call, handler
-from xapid.errors import ApiError
 
 
 @handler("task.create")
@@ -15,12 +14,12 @@ def create(call: Call, label: str, description: str) -> str:
 def destroy(call: Call, self: str) -> None:
     with call.store.transaction() as tx:
         tx.delete("task", self)
+        for ref, rec in tx.items("session"):
+            if self in rec["tasks"]:
+                tx.get("session", ref)["tasks"].remove(self)
 
 
 @handler("task.cancel")
 def cancel(call: Call, task: str) -> None:
-    rec = call.store.get("task", task)
-    if rec is None:
-        raise ApiError("HANDLE_INVALID", "task", task)
-    raise ApiError("OPERATION_NOT_ALLOWED", "task cannot be cancelled")
+    call.daemon.tasks.cancel(task)
 

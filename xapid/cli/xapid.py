@@ -34,8 +34,11 @@ def serve(args: argparse.Namespace) -> int:
     try:
         cfg = config_mod.load(Path(args.config) if args.config else None)
         daemon = Daemon(cfg, Path(args.state_dir), hosts=args.hosts)
-    except (config_mod.ConfigError, StoreCorrupt) as e:
+    except config_mod.ConfigError as e:
         print(f"xapid: {e}", file=sys.stderr)
+        return 2
+    except StoreCorrupt as e:
+        print(f"xapid: refusing to start: the store failed verification: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # noqa: BLE001 - start-up errors are reported, not dumped
         log.exception("start-up failed")

@@ -147,7 +147,7 @@ class HaManager:
         op_id = self._begin(call, "ha_enable")
         try:
             with self._op_lock:
-                self._enable(heartbeat_srs, configuration, cluster_stack)
+                self._enable(heartbeat_srs, configuration, cluster_stack, call.task)
         finally:
             self._end(op_id)
 
@@ -161,7 +161,8 @@ class HaManager:
         self.runner.stack_dir(chosen)
         return chosen
 
-    def _enable(self, heartbeat_srs: list[str], configuration: dict[str, str], requested: str) -> None:
+    def _enable(self, heartbeat_srs: list[str], configuration: dict[str, str], requested: str,
+                task: str | None) -> None:
         master = self.daemon.master_ref()
         pool_ref = self.daemon.pool_ref()
         with self.store.transaction() as tx:
@@ -222,22 +223,21 @@ class HaManager:
         self._write_conf(master, generation, base_t, statefile_path)
         self.run(master, "ha_set_pool_state", "init")
         hosts = [r for r, _ in self.hosts()]
+        tasks = self.daemon.tasks
+        steps = 3 * len(hosts)  # as xapi: preconfigure, join and finish count one step per host
         try:
-            for h in hosts:
-                self._preconfigure(
-                    h,
-                    chosen,
-                    [statefile],
-                    metadata,
-                    generation,
-                    base_t,
-                    statefile_path,
-                    is_master=h == master,
-                )
+            for i, h in enumerate(hosts, 1):
+                tasks.check_cancelled(task)
+                self._preconfigure(h, chosen, [statefile], metadata, generation, base_t, statefile_path,
+                                   is_master=h == master)
+                tasks.progress(task, i / steps)
+            tasks.check_cancelled(task)
             results = self.in_parallel(hosts, lambda h: self._join(h, master))
             failures = [e for _h, e in results if e is not None]
             if failures:
                 raise failures[0]
+            tasks.progress(task, 2 * len(hosts) / steps)
+            tasks.check_cancelled(task)
             with self.store.transaction() as tx:
                 pool = tx.get("pool", pool_ref)
                 pool["ha_enabled"] = True

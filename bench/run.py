@@ -1,0 +1,820 @@
+"""The xapid benchmark: ``python -m bench.run [--smoke] [--out FILE]`` (``make bench``).
+
+Starts its own daemons and baseline server on loopback, warms up, measures over several
+rounds and prints a table; the median figures go to ``--out`` (``bench/results.json``):
+
+1. read throughput of ``pool.get_record``, ``host.get_record`` and ``VM.get_record`` with 1 and
+   8 keep-alive clients, as a ratio to the baseline (:mod:`bench.baseline`) answering the same
+   struct, measured in interleaved rounds;
+2. durable write throughput of ``VM.set_name_label`` (1 and 8 clients), as a ratio to the
+   ``VM.get_record`` throughput at the same concurrency;
+3. growth: median latency of ``VM.set_name_label`` and ``VM.get_record`` with 100, 10,000 and
+   100,000 VMs (built by :mod:`bench.bulk`, untimed), ratio largest / smallest;
+4. ``VM.get_all_records_where`` with a one-field filter over 10,000 VMs: latency;
+5. start-up (``xapid serve`` to the URL file) with 100 and 100,000 persisted objects, and the
+   daemon's resident memory with 100,000 VMs;
+6. HA: ``pool.enable_ha`` + ``pool.disable_ha`` with the shipped xhad stack for pools of 3, 16
+   and 64 hosts, ratio 64 / 3;
+7. one ``ha_query_liveset`` through ``xapid.ha.scripts.ClusterStackRunner`` versus the same
+   script run directly.
+
+Timed calls use a minimal keep-alive HTTP/1.1 client over a raw socket with pre-encoded
+bodies, so the figure is the server's, not the client library's; logins, set-up and the HA
+calls go through the official XenAPI SDK.  Targets are reported, never enforced: the exit
+status is 0 whenever every measurement ran.  Every process the harness starts (daemons,
+baseline, heartbeat processes left by an HA run) is stopped before it exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+import xmlrpc.client
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import XenAPI
+
+REPO = Path(__file__).resolve().parents[1]
+STACK_ROOT = REPO / "scripts" / "cluster-stack"
+SM_DIR = REPO / "etc" / "sm.d"
+READ_METHODS = ("pool.get_record", "host.get_record", "VM.get_record")
+WRITE_METHOD = "VM.set_name_label"
+QUERY_FILTER = 'field "power_state" = "Running"'
+SEED_HOSTS = 3
+
+# Every figure results.json carries, in table order (the smoke test checks this list).
+FIGURES: tuple[str, ...] = (
+    "read.pool.get_record.c1",
+    "read.pool.get_record.c8",
+    "read.host.get_record.c1",
+    "read.host.get_record.c8",
+    "read.VM.get_record.c1",
+    "read.VM.get_record.c8",
+    "write.VM.set_name_label.c1",
+    "write.VM.set_name_label.c8",
+    "growth.VM.get_record",
+    "growth.VM.set_name_label",
+    "query.VM.get_all_records_where",
+    "startup.small",
+    "startup.large",
+    "rss.large",
+    "ha.small",
+    "ha.medium",
+    "ha.large",
+    "ha.ratio",
+    "adapter.ha_query_liveset",
+)
+
+
+@dataclass(frozen=True)
+class Params:
+    """How much to measure; :data:`FULL` is ``make bench``, :data:`SMOKE` the tiny mode."""
+
+    mode: str
+    rounds: int  # rounds of every throughput and latency measurement
+    duration: float  # seconds per throughput measurement
+    warmup: float  # seconds of untimed calls per server/method/concurrency before the rounds
+    clients: tuple[int, int]
+    growth_vms: tuple[int, int, int]  # VM records in the store at the three growth points
+    latency_calls: int  # sequential calls per growth latency round
+    query_calls: int  # get_all_records_where calls (at growth_vms[1])
+    startup_objects: tuple[int, int]  # persisted objects for the two start-up figures
+    startup_rounds: int
+    ha_hosts: tuple[int, int, int]
+    ha_rounds: int
+    adapter_calls: int
+    budget: float  # seconds; the largest HA pool runs fewer rounds rather than overrun this
+
+
+FULL = Params(mode="full", rounds=5, duration=1.0, warmup=0.3, clients=(1, 8),
+              growth_vms=(100, 10_000, 100_000), latency_calls=200, query_calls=5,
+              startup_objects=(100, 100_000), startup_rounds=3, ha_hosts=(3, 16, 64), ha_rounds=3,
+              adapter_calls=20, budget=540.0)
+SMOKE = Params(mode="smoke", rounds=1, duration=0.15, warmup=0.05, clients=(1, 8),
+               growth_vms=(40, 150, 400), latency_calls=20, query_calls=2,
+               startup_objects=(100, 600), startup_rounds=1, ha_hosts=(1, 2, 3), ha_rounds=1,
+               adapter_calls=2, budget=120.0)
+
+
+class BenchError(Exception):
+    """A measurement could not be taken (a daemon died, a call failed...)."""
+
+
+# -- processes ---------------------------------------------------------------------------------
+
+
+def live_heartbeats(state_dir: Path) -> list[int]:
+    """Pids in ``<state>/hosts/*/xhad.pid`` that are running heartbeat processes of this state dir."""
+    pids = []
+    for pid_file in state_dir.glob("hosts/*/xhad.pid"):
+        try:
+            pid = int(pid_file.read_text().strip())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (OSError, ValueError):
+            continue
+        # An exited process (or a zombie) has no command line; a reused pid has another one.
+        if b"--heartbeat" in cmdline and os.fsencode(str(state_dir)) in cmdline:
+            pids.append(pid)
+    return pids
+
+
+def kill_heartbeats(state_dir: Path) -> int:
+    """SIGKILL every heartbeat process left under ``state_dir``; return how many."""
+    pids = live_heartbeats(state_dir)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return len(pids)
+
+
+class Processes:
+    """Every process the harness started, so that all of them can be stopped at the end."""
+
+    def __init__(self) -> None:
+        self.running: list[tuple[subprocess.Popen[bytes], Path | None]] = []
+        self.state_dirs: set[Path] = set()
+
+    def spawn(self, argv: list[str], log: Path, state_dir: Path | None = None) -> subprocess.Popen[bytes]:
+        with open(log, "ab") as out:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                    cwd=REPO)
+        self.running.append((proc, state_dir))
+        if state_dir is not None:
+            self.state_dirs.add(state_dir)
+        return proc
+
+    def stop(self, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> int:
+        """SIGTERM, then SIGKILL after ``timeout``; forget the process; return its status."""
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.running = [(p, s) for p, s in self.running if p is not proc]
+        return proc.returncode
+
+    def stop_all(self) -> None:
+        for proc, _state in list(self.running):
+            self.stop(proc, timeout=30.0)
+        for state in self.state_dirs:
+            kill_heartbeats(state)
+
+
+def write_conf(path: Path) -> Path:
+    """The daemons' xapi.conf: shipped defaults, absolute paths to the shipped stacks and drivers."""
+    path.write_text(f"cluster-stack-root = {STACK_ROOT}\nsm-dir = {SM_DIR}\n")
+    return path
+
+
+class Daemon:
+    """One ``xapid serve`` on 127.0.0.1 in a state dir of its own."""
+
+    def __init__(self, procs: Processes, work: Path, name: str, conf: Path, hosts: int = SEED_HOSTS) -> None:
+        self.procs = procs
+        self.state_dir = work / name
+        self.log = work / f"{name}.log"
+        self.conf = conf
+        self.hosts = hosts
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.url = ""
+
+    @property
+    def port(self) -> int:
+        return int(self.url.rstrip("/").rsplit(":", 1)[1])
+
+    def start(self, timeout: float = 300.0) -> float:
+        """Start the daemon; return the seconds from the exec of ``xapid serve`` to the URL file."""
+        url_file = self.state_dir / "url"
+        url_file.unlink(missing_ok=True)
+        argv = [sys.executable, "-m", "xapid.cli.xapid", "serve", "--config", str(self.conf),
+                "--state-dir", str(self.state_dir), "--listen", "127.0.0.1:0", "--hosts", str(self.hosts)]
+        started = time.perf_counter()
+        self.proc = self.procs.spawn(argv, self.log, self.state_dir)
+        deadline = started + timeout
+        while not url_file.exists():
+            if self.proc.poll() is not None:
+                raise BenchError(f"xapid exited with {self.proc.returncode} at start-up:\n{self.tail()}")
+            if time.perf_counter() > deadline:
+                raise BenchError(f"xapid not ready after {timeout:g} s:\n{self.tail()}")
+            time.sleep(0.005)
+        elapsed = time.perf_counter() - started
+        self.url = url_file.read_text().strip()
+        return elapsed
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            code = self.procs.stop(self.proc)
+            self.proc = None
+            if code != 0:
+                raise BenchError(f"xapid stopped with status {code}:\n{self.tail()}")
+        kill_heartbeats(self.state_dir)
+
+    @property
+    def password(self) -> str:
+        return (self.state_dir / "root-password").read_text().strip()
+
+    def session(self) -> XenAPI.Session:
+        s = XenAPI.Session(self.url)
+        s.login_with_password("root", self.password, "2.21", "xapid-bench")
+        return s
+
+    def rss_mib(self) -> tuple[float, float]:
+        """(resident, peak resident) memory of the daemon process in MiB."""
+        assert self.proc is not None
+        fields = {}
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields[key] = value.strip()
+        return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
+
+    def tail(self, lines: int = 15) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+# -- the timed client ----------------------------------------------------------------------------
+
+
+class RawClient:
+    """A minimal keep-alive HTTP/1.1 XML-RPC client: pre-encoded body in, raw reply body out."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.rfile = self.sock.makefile("rb")
+        self.head = f"POST / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: text/xml\r\nContent-Length: "
+
+    def call(self, body: bytes) -> bytes:
+        self.sock.sendall(f"{self.head}{len(body)}\r\n\r\n".encode() + body)
+        status = self.rfile.readline()
+        if not status.startswith(b"HTTP/1.") or status.split()[1:2] != [b"200"]:
+            raise BenchError(f"HTTP reply {status!r} from port {self.port}")
+        length = -1
+        while True:
+            line = self.rfile.readline()
+            if line in (b"\r\n", b"\n", b""):
+                break
+            if line[:15].lower() == b"content-length:":
+                length = int(line[15:])
+        if length < 0:
+            raise BenchError(f"reply without content-length from port {self.port}")
+        reply = self.rfile.read(length)
+        if b">Success<" not in reply[:400]:
+            raise BenchError(f"call failed on port {self.port}: {reply[:600]!r}")
+        return reply
+
+    def close(self) -> None:
+        self.rfile.close()
+        self.sock.close()
+
+
+def encode(method: str, *params: Any) -> bytes:
+    return xmlrpc.client.dumps(params, method).encode("utf-8")
+
+
+BodyMaker = Callable[[int, int], bytes]  # (client index, call index) -> request body
+
+
+def throughput(port: int, make_body: BodyMaker, clients: int, duration: float) -> float:
+    """Calls per second completed by ``clients`` keep-alive connections calling back to back."""
+    conns = [RawClient(port) for _ in range(clients)]
+    try:
+        for i, conn in enumerate(conns):
+            conn.call(make_body(i, -1))  # connected, and the server's thread for it is running
+        counts = [0] * clients
+        finished = [0.0] * clients
+        errors: list[BaseException] = []
+        barrier = threading.Barrier(clients + 1)
+        window: dict[str, float] = {}
+
+        def worker(i: int) -> None:
+            conn, n, now = conns[i], 0, 0.0
+            try:
+                barrier.wait()
+                end = window["end"]
+                while True:
+                    conn.call(make_body(i, n))
+                    n += 1
+                    now = time.perf_counter()
+                    if now >= end:
+                        break
+            except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+                errors.append(e)
+            counts[i], finished[i] = n, now
+
+        threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(clients)]
+        for t in threads:
+            t.start()
+        window["start"] = time.perf_counter()
+        window["end"] = window["start"] + duration
+        barrier.wait()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+        return sum(counts) / (max(finished) - window["start"])
+    finally:
+        for conn in conns:
+            conn.close()
+
+
+def latencies(port: int, bodies: list[bytes]) -> list[float]:
+    """Seconds per call of ``bodies`` sent one after the other on one keep-alive connection."""
+    conn = RawClient(port)
+    try:
+        out = []
+        for body in bodies:
+            t0 = time.perf_counter()
+            conn.call(body)
+            out.append(time.perf_counter() - t0)
+        return out
+    finally:
+        conn.close()
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+# -- results -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Figure:
+    name: str
+    label: str  # what was measured, for the table
+    value: float
+    unit: str
+    measured: str  # the raw figures behind ``value``, for the table
+    target: str | None = None  # e.g. ">= 0.8"
+    met: bool | None = None
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+def meets(value: float, target: str) -> bool:
+    op, threshold = target.split()
+    return value >= float(threshold) if op == ">=" else value <= float(threshold)
+
+
+class Results:
+    def __init__(self, params: Params) -> None:
+        self.params = params
+        self.figures: dict[str, Figure] = {}
+        self.started = time.time()
+        self.t0 = time.perf_counter()
+        self.notes: list[str] = []
+
+    def add(self, name: str, label: str, value: float, unit: str, measured: str, target: str | None = None,
+            **detail: Any) -> None:
+        assert name in FIGURES, name
+        self.figures[name] = Figure(name, label, value, unit, measured, target,
+                                    meets(value, target) if target else None, detail)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def document(self) -> dict[str, Any]:
+        return {
+            "meta": {
+                "mode": self.params.mode,
+                "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started)),
+                "runtime_s": round(self.elapsed(), 1),
+                "complete": all(n in self.figures for n in FIGURES),
+                "machine": machine(),
+                "params": asdict(self.params),
+                "notes": self.notes,
+            },
+            "figures": {n: asdict(self.figures[n]) for n in FIGURES if n in self.figures},
+        }
+
+    def table(self) -> str:
+        rows = [("figure", "measured", "value", "target", "")]
+        for n in FIGURES:
+            f = self.figures.get(n)
+            if f is None:
+                rows.append((n, "(not measured)", "", "", ""))
+                continue
+            status = "" if f.met is None else ("ok" if f.met else "MISSED")
+            rows.append((f.label, f.measured, f"{fmt(f.value)} {f.unit}", f.target or "", status))
+        widths = [max(len(r[i]) for r in rows) for i in range(5)]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        return "\n".join(lines)
+
+
+def fmt(x: float) -> str:
+    if x != x:  # NaN
+        return "n/a"
+    if abs(x) >= 100:
+        return f"{x:,.0f}"
+    if abs(x) >= 10:
+        return f"{x:.1f}"
+    return f"{x:.2f}"
+
+
+def machine() -> dict[str, Any]:
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count() or 0
+    return {"cores": usable, "cpu": model, "python": platform.python_version(),
+            "implementation": platform.python_implementation(), "system": platform.platform()}
+
+
+# -- the measurements ----------------------------------------------------------------------------
+
+
+class Bench:
+    def __init__(self, params: Params, work: Path, results: Results) -> None:
+        self.p = params
+        self.work = work
+        self.results = results
+        self.procs = Processes()
+        self.conf = write_conf(work / "xapi.conf")
+        self.sample: list[str] = []  # refs of bulk-created VMs, oldest first
+        self.rng = random.Random(6)
+        self.names = 0
+
+    def log(self, text: str) -> None:
+        print(f"[{self.results.elapsed():6.1f}s] {text}", file=sys.stderr, flush=True)
+
+    def bulk(self, daemon: Daemon, *, vms: int | None = None, objects: int | None = None) -> dict[str, Any]:
+        argv = [sys.executable, "-m", "bench.bulk", "--state-dir", str(daemon.state_dir)]
+        argv += ["--vms", str(vms)] if vms is not None else ["--objects", str(objects)]
+        done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise BenchError(f"bulk path failed: {done.stderr[-2000:]}")
+        out: dict[str, Any] = json.loads(done.stdout)
+        self.sample += out["sample"]
+        self.log(f"bulk: {out['vms']} VMs, {out['objects']} objects (+{out['added']} VMs in {out['seconds']} s)")
+        return out
+
+    def new_name(self) -> str:
+        self.names += 1
+        return f"bench-name-{self.names}"
+
+    # 5. start-up -------------------------------------------------------------------------------
+
+    def startup(self, daemon: Daemon, name: str, objects: int, target: str | None) -> None:
+        times = []
+        for _ in range(self.p.startup_rounds):
+            times.append(daemon.start())
+            daemon.stop()
+        value = median(times)
+        self.results.add(name, f"start-up, {objects:,} objects", value, "s",
+                         f"{', '.join(f'{t:.2f}' for t in times)} s", target, objects=objects,
+                         rounds=[round(t, 3) for t in times])
+        self.log(f"start-up with {objects} objects: {value:.2f} s")
+
+    # 1 and 2. throughput against the baseline --------------------------------------------------
+
+    def throughput_phase(self, daemon: Daemon, session: str, x: Any) -> None:
+        pool = x.pool.get_all()[0]
+        refs = {"pool.get_record": pool, "host.get_record": x.pool.get_master(pool),
+                "VM.get_record": self.sample[0]}
+        bodies = {m: encode(m, session, ref) for m, ref in refs.items()}
+        probe = RawClient(daemon.port)
+        replies = {m: probe.call(b).decode("utf-8") for m, b in bodies.items()}
+        probe.close()
+        baseline = self.start_baseline(replies)
+        try:
+            sizes = {m: {"xapid": len(replies[m].encode())} for m in READ_METHODS}
+            probe = RawClient(baseline[1])
+            for m in READ_METHODS:
+                sizes[m]["baseline"] = len(probe.call(bodies[m]))
+            probe.close()
+            writers = self.sample[: max(self.p.clients)]
+
+            def write_body(i: int, _n: int) -> bytes:
+                return encode(WRITE_METHOD, session, writers[i % len(writers)], self.new_name())
+
+            servers = {"baseline": baseline[1], "xapid": daemon.port}
+            reads: dict[tuple[str, str, int], list[float]] = {}
+            writes: dict[int, list[float]] = {c: [] for c in self.p.clients}
+            for m in READ_METHODS:  # warm-up
+                for c in self.p.clients:
+                    for port in servers.values():
+                        throughput(port, lambda _i, _n, b=bodies[m]: b, c, self.p.warmup)
+            for c in self.p.clients:
+                throughput(daemon.port, write_body, c, self.p.warmup)
+            for r in range(self.p.rounds):
+                for m in READ_METHODS:
+                    for c in self.p.clients:
+                        for server, port in servers.items():
+                            cps = throughput(port, lambda _i, _n, b=bodies[m]: b, c, self.p.duration)
+                            reads.setdefault((server, m, c), []).append(cps)
+                for c in self.p.clients:
+                    writes[c].append(throughput(daemon.port, write_body, c, self.p.duration))
+                self.log(f"throughput round {r + 1}/{self.p.rounds} done")
+        finally:
+            self.procs.stop(baseline[0])
+        for m in READ_METHODS:
+            for c in self.p.clients:
+                xs, bs = median(reads[("xapid", m, c)]), median(reads[("baseline", m, c)])
+                self.results.add(
+                    f"read.{m}.c{c}", f"read {m}, {c} client{'s' if c > 1 else ''}: xapid / baseline", xs / bs,
+                    "x", f"{xs:,.0f} vs {bs:,.0f} calls/s", ">= 0.8", xapid_calls_per_s=round(xs, 1),
+                    baseline_calls_per_s=round(bs, 1), reply_bytes=sizes[m],
+                    rounds={"xapid": [round(v, 1) for v in reads[("xapid", m, c)]],
+                            "baseline": [round(v, 1) for v in reads[("baseline", m, c)]]})
+        for c in self.p.clients:
+            ws, rs = median(writes[c]), median(reads[("xapid", "VM.get_record", c)])
+            self.results.add(
+                f"write.{WRITE_METHOD}.c{c}", f"durable write {WRITE_METHOD}, {c} client{'s' if c > 1 else ''}: "
+                f"writes / reads", ws / rs, "x", f"{ws:,.0f} vs {rs:,.0f} calls/s", ">= 0.25",
+                write_calls_per_s=round(ws, 1), read_calls_per_s=round(rs, 1),
+                rounds=[round(v, 1) for v in writes[c]])
+
+    def start_baseline(self, replies: dict[str, str]) -> tuple[subprocess.Popen[bytes], int]:
+        replies_file = self.work / "baseline-replies.json"
+        replies_file.write_text(json.dumps(replies))
+        url_file = self.work / "baseline.url"
+        url_file.unlink(missing_ok=True)
+        proc = self.procs.spawn([sys.executable, "-m", "bench.baseline", "--replies", str(replies_file),
+                                 "--url-file", str(url_file)], self.work / "baseline.log")
+        deadline = time.perf_counter() + 30
+        while not url_file.exists():
+            if proc.poll() is not None or time.perf_counter() > deadline:
+                self.procs.stop(proc)
+                raise BenchError(f"baseline server did not start: {(self.work / 'baseline.log').read_text()}")
+            time.sleep(0.01)
+        port = int(url_file.read_text().strip().rstrip("/").rsplit(":", 1)[1])
+        return proc, port
+
+    # 3. growth ----------------------------------------------------------------------------------
+
+    def growth_point(self, daemon: Daemon, session: str, vms: int, into: dict[str, dict[int, list[float]]]) -> None:
+        pool = list(self.sample)
+        n = self.p.latency_calls
+        warm = [encode("VM.get_record", session, ref) for ref in self.rng.sample(pool, min(len(pool), 20))]
+        latencies(daemon.port, warm)
+        for _ in range(self.p.rounds):
+            reads = [encode("VM.get_record", session, self.rng.choice(pool)) for _ in range(n)]
+            writes = [encode(WRITE_METHOD, session, self.rng.choice(pool), self.new_name()) for _ in range(n)]
+            into["VM.get_record"].setdefault(vms, []).append(median(latencies(daemon.port, reads)))
+            into[WRITE_METHOD].setdefault(vms, []).append(median(latencies(daemon.port, writes)))
+        self.log(f"growth at {vms} VMs: get_record {median(into['VM.get_record'][vms]) * 1e3:.3f} ms, "
+                 f"set_name_label {median(into[WRITE_METHOD][vms]) * 1e3:.3f} ms")
+
+    def growth_figures(self, points: dict[str, dict[int, list[float]]]) -> None:
+        for method, by_size in points.items():
+            sizes = sorted(by_size)
+            ms = {s: median(by_size[s]) * 1e3 for s in sizes}
+            small, large = sizes[0], sizes[-1]
+            self.results.add(
+                f"growth.{method}", f"growth {method}: latency {large:,} / {small:,} VMs",
+                ms[large] / ms[small], "x", " / ".join(f"{ms[s]:.3f}" for s in sizes) + " ms", "<= 1.5",
+                latency_ms={str(s): round(v, 4) for s, v in ms.items()},
+                rounds_ms={str(s): [round(v * 1e3, 4) for v in by_size[s]] for s in sizes})
+
+    # 4. query -------------------------------------------------------------------------------------
+
+    def query(self, daemon: Daemon, session: str, vms: int) -> None:
+        body = encode("VM.get_all_records_where", session, QUERY_FILTER)
+        probe = RawClient(daemon.port)
+        reply = probe.call(body)
+        probe.close()
+        matched = len(xmlrpc.client.loads(reply)[0][0]["Value"])
+        times = latencies(daemon.port, [body] * self.p.query_calls)
+        value = median(times) * 1e3
+        self.results.add("query.VM.get_all_records_where",
+                         f"VM.get_all_records_where, one-field filter, {vms:,} VMs", value, "ms",
+                         f"{matched} matched", None, vms=vms, filter=QUERY_FILTER, matched=matched,
+                         per_vm_us=round(value * 1e3 / vms, 2), calls_ms=[round(t * 1e3, 2) for t in times])
+        self.log(f"get_all_records_where over {vms} VMs: {value:.1f} ms")
+
+    # the store phases: 1-5 -------------------------------------------------------------------------
+
+    def store_phase(self) -> None:
+        d = Daemon(self.procs, self.work, "store", self.conf)
+        d.start()  # seeds the demo pool
+        d.stop()
+        points: dict[str, dict[int, list[float]]] = {"VM.get_record": {}, WRITE_METHOD: {}}
+
+        out = self.bulk(d, objects=self.p.startup_objects[0])
+        self.startup(d, "startup.small", out["objects"], None)
+
+        for i, vms in enumerate(self.p.growth_vms):
+            if i == 2:
+                out = self.bulk(d, objects=self.p.startup_objects[1])
+                self.startup(d, "startup.large", out["objects"], "<= 3")
+            out = self.bulk(d, vms=vms)
+            started = d.start()
+            try:
+                s = d.session()
+                session = s._session
+                if i == 0:
+                    self.throughput_phase(d, session, s.xenapi)
+                self.growth_point(d, session, out["vms"], points)
+                if i == 1:
+                    self.query(d, session, out["vms"])
+                if i == 2:
+                    rss, peak = d.rss_mib()
+                    self.results.add("rss.large", f"resident memory, {out['vms']:,} VMs", rss, "MiB",
+                                     f"peak {peak:,.0f} MiB, start-up {started:.1f} s", "<= 1024",
+                                     vms=out["vms"], objects=out["objects"], peak_mib=round(peak, 1),
+                                     startup_s=round(started, 3))
+                    self.log(f"RSS with {out['vms']} VMs: {rss:.0f} MiB (peak {peak:.0f})")
+                s.xenapi.session.logout()
+            finally:
+                d.stop()
+        self.growth_figures(points)
+        shutil.rmtree(d.state_dir, ignore_errors=True)
+
+    # 6 and 7. HA -----------------------------------------------------------------------------------
+
+    def ha_phase(self) -> None:
+        totals: dict[int, float] = {}
+        for idx, hosts in enumerate(self.p.ha_hosts):
+            name = ("ha.small", "ha.medium", "ha.large")[idx]
+            d = Daemon(self.procs, self.work, f"ha-{hosts}", self.conf, hosts=hosts)
+            d.start()
+            enable: list[float] = []
+            disable: list[float] = []
+            try:
+                s = d.session()
+                x = s.xenapi
+                rounds = self.p.ha_rounds
+                for r in range(rounds):
+                    if r and idx == len(self.p.ha_hosts) - 1:
+                        last = enable[-1] + disable[-1]
+                        if self.results.elapsed() + 1.2 * last + 10 > self.p.budget:
+                            self.results.notes.append(
+                                f"ha.large: {r} of {rounds} rounds (time budget of {self.p.budget:g} s)")
+                            break
+                    e, dis = self.ha_round(d, x, adapter=idx == 0 and r == 0)
+                    enable.append(e)
+                    disable.append(dis)
+                    self.log(f"HA {hosts} hosts round {r + 1}: enable {e:.2f} s, disable {dis:.2f} s")
+                s.xenapi.session.logout()
+            finally:
+                d.stop()
+                shutil.rmtree(d.state_dir, ignore_errors=True)
+            totals[hosts] = median([a + b for a, b in zip(enable, disable, strict=True)])
+            self.results.add(name, f"HA enable + disable, {hosts} hosts", totals[hosts], "s",
+                             f"enable {median(enable):.2f} + disable {median(disable):.2f} s", None, hosts=hosts,
+                             enable_s=round(median(enable), 3), disable_s=round(median(disable), 3),
+                             rounds=len(enable), enable_rounds=[round(v, 3) for v in enable],
+                             disable_rounds=[round(v, 3) for v in disable])
+        small, large = self.p.ha_hosts[0], self.p.ha_hosts[-1]
+        self.results.add("ha.ratio", f"HA enable + disable: {large} / {small} hosts", totals[large] / totals[small],
+                         "x", f"{totals[large]:.2f} / {totals[small]:.2f} s", "<= 4")
+
+    def ha_round(self, d: Daemon, x: Any, adapter: bool) -> tuple[float, float]:
+        pool = x.pool.get_all()[0]
+        enabled = False
+        try:
+            t0 = time.perf_counter()
+            x.pool.enable_ha([], {})
+            t1 = time.perf_counter()
+            enabled = True
+            if adapter:
+                self.adapter(d, x, pool)
+            t2 = time.perf_counter()
+            x.pool.disable_ha()
+            t3 = time.perf_counter()
+            enabled = False
+        finally:
+            if enabled:
+                try:
+                    x.pool.disable_ha()
+                except Exception:  # noqa: BLE001 - the daemon's stop and kill_heartbeats follow
+                    pass
+        left = live_heartbeats(d.state_dir)
+        if left:
+            raise BenchError(f"heartbeat processes still running after pool.disable_ha: {left}")
+        return t1 - t0, t3 - t2
+
+    def adapter(self, d: Daemon, x: Any, pool: str) -> None:
+        from xapid.ha.scripts import ClusterStackRunner
+        from xapid.logging import configure
+
+        configure("critical")  # the runner logs every script run; keep the table readable
+        uuid = x.host.get_uuid(x.pool.get_master(pool))
+        conf = d.state_dir / "hosts" / uuid / "xhad.conf"
+        stack_dir = STACK_ROOT / "xhad"
+        runner = ClusterStackRunner(STACK_ROOT)
+        base_path = os.environ.get("PATH", os.defpath)
+        env = {"PATH": f"{base_path}{os.pathsep}{stack_dir}", "XHAD_CONF": str(conf), "XAPI_HOST_UUID": uuid}
+        via: list[float] = []
+        direct: list[float] = []
+        for i in range(self.p.adapter_calls + 1):  # the first pair warms the page cache
+            t0 = time.perf_counter()
+            live = runner.query_liveset("xhad", uuid, conf)
+            t1 = time.perf_counter()
+            done = subprocess.run([str(stack_dir / "ha_query_liveset")], cwd=stack_dir, env=env,
+                                  stdin=subprocess.DEVNULL, capture_output=True, check=False)
+            t2 = time.perf_counter()
+            if done.returncode != 0 or live.status != "Online":
+                raise BenchError(f"ha_query_liveset: exit {done.returncode}, adapter status {live.status}")
+            if i:
+                via.append(t1 - t0)
+                direct.append(t2 - t1)
+        a, b = median(via) * 1e3, median(direct) * 1e3
+        self.results.add("adapter.ha_query_liveset", "ha_query_liveset: adapter / direct", a / b, "x",
+                         f"{a:.1f} vs {b:.1f} ms", None, adapter_ms=round(a, 3), direct_ms=round(b, 3),
+                         overhead_ms=round(a - b, 3), calls=len(via))
+        self.log(f"ha_query_liveset: adapter {a:.1f} ms, direct {b:.1f} ms")
+
+    def run(self) -> None:
+        try:
+            self.store_phase()
+            self.ha_phase()
+        finally:
+            self.procs.stop_all()
+
+
+@dataclass
+class Outcome:
+    results: Results
+    error: str | None = None
+
+
+def run(params: Params, workdir: Path | None = None, keep: bool = False) -> Outcome:
+    """Run every measurement of ``params``; never leaves a process behind."""
+    results = Results(params)
+    work = Path(tempfile.mkdtemp(prefix="xapid-bench-", dir=workdir))
+    bench = Bench(params, work, results)
+    error = None
+    try:
+        bench.run()
+    except BenchError as e:
+        error = str(e)
+    except Exception as e:  # noqa: BLE001 - reported with its traceback; the processes are stopped
+        traceback.print_exc()
+        error = f"{type(e).__name__}: {e}"
+    finally:
+        if keep:
+            print(f"work dir kept: {work}", file=sys.stderr)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    return Outcome(results, error)
+
+
+def _terminate(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)  # unwinds through every finally: daemons and heartbeats stop
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny mode (seconds), for make test")
+    parser.add_argument("--out", type=Path, help="results file (default bench/results.json; "
+                        "build/bench-smoke.json with --smoke)")
+    parser.add_argument("--workdir", type=Path, help="parent folder of the temporary state dirs")
+    parser.add_argument("--keep", action="store_true", help="keep the state dirs and logs")
+    args = parser.parse_args(argv)
+    params = SMOKE if args.smoke else FULL
+    out = args.out or (REPO / ("build/bench-smoke.json" if args.smoke else "bench/results.json"))
+    signal.signal(signal.SIGTERM, _terminate)
+    outcome = run(params, args.workdir, args.keep)
+    doc = outcome.results.document()
+    if outcome.error:
+        doc["meta"]["error"] = outcome.error
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=2) + "\n")
+    m = doc["meta"]["machine"]
+    print(f"xapid benchmark ({params.mode}), {m['cores']} cores ({m['cpu']}), Python {m['python']}, "
+          f"{doc['meta']['runtime_s']:.0f} s")
+    print(outcome.results.table())
+    for note in outcome.results.notes:
+        print(f"note: {note}")
+    print(f"figures: {out}")
+    if outcome.error:
+        print(f"bench: error: {outcome.error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
