@@ -143,12 +143,11 @@ def test_derived_set_changes_produce_a_mod_of_the_parent(api: Any) -> None:
 
 
 def test_ha_writes_produce_events(xapid: Xapid, api: Any) -> None:
-    pool = api.pool.get_all()[0]
     token = api.event_from(["*"], "", 0.0)["token"]
     api.pool.enable_ha([], {"timeout": "10"})
     events = api.event_from(["pool"], token, 1.0)["events"]
     assert events[-1]["snapshot"]["ha_enabled"] is True
-    token = events[-1] and api.event_from(["*"], token, 0.0)["token"]
+    token = api.event_from(["*"], token, 0.0)["token"]
     victim = api.host.get_all()[2]
     from tests.integration.ha.conftest import kill_heartbeat
 
