@@ -147,8 +147,8 @@ def decode_jsonrpc(body: bytes) -> JsonCall:
     """Parse a JSON-RPC v1 or v2 request (wire.md 3)."""
     try:
         doc = json.loads(body.decode("utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise BadRequest(f"bad JSON: {e}") from e
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise BadRequest(f"bad JSON: {type(e).__name__}: {e}") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("method"), str):
         raise BadRequest("JSON-RPC request without method")
     if doc.get("id") is None:
@@ -161,7 +161,23 @@ def decode_jsonrpc(body: bytes) -> JsonCall:
         params = [params]
     if not isinstance(params, list):
         raise BadRequest("JSON-RPC params is not an array")
+    if _too_deep(params, MAX_DEPTH + 1):  # the params array itself is one level more than XML's
+        raise BadRequest("value nesting too deep")
     return JsonCall(doc["method"], params, doc["id"], v2)
+
+
+def _too_deep(value: Any, limit: int) -> bool:
+    """True if arrays/objects nest deeper than ``limit`` (checked without recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        if depth > limit:
+            return True
+        if isinstance(v, list):
+            stack.extend((x, depth + 1) for x in v)
+        elif isinstance(v, dict):
+            stack.extend((x, depth + 1) for x in v.values())
+    return False
 
 
 # -- encoding ----------------------------------------------------------------------------------

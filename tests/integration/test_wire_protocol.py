@@ -285,11 +285,13 @@ def test_sessions_are_shared_between_xml_and_json(shared_xapid: Any) -> None:
     b'{"method": "system.listMethods", "params": [], "id": null}',
     b'{"params": [], "id": 1}',                                      # no method
     b"{broken",
+    b'{"method": "Foo.bar", "params": ' + b"[" * 100_000 + b"]" * 100_000 + b', "id": 1}',   # nesting bomb
     b"<methodCall><methodName>system.listMethods</methodName><params/></methodCall>",
 ])
 def test_malformed_jsonrpc_is_http_500_html(shared_xapid: Any, payload: bytes) -> None:
     resp = jsonrpc(shared_xapid.url, payload)
     assert resp.status_code == 500 and resp.headers["content-type"] == "text/html"
+    assert post(shared_xapid.url, "system.listMethods").status_code == 200
 
 
 def test_jsonrpc_list_methods_is_the_bare_array(shared_xapid: Any) -> None:

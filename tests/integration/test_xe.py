@@ -8,12 +8,15 @@ to cross-check.
 from __future__ import annotations
 
 import socket
+import xmlrpc.client
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.integration.test_xe_support import SCHEMA, Xe, check_layout, make, make_vm, values
+from xapid.cli.xe_fields import build
 
 HINT = "For usage run: 'xe help'\n"
 
@@ -158,11 +161,15 @@ def test_golden_records(xe: Xe, api: Any) -> None:
 
 def test_layout_of_every_listing(xe: Xe, api: Any) -> None:
     api.task.create("label", "description")  # the demo pool has no task
-    for cls in ("pool", "host", "sr", "sm", "pbd", "vdi", "vm", "network", "pif", "task"):
-        for extra in ([], ["params=all"]):
-            out = xe.ok(f"{cls}-list", *extra)
-            if out:
-                check_layout(out)
+    commands = [[f"{cls}-list", *extra] for cls in ("pool", "host", "sr", "sm", "pbd", "vdi", "vm", "network", "pif",
+                                                    "task")
+                for extra in ([], ["params=all"])]
+    with ThreadPoolExecutor(8) as workers:
+        outs = list(workers.map(lambda argv: xe.ok(*argv), commands))
+    for argv, out in zip(commands, outs, strict=True):
+        if argv[0] != "vdi-list":  # the demo pool has no VDI
+            assert out, argv
+            check_layout(out)
     rec = check_layout(xe.ok("pool-param-list", f"uuid={pool_uuid(api)}"))[0]
     assert list(rec) == [f.name.replace("_", "-") for f in SCHEMA.classes["pool"].fields.values() if not f.removed]
     dom0 = api.VM.get_uuid(api.host.get_control_domain(api.host.get_all()[0]))
@@ -189,6 +196,28 @@ def test_tags_follow_setters(xe: Xe, api: Any) -> None:
     assert sr["name-label"][0] == " RW"  # SRO with an explicit SR.set_name_label
     assert sr["type"][0] == " RO"
     assert sr["PBDs"][0] == "SRO"
+
+
+def test_write_methods_match_the_daemon(xapid: Any) -> None:
+    """The RW/MRW/SRW tags and the methods param-set & co. call are exactly those the daemon serves."""
+    served = set(xmlrpc.client.ServerProxy(xapid.url).system.listMethods())
+    prefixes = {"map": (("set_", "setter"), ("add_to_", "map_add"), ("remove_from_", "map_remove")),
+                "set": (("set_", "setter"), ("add_", "set_add"), ("remove_", "set_remove"))}
+    checked = 0
+    for view in build(SCHEMA).values():
+        declared = SCHEMA.classes[view.api].messages
+        for f in view.fields:
+            if f.api is None:
+                continue
+            for prefix, attr in prefixes.get(f.kind, (("set_", "setter"),)):
+                wire = f"{view.api}.{prefix}{f.api}"
+                method = getattr(f, attr)
+                if method is None:
+                    assert wire not in served, wire
+                else:
+                    assert method == wire and (wire in served or f"{prefix}{f.api}" in declared), wire
+                checked += 1
+    assert checked > 500
 
 
 def test_value_rendering(xe: Xe, api: Any) -> None:
@@ -251,6 +280,7 @@ def test_list_params_filters_and_minimal(xe: Xe, api: Any) -> None:
     dom0s = {api.VM.get_uuid(api.host.get_control_domain(h)) for h in api.host.get_all()}
     assert set(xe.ok("vm-list", "--minimal").strip().split(",")) == dom0s
     assert set(xe.ok("vm-list", "minimal=true").strip().split(",")) == dom0s
+    assert set(xe.ok("--minimal", "vm-list").strip().split(",")) == dom0s
     # Columns print in record order whatever order params= names them.
     assert list(values(xe.ok("host-list", "params=name-label,uuid"))[0]) == ["uuid", "name-label"]
     everything = values(xe.ok("host-list", "params=all", "name-label=host1"))[0]
@@ -360,6 +390,11 @@ def test_param_add_remove_clear(xe: Xe, api: Any) -> None:
     assert xe.fail("pool-param-clear", f"uuid={pool}", "param-name=master") == "Field 'master' is read-only.\n"
     assert xe.fail("pool-param-remove", f"uuid={pool}", "param-name=tags") == \
         "Required parameter not found: param-key\n" + HINT
+    assert xe.fail("pool-param-clear", f"uuid={pool}", "param-name=ha-allow-overcommit") == \
+        "Field 'ha-allow-overcommit' is not a map or set.\n"
+    xe.ok("pool-param-set", f"uuid={pool}", "name-description=something")
+    xe.ok("pool-param-clear", f"uuid={pool}", "param-name=name-description")
+    assert api.pool.get_name_description(pool_ref) == ""
 
 
 def test_api_error_output(xe: Xe, api: Any) -> None:

@@ -43,6 +43,13 @@ def test_sr_create(xe: Xe, api: Any) -> None:
     rec = api.SR.get_record(api.SR.get_by_uuid(local))
     assert rec["shared"] is False and int(rec["physical_size"]) == 512 * 1024**2
     assert [api.PBD.get_host(p) for p in rec["PBDs"]] == [hosts["host2"]]
+    # A device-config key ending in -filename takes its value from a local file.
+    secret = xe.home / "chap-secret"
+    secret.write_text("s3cret")
+    iscsi = uuid_line(xe.ok("sr-create", "name-label=iscsi", "type=lvmoiscsi", "device-config:target=t",
+                            f"device-config:chappassword-filename={secret}"))
+    pbd = api.SR.get_PBDs(api.SR.get_by_uuid(iscsi))[0]
+    assert api.PBD.get_device_config(pbd) == {"target": "t", "chappassword": "s3cret"}
     default = uuid_line(xe.ok("sr-create", "name-label=L1", "type=ext"))
     rec = api.SR.get_record(api.SR.get_by_uuid(default))
     assert [api.PBD.get_host(p) for p in rec["PBDs"]] == [master] and rec["physical_size"] == "0"

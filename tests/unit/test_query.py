@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from xapid.errors import ApiError
 from xapid.query import MissingColumn, Node, db_string, evaluate, parse
@@ -148,3 +150,20 @@ def test_db_string(value: object, ty: str, text: str) -> None:
 
 def test_db_string_float_uses_percent_018g() -> None:
     assert db_string(0.1, Type("float")) == "%0.18g" % 0.1 == "0.100000000000000006"
+
+
+ATOMS = {"true": True, "false": False, "not true": False, "not false": True,
+         '"a" = "a"': True, '"a" = "b"': False, 'field "power_state" = "Running"': True,
+         'not field "name__label" = "vm1"': False, "(true)": True, "(false or false)": False}
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(sorted(ATOMS))), st.sampled_from(sorted(ATOMS)), st.data())
+def test_unparenthesised_chains_fold_from_the_left(rest: list[str], first: str, data: st.DataObject) -> None:
+    """and/or chains evaluate strictly left to right, whatever the mix of operators."""
+    ops = [data.draw(st.sampled_from(["and", "or"])) for _ in rest]
+    text = " ".join([first] + [f"{op} {atom}" for op, atom in zip(ops, rest, strict=True)])
+    expected = ATOMS[first]
+    for op, atom in zip(ops, rest, strict=True):
+        expected = (expected and ATOMS[atom]) if op == "and" else (expected or ATOMS[atom])
+    assert holds(text) is expected

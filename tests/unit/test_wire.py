@@ -6,6 +6,8 @@ import xmlrpc.client
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from xapid import schema as schema_mod
 from xapid.schema import Type, parse_type
@@ -211,6 +213,21 @@ def test_jsonrpc_malformed_requests_are_bad_requests(body: bytes) -> None:
         decode_jsonrpc(body)
 
 
+def json_nested(depth: int) -> bytes:
+    return b'{"method": "m", "params": [' + b"[" * depth + b'"x"' + b"]" * depth + b'], "id": 1}'
+
+
+def test_jsonrpc_accepts_the_same_nesting_as_xml() -> None:
+    c = decode_jsonrpc(json_nested(MAX_DEPTH - 1))
+    assert len(c.params) == 1
+
+
+@pytest.mark.parametrize("depth", [MAX_DEPTH, 900, 100_000])
+def test_jsonrpc_deep_nesting_is_a_bad_request_not_a_crash(depth: int) -> None:
+    with pytest.raises(BadRequest):
+        decode_jsonrpc(json_nested(depth))
+
+
 # -- encoding ----------------------------------------------------------------------------------
 
 
@@ -344,3 +361,47 @@ def test_jsonrpc_v1_and_v2_response_shapes() -> None:
     bad2 = json.loads(json_failure(v2, ["CODE", "p1", "p2"]))
     assert list(bad2.items()) == [
         ("jsonrpc", "2.0"), ("error", {"code": 1, "message": "CODE", "data": ["p1", "p2"]}), ("id", "x")]
+
+
+# -- properties --------------------------------------------------------------------------------------
+
+XML_CHARS = st.characters(blacklist_categories=("Cs",), blacklist_characters=(
+    [chr(c) for c in range(0x20) if c not in (0x09, 0x0A)] + ["\ufffe", "\uffff"]))
+TEXT = st.text(XML_CHARS, max_size=12)
+SCALARS = st.none() | st.booleans() | st.integers(-(2**31), 2**31 - 1) | \
+    st.floats(allow_nan=False, allow_infinity=False) | TEXT
+VALUES = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(TEXT, inner, max_size=4),
+                      max_leaves=16)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(VALUES, max_size=4))
+def test_decode_round_trips_whatever_python_xmlrpc_sends(params: list[Any]) -> None:
+    body = xmlrpc.client.dumps(tuple(params), "Class.method", allow_none=True).encode()
+    assert decode_xmlrpc(body) == ("Class.method", params)
+
+
+def as_xapi_client_sees(v: Any) -> Any:
+    """What a Python client reads back from an untyped encoding (wire.md 1.5)."""
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, float):
+        return float(format_double(v))          # %.16g, like xapi: may round the last digit
+    if isinstance(v, int):
+        return str(v)
+    if v is None:
+        return ""
+    if isinstance(v, list):
+        return [as_xapi_client_sees(x) for x in v]
+    if isinstance(v, dict):
+        return {k: as_xapi_client_sees(x) for k, x in v.items()}
+    return v
+
+
+@settings(max_examples=200, deadline=None)
+@given(VALUES)
+def test_untyped_encoding_parses_in_python_as_xapi_output_does(enc: Encoder, value: Any) -> None:
+    body = xml_success(enc.xml(value, None)).decode()
+    assert "<fault>" not in body
+    (got,), _ = xmlrpc.client.loads(body)
+    assert got == {"Status": "Success", "Value": as_xapi_client_sees(value)}

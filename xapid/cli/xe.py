@@ -90,7 +90,8 @@ def read_rc(home: str | None) -> list[str]:
 def scan(tokens: Sequence[str]) -> Invocation:
     """Separate global flags and connection keys (anywhere on the line) from the command words.
 
-    ``--name`` becomes ``name=true``; ``-s HOST`` style flags take the next token.
+    ``--nossl`` stands for ``nossl=true``; ``-s HOST`` style flags take the next token; other
+    ``--switch`` words stay as they are (the command's arguments turn them into ``switch=true``).
     """
     inv = Invocation()
     i = 0
@@ -109,9 +110,8 @@ def scan(tokens: Sequence[str]) -> Invocation:
         if token in ("-version", "--version"):
             inv.version = True
             continue
-        if token.startswith("--") and "=" not in token:
-            token = f"{token[2:]}=true"
-        key, eq, value = token.partition("=")
+        switch = token.startswith("--") and "=" not in token
+        key, eq, value = (token[2:], "=", "true") if switch else token.partition("=")
         if eq and key in CONNECTION_KEYS + IGNORED_KEYS:
             inv.settings[key] = value
         else:
@@ -223,9 +223,11 @@ def run(argv: Sequence[str], environ: Mapping[str, str], out: TextIO, err: TextI
     if inv.help or not inv.words:
         out.write(output.usage_text(sorted(commands)))
         return 0
-    name, rest = inv.words[0], inv.words[1:]
-    if "=" in name:
+    # Switches (--minimal, --force) may come before the command name.
+    position = next((i for i, w in enumerate(inv.words) if not w.startswith("--")), None)
+    if position is None or "=" in inv.words[position]:
         raise usage_error("Syntax error: command name is missing")
+    name, rest = inv.words[position], inv.words[:position] + inv.words[position + 1:]
     command: Command | None = commands.get(name)
     if command is None:
         raise usage_error(f"Unknown command: {name}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol, TextIO
 
 from xapid.schema import NULL_REF, Schema, Type
@@ -143,14 +144,16 @@ class Database:
     def describe(self, label: str, ref: str) -> str:
         """``uuid (name-label)`` of any object (``uuid`` alone when nameless); ``ref`` when unknown."""
         guesses = [c for c in self.schema.classes if c.lower() == label.lower()]
-        try:
-            for cls in guesses + [c for c in self.schema.classes if c not in guesses]:
+        for cls in guesses + [c for c in self.schema.classes if c not in guesses]:
+            try:
                 rec = self.record(cls, ref)
-                if rec is not None:
-                    name = rec.get("name_label")
-                    return f"{rec['uuid']} ({name})" if name is not None else str(rec["uuid"])
-        except (ApiFailure, ConnectFailure):
-            pass
+            except ApiFailure:
+                continue
+            except ConnectFailure:
+                break
+            if rec is not None:
+                name = rec.get("name_label")
+                return f"{rec['uuid']} ({name})" if name is not None else str(rec["uuid"])
         return ref
 
 
@@ -251,6 +254,8 @@ def _columns(view: CliClass, params: str | None) -> list[CliField]:
 
 @dataclass(frozen=True)
 class Filter:
+    """One ``-list`` filter; it compares xe's display strings, as xe does."""
+
     field: CliField
     sub: str | None  # map key, "contains" for sets, None for a plain field
     value: str
@@ -279,7 +284,9 @@ def _filters(view: CliClass, args: Args, skip: tuple[str, ...]) -> list[Filter]:
     merged.update(given)
     out = []
     for key, value in merged.items():
-        name, sub = (key, None) if view.field(key) or ":" not in key else key.split(":", 1)
+        name, sub = key, None
+        if view.field(key) is None and ":" in key:
+            name, sub = key.split(":", 1)
         out.append(Filter(field_of(view, name), sub, value))
     return out
 
@@ -432,9 +439,13 @@ def _param_remove(view: CliClass) -> Run:
 def _param_clear(view: CliClass) -> Run:
     def run(ctx: Context, args: Args) -> None:
         f = field_of(view, args.require("param-name"))
+        if not f.writable:
+            raise read_only(f)
+        if f.kind not in ("map", "set", "string"):
+            raise XeError(f"Field '{f.name}' is not a map or set.")
         ref, rec = lookup(ctx, view, args)
         current = rec.get(f.api or "")
-        if f.setter and f.kind in ("map", "set", "string"):
+        if f.setter:
             ctx.rpc.call(f.setter, ref, {} if f.kind == "map" else [] if f.kind == "set" else "")
         elif f.kind == "map" and f.map_remove:
             for k in current or {}:
@@ -480,12 +491,30 @@ def _master(ctx: Context) -> str:
     return str(ctx.rpc.call("pool.get_master", pool))
 
 
+FILENAME_SUFFIX = "-filename"
+
+
+def device_config(args: Args) -> dict[str, str]:
+    """``device-config:`` entries; a key ending in ``-filename`` names a local file whose content is the value."""
+    out = {}
+    for key, value in args.map("device-config").items():
+        if key.endswith(FILENAME_SUFFIX) and len(key) > len(FILENAME_SUFFIX):
+            try:
+                out[key[: -len(FILENAME_SUFFIX)]] = Path(value).read_text()
+            except OSError as e:
+                raise failwith(f"Failed to read file {value}: {e.strerror}") from None
+        else:
+            out[key] = value
+    return out
+
+
 def sr_create(ctx: Context, args: Args) -> None:
     host_uuid = args.get("host-uuid")
     host = ctx.db.ref_of("host", host_uuid) if host_uuid else _master(ctx)
     size = parse_size(args.get("physical-size") or "0")
+    config = device_config(args)
     ref = ctx.rpc.call(
-        "SR.create", host, args.map("device-config"), str(size), args.require("name-label"),
+        "SR.create", host, config, str(size), args.require("name-label"),
         args.get("name-description", ""), args.require("type"), args.get("content-type", ""),
         args.flag("shared"), args.map("sm-config"),
     )

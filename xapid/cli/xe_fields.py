@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from xapid.schema import NULL_REF, ClassDef, Schema, Type
+from xapid.schema import NULL_REF, ClassDef, Field, Schema, Type
 
 from .xe_output import NOT_IN_DATABASE
 
@@ -179,24 +179,32 @@ COMPUTED: dict[str, tuple[tuple[str, Compute, str], ...]] = {
 }
 
 
-def _wire_methods(c: ClassDef, name: str, ty: Type, qualifier: str, removed: bool,
-                  derived: bool) -> dict[str, str | None]:
-    """The write methods of one field, derived as the daemon's dispatcher derives them."""
-    writable = qualifier == "RW" and not derived and not removed
-    explicit = c.messages
+def _wire_methods(c: ClassDef, f: Field) -> dict[str, str | None]:
+    """The write methods of one field, derived exactly as the daemon's dispatcher derives them.
+
+    Generic ``set_``/``add_to_``/``remove_from_``/``add_``/``remove_`` exist
+    for RW fields; an SRO/DRO field gets them when the schema declares the
+    message, or lists it among the class's generic messages.
+    """
+    writable = f.qualifier == "RW" and f.derived_from is None and not f.removed
+    stored = f.derived_from is None and not f.removed
+
+    def declared(msg: str) -> bool:
+        return msg in c.messages or (stored and msg in c.generic_roles)
 
     def method(msg: str, exists: bool) -> str | None:
         return f"{c.name}.{msg}" if exists else None
 
-    out: dict[str, str | None] = {"setter": method(f"set_{name}", writable or f"set_{name}" in explicit)}
+    name, ty = f.name, f.type
+    out: dict[str, str | None] = {"setter": method(f"set_{name}", writable or declared(f"set_{name}"))}
     if ty.kind == "map":
-        has = writable or f"add_to_{name}" in explicit
+        has = writable or declared(f"add_to_{name}")
         out["map_add"] = method(f"add_to_{name}", has)
-        out["map_remove"] = method(f"remove_from_{name}", has or f"remove_from_{name}" in explicit)
+        out["map_remove"] = method(f"remove_from_{name}", has or declared(f"remove_from_{name}"))
     if ty.kind == "set":
         generic = writable and ty.elem is not None and ty.elem.kind != "ref"
-        out["set_add"] = method(f"add_{name}", generic or f"add_{name}" in explicit)
-        out["set_remove"] = method(f"remove_{name}", generic or f"remove_{name}" in explicit)
+        out["set_add"] = method(f"add_{name}", generic or declared(f"add_{name}"))
+        out["set_remove"] = method(f"remove_{name}", generic or declared(f"remove_{name}"))
     return out
 
 
@@ -217,7 +225,7 @@ def class_fields(c: ClassDef) -> list[CliField]:
         if (c.name, f.name) in REF_STRINGS:
             target = Type("ref", name=REF_STRINGS[(c.name, f.name)])
             ty = Type("set", elem=target) if ty.kind == "set" else target
-        methods = _wire_methods(c, f.name, f.type, f.qualifier, f.removed, f.derived_from is not None)
+        methods = _wire_methods(c, f)
         out.append(CliField(
             name=cli_name(f.name), type=ty, api=f.name, deprecated=f.deprecated,
             join=JOINS.get((c.name, f.name), "; "), **methods,

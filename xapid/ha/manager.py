@@ -165,6 +165,11 @@ class HaManager:
                 task: str | None) -> None:
         master = self.daemon.master_ref()
         pool_ref = self.daemon.pool_ref()
+        base_t = configuration.get("timeout", self.pool()["other_config"].get(
+            "default_ha_timeout", self.daemon.config["ha_default_timeout_base"]))
+        # xapi only notices a bad timeout when writing xhad.conf (after persisting the stack);
+        # refusing it first keeps "bad input changes nothing" true.
+        conf.timeouts(base_t)
         with self.store.transaction() as tx:
             pool = tx.get("pool", pool_ref)
             if pool["ha_enabled"]:
@@ -185,12 +190,6 @@ class HaManager:
         self.local.set(self.host_uuid(master), ha_cluster_stack=chosen)
         log.info("HA cluster stack chosen", stack=chosen, requested=requested or None)
 
-        base_t = configuration.get(
-            "timeout",
-            self.pool()["other_config"].get(
-                "default_ha_timeout", self.daemon.config["ha_default_timeout_base"]
-            ),
-        )
         with self.store.transaction() as tx:
             candidates = heartbeat_srs[:1] or [r for r, _ in tx.items("SR")]
             sr = None
@@ -217,7 +216,6 @@ class HaManager:
             statefile_path = str(
                 self.daemon.disks.vdi_path(tx.get("SR", sr)["uuid"], tx.get("VDI", statefile)["uuid"])
             )
-        conf.timeouts(base_t)  # a bad timeout is refused before any script runs
         self.update_plan()
         generation = str(uuidlib.uuid4())
         self._write_conf(master, generation, base_t, statefile_path)
