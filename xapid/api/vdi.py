@@ -8,6 +8,7 @@ from xapid import generic
 from xapid.api import Call, handler
 from xapid.errors import ApiError
 from xapid.schema import NULL_REF
+from xapid.storage import Disks
 from xapid.store import Transaction
 
 
@@ -17,7 +18,7 @@ def account(tx: Transaction, sr: str) -> None:
     tx.update("SR", sr, virtual_allocation=total, physical_utilisation=total)
 
 
-def create_vdi(call: Call, tx: Transaction, values: dict[str, Any]) -> str:
+def create_vdi(disks: Disks, tx: Transaction, values: dict[str, Any]) -> str:
     """Insert a VDI record and its backing file inside ``tx``."""
     sr = tx.get("SR", values["SR"])
     if values.get("virtual_size", 0) < 0:
@@ -27,7 +28,7 @@ def create_vdi(call: Call, tx: Transaction, values: dict[str, Any]) -> str:
     rec["location"] = rec["uuid"]
     rec["physical_utilisation"] = rec["virtual_size"]
     rec["allowed_operations"] = ["clone", "copy", "resize", "snapshot", "destroy", "forget", "update"]
-    call.daemon.disks.create_vdi(sr["uuid"], rec["uuid"], rec["virtual_size"])
+    disks.create_vdi(sr["uuid"], rec["uuid"], rec["virtual_size"])
     account(tx, values["SR"])
     return ref
 
@@ -38,7 +39,7 @@ def create(call: Call, args: dict[str, Any]) -> str:
     values = generic.create_values(call, cdef, args, call.daemon.dispatcher.coerce)
     with call.store.transaction() as tx:
         generic.check_refs(tx, cdef.fields, values)
-        return create_vdi(call, tx, values)
+        return create_vdi(call.daemon.disks, tx, values)
 
 
 @handler("VDI.destroy")

@@ -20,12 +20,12 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from xapid.api.vdi import create_vdi
 from xapid.errors import ApiError, internal
 from xapid.ha import conf, stack
 from xapid.ha.localdb import LocalDb
 from xapid.ha.monitor import Monitor
 from xapid.ha.scripts import ClusterStackRunner, ScriptError
-from xapid.schema import NULL_REF
 from xapid.storage import sm_of
 from xapid.store import Transaction, new_ref
 
@@ -286,11 +286,8 @@ class HaManager:
         rec = tx.get("SR", sr)
         if rec["physical_size"] - rec["physical_utilisation"] < size:
             raise ApiError("SR_SOURCE_SPACE_INSUFFICIENT", sr)
-        from xapid.api import Call
-        from xapid.api.vdi import create_vdi
-
         return create_vdi(
-            Call(self.daemon, "pool.enable_ha"),
+            self.daemon.disks,
             tx,
             {
                 "name_label": label,
@@ -635,5 +632,3 @@ class HaManager:
             else:
                 pool.update(ha_overcommitted=True, ha_plan_exists_for=min(n, self.compute_max_failures()))
 
-
-__all__ = ["HaManager", "NULL_REF"]
