@@ -15,6 +15,7 @@ import structlog
 
 from xapid import config as config_mod
 from xapid.logging import configure
+from xapid.storage import DescriptorError
 from xapid.store import StoreCorrupt
 
 log = structlog.get_logger("xapid.cli")
@@ -34,7 +35,7 @@ def serve(args: argparse.Namespace) -> int:
     try:
         cfg = config_mod.load(Path(args.config) if args.config else None)
         daemon = Daemon(cfg, Path(args.state_dir), hosts=args.hosts)
-    except config_mod.ConfigError as e:
+    except (config_mod.ConfigError, DescriptorError) as e:
         print(f"xapid: {e}", file=sys.stderr)
         return 2
     except StoreCorrupt as e:
