@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -87,6 +88,10 @@ def add_vms(state_dir: Path, vms: int | None = None, objects: int | None = None,
                     if stride and done % stride == 0 and len(picked) < sample:
                         picked.append(ref)
                     done += 1
+        store.close()
+        # Wait for the kernel to write the new rows back, so that their writeback does not slow the
+        # fsyncs of the durable writes measured next.
+        os.sync()
         return {
             "vms": len(store.refs("VM")),
             "objects": persisted_objects(store),

@@ -284,6 +284,15 @@ def main() -> None:
         "generic_roles": {},
     }, indent=1) + "\n")
     enums = {e: model["enums"][e] for e in sorted(used_enums) if e in model["enums"]}
+    # A few enums are empty in the 2026 dump (built by helpers in xapi's source); fill them from
+    # the 2024 documentation dump, or from wire.md where neither has them.
+    older = {e["name"]: [v["name"] for v in e["values"]] for c in xenapi for e in c.get("enums", [])}
+    fallback = {"image_format_type": ["raw", "vhd", "qcow2"], "vm_operations": ["sysprep"]}
+    for name, values in enums.items():
+        if not values:
+            enums[name] = older.get(name, fallback.get(name, []))
+    if "sysprep" not in enums.get("vm_operations", ["sysprep"]):
+        enums["vm_operations"].append("sysprep")  # wire.md 7.6 lists it at HEAD
     (out_dir / "enums.json").write_text(json.dumps(enums, indent=1) + "\n")
     print(f"wrote {len(CLASSES)} classes and {len(enums)} enums to {out_dir}")
 

@@ -138,20 +138,21 @@ class Coercer:
             if isinstance(v, str):
                 if not re.fullmatch(r"\s*[-+]?\d+\s*", v):
                     raise TypeMismatch(f"Expected int, got '{rpc_repr(v)}'")
-                v = int(v)
+                try:
+                    v = int(v)
+                except ValueError:  # more digits than Python converts: far outside int64 anyway
+                    raise TypeMismatch(f"Expected int64, got '{rpc_repr(v)}'") from None
             if not INT64_MIN <= v <= INT64_MAX:
                 raise TypeMismatch(f"Expected int64, got '{rpc_repr(v)}'")
             return v
         if k == "float":
             if isinstance(v, bool):
                 raise TypeMismatch(f"Expected float, got '{rpc_repr(v)}'")
-            if isinstance(v, (int, float)):
-                return float(v)
-            if isinstance(v, str):
-                try:
+            try:
+                if isinstance(v, (int, float, str)):
                     return float(v)
-                except ValueError:
-                    pass
+            except (ValueError, OverflowError):  # OverflowError: an int beyond the double range
+                pass
             raise TypeMismatch(f"Expected float, got '{rpc_repr(v)}'")
         if k == "bool":
             if isinstance(v, bool):

@@ -202,7 +202,7 @@ class Events:
                 if events or now >= deadline:
                     return {"events": events, "valid_ref_counts": self._counts(),
                             "token": self.token(self.store.generation)}
-                self.cv.wait(deadline - now)
+                self.cv.wait(min(deadline - now, threading.TIMEOUT_MAX))  # an infinite timeout is "forever"
 
     def inject(self, cls: str, ref: str) -> str:
         real = self.lowercase.get(cls.lower()) if cls not in self.store.schema.classes else cls

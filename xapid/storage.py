@@ -73,6 +73,13 @@ def sm_of(tx: Transaction, sr_type: str) -> tuple[str, dict[str, Any]] | None:
     return None
 
 
+def plain_name(name: str) -> bool:
+    """True iff ``name`` is one usable path component: 1 to 200 bytes, not ``.`` or ``..``, no ``/``,
+    NUL or other control character."""
+    return (0 < len(name.encode("utf-8", "surrogatepass")) <= 200 and name not in (".", "..") and "/" not in name
+            and not any(ord(ch) < 32 or ord(ch) == 127 for ch in name))
+
+
 class Disks:
     """Files backing SRs and VDIs under the state dir."""
 
@@ -80,6 +87,8 @@ class Disks:
         self.root = state_dir / "sr"
 
     def sr_dir(self, sr_uuid: str) -> Path:
+        if not plain_name(sr_uuid):  # never a path that leaves <state-dir>/sr (SR.introduce takes any uuid)
+            raise ApiError("SR_BACKEND_FAILURE", "1", "", f"the SR uuid {sr_uuid!r} cannot name a folder")
         return self.root / sr_uuid
 
     def vdi_path(self, sr_uuid: str, vdi_uuid: str) -> Path:
@@ -87,8 +96,8 @@ class Disks:
 
     def create_vdi(self, sr_uuid: str, vdi_uuid: str, size: int) -> Path:
         path = self.vdi_path(sr_uuid, vdi_uuid)
-        path.parent.mkdir(parents=True, exist_ok=True)
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
             with open(path, "wb") as f:
                 f.truncate(size)
                 f.flush()
@@ -100,8 +109,9 @@ class Disks:
     def remove_vdi(self, sr_uuid: str, vdi_uuid: str) -> None:
         try:
             self.vdi_path(sr_uuid, vdi_uuid).unlink()
-        except FileNotFoundError:
+        except (OSError, ApiError):  # the record is gone already; a file that cannot be removed stays
             pass
 
     def remove_sr(self, sr_uuid: str) -> None:
-        shutil.rmtree(self.sr_dir(sr_uuid), ignore_errors=True)
+        if plain_name(sr_uuid):
+            shutil.rmtree(self.sr_dir(sr_uuid), ignore_errors=True)

@@ -23,7 +23,14 @@ HINT = "For usage run: 'xe help'\n"
 
 @pytest.fixture
 def xe(xapid: Any, tmp_path: Path) -> Xe:
+    """xe on a daemon of its own, for tests that change existing objects."""
     return Xe(tmp_path, xapid)
+
+
+@pytest.fixture
+def sxe(shared_xapid: Any, tmp_path: Path) -> Xe:
+    """xe on the module's shared daemon, for tests that only read or add objects."""
+    return Xe(tmp_path, shared_xapid)
 
 
 def free_port() -> int:
@@ -77,59 +84,59 @@ def test_cannot_connect(tmp_path: Path) -> None:
     assert r.err == "Unable to contact server. Please check server and port settings.\n"
 
 
-def test_usage_errors(xe: Xe) -> None:
-    assert xe.fail("vm-frobnicate") == "Unknown command: vm-frobnicate\n" + HINT
-    assert xe.fail("vm-param-get", "uuid=x") == "Required parameter not found: param-name\n" + HINT
-    assert xe.fail("pool-param-list") == "Required parameter not found: uuid\n" + HINT
-    assert xe.fail("name-label=x") == "Syntax error: command name is missing\n" + HINT
+def test_usage_errors(sxe: Xe) -> None:
+    assert sxe.fail("vm-frobnicate") == "Unknown command: vm-frobnicate\n" + HINT
+    assert sxe.fail("vm-param-get", "uuid=x") == "Required parameter not found: param-name\n" + HINT
+    assert sxe.fail("pool-param-list") == "Required parameter not found: uuid\n" + HINT
+    assert sxe.fail("name-label=x") == "Syntax error: command name is missing\n" + HINT
 
 
-def test_authentication_failed_and_password_file(xe: Xe, tmp_path: Path) -> None:
+def test_authentication_failed_and_password_file(sxe: Xe, tmp_path: Path) -> None:
     bad = tmp_path / "bad"
     bad.write_text("root\nnot-the-password\n")
-    r = xe.raw("-s", "127.0.0.1", "-p", xe.port, "-pwf", str(bad), "--nossl", "pool-list")
+    r = sxe.raw("-s", "127.0.0.1", "-p", sxe.port, "-pwf", str(bad), "--nossl", "pool-list")
     assert (r.rc, r.out, r.err) == (1, "", "Authentication failed\n" + HINT)
-    r = xe.raw("-p", xe.port, "-u", "root", "-pw", "wrong", "--nossl", "pool-list")
+    r = sxe.raw("-p", sxe.port, "-u", "root", "-pw", "wrong", "--nossl", "pool-list")
     assert (r.rc, r.err) == (1, "Authentication failed\n" + HINT)
     # -pwf: the password comes from the file (user on line 1), never from the command line.
-    argv = ["-s", "127.0.0.1", "-p", xe.port, "-pwf", str(xe.pwf), "--nossl", "pool-list", "--minimal"]
-    assert xe.daemon.password not in " ".join(argv)
-    r = xe.raw(*argv)
+    argv = ["-s", "127.0.0.1", "-p", sxe.port, "-pwf", str(sxe.pwf), "--nossl", "pool-list", "--minimal"]
+    assert sxe.daemon.password not in " ".join(argv)
+    r = sxe.raw(*argv)
     assert r.rc == 0 and len(r.out.strip()) == 36
     # -pw and the key=value forms of every connection setting.
-    r = xe.raw("-h", "127.0.0.1", "-p", xe.port, "-pw", xe.daemon.password, "--nossl", "pool-list", "--minimal")
+    r = sxe.raw("-h", "127.0.0.1", "-p", sxe.port, "-pw", sxe.daemon.password, "--nossl", "pool-list", "--minimal")
     assert r.rc == 0 and len(r.out.strip()) == 36
-    r = xe.raw("server=127.0.0.1", f"port={xe.port}", "username=root", f"password={xe.daemon.password}",
+    r = sxe.raw("server=127.0.0.1", f"port={sxe.port}", "username=root", f"password={sxe.daemon.password}",
                "nossl=true", "pool-list", "--minimal")
     assert r.rc == 0 and len(r.out.strip()) == 36
-    r = xe.raw(f"port={xe.port}", f"passwordfile={xe.pwf}", "nossl=true", "pool-list", "--minimal")
+    r = sxe.raw(f"port={sxe.port}", f"passwordfile={sxe.pwf}", "nossl=true", "pool-list", "--minimal")
     assert r.rc == 0 and len(r.out.strip()) == 36
 
 
-def test_defaults_from_rc_file_and_extra_args(xe: Xe) -> None:
-    (xe.home / ".xe").write_text(f"server=127.0.0.1\nport={xe.port}\nusername=root\n"
-                                 f"password={xe.daemon.password}\nnossl=true\n")
-    r = xe.raw("pool-list", "--minimal")
+def test_defaults_from_rc_file_and_extra_args(sxe: Xe) -> None:
+    (sxe.home / ".xe").write_text(f"server=127.0.0.1\nport={sxe.port}\nusername=root\n"
+                                 f"password={sxe.daemon.password}\nnossl=true\n")
+    r = sxe.raw("pool-list", "--minimal")
     assert (r.rc, r.err) == (0, "") and len(r.out.strip()) == 36
-    (xe.home / ".xe").write_text(f"port={free_port()}\nnossl=true\n")
-    r = xe.raw("pool-list", env=xe.env())
+    (sxe.home / ".xe").write_text(f"port={free_port()}\nnossl=true\n")
+    r = sxe.raw("pool-list", env=sxe.env())
     assert r.rc == 1 and "Unable to contact server" in r.err
     # XE_EXTRA_ARGS beats ~/.xe; the command line beats both; "\," is a literal comma.
-    extra = f"port={xe.port},passwordfile={xe.pwf},params=name-label\\,master"
-    r = xe.raw("pool-list", env=xe.env(XE_EXTRA_ARGS=extra))
+    extra = f"port={sxe.port},passwordfile={sxe.pwf},params=name-label\\,master"
+    r = sxe.raw("pool-list", env=sxe.env(XE_EXTRA_ARGS=extra))
     assert r.rc == 0, r.err
     assert list(values(r.out)[0]) == ["name-label", "master"]
-    r = xe.raw("-p", xe.port, "pool-list", "--minimal", env=xe.env(XE_EXTRA_ARGS=f"port=1,passwordfile={xe.pwf}"))
+    r = sxe.raw("-p", sxe.port, "pool-list", "--minimal", env=sxe.env(XE_EXTRA_ARGS=f"port=1,passwordfile={sxe.pwf}"))
     assert r.rc == 0 and len(r.out.strip()) == 36
 
 
 # -- output ----------------------------------------------------------------------------------------------
 
 
-def test_golden_records(xe: Xe, api: Any) -> None:
-    sm = next(r for r, rec in api.SM.get_all_records().items() if rec["type"] == "nfs")
-    assert xe.ok("sm-list", "type=nfs") == (
-        f"uuid ( RO)                : {api.SM.get_uuid(sm)}\n"
+def test_golden_records(sxe: Xe, shared_api: Any) -> None:
+    sm = next(r for r, rec in shared_api.SM.get_all_records().items() if rec["type"] == "nfs")
+    assert sxe.ok("sm-list", "type=nfs") == (
+        f"uuid ( RO)                : {shared_api.SM.get_uuid(sm)}\n"
         "          name-label ( RO): NFS VHD\n"
         "    name-description ( RO): SR plugin which stores disks as VHD files on a remote NFS filesystem\n"
         "                type ( RO): nfs\n"
@@ -139,48 +146,48 @@ def test_golden_records(xe: Xe, api: Any) -> None:
         " nfsversion: NFS version to use (3 or 4)\n"
         "\n"
     )
-    host1 = api.host.get_by_name_label("host1")[0]
-    dom0 = api.host.get_control_domain(host1)
-    assert xe.ok("vm-list", "name-label=Control domain on host: host1") == (
-        f"uuid ( RO)           : {api.VM.get_uuid(dom0)}\n"
+    host1 = shared_api.host.get_by_name_label("host1")[0]
+    dom0 = shared_api.host.get_control_domain(host1)
+    assert sxe.ok("vm-list", "name-label=Control domain on host: host1") == (
+        f"uuid ( RO)           : {shared_api.VM.get_uuid(dom0)}\n"
         "     name-label ( RW): Control domain on host: host1\n"
         "    power-state ( RO): running\n"
         "\n"
     )
-    local = api.SR.get_by_name_label("Local storage on host1")[0]
-    pbd = api.SR.get_PBDs(local)[0]
-    assert xe.ok("pbd-list", f"uuid={api.PBD.get_uuid(pbd)}") == (
-        f"uuid ( RO)                  : {api.PBD.get_uuid(pbd)}\n"
-        f"             host-uuid ( RO): {api.host.get_uuid(host1)}\n"
-        f"               sr-uuid ( RO): {api.SR.get_uuid(local)}\n"
+    local = shared_api.SR.get_by_name_label("Local storage on host1")[0]
+    pbd = shared_api.SR.get_PBDs(local)[0]
+    assert sxe.ok("pbd-list", f"uuid={shared_api.PBD.get_uuid(pbd)}") == (
+        f"uuid ( RO)                  : {shared_api.PBD.get_uuid(pbd)}\n"
+        f"             host-uuid ( RO): {shared_api.host.get_uuid(host1)}\n"
+        f"               sr-uuid ( RO): {shared_api.SR.get_uuid(local)}\n"
         "         device-config (MRW): device: /dev/sda3\n"
         "    currently-attached ( RO): true\n"
         "\n"
     )
 
 
-def test_layout_of_every_listing(xe: Xe, api: Any) -> None:
-    api.task.create("label", "description")  # the demo pool has no task
+def test_layout_of_every_listing(sxe: Xe, shared_api: Any) -> None:
+    shared_api.task.create("label", "description")  # the demo pool has no task
     commands = [[f"{cls}-list", *extra] for cls in ("pool", "host", "sr", "sm", "pbd", "vdi", "vm", "network", "pif",
                                                     "task")
                 for extra in ([], ["params=all"])]
     with ThreadPoolExecutor(8) as workers:
-        outs = list(workers.map(lambda argv: xe.ok(*argv), commands))
+        outs = list(workers.map(lambda argv: sxe.ok(*argv), commands))
     for argv, out in zip(commands, outs, strict=True):
         if argv[0] != "vdi-list":  # the demo pool has no VDI
             assert out, argv
             check_layout(out)
-    rec = check_layout(xe.ok("pool-param-list", f"uuid={pool_uuid(api)}"))[0]
+    rec = check_layout(sxe.ok("pool-param-list", f"uuid={pool_uuid(shared_api)}"))[0]
     assert list(rec) == [f.name.replace("_", "-") for f in SCHEMA.classes["pool"].fields.values() if not f.removed]
-    dom0 = api.VM.get_uuid(api.host.get_control_domain(api.host.get_all()[0]))
-    out = xe.ok("vm-param-list", f"uuid={dom0}")
+    dom0 = shared_api.VM.get_uuid(shared_api.host.get_control_domain(shared_api.host.get_all()[0]))
+    out = sxe.ok("vm-param-list", f"uuid={dom0}")
     check_layout(out)
     # A deprecated field carries its marker inside the padded label.
     assert any(line.lstrip().startswith("memory-target ( RO) [DEPRECATED]: ") for line in out.splitlines())
 
 
-def test_tags_follow_setters(xe: Xe, api: Any) -> None:
-    rec = check_layout(xe.ok("pool-param-list", f"uuid={pool_uuid(api)}"))[0]
+def test_tags_follow_setters(sxe: Xe, shared_api: Any) -> None:
+    rec = check_layout(sxe.ok("pool-param-list", f"uuid={pool_uuid(shared_api)}"))[0]
     assert rec["uuid"][0] == " RO"
     assert rec["name-label"][0] == " RW"
     assert rec["master"][0] == " RO"
@@ -192,15 +199,15 @@ def test_tags_follow_setters(xe: Xe, api: Any) -> None:
     assert rec["ha-host-failures-to-tolerate"][0] == " RW"  # DRO, but pool.set_ha_host_failures_to_tolerate exists
     assert rec["ha-cluster-stack"][0] == " RO"
     assert rec["ha-enabled"] == (" RO", "false")
-    sr = check_layout(xe.ok("sr-param-list", f"uuid={api.SR.get_uuid(nfs_sr(api))}"))[0]
+    sr = check_layout(sxe.ok("sr-param-list", f"uuid={shared_api.SR.get_uuid(nfs_sr(shared_api))}"))[0]
     assert sr["name-label"][0] == " RW"  # SRO with an explicit SR.set_name_label
     assert sr["type"][0] == " RO"
     assert sr["PBDs"][0] == "SRO"
 
 
-def test_write_methods_match_the_daemon(xapid: Any) -> None:
+def test_write_methods_match_the_daemon(shared_xapid: Any) -> None:
     """The RW/MRW/SRW tags and the methods param-set & co. call are exactly those the daemon serves."""
-    served = set(xmlrpc.client.ServerProxy(xapid.url).system.listMethods())
+    served = set(xmlrpc.client.ServerProxy(shared_xapid.url).system.listMethods())
     prefixes = {"map": (("set_", "setter"), ("add_to_", "map_add"), ("remove_from_", "map_remove")),
                 "set": (("set_", "setter"), ("add_", "set_add"), ("remove_", "set_remove"))}
     checked = 0
@@ -220,32 +227,32 @@ def test_write_methods_match_the_daemon(xapid: Any) -> None:
     assert checked > 500
 
 
-def test_value_rendering(xe: Xe, api: Any) -> None:
-    pool = api.pool.get_all()[0]
-    rec = values(xe.ok("pool-list", "params=all"))[0]
-    assert rec["master"] == api.host.get_uuid(api.pool.get_master(pool))
-    assert rec["default-SR"] == api.SR.get_uuid(nfs_sr(api))
+def test_value_rendering(sxe: Xe, shared_api: Any) -> None:
+    pool = shared_api.pool.get_all()[0]
+    rec = values(sxe.ok("pool-list", "params=all"))[0]
+    assert rec["master"] == shared_api.host.get_uuid(shared_api.pool.get_master(pool))
+    assert rec["default-SR"] == shared_api.SR.get_uuid(nfs_sr(shared_api))
     assert rec["other-config"] == "memory-ratio-hvm: 0.25; memory-ratio-pv: 0.25"
     assert rec["ha-enabled"] == "false"
     assert rec["redo-log-vdi"] == "<not in database>"
     assert rec["telemetry-frequency"] == "weekly"
     assert rec["ha-cluster-stack"] == "xhad"
     assert rec["last-update-sync"] == "19700101T00:00:00Z"
-    host = values(xe.ok("host-list", "name-label=host1", "params=capabilities,API-version-major,enabled"))[0]
+    host = values(sxe.ok("host-list", "name-label=host1", "params=capabilities,API-version-major,enabled"))[0]
     assert host == {"API-version-major": "2", "enabled": "true",
                     "capabilities": "xen-3.0-x86_64; hvm-3.0-x86_32; hvm-3.0-x86_64"}
-    vm = api.VM.get_by_name_label("Control domain on host: host1")[0]
-    vm_rec = values(xe.ok("vm-param-list", f"uuid={api.VM.get_uuid(vm)}"))[0]
+    vm = shared_api.VM.get_by_name_label("Control domain on host: host1")[0]
+    vm_rec = values(sxe.ok("vm-param-list", f"uuid={shared_api.VM.get_uuid(vm)}"))[0]
     assert vm_rec["power-state"] == "running"  # enum "Running" printed lowercase
     assert vm_rec["affinity"] == "<not in database>"
-    assert vm_rec["resident-on"] == api.host.get_uuid(api.host.get_by_name_label("host1")[0])
+    assert vm_rec["resident-on"] == shared_api.host.get_uuid(shared_api.host.get_by_name_label("host1")[0])
     assert vm_rec["HVM-shadow-multiplier"] == "1.000"
-    task = api.task.create("a task", "")
-    task_rec = values(xe.ok("task-list", f"uuid={api.task.get_uuid(task)}", "params=all"))[0]
+    task = shared_api.task.create("a task", "")
+    task_rec = values(sxe.ok("task-list", f"uuid={shared_api.task.get_uuid(task)}", "params=all"))[0]
     assert task_rec["progress"] == "0.000"
     assert task_rec["status"] == "pending"
     assert len(task_rec["created"]) == len("20250319T04:16:24Z") and task_rec["created"].endswith("Z")
-    sm = values(xe.ok("sm-list", "type=melio", "params=required-cluster-stack"))[0]
+    sm = values(sxe.ok("sm-list", "type=melio", "params=required-cluster-stack"))[0]
     assert sm == {"required-cluster-stack": "melio"}
 
 
@@ -397,11 +404,11 @@ def test_param_add_remove_clear(xe: Xe, api: Any) -> None:
     assert api.pool.get_name_description(pool_ref) == ""
 
 
-def test_api_error_output(xe: Xe, api: Any) -> None:
-    assert xe.fail("vm-param-list", "uuid=1234") == "The uuid you supplied was invalid.\ntype: VM\nuuid: 1234\n"
-    assert xe.fail("sr-param-get", "uuid=nope", "param-name=type") == \
+def test_api_error_output(sxe: Xe, shared_api: Any) -> None:
+    assert sxe.fail("vm-param-list", "uuid=1234") == "The uuid you supplied was invalid.\ntype: VM\nuuid: 1234\n"
+    assert sxe.fail("sr-param-get", "uuid=nope", "param-name=type") == \
         "The uuid you supplied was invalid.\ntype: SR\nuuid: nope\n"
     # A code without a description: code and parameters.
-    pbd = api.PBD.get_uuid(api.PBD.get_all()[0])
-    assert xe.fail("pbd-destroy", f"uuid={pbd}") == \
+    pbd = shared_api.PBD.get_uuid(shared_api.PBD.get_all()[0])
+    assert sxe.fail("pbd-destroy", f"uuid={pbd}") == \
         "Error code: OPERATION_NOT_ALLOWED\nError parameters: PBD is currently attached\n"

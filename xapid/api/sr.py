@@ -6,7 +6,7 @@ from xapid.api import Call, handler
 from xapid.api.pbd import plug
 from xapid.errors import ApiError
 from xapid.schema import NULL_REF
-from xapid.storage import sm_of
+from xapid.storage import plain_name, sm_of
 from xapid.store import Transaction
 
 
@@ -38,6 +38,9 @@ def create(call: Call, host: str, device_config: dict[str, str], physical_size: 
 @handler("SR.introduce")
 def introduce(call: Call, uuid: str, name_label: str, name_description: str, type: str, content_type: str,
               shared: bool, sm_config: dict[str, str]) -> str:
+    # The uuid names the SR's folder under the state dir: nothing that could leave it ("" = a fresh one).
+    if uuid and not plain_name(uuid):
+        raise ApiError("INVALID_VALUE", "uuid", uuid)
     with call.store.transaction() as tx:
         if tx.by_uuid("SR", uuid) is not None:
             raise ApiError("INVALID_VALUE", "uuid", uuid)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Protocol
 
 from xapid.schema import NULL_REF, ClassDef, Field, Schema, Type
@@ -81,17 +82,29 @@ class CliField:
 
 @dataclass
 class CliClass:
-    """An xe object class (``vm``, ``sr``, ... or a filtered view such as ``template``)."""
+    """An xe object class (``vm``, ``sr``, ... or a filtered view such as ``template``).
+
+    Its fields are worked out on first use: one xe run touches one or two classes.
+    """
 
     name: str
-    api: str
-    fields: list[CliField]
+    cdef: ClassDef
     default_columns: tuple[str, ...] = ()
     default_filter: dict[str, str] = field(default_factory=dict)
-    _by_name: dict[str, CliField] = field(default_factory=dict, repr=False)
 
-    def __post_init__(self) -> None:
-        self._by_name = {f.name: f for f in self.fields}
+    @property
+    def api(self) -> str:
+        """The API class name."""
+        return self.cdef.name
+
+    @cached_property
+    def fields(self) -> list[CliField]:
+        """Every field in record order (see :func:`class_fields`)."""
+        return class_fields(self.cdef)
+
+    @cached_property
+    def _by_name(self) -> dict[str, CliField]:
+        return {f.name: f for f in self.fields}
 
     def field(self, name: str) -> CliField | None:
         """The field called ``name`` in xe's spelling, or None."""
@@ -99,7 +112,7 @@ class CliClass:
 
     @property
     def has_name_label(self) -> bool:
-        return "name-label" in self._by_name
+        return "name_label" in self.cdef.fields
 
 
 def cli_name(api_name: str) -> str:
@@ -239,13 +252,10 @@ def build(schema: Schema) -> dict[str, CliClass]:
     """Every xe class of the schema keyed by CLI name, views (``template``, ...) included."""
     out: dict[str, CliClass] = {}
     for c in schema.classes.values():
-        if not c.get_all or "uuid" not in c.fields:
-            continue
-        name = cli_name(c.name).lower()
-        fields = class_fields(c)
-        out[name] = CliClass(name, c.name, fields, DEFAULT_COLUMNS.get(name, ()))
+        if c.get_all and "uuid" in c.fields:
+            name = cli_name(c.name).lower()
+            out[name] = CliClass(name, c, DEFAULT_COLUMNS.get(name, ()))
     for name, (api, default_filter) in VIEWS.items():
         if api in schema.classes:
-            fields = out[api.lower()].fields if api.lower() in out else class_fields(schema.classes[api])
-            out[name] = CliClass(name, api, fields, DEFAULT_COLUMNS.get(name, ()), dict(default_filter))
+            out[name] = CliClass(name, schema.classes[api], DEFAULT_COLUMNS.get(name, ()), dict(default_filter))
     return out

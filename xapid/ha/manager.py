@@ -368,7 +368,9 @@ class HaManager:
         self.local.set(uuid, **{"ha.armed": True, "ha.disable_failover_decisions": False})
         if host == master:
             if not self._propose(host):
-                raise internal("failed to propose the current master as master")
+                stack_name = self.local.get(uuid, "ha_cluster_stack") or self.pool()["ha_cluster_stack"]
+                raise internal(f"failed to propose the current master as master: cluster stack script "
+                               f"{stack_name}/ha_propose_master on host {uuid} did not print TRUE")
             return
         master_uuid = self.host_uuid(master)
         deadline = time.monotonic() + self.daemon.config["ha-script-timeout"]

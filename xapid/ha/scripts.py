@@ -360,7 +360,12 @@ class ClusterStackRunner:
         Exit 14 (daemon not running) arrives as ScriptError with ``exit_code == 14``.
         """
         result = self.run(stack, "ha_query_liveset", host_uuid, xhad_conf, timeout=timeout)
-        return liveset.parse(result.stdout)
+        try:
+            return liveset.parse(result.stdout)
+        except ApiError as exc:  # name the culprit, as for every other script failure
+            detail = exc.params[0] if exc.params else exc.code
+            raise internal(f"Cluster stack script {stack}/ha_query_liveset on host {host_uuid} "
+                           f"printed a malformed liveset: {detail}") from None
 
     def propose_master(
         self, stack: str, host_uuid: str, xhad_conf: Path, timeout: float | None = None
