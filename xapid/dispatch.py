@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from xapid import generic
 from xapid.api import Call, load_all
 from xapid.errors import ApiError
-from xapid.schema import ClassDef, Param, Schema, Type
+from xapid.schema import ClassDef, Field, Param, Schema, Type
 from xapid.wire import XDateTime
 
 if TYPE_CHECKING:
@@ -239,32 +239,29 @@ class Dispatcher:
             add("get_all_where", expr_p, Type("set", elem=ref_t), generic.get_all_where(c))
         for f in c.fields.values():
             add(f"get_{f.name}", (self_p,), f.type, generic.getter(c, f), removed=f.removed)
-            writable = f.qualifier == "RW" and f.derived_from is None and not f.removed
-            stored = f.derived_from is None and not f.removed
-
-            def custom(msg: str, stored: bool = stored) -> bool:
-                # SRO/DRO fields with hand-written setters of the generic names (wire.md 4.1, 11 #13):
-                # declared in the schema, or listed among the generic messages of the API docs.
-                return msg in c.messages or (stored and msg in c.generic_roles)
-
-            if writable or custom(f"set_{f.name}"):
-                add(f"set_{f.name}", (self_p, Param("value", f.type)), Type("void"), generic.setter(c, f),
-                    roles=WRITE_ROLES)
-            if f.type.kind == "map" and (writable or custom(f"add_to_{f.name}")):
-                assert f.type.key is not None and f.type.value is not None
-                add(f"add_to_{f.name}", (self_p, Param("key", f.type.key), Param("value", f.type.value)),
-                    Type("void"), generic.map_add(c, f), roles=WRITE_ROLES)
-                add(f"remove_from_{f.name}", (self_p, Param("key", f.type.key)), Type("void"),
-                    generic.map_remove(c, f), roles=WRITE_ROLES)
-            if f.type.kind == "set" and writable and f.type.elem is not None and f.type.elem.kind != "ref":
-                add(f"add_{f.name}", (self_p, Param("value", f.type.elem)), Type("void"), generic.set_add(c, f),
-                    roles=WRITE_ROLES)
-                add(f"remove_{f.name}", (self_p, Param("value", f.type.elem)), Type("void"),
-                    generic.set_remove(c, f), roles=WRITE_ROLES)
+            for kind, msg in c.write_messages(f).items():
+                params, impl = self._write_method(c, f, kind, self_p)
+                add(msg, params, Type("void"), impl, roles=WRITE_ROLES)
         if c.constructor:
             add("create", (Param("args", rec_t),), ref_t, generic.create(c, self.coerce), roles=WRITE_ROLES,
                 is_async=True)
             add("destroy", (self_p,), Type("void"), generic.destroy(c), roles=WRITE_ROLES, is_async=True)
+
+    @staticmethod
+    def _write_method(c: ClassDef, f: Field, kind: str, self_p: Param) -> tuple[tuple[Param, ...], Callable[..., Any]]:
+        """Parameters and generic implementation of one write message of ``f``."""
+        ty = f.type
+        if kind == "setter":
+            return (self_p, Param("value", ty)), generic.setter(c, f)
+        if kind in ("map_add", "map_remove"):
+            assert ty.key is not None and ty.value is not None
+            if kind == "map_add":
+                return (self_p, Param("key", ty.key), Param("value", ty.value)), generic.map_add(c, f)
+            return (self_p, Param("key", ty.key)), generic.map_remove(c, f)
+        assert ty.elem is not None
+        if kind == "set_add":
+            return (self_p, Param("value", ty.elem)), generic.set_add(c, f)
+        return (self_p, Param("value", ty.elem)), generic.set_remove(c, f)
 
     # -- introspection -----------------------------------------------------------------------------
 

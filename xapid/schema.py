@@ -158,6 +158,38 @@ class ClassDef:
     def has_name_label(self) -> bool:
         return "name_label" in self.fields
 
+    def write_messages(self, f: Field) -> dict[str, str]:
+        """The generic write messages field ``f`` has on the wire, by kind.
+
+        Kinds: ``setter``, ``map_add``, ``map_remove``, ``set_add``, ``set_remove``.  RW fields get
+        the generic family; SRO/DRO fields get a member only where xapi has a hand-written message
+        of the generic name (declared in the schema, or listed among the class's generic messages
+        in the API docs; wire.md 4.1 and 11 #13).
+        """
+        writable = f.qualifier == "RW" and f.derived_from is None and not f.removed
+        stored = f.derived_from is None and not f.removed
+
+        def declared(msg: str) -> bool:
+            return msg in self.messages or (stored and msg in self.generic_roles)
+
+        n, ty = f.name, f.type
+        out: dict[str, str] = {}
+        if writable or declared(f"set_{n}"):
+            out["setter"] = f"set_{n}"
+        if ty.kind == "map":
+            has = writable or declared(f"add_to_{n}")
+            if has:
+                out["map_add"] = f"add_to_{n}"
+            if has or declared(f"remove_from_{n}"):
+                out["map_remove"] = f"remove_from_{n}"
+        if ty.kind == "set":
+            plain = writable and ty.elem is not None and ty.elem.kind != "ref"
+            if plain or declared(f"add_{n}"):
+                out["set_add"] = f"add_{n}"
+            if plain or declared(f"remove_{n}"):
+                out["set_remove"] = f"remove_{n}"
+        return out
+
     def column(self, name: str) -> Field | None:
         """Resolve a database column name of the filter language (``name__label``) to a field."""
         f = self.fields.get(name) or self.fields.get(name.replace("__", "_"))

@@ -193,32 +193,11 @@ COMPUTED: dict[str, tuple[tuple[str, Compute, str], ...]] = {
 
 
 def _wire_methods(c: ClassDef, f: Field) -> dict[str, str | None]:
-    """The write methods of one field, derived exactly as the daemon's dispatcher derives them.
-
-    Generic ``set_``/``add_to_``/``remove_from_``/``add_``/``remove_`` exist
-    for RW fields; an SRO/DRO field gets them when the schema declares the
-    message, or lists it among the class's generic messages.
-    """
-    writable = f.qualifier == "RW" and f.derived_from is None and not f.removed
-    stored = f.derived_from is None and not f.removed
-
-    def declared(msg: str) -> bool:
-        return msg in c.messages or (stored and msg in c.generic_roles)
-
-    def method(msg: str, exists: bool) -> str | None:
-        return f"{c.name}.{msg}" if exists else None
-
-    name, ty = f.name, f.type
-    out: dict[str, str | None] = {"setter": method(f"set_{name}", writable or declared(f"set_{name}"))}
-    if ty.kind == "map":
-        has = writable or declared(f"add_to_{name}")
-        out["map_add"] = method(f"add_to_{name}", has)
-        out["map_remove"] = method(f"remove_from_{name}", has or declared(f"remove_from_{name}"))
-    if ty.kind == "set":
-        generic = writable and ty.elem is not None and ty.elem.kind != "ref"
-        out["set_add"] = method(f"add_{name}", generic or declared(f"add_{name}"))
-        out["set_remove"] = method(f"remove_{name}", generic or declared(f"remove_{name}"))
-    return out
+    """The write methods of one field, as the daemon's dispatcher derives them (``ClassDef.write_messages``)."""
+    found = c.write_messages(f)
+    kinds = ["setter"] + (["map_add", "map_remove"] if f.type.kind == "map" else []) + (
+        ["set_add", "set_remove"] if f.type.kind == "set" else [])
+    return {k: f"{c.name}.{found[k]}" if k in found else None for k in kinds}
 
 
 def class_fields(c: ClassDef) -> list[CliField]:
