@@ -51,6 +51,6 @@ class Call:
 
 def load_all() -> dict[str, Handler]:
     """Import every behaviour module so their handlers register; return the table."""
-    from xapid.api import event, host, pbd, pool, session, sr, task, vdi, vm  # noqa: F401
+    from xapid.api import event, host, message, pbd, pool, session, sr, task, vdi, vm  # noqa: F401
 
     return HANDLERS
