@@ -204,7 +204,10 @@ class Dispatcher:
             for msg in cdef.messages.values():
                 name = f"{cdef.name}.{msg.name}"
                 existing = self.table.get(name)
-                impl = existing.impl if existing else None
+                # A generic implementation serves an explicit message of the same name only if it takes the
+                # same parameters (host.set_power_on_mode has two, the generic setter one).
+                same = existing is not None and len(existing.params) == len(msg.params)
+                impl = existing.impl if existing is not None and same else None
                 self._add(Method(
                     name=name, cls=cdef.name, params=msg.params, result=msg.result, session=msg.session,
                     is_async=msg.is_async, roles=msg.roles, impl=impl, removed=msg.lifecycle == "removed",

@@ -182,11 +182,12 @@ def _too_deep(value: Any, limit: int) -> bool:
 
 # -- encoding ----------------------------------------------------------------------------------
 
-_CTRL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff]")
+# Characters XML 1.0 cannot carry (its Char production): control characters, surrogates, U+FFFE/U+FFFF.
+_CTRL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
 
 
 def escape(text: str) -> str:
-    """XML-escape ``text`` and drop control characters, as xapi does."""
+    """XML-escape ``text`` and drop what XML cannot carry (control characters ...), as xapi does."""
     text = _CTRL.sub("", text)
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")
 

@@ -32,6 +32,11 @@ def serve(args: argparse.Namespace) -> int:
     from xapid.daemon import Daemon
     from xapid.server import UnixXapiServer, XapiServer
 
+    # Stack scripts inherit this PATH: `#!/usr/bin/env python3` then finds the daemon's own interpreter
+    # (fast, and the same Python) before any version-manager shim.
+    interpreter_dir = str(Path(sys.executable).parent)
+    if os.environ.get("PATH", "").split(os.pathsep)[:1] != [interpreter_dir]:
+        os.environ["PATH"] = os.pathsep.join([interpreter_dir, os.environ.get("PATH", os.defpath)])
     try:
         cfg = config_mod.load(Path(args.config) if args.config else None)
         daemon = Daemon(cfg, Path(args.state_dir), hosts=args.hosts)
