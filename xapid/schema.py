@@ -7,6 +7,7 @@ the filter language, xe's field tables) is derived from what is loaded here.
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 from dataclasses import dataclass, field
@@ -117,7 +118,7 @@ class Field:
     def initial(self) -> Any:
         """A fresh copy of the field's default (or the type's zero value)."""
         value = self.default if self.has_default else self.type.zero()
-        return json.loads(json.dumps(value)) if isinstance(value, (dict, list)) else value
+        return copy.deepcopy(value) if isinstance(value, (dict, list)) else value
 
 
 @dataclass(frozen=True)

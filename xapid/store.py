@@ -189,7 +189,7 @@ class Store:
             if f.derived_from:
                 out[name] = self.referrers(f.derived_from[0], f.derived_from[1], ref)
             else:
-                out[name] = rec.get(name, f.initial()) if name in rec else f.initial()
+                out[name] = rec[name] if name in rec else f.initial()
         return out
 
     # -- writes ----------------------------------------------------------------------------------

@@ -186,8 +186,14 @@ def _too_deep(value: Any, limit: int) -> bool:
 _CTRL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
 
 
+_SPECIAL = re.compile('[&<>"' + _CTRL.pattern[1:])  # anything escape() would change
+_STRINGY = frozenset({"string", "ref", "enum"})
+
+
 def escape(text: str) -> str:
     """XML-escape ``text`` and drop what XML cannot carry (control characters ...), as xapi does."""
+    if not _SPECIAL.search(text):
+        return text  # the common case: nothing to do
     text = _CTRL.sub("", text)
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")
 
@@ -205,6 +211,7 @@ class Encoder:
 
     def __init__(self, schema: Schema) -> None:
         self.schema = schema
+        self._layouts: dict[str, dict[str, tuple[str, Type]]] = {}
 
     def xml(self, value: Any, ty: Type | None) -> str:
         out: list[str] = []
@@ -213,26 +220,26 @@ class Encoder:
 
     def _xml(self, value: Any, ty: Type | None, out: list[str]) -> None:
         kind = ty.kind if ty is not None else None
-        if kind is None:
-            self._dyn(value, out)
-        elif kind in ("string", "ref", "enum"):
-            out.append(f"<value>{escape(str(value))}</value>")
+        if kind in _STRINGY:
+            out.append("<value>" + escape(str(value)) + "</value>")
         elif kind == "int":
             out.append(f"<value>{int(value)}</value>")
+        elif kind == "bool":
+            out.append("<value><boolean>1</boolean></value>" if value else "<value><boolean>0</boolean></value>")
         elif kind == "float":
             out.append(f"<value><double>{format_double(float(value))}</double></value>")
-        elif kind == "bool":
-            out.append(f"<value><boolean>{1 if value else 0}</boolean></value>")
         elif kind == "datetime":
             out.append(f"<value><dateTime.iso8601>{escape(str(value))}</dateTime.iso8601></value>")
         elif kind == "void":
             out.append("<value></value>")
         elif kind == "set":
+            assert ty is not None
             out.append("<value><array><data>")
             for v in value:
                 self._xml(v, ty.elem, out)
             out.append("</data></array></value>")
         elif kind == "map":
+            assert ty is not None
             out.append("<value><struct>")
             for k, v in value.items():
                 out.append(f"<member><name>{escape(_key(k))}</name>")
@@ -240,16 +247,26 @@ class Encoder:
                 out.append("</member>")
             out.append("</struct></value>")
         elif kind == "record":
-            fields = self.schema.classes[ty.name].fields
+            assert ty is not None
+            layout = self._layout(ty.name)
             out.append("<value><struct>")
             for name, v in value.items():
-                f = fields.get(name)
-                out.append(f"<member><name>{escape(name)}</name>")
-                self._xml(v, f.type if f else None, out)
+                head, fty = layout.get(name) or (f"<member><name>{escape(name)}</name>", None)
+                out.append(head)
+                self._xml(v, fty, out)
                 out.append("</member>")
             out.append("</struct></value>")
         else:
             self._dyn(value, out)
+
+    def _layout(self, cls: str) -> dict[str, tuple[str, Type]]:
+        """Per field of ``cls``: the opening of its struct member and its type (computed once)."""
+        layout = self._layouts.get(cls)
+        if layout is None:
+            layout = {name: (f"<member><name>{escape(name)}</name>", f.type)
+                      for name, f in self.schema.classes[cls].fields.items()}
+            self._layouts[cls] = layout
+        return layout
 
     def _dyn(self, value: Any, out: list[str]) -> None:
         if isinstance(value, Typed):
