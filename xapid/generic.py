@@ -73,20 +73,24 @@ def get_all_records(cdef: ClassDef) -> Impl:
 
 
 def matching(call: Call, cdef: ClassDef, expr: str) -> dict[str, Record]:
-    """Records of ``cdef`` for which the filter expression holds."""
+    """Records of ``cdef`` for which the filter expression holds (only matches are rendered)."""
     node = query.parse(expr)
+    store = call.store
     out: dict[str, Record] = {}
-    for ref, rec in call.store.items(cdef.name):
-        full = call.store.render(cdef.name, ref, rec)
+    for ref, rec in store.items(cdef.name):
 
-        def row(column: str, full: Record = full) -> str:
+        def row(column: str, ref: str = ref, rec: Record = rec) -> str:
             f = cdef.column(column)
             if f is None:
                 raise ApiError("INTERNAL_ERROR", "missing field", column, "")
-            return query.db_string(full[f.name], f.type)
+            if f.derived_from:
+                value = store.referrers(f.derived_from[0], f.derived_from[1], ref)
+            else:
+                value = rec[f.name] if f.name in rec else f.initial()
+            return query.db_string(value, f.type)
 
         if query.evaluate(node, row):
-            out[ref] = full
+            out[ref] = store.render(cdef.name, ref, rec)
     return out
 
 
