@@ -25,5 +25,15 @@ lint: $(STAMP)
 test: $(STAMP) lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
 
+.PHONY: bench bench-smoke
+
+## bench: the benchmark (about 7 minutes on 2 cores): table on stdout, median figures in bench/results.json
+bench: $(STAMP)
+	$(BIN)/python -m bench.run --out bench/results.json
+
+## bench-smoke: the benchmark harness in its tiny mode (seconds); make test runs it as a test
+bench-smoke: $(STAMP)
+	$(BIN)/python -m bench.run --smoke --out build/bench-smoke.json
+
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -54,6 +54,7 @@ class Events:
         self.store = store
         self.sessions = sessions
         self.cv = threading.Condition(store.lock)
+        # Objects changed since start-up; every other object counts as Entry(0, 0) (present at start).
         self.entries: dict[tuple[str, str], Entry] = {}
         # Every mark in generation order, so a client's catch-up costs what changed, not the table size.
         self.log_gens: list[int] = []
@@ -63,11 +64,6 @@ class Events:
         self.legacy: dict[str, Legacy] = {}
         self.relations = [(src_cls, src_field, cls) for cls, _f, src_cls, src_field in store.schema.relations()]
         with store.lock:
-            for cls in store.schema.classes:
-                for ref in store.refs(cls):
-                    self.entries[(cls, ref)] = Entry(0, 0)
-                    self.log_gens.append(0)
-                    self.log_keys.append((cls, ref))
             store.listeners.append(self._on_commit)
 
     # -- recording --------------------------------------------------------------------------------
@@ -75,9 +71,13 @@ class Events:
     def _mark(self, gen: int, cls: str, ref: str, op: str) -> None:
         key = (cls, ref)
         entry = self.entries.get(key)
-        if op == "add" or entry is None:
+        if op == "add":
             self.entries[key] = Entry(gen, gen)
             self.tombstones.pop(key, None)
+        elif entry is None:  # first change of an object present at start-up
+            entry = self.entries[key] = Entry(0, gen, op == "del")
+            if entry.deleted:
+                self.tombstones[key] = None
         elif op == "del":
             entry.modified, entry.deleted = gen, True
             self.tombstones[key] = None
@@ -156,12 +156,20 @@ class Events:
                  legacy_ids: Legacy | None = None) -> list[dict[str, Any]]:
         everything, names, objects = sub
         out = []
-        start = bisect.bisect_right(self.log_gens, since)
         changed = []
-        for gen, key in zip(self.log_gens[start:], self.log_keys[start:], strict=True):
-            entry = self.entries.get(key)
-            if entry is not None and entry.modified == gen:
-                changed.append((key, entry))
+        if since < 0:  # token "": every object that exists now
+            unchanged = Entry(0, 0)
+            for cls, c in self.store.schema.classes.items():
+                if c.in_db and cls not in HIDDEN:
+                    changed.extend(((cls, ref), self.entries.get((cls, ref), unchanged))
+                                   for ref in self.store.refs(cls))
+            changed.sort(key=lambda item: item[1].modified)
+        else:
+            start = bisect.bisect_right(self.log_gens, since)
+            for gen, key in zip(self.log_gens[start:], self.log_keys[start:], strict=True):
+                entry = self.entries.get(key)
+                if entry is not None and entry.modified == gen:
+                    changed.append((key, entry))
         for (cls, ref), entry in changed:
             if not (everything or cls in names or (cls, ref) in objects):
                 continue

@@ -58,6 +58,21 @@ class Store:
         self._inverse: dict[tuple[str, str], dict[str, set[str]]] = {}
         for _cls, _field, src_cls, src_field in schema.relations():
             self._inverse[(src_cls, src_field)] = defaultdict(set)
+        # Per class: the ref fields that feed a relation index, and the stored field names.
+        self._feeds: dict[str, list[tuple[str, dict[str, set[str]]]]] = {
+            name: [(f, index) for (c, f), index in self._inverse.items() if c == name] for name in schema.classes
+        }
+        self._stored: dict[str, dict[str, str]] = {
+            name: {f.name: f.name for f in c.fields.values() if f.derived_from is None}
+            for name, c in schema.classes.items()
+        }
+        # Rows hold only the fields that differ from these; loading starts from a copy of them.
+        # The default objects are shared between records, which is safe because committed records
+        # are never mutated in place (transactions work on deep copies).
+        self._defaults: dict[str, Record] = {
+            name: {f.name: f.initial() for f in c.fields.values() if f.derived_from is None}
+            for name, c in schema.classes.items()
+        }
         self.generation = 0
         # Called under the store lock after every commit with (generation, changes), each change
         # being (cls, ref, op, old, new) with op "add", "mod" or "del"; the event system subscribes here.
@@ -90,6 +105,7 @@ class Store:
                 row = db.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()
                 if not row or row[0] != str(FORMAT_VERSION):
                     raise StoreCorrupt(f"{path}: unknown store format {row}")
+                shared: dict[str, str] = {}
                 for ref, cls, data in db.execute("SELECT ref, cls, data FROM objects"):
                     if cls not in self._tables:
                         raise StoreCorrupt(f"{path}: object {ref} of unknown class {cls}")
@@ -99,17 +115,30 @@ class Store:
                         raise StoreCorrupt(f"{path}: object {ref} is not valid JSON: {e}") from e
                     if not isinstance(rec, dict) or not isinstance(rec.get("uuid"), str):
                         raise StoreCorrupt(f"{path}: object {ref} has no uuid")
-                    self._install(cls, ref, None, self._complete(cls, rec))
+                    self._install(cls, ref, None, self._complete(cls, rec, shared))
         except sqlite3.DatabaseError as e:
             raise StoreCorrupt(f"{path}: {e}") from e
         self._db = db
 
-    def _complete(self, cls: str, rec: Record) -> Record:
-        """Fill fields added to the schema since the row was written (xapi's upgrade rule)."""
-        for name, f in self.schema.classes[cls].fields.items():
-            if f.derived_from is None and name not in rec:
-                rec[name] = f.initial()
-        return rec
+    def _complete(self, cls: str, rec: Record, shared: dict[str, str]) -> Record:
+        """A stored row back as a full record: schema defaults for every field the row omits.
+
+        This is also xapi's upgrade rule for fields added since the row was written.  Short string
+        values are shared between records (100,000 VMs hold many equal ones).
+        """
+        names = self._stored[cls]
+        out = dict(self._defaults[cls])
+        for k, v in rec.items():
+            if type(v) is str and len(v) <= 64:
+                v = shared.setdefault(v, v)
+            out[names.get(k, k)] = v
+        return out
+
+    def _row(self, cls: str, rec: Record) -> str:
+        """The JSON stored for ``rec``: uuid plus every field that differs from its default."""
+        defaults = self._defaults[cls]
+        slim = {k: v for k, v in rec.items() if k == "uuid" or k not in defaults or v != defaults[k]}
+        return json.dumps(slim, separators=(",", ":"))
 
     def close(self) -> None:
         with self.lock:
@@ -121,25 +150,24 @@ class Store:
 
     def _install(self, cls: str, ref: str, old: Record | None, new: Record | None) -> None:
         table = self._tables[cls]
+        feeds = self._feeds[cls]
         if old is not None:
             self._uuids[cls].pop(old["uuid"], None)
-            for (src_cls, src_field), index in self._inverse.items():
-                if src_cls == cls:
-                    target = old.get(src_field)
-                    if target in index:
-                        index[target].discard(ref)
-                        if not index[target]:
-                            del index[target]
+            for src_field, index in feeds:
+                target = old.get(src_field)
+                if target in index:
+                    index[target].discard(ref)
+                    if not index[target]:
+                        del index[target]
         if new is None:
             table.pop(ref, None)
             return
         table[ref] = new
         self._uuids[cls][new["uuid"]] = ref
-        for (src_cls, src_field), index in self._inverse.items():
-            if src_cls == cls:
-                target = new.get(src_field)
-                if isinstance(target, str) and target != NULL_REF:
-                    index[target].add(ref)
+        for src_field, index in feeds:
+            target = new.get(src_field)
+            if isinstance(target, str) and target != NULL_REF:
+                index[target].add(ref)
 
     # -- reads (committed state) -------------------------------------------------------------------
 
@@ -215,7 +243,7 @@ class Store:
                 else:
                     db.execute(
                         "INSERT OR REPLACE INTO objects (ref, cls, data) VALUES (?, ?, ?)",
-                        (ref, cls, json.dumps(rec, separators=(",", ":"))),
+                        (ref, cls, self._row(cls, rec)),
                     )
             db.execute("COMMIT")
         except sqlite3.Error as e:
