@@ -104,7 +104,7 @@ class Params:
 
 
 FULL = Params(mode="full", rounds=5, duration=1.0, warmup=0.3, clients=(1, 8),
-              growth_vms=(100, 10_000, 100_000), latency_calls=200, growth_warmup=5.0, query_calls=5,
+              growth_vms=(100, 10_000, 100_000), latency_calls=200, growth_warmup=3.0, query_calls=5,
               startup_objects=(100, 100_000), startup_rounds=3, ha_hosts=(3, 16, 64), ha_rounds=3,
               adapter_calls=20, budget=540.0)
 SMOKE = Params(mode="smoke", rounds=1, duration=0.15, warmup=0.05, clients=(1, 8),
@@ -470,6 +470,7 @@ class Bench:
         self.sample: list[str] = []  # refs of bulk-created VMs, oldest first
         self.rng = random.Random(6)
         self.names = 0
+        self.large_started = float("nan")
 
     def log(self, text: str) -> None:
         print(f"[{self.results.elapsed():6.1f}s] {text}", file=sys.stderr, flush=True)
@@ -584,25 +585,45 @@ class Bench:
 
     # 3. growth ----------------------------------------------------------------------------------
 
-    def growth_point(self, daemon: Daemon, session: str, vms: int, into: dict[str, dict[int, list[float]]]) -> None:
-        pool = list(self.sample)
-        n = self.p.latency_calls
-        # Warm up with both calls: right after a start on a large store the first seconds of
-        # commits are slower (a start-up effect, not growth; see the README).
+    def growth(self, points: list[tuple[int, Daemon, list[str]]]) -> Daemon:
+        """Latency of reads and writes at every size, all daemons up at once and measured in
+        interleaved rounds (so that a slow spell of the machine's disk hits every size alike);
+        returns the daemon of the largest size, still running."""
+        timings: dict[str, dict[int, list[float]]] = {"VM.get_record": {}, WRITE_METHOD: {}}
+        sessions: dict[int, str] = {}
+        started: dict[int, float] = {}
+        for vms, daemon, _pool in points:
+            started[vms] = daemon.start()
+            sessions[vms] = daemon.session()._session
+
+        def batch(vms: int, daemon: Daemon, pool: list[str], n: int) -> tuple[float, float]:
+            session = sessions[vms]
+            reads = [encode("VM.get_record", session, self.rng.choice(pool)) for _ in range(n)]
+            writes = [encode(WRITE_METHOD, session, self.rng.choice(pool), self.new_name()) for _ in range(n)]
+            return median(latencies(daemon.port, reads)), median(latencies(daemon.port, writes))
+
+        # Warm-up: right after a start the first seconds of commits can be slower (a start-up
+        # effect, not growth).
         until = time.perf_counter() + self.p.growth_warmup
         while True:
-            latencies(daemon.port, [encode("VM.get_record", session, self.rng.choice(pool)) for _ in range(10)])
-            latencies(daemon.port, [encode(WRITE_METHOD, session, self.rng.choice(pool), self.new_name())
-                                    for _ in range(10)])
+            for vms, daemon, pool in points:
+                batch(vms, daemon, pool, 10)
             if time.perf_counter() >= until:
                 break
         for _ in range(self.p.rounds):
-            reads = [encode("VM.get_record", session, self.rng.choice(pool)) for _ in range(n)]
-            writes = [encode(WRITE_METHOD, session, self.rng.choice(pool), self.new_name()) for _ in range(n)]
-            into["VM.get_record"].setdefault(vms, []).append(median(latencies(daemon.port, reads)))
-            into[WRITE_METHOD].setdefault(vms, []).append(median(latencies(daemon.port, writes)))
-        self.log(f"growth at {vms} VMs: get_record {median(into['VM.get_record'][vms]) * 1e3:.3f} ms, "
-                 f"set_name_label {median(into[WRITE_METHOD][vms]) * 1e3:.3f} ms")
+            for vms, daemon, pool in points:
+                read, write = batch(vms, daemon, pool, self.p.latency_calls)
+                timings["VM.get_record"].setdefault(vms, []).append(read)
+                timings[WRITE_METHOD].setdefault(vms, []).append(write)
+        for vms, _daemon, _pool in points:
+            self.log(f"growth at {vms} VMs: get_record {median(timings['VM.get_record'][vms]) * 1e3:.3f} ms, "
+                     f"set_name_label {median(timings[WRITE_METHOD][vms]) * 1e3:.3f} ms")
+        self.growth_figures(timings)
+        for _vms, daemon, _pool in points[:-1]:
+            daemon.stop()
+            shutil.rmtree(daemon.state_dir, ignore_errors=True)
+        self.large_started = started[points[-1][0]]
+        return points[-1][1]
 
     def growth_figures(self, points: dict[str, dict[int, list[float]]]) -> None:
         for method, by_size in points.items():
@@ -637,36 +658,40 @@ class Bench:
         d = Daemon(self.procs, self.work, "store", self.conf)
         d.start()  # seeds the demo pool
         d.stop()
-        points: dict[str, dict[int, list[float]]] = {"VM.get_record": {}, WRITE_METHOD: {}}
-
         out = self.bulk(d, objects=self.p.startup_objects[0])
         self.startup(d, "startup.small", out["objects"], None)
-
+        points: list[tuple[int, Daemon, list[str]]] = []  # (VMs, daemon on a copy of that state, its VMs)
         for i, vms in enumerate(self.p.growth_vms):
             if i == 2:
                 out = self.bulk(d, objects=self.p.startup_objects[1])
                 self.startup(d, "startup.large", out["objects"], "<= 3")
             out = self.bulk(d, vms=vms)
-            started = d.start()
-            try:
-                s = d.session()
-                session = s._session
-                if i == 0:
-                    self.throughput_phase(d, session, s.xenapi)
-                self.growth_point(d, session, out["vms"], points)
-                if i == 1:
-                    self.query(d, session, out["vms"])
-                if i == 2:
-                    rss, peak = d.rss_mib()
-                    self.results.add("rss.large", f"resident memory, {out['vms']:,} VMs", rss, "MiB",
-                                     f"peak {peak:,.0f} MiB, start-up {started:.1f} s", "<= 1024",
-                                     vms=out["vms"], objects=out["objects"], peak_mib=round(peak, 1),
-                                     startup_s=round(started, 3))
-                    self.log(f"RSS with {out['vms']} VMs: {rss:.0f} MiB (peak {peak:.0f})")
-                s.xenapi.session.logout()
-            finally:
-                d.stop()
-        self.growth_figures(points)
+            if i < 2:
+                snapshot = Daemon(self.procs, self.work, f"growth-{i}", self.conf)
+                shutil.copytree(d.state_dir, snapshot.state_dir)
+                points.append((out["vms"], snapshot, list(self.sample)))
+                d.start()
+                try:
+                    s = d.session()
+                    if i == 0:
+                        self.throughput_phase(d, s._session, s.xenapi)
+                    else:
+                        self.query(d, s._session, out["vms"])
+                    s.xenapi.session.logout()
+                finally:
+                    d.stop()
+            else:
+                points.append((out["vms"], d, list(self.sample)))
+        large = self.growth(points)
+        try:
+            rss, peak = large.rss_mib()
+            self.results.add("rss.large", f"resident memory, {out['vms']:,} VMs", rss, "MiB",
+                             f"peak {peak:,.0f} MiB, start-up {self.large_started:.1f} s", "<= 1024",
+                             vms=out["vms"], objects=out["objects"], peak_mib=round(peak, 1),
+                             startup_s=round(self.large_started, 3))
+            self.log(f"RSS with {out['vms']} VMs: {rss:.0f} MiB (peak {peak:.0f})")
+        finally:
+            large.stop()
         shutil.rmtree(d.state_dir, ignore_errors=True)
 
     # 6 and 7. HA -----------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ DEFAULTS: dict[str, tuple[str, Any, str]] = {
     "session-idle-timeout": ("float", 86400.0, "seconds an unused session stays valid (xapi: 24 h)"),
     "login-failure-delay": ("float", 5.0, "seconds a failed login waits before answering (xapi: 5)"),
     "max-request-size": ("int", 4 * 1024 * 1024, "largest request body accepted, in bytes"),
-    "worker-threads": ("int", 64, "most calls served at once"),
+    "worker-threads": ("int", 256, "most connections served at once (each on its own thread)"),
 }
 
 

@@ -45,6 +45,9 @@ ERROR_PAGE = (
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # A connection idle or stalled this long (no bytes of a request arriving) is closed, so slow
+    # clients cannot pin server threads.  Calls that block in the daemon (event.from) are unaffected.
+    timeout = 60
     disable_nagle_algorithm = True
     server_version = "xapid"
     sys_version = ""
@@ -146,6 +149,25 @@ class ApiServer:
         self.daemon = daemon
         self._inflight = 0
         self._cv = threading.Condition()
+        self._slots = threading.BoundedSemaphore(int(daemon.config["worker-threads"]))
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Serve each connection on its own thread, at most ``worker-threads`` at once.
+
+        Beyond that, accepting waits for a free slot (back-pressure) instead of spawning without bound.
+        """
+        self._slots.acquire()
+        try:
+            super().process_request(request, client_address)  # type: ignore[misc]
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)  # type: ignore[misc]
+        finally:
+            self._slots.release()
 
     def call(self, method: str, params: list[Any]) -> tuple[Reply | None, list[str] | None]:
         """Dispatch one call; return (reply, None) or (None, ErrorDescription). Logs one line."""

@@ -102,8 +102,10 @@ class Disks:
                 f.truncate(size)
                 f.flush()
                 os.fsync(f.fileno())
-        except OSError as e:
-            raise ApiError("SR_BACKEND_FAILURE", "1", "", f"cannot create VDI file: {e.strerror}") from None
+        except (OSError, OverflowError) as e:
+            path.unlink(missing_ok=True)  # the call fails, so no file may remain
+            reason = e.strerror if isinstance(e, OSError) else str(e)
+            raise ApiError("SR_BACKEND_FAILURE", "1", "", f"cannot create VDI file: {reason}") from None
         return path
 
     def remove_vdi(self, sr_uuid: str, vdi_uuid: str) -> None:

@@ -234,8 +234,8 @@ class HaManager:
                 raise failures[0]
             tasks.progress(task, len(hosts) / steps)
             tasks.check_cancelled(task)
-            master_done = threading.Event()
-            results = self.in_parallel(hosts, lambda h: self._join(h, master, master_done))
+            master_done, master_ok = threading.Event(), threading.Event()
+            results = self.in_parallel(hosts, lambda h: self._join(h, master, master_done, master_ok))
             failures = [e for _h, e in results if e is not None]
             if failures:
                 raise failures[0]
@@ -359,23 +359,22 @@ class HaManager:
         peers = {h["uuid"]: h["address"] for _r, h in self.hosts()}
         self.local.set(uuid, ha_peers=peers, ha_base_t=int(str(base_t)))
 
-    def _join(self, host: str, master: str, master_done: threading.Event) -> None:
-        """``Host.ha_join_liveset`` (ha.md 4.3); ``master_done`` is set once the master's join ended."""
-        try:
-            self._start_and_arm(host)
-        except BaseException:
-            if host == master:
-                master_done.set()
-            raise
+    def _join(self, host: str, master: str, master_done: threading.Event, master_ok: threading.Event) -> None:
+        """``Host.ha_join_liveset`` (ha.md 4.3); the master sets ``master_done`` (and ``master_ok``)."""
         if host == master:
             try:
+                self._start_and_arm(host)
                 self._claim_master(host)
+                master_ok.set()
             finally:
                 master_done.set()
             return
+        self._start_and_arm(host)
         # xapi's slaves poll their liveset every 5 s until the master shows up as master; waiting for
         # the master's own join first keeps a large pool from spawning a query per host per poll.
         master_done.wait(self.daemon.config["ha-script-timeout"])
+        if master_done.is_set() and not master_ok.is_set():
+            raise internal("the master failed to join the liveset during HA enable")
         master_uuid = self.host_uuid(master)
         deadline = time.monotonic() + self.daemon.config["ha-script-timeout"]
         while True:
