@@ -9,7 +9,8 @@ rounds and prints a table; the median figures go to ``--out`` (``bench/results.j
 2. durable write throughput of ``VM.set_name_label`` (1 and 8 clients), as a ratio to the
    ``VM.get_record`` throughput at the same concurrency;
 3. growth: median latency of ``VM.set_name_label`` and ``VM.get_record`` with 100, 10,000 and
-   100,000 VMs (built by :mod:`bench.bulk`, untimed), ratio largest / smallest;
+   100,000 VMs (built by :mod:`bench.bulk`, untimed), ratio largest / smallest; the three
+   daemons run at once and their rounds are interleaved;
 4. ``VM.get_all_records_where`` with a one-field filter over 10,000 VMs: latency;
 5. start-up (``xapid serve`` to the URL file) with 100 and 100,000 persisted objects, and the
    daemon's resident memory with 100,000 VMs;
@@ -93,7 +94,7 @@ class Params:
     clients: tuple[int, int]
     growth_vms: tuple[int, int, int]  # VM records in the store at the three growth points
     latency_calls: int  # sequential calls per growth latency round
-    growth_warmup: float  # seconds of untimed reads and writes before each growth point
+    growth_warmup: float  # seconds of untimed reads and writes on every growth daemon first
     query_calls: int  # get_all_records_where calls (at growth_vms[1])
     startup_objects: tuple[int, int]  # persisted objects for the two start-up figures
     startup_rounds: int

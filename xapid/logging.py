@@ -3,10 +3,45 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
+from typing import Any
 
 import structlog
 from structlog.tracebacks import ExceptionDictTransformer
+
+
+class FdLogger:
+    """A structlog logger that writes each line with one ``write(2)`` on a file descriptor.
+
+    One call, one line: with stderr in append mode (or a pipe, for lines under PIPE_BUF) whole
+    lines never interleave, so unlike structlog's PrintLogger no lock and no flush are needed on
+    the per-call hot path.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def msg(self, message: str) -> None:
+        data = (message + "\n").encode("utf-8", "replace")
+        while data:
+            try:
+                written = os.write(self.fd, data)
+            except InterruptedError:
+                continue
+            except OSError:
+                return  # a closed or broken stderr must not fail a call
+            data = data[written:]
+
+    log = debug = info = warn = warning = error = critical = exception = fatal = msg
+
+
+def fd_logger_factory(*_args: Any) -> Any:
+    """An :class:`FdLogger` on stderr, or structlog's PrintLogger when stderr has no descriptor."""
+    try:
+        return FdLogger(sys.stderr.fileno())
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is both
+        return structlog.PrintLogger(sys.stderr)
 
 
 def configure(level: str = "info") -> None:
@@ -28,6 +63,6 @@ def configure(level: str = "info") -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(lvl),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=fd_logger_factory,
         cache_logger_on_first_use=True,
     )
