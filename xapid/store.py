@@ -240,11 +240,12 @@ class Store:
             for cls, ref, rec in rows:
                 if rec is None:
                     db.execute("DELETE FROM objects WHERE ref = ?", (ref,))
+                elif self.get(cls, ref) is not None:  # still the committed state: the row exists
+                    # An UPDATE in place writes a fraction of the WAL frames INSERT OR REPLACE does.
+                    db.execute("UPDATE objects SET data = ? WHERE ref = ?", (self._row(cls, rec), ref))
                 else:
-                    db.execute(
-                        "INSERT OR REPLACE INTO objects (ref, cls, data) VALUES (?, ?, ?)",
-                        (ref, cls, self._row(cls, rec)),
-                    )
+                    db.execute("INSERT INTO objects (ref, cls, data) VALUES (?, ?, ?)",
+                               (ref, cls, self._row(cls, rec)))
             db.execute("COMMIT")
         except sqlite3.Error as e:
             try:
