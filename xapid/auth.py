@@ -161,13 +161,10 @@ class Sessions:
         if not isinstance(ref, str) or not self.store.exists("session", ref):
             raise ApiError("SESSION_INVALID", ref if isinstance(ref, str) else str(ref))
         now = time.monotonic()
-        with self._lock:
-            last = self._last_seen.get(ref, 0.0)
-            if now - last > self.idle_timeout:
-                expired = True
-            else:
-                expired = False
-                self._last_seen[ref] = now
+        # Single dict operations are atomic: no lock on this per-call path.
+        expired = now - self._last_seen.get(ref, 0.0) > self.idle_timeout
+        if not expired:
+            self._last_seen[ref] = now
         if expired:
             self.logout(ref)
             raise ApiError("SESSION_INVALID", ref)

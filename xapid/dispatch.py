@@ -10,6 +10,7 @@ support, RBAC; then runs the implementation.  Every refusal is an
 
 from __future__ import annotations
 
+import copy
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -318,7 +319,7 @@ class Dispatcher:
             if i < len(args):
                 values.append(self.coerce(args[i], p.type))
             else:
-                values.append(p.default)
+                values.append(copy.deepcopy(p.default))  # a handler may keep or change it
         if method.session:
             assert session is not None
             self.daemon.sessions.check(session)

@@ -190,8 +190,16 @@ class Store:
         return self._uuids[cls].get(uuid)
 
     def referrers(self, src_cls: str, src_field: str, target: str) -> list[str]:
-        with self.lock:
-            return sorted(self._inverse[(src_cls, src_field)].get(target, ()))
+        """Refs of ``src_cls`` objects whose ``src_field`` names ``target`` (sorted)."""
+        found = self._inverse[(src_cls, src_field)].get(target)
+        if not found:
+            return []
+        try:
+            # Readers do not queue on the store lock; only a commit racing this read retries under it.
+            return sorted(found)
+        except RuntimeError:
+            with self.lock:
+                return sorted(found)
 
     def touch(self, cls: str, ref: str) -> int:
         """Record a modification of ``ref`` without changing it (``event.inject``); return the prior generation."""
