@@ -153,12 +153,17 @@ def xapid(xapid_factory: object) -> Xapid:
     return xapid_factory()  # type: ignore[operator]
 
 
-@pytest.fixture
-def api(xapid: Xapid) -> Iterator[object]:
-    """``session.xenapi`` of a root session on :func:`xapid`."""
-    s = xapid.session()
+def root_api(daemon: Xapid) -> Iterator[object]:
+    """Yield ``session.xenapi`` of a fresh root session on ``daemon``; log out afterwards."""
+    s = daemon.session()
     yield s.xenapi
     try:
         s.xenapi.session.logout()
-    except Exception:  # noqa: BLE001 - the daemon may be gone already
+    except Exception:  # noqa: BLE001 - the daemon may be gone, or the test logged out already
         pass
+
+
+@pytest.fixture
+def api(xapid: Xapid) -> Iterator[object]:
+    """``session.xenapi`` of a root session on :func:`xapid`."""
+    yield from root_api(xapid)

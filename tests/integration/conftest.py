@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 
+from tests.conftest import Xapid, kill_heartbeats, root_api, write_conf
 from xapid import schema as schema_mod
 from xapid.generic import constructor_fields
 from xapid.schema import Schema
@@ -43,41 +42,24 @@ VM_MANDATORY: dict[str, Any] = {
 }
 
 
-ROOT_CONFTEST = Path(__file__).resolve().parents[1] / "conftest.py"
-
-
-def _root_conftest(config: pytest.Config) -> ModuleType:
-    """The already-loaded tests/conftest.py (home of ``Xapid`` and ``write_conf``)."""
-    for plugin in config.pluginmanager.get_plugins():
-        if Path(getattr(plugin, "__file__", "") or "/").resolve() == ROOT_CONFTEST:
-            return plugin  # type: ignore[no-any-return]
-    raise RuntimeError("tests/conftest.py is not loaded")
-
-
 @pytest.fixture(scope="module")
-def shared_xapid(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+def shared_xapid(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """One daemon (default settings, 3 hosts) for all tests of a module that only read or add objects.
 
     Tests that restart, kill or reconfigure the daemon use ``xapid_factory`` instead.
     """
-    root = _root_conftest(request.config)
     tmp = tmp_path_factory.mktemp("shared")
-    d = root.Xapid(tmp / "state", root.write_conf(tmp / "state.conf"), ["--hosts", "3"])
+    d = Xapid(tmp / "state", write_conf(tmp / "state.conf"), ["--hosts", "3"])
     d.start()
     yield d
     d.stop()
-    root.kill_heartbeats(d.state_dir)
+    kill_heartbeats(d.state_dir)
 
 
 @pytest.fixture
 def shared_api(shared_xapid: Any) -> Iterator[Any]:
     """``session.xenapi`` of a fresh root session on :func:`shared_xapid`."""
-    s = shared_xapid.session()
-    yield s.xenapi
-    try:
-        s.xenapi.session.logout()
-    except Exception:  # noqa: BLE001 - a test may have logged out already
-        pass
+    yield from root_api(shared_xapid)
 
 
 @pytest.fixture(scope="session")
