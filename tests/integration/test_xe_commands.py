@@ -162,3 +162,32 @@ def test_vm_power_commands(xe: Xe, api: Any) -> None:
     make_vm(api, "web")
     assert "--multiple" in xe.fail("vm-start", "vm=web")
     assert xe.fail("vm-start", "uuid=zzz") == "The uuid you supplied was invalid.\ntype: VM\nuuid: zzz\n"
+
+
+def test_vm_multiple_start_on_and_paused(xe: Xe, api: Any) -> None:
+    """``--multiple`` reports each failing VM and goes on; ``on=`` uses VM.start_on; ``paused=true``."""
+    vms = [make_vm(api, "batch") for _ in range(3)]
+    uuids = [api.VM.get_uuid(vm) for vm in vms]
+    assert xe.ok("vm-start", f"uuid={uuids[0]}") == ""
+    r = xe("vm-start", "name-label=batch", "--multiple")
+    assert (r.rc, r.out) == (1, "")
+    lines = r.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        f"operation failed on {uuids[0]}: You attempted an operation on a VM that was not in an appropriate power")
+    assert "actual: running" in lines[0]
+    assert [api.VM.get_power_state(vm) for vm in vms] == ["Running"] * 3
+    assert xe.ok("vm-shutdown", "name-label=batch", "power-state=running", "--multiple") == ""
+    assert [api.VM.get_power_state(vm) for vm in vms] == ["Halted"] * 3
+    r = xe("vm-reboot", "name-label=batch", "--multiple")
+    assert r.rc == 1 and sorted(line.split(":")[0] for line in r.err.splitlines()) == \
+        sorted(f"operation failed on {u}" for u in uuids)
+    host2 = api.host.get_by_name_label("host2")[0]
+    assert xe.ok("vm-start", f"uuid={uuids[1]}", "on=host2", "paused=true") == ""
+    assert api.VM.get_resident_on(vms[1]) == host2 and api.VM.get_power_state(vms[1]) == "Paused"
+    host3 = api.host.get_by_name_label("host3")[0]
+    assert xe.ok("vm-start", f"uuid={uuids[2]}", f"on={api.host.get_uuid(host3)}") == ""
+    assert api.VM.get_resident_on(vms[2]) == host3 and api.VM.get_power_state(vms[2]) == "Running"
+    assert "VM.start_on" in xe.daemon.log()
+    assert xe.fail("vm-start", f"uuid={uuids[0]}", "on=nosuch").endswith("message: Failure: Host nosuch not found\n")
+    assert xe.ok("vm-shutdown", "name-label=batch", "power-state=running", "--multiple", "--force") == ""
+    assert api.VM.get_power_state(vms[0]) == "Halted" and api.VM.get_power_state(vms[2]) == "Halted"

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.test_xe_support import REPO, Xe, values
+from tests.integration.test_xe_support import REPO, Xe, make, values
 
 INTERNAL = ("The server failed to handle your request, due to an internal error. The given message may give"
             " details useful for debugging the problem.\n")
@@ -109,3 +109,28 @@ def test_sm_required_cluster_stack_is_comma_joined(xapid_factory: Any, tmp_path:
     assert xe.get("sm", sm, "required-cluster-stack") == "xhad,melio"
     assert values(xe.ok("sm-list", "type=twostack", "params=required-cluster-stack")) == \
         [{"required-cluster-stack": "xhad,melio"}]
+
+
+def test_ha_compute_hypothetical_max(xe: Xe, api: Any) -> None:
+    """Repeated ``vm-uuid=``/``restart-priority=`` pairs are matched in order (ha.md 8)."""
+    size = str(50 * 1024**3)
+    a, b = (api.VM.get_uuid(make(api, "VM", name_label=name, is_a_template=False, memory_static_max=size,
+                                 memory_dynamic_max=size, memory_dynamic_min=size, memory_static_min=size,
+                                 VCPUs_max="1", VCPUs_at_startup="1")) for name in ("a", "b"))
+    command = "pool-ha-compute-hypothetical-max-host-failures-to-tolerate"
+    assert xe.ok(command) == "3\n"
+    assert xe.ok(command, f"vm-uuid={a}", "restart-priority=restart") == "2\n"
+    assert xe.ok(command, f"vm-uuid={a}", f"vm-uuid={b}", "restart-priority=restart",
+                 "restart-priority=restart") == "1\n"
+    assert xe.ok(command, f"vm-uuid={a}", "restart-priority=best-effort", f"vm-uuid={b}",
+                 "restart-priority=restart") == "2\n"
+    assert xe.ok(command, f"vm-uuid={b}", f"vm-uuid={a}", "restart-priority=restart",
+                 "restart-priority=") == "2\n"
+    assert '"method": "pool.ha_compute_hypothetical_max_host_failures_to_tolerate"' in xe.daemon.log()
+    assert xe.fail(command, f"vm-uuid={a}", f"vm-uuid={b}", "restart-priority=restart") == INTERNAL + (
+        "message: Failure: Call requires an equal number of vm-uuid and restart-priority arguments\n")
+    err = xe.fail(command, f"vm-uuid={a}", "restart-priority=always")
+    assert "ha_restart_priority" in err and "always" in err
+    assert xe.fail(command, "vm-uuid=nope", "restart-priority=restart") == \
+        "The uuid you supplied was invalid.\ntype: VM\nuuid: nope\n"
+    assert xe.get("vm", a, "ha-restart-priority") == ""

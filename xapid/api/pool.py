@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from xapid.api import Call, handler
+from xapid.api.vm import RESTART_PRIORITIES
 from xapid.errors import ApiError
 
 
@@ -33,3 +34,18 @@ def ha_compute_max_host_failures_to_tolerate(call: Call) -> int:
 @handler("pool.ha_failover_plan_exists")
 def ha_failover_plan_exists(call: Call, n: int) -> bool:
     return call.daemon.ha.plan_exists(n)
+
+
+@handler("pool.ha_compute_hypothetical_max_host_failures_to_tolerate")
+def ha_compute_hypothetical_max_host_failures_to_tolerate(call: Call, configuration: dict[str, str]) -> int:
+    """The failures tolerated if exactly the VMs given ``restart`` in ``configuration`` were protected."""
+    protected = []
+    for vm, priority in configuration.items():
+        if priority not in RESTART_PRIORITIES:
+            raise ApiError("INVALID_VALUE", "ha_restart_priority", priority)
+        rec = call.store.get("VM", vm)
+        if rec is None:
+            raise ApiError("HANDLE_INVALID", "VM", vm)
+        if priority == "restart":
+            protected.append(rec)
+    return call.daemon.ha.compute_max_failures(protected=protected)

@@ -560,7 +560,7 @@ def vdi_create(ctx: Context, args: Args) -> None:
     _print_uuid(ctx, "VDI", ctx.rpc.call("VDI.create", values))
 
 
-VM_OP_KEYS = ("vm", "uuid", "force", "multiple", "minimal")
+VM_OP_KEYS = ("vm", "uuid", "force", "multiple", "minimal", "on", "paused")
 
 
 def select_vms(ctx: Context, args: Args) -> list[str]:
@@ -580,14 +580,37 @@ def select_vms(ctx: Context, args: Args) -> list[str]:
     return refs
 
 
+def host_named(ctx: Context, text: str) -> str:
+    """The ref of the host whose uuid or name-label is ``text`` (``vm-start on=``)."""
+    for ref, rec in ctx.db.records("host").items():
+        if text in (rec.get("uuid"), rec.get("name_label")):
+            return ref
+    raise failwith(f"Host {text} not found")
+
+
 def _vm_op(clean: str, forced: str | None = None) -> Run:
+    """A vm-* power operation; with ``--multiple``, a failing VM is reported and the others still run."""
+
     def run(ctx: Context, args: Args) -> None:
         method = forced if forced and args.flag("force") else clean
+        on = args.get("on")
+        host = host_named(ctx, on) if method == "start" and on is not None else None
+        failures: list[str] = []
         for vm in select_vms(ctx, args):
-            if method == "start":
-                ctx.rpc.call("VM.start", vm, False, args.flag("force"))
-            else:
-                ctx.rpc.call(f"VM.{method}", vm)
+            try:
+                if method == "start" and host is not None:
+                    ctx.rpc.call("VM.start_on", vm, host, args.flag("paused"), args.flag("force"))
+                elif method == "start":
+                    ctx.rpc.call("VM.start", vm, args.flag("paused"), args.flag("force"))
+                else:
+                    ctx.rpc.call(f"VM.{method}", vm)
+            except ApiFailure as e:
+                if not args.flag("multiple"):
+                    raise
+                message = "; ".join(output.api_error_lines(e.code, e.params, ctx.db.describe))
+                failures.append(f"operation failed on {ctx.db.uuid_of('VM', vm) or vm}: {message}")
+        if failures:
+            raise XeError(*failures)
 
     return run
 
@@ -606,6 +629,17 @@ def pool_ha_disable(ctx: Context, args: Args) -> None:
 
 def pool_ha_compute_max(ctx: Context, args: Args) -> None:
     ctx.out.write(f"{int(ctx.rpc.call('pool.ha_compute_max_host_failures_to_tolerate'))}\n")
+
+
+def pool_ha_compute_hypothetical_max(ctx: Context, args: Args) -> None:
+    """Pair the ``vm-uuid=`` and ``restart-priority=`` arguments in order and print the failures tolerated."""
+    vms = [v for k, v in args.pairs if k == "vm-uuid"]
+    priorities = [v for k, v in args.pairs if k == "restart-priority"]
+    if len(vms) != len(priorities):
+        raise failwith("Call requires an equal number of vm-uuid and restart-priority arguments")
+    configuration = {ctx.db.ref_of("VM", uuid): priority for uuid, priority in zip(vms, priorities, strict=True)}
+    result = ctx.rpc.call("pool.ha_compute_hypothetical_max_host_failures_to_tolerate", configuration)
+    ctx.out.write(f"{int(result)}\n")
 
 
 def host_emergency_ha_disable(ctx: Context, args: Args) -> None:
@@ -634,7 +668,8 @@ def named_commands() -> list[Command]:
         Command("vdi-create", vdi_create, ("sr-uuid", "name-label", "virtual-size"),
                 ("type", "sharable", "read-only", "name-description"), "Creates a VDI; prints its uuid."),
         Command("vdi-destroy", _on_uuid("VDI", "destroy"), ("uuid",), (), "Destroys a VDI."),
-        Command("vm-start", _vm_op("start"), (), ("vm", "uuid", "force", "multiple"), "Starts the selected VM(s)."),
+        Command("vm-start", _vm_op("start"), (), ("vm", "uuid", "force", "multiple", "on", "paused"),
+                "Starts the selected VM(s), on host on= (name-label or uuid) if given, paused if paused=true."),
         Command("vm-shutdown", _vm_op("clean_shutdown", "hard_shutdown"), (), ("vm", "uuid", "force", "multiple"),
                 "Shuts down the selected VM(s); --force hard-shuts them down."),
         Command("vm-reboot", _vm_op("clean_reboot", "hard_reboot"), (), ("vm", "uuid", "force", "multiple"),
@@ -644,6 +679,10 @@ def named_commands() -> list[Command]:
         Command("pool-ha-disable", pool_ha_disable, (), (), "Disables HA on the pool."),
         Command("pool-ha-compute-max-host-failures-to-tolerate", pool_ha_compute_max, (), (),
                 "Computes the maximum number of host failures the pool can tolerate with HA."),
+        Command("pool-ha-compute-hypothetical-max-host-failures-to-tolerate", pool_ha_compute_hypothetical_max,
+                (), ("vm-uuid", "restart-priority"),
+                "Computes the host failures the pool could tolerate if the given VMs (repeated vm-uuid=, matched"
+                " in order with repeated restart-priority=) had those restart priorities."),
         Command("host-emergency-ha-disable", host_emergency_ha_disable, (), ("force", "soft"),
                 "Disables HA on the local host in an emergency. Must be forced (--force)."),
     ]

@@ -584,18 +584,22 @@ class HaManager:
             if v["ha_restart_priority"] == "restart" and not v["is_control_domain"] and not v["is_a_template"]
         ]
 
-    def plan_exists(self, n: int) -> bool:
-        """Whether every protected VM still fits after losing the ``n`` largest hosts."""
+    def plan_exists(self, n: int, protected: list[dict[str, Any]] | None = None) -> bool:
+        """Whether every protected VM still fits after losing the ``n`` largest hosts.
+
+        ``protected`` replaces the VMs whose ``ha_restart_priority`` is ``restart`` (hypothetical plans).
+        """
+        vms = self._protected() if protected is None else protected
         free = []
         for _r, h in self.hosts():
             metrics = self.store.get("host_metrics", h["metrics"])
             if metrics and metrics["live"] and h["enabled"]:
                 free.append(int(metrics["memory_total"]) - 4 * 1024**3)
         if n >= len(free):
-            return not self._protected()
+            return not vms
         free.sort()
         remaining = free[: len(free) - n] if n else free
-        need = sorted((int(v["memory_static_max"]) for v in self._protected()), reverse=True)
+        need = sorted((int(v["memory_static_max"]) for v in vms), reverse=True)
         bins = sorted(remaining, reverse=True)
         for size in need:
             for i, room in enumerate(bins):
@@ -606,11 +610,12 @@ class HaManager:
                 return False
         return True
 
-    def compute_max_failures(self, update: bool = False) -> int:
+    def compute_max_failures(self, update: bool = False, protected: list[dict[str, Any]] | None = None) -> int:
+        """The most host failures a plan survives; ``protected`` as in :meth:`plan_exists`."""
         n = len(self.hosts())
         best = 0
         for k in range(n + 1):
-            if self.plan_exists(k):
+            if self.plan_exists(k, protected):
                 best = k
             else:
                 break
