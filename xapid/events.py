@@ -109,11 +109,6 @@ class Events:
                             self._mark(gen, target_cls, target, "mod")
         self.cv.notify_all()
 
-    def wake(self) -> None:
-        """Wake every waiting client (a session was logged out)."""
-        with self.cv:
-            self.cv.notify_all()
-
     # -- helpers ----------------------------------------------------------------------------------
 
     def _subscription(self, classes: list[str]) -> tuple[bool, set[str], set[tuple[str, str]]]:

@@ -21,13 +21,7 @@ from typing import Any
 from xapid.errors import ApiError
 from xapid.schema import Type
 
-Row = Callable[[str], str]  # column name -> stored string (raises MissingColumn)
-
-
-class MissingColumn(Exception):
-    def __init__(self, column: str) -> None:
-        super().__init__(column)
-        self.column = column
+Row = Callable[[str], str]  # column name -> stored string (raises for an unknown column)
 
 
 class ParseError(Exception):

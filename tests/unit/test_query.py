@@ -7,8 +7,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from xapid.errors import ApiError
-from xapid.query import MissingColumn, Node, db_string, evaluate, parse
+from xapid.query import Node, db_string, evaluate, parse
 from xapid.schema import Type, parse_type
+
+
+class MissingColumn(Exception):
+    """What the test's row function raises for a column it does not have."""
+
 
 ROW = {"name__label": "vm1", "power_state": "Running", "is_a_template": "false", "empty": ""}
 
