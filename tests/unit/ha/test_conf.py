@@ -55,17 +55,21 @@ def test_timeouts_t60_match_the_table() -> None:
     ]
 
 
+# ha.md 3.1.4's example (ha-config:timeout=90).
+T90 = {
+    "HeartbeatInterval": 3,
+    "HeartbeatTimeout": 90,
+    "StateFileInterval": 4,
+    "StateFileTimeout": 90,
+    "HeartbeatWatchdogTimeout": 90,
+    "StateFileWatchdogTimeout": 105,
+    "BootJoinTimeout": 150,
+    "EnableJoinTimeout": 150,
+}
+
+
 def test_timeouts_t90_match_the_example() -> None:
-    assert conf.timeouts(90) == {
-        "HeartbeatInterval": 3,
-        "HeartbeatTimeout": 90,
-        "StateFileInterval": 4,
-        "StateFileTimeout": 90,
-        "HeartbeatWatchdogTimeout": 90,
-        "StateFileWatchdogTimeout": 105,
-        "BootJoinTimeout": 150,
-        "EnableJoinTimeout": 150,
-    }
+    assert conf.timeouts(90) == T90
 
 
 def test_timeouts_use_integer_division_at_the_minimum() -> None:
@@ -142,17 +146,7 @@ def test_render_parse_round_trip_reproduces_the_example() -> None:
         generation=GENERATION,
         udp_port=694,
         hosts=HOSTS,
-        parameters={
-            "HeartbeatInterval": 3,
-            "HeartbeatTimeout": 90,
-            "StateFileInterval": 4,
-            "StateFileTimeout": 90,
-            "HeartbeatWatchdogTimeout": 90,
-            "StateFileWatchdogTimeout": 105,
-            "BootJoinTimeout": 150,
-            "EnableJoinTimeout": 150,
-            **XAPI,
-        },
+        parameters={**T90, **XAPI},
         local_host_uuid=HOSTS[1][0],
         heartbeat_interface="xenbr0",
         physical_interface="eth0",
