@@ -54,6 +54,7 @@ class HaManager:
             cfg["cluster-stack-root"],
             timeout=cfg["ha-script-timeout"],
             start_timeout=cfg["ha-start-daemon-timeout"],
+            state_dir=daemon.state_dir,
         )
         self.local = LocalDb(daemon.state_dir)
         self._op_lock = threading.Lock()
