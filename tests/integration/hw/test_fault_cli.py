@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.conftest import REPO, Xapid
-from tests.integration.ha.conftest import add_recording_stack
+from tests.integration.ha.conftest import add_recording_stack, wait_for
 
 
 def fault(state_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -57,3 +57,18 @@ def test_partition_a_stack_cannot_feel_is_refused(xapid_factory: Any, stack_root
     s.xenapi.pool.disable_ha()
     allowed = fault(d.state_dir, "partition", "host1", "--", "host2")
     assert allowed.returncode == 0 and allowed.stdout.startswith("network partitioned:")
+
+
+def test_without_ha_a_crashed_host_is_assumed_dead_after_the_interval(xapid_factory: Any) -> None:
+    d = xapid_factory(**{"host-assumed-dead-interval": "1"})
+    x = d.session().xenapi
+    host3 = x.host.get_by_name_label("host3")[0]
+
+    def live() -> bool:
+        return bool(x.host_metrics.get_live(x.host.get_metrics(host3)))
+
+    assert fault(d.state_dir, "crash", "host3").returncode == 0
+    assert live()  # xapi waits for the host heartbeat to time out
+    wait_for(lambda: not live(), timeout=10, what="the host to be assumed dead")
+    assert fault(d.state_dir, "boot", "host3").returncode == 0
+    wait_for(live, timeout=10, what="the booted host to say hello")
