@@ -89,6 +89,7 @@ class Daemon:
         self.ha.start()
 
     def stop(self) -> None:
+        self.hw.prepare_stop()
         self.ha.stop()
         self.liveness.stop()
         self.hw.stop()
