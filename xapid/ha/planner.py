@@ -113,6 +113,7 @@ class Pool:
     vms: dict[str, Vm]
     topology: Topology = field(default_factory=Topology)
     _residents: dict[str, list[Vm]] | None = field(default=None, repr=False)
+    _free: dict[tuple[str, str], int] = field(default_factory=dict, repr=False)
 
     def residents(self, host: str) -> list[Vm]:
         """VMs resident on or scheduled to ``host`` (what Memory_check counts)."""
@@ -124,6 +125,13 @@ class Pool:
                         by_host[h].append(vm)
             self._residents = by_host
         return self._residents.get(host, [])
+
+    def free(self, host: str, policy: str) -> int:
+        """:func:`host_free` of ``host`` with every resident counted (cached: a snapshot is immutable)."""
+        key = (host, policy)
+        if key not in self._free:
+            self._free[key] = host_free(self.hosts[host], self.residents(host), policy)
+        return self._free[key]
 
     def sorted_hosts(self) -> list[Host]:
         return sorted(self.hosts.values(), key=lambda h: h.uuid)
@@ -388,7 +396,7 @@ def restart_plan(pool: Pool, protected: Iterable[str], live_set: Iterable[str] |
 
     free: dict[str, int] = {}
     for h in hosts:
-        amount = host_free(h, pool.residents(h.ref), STATIC_MAX)
+        amount = pool.free(h.ref, STATIC_MAX)
         for ref, dest in change.arriving.items():
             if dest == h.ref:
                 amount -= _arrival_memory(pool.vms[ref])
@@ -421,7 +429,8 @@ def restart_plan(pool: Pool, protected: Iterable[str], live_set: Iterable[str] |
     return RestartPlan({**pinned, **agile_plan}, apply_plan(config, agile_plan), not_restarted, bool(non_agile))
 
 
-def _verdict(rp: RestartPlan, n: int) -> Verdict:
+def verdict(rp: RestartPlan, n: int) -> Verdict:
+    """Whether the world of ``rp`` survives any ``n`` host failures (the rest of plan_for_n_failures)."""
     if rp.not_restarted:
         return Verdict.NONE
     if n < 0 or n > rp.config.total_hosts:
@@ -439,7 +448,7 @@ def plan_for_n_failures(pool: Pool, protected: Iterable[str], n: int, live_set: 
         rp = restart_plan(pool, protected, live_set, change, n)
     except PlanError:
         return Verdict.NONE
-    return _verdict(rp, n)
+    return verdict(rp, n)
 
 
 def bisect(ok: Callable[[int], bool], lower: int, upper: int) -> int:
@@ -466,13 +475,18 @@ def max_failures(pool: Pool, protected: Iterable[str], live_set: Iterable[str] |
                  cap: int | None = None) -> int:
     """``compute_max_host_failures_to_tolerate``: bisection over [0, cap or the host count]."""
     upper = len(pool.hosts) if cap is None else cap
-    if upper <= 0:
-        return 0
     try:
         rp = restart_plan(pool, protected, live_set, NO_CHANGE, 0)
     except PlanError:
         return 0
-    return bisect(lambda k: _verdict(rp, k) is Verdict.ALL, 0, upper)
+    return max_failures_of(rp, upper)
+
+
+def max_failures_of(rp: RestartPlan, upper: int) -> int:
+    """:func:`max_failures` for an already computed restart plan."""
+    if upper <= 0:
+        return 0
+    return bisect(lambda k: verdict(rp, k) is Verdict.ALL, 0, upper)
 
 
 def restart_placement(pool: Pool, protected: Iterable[str], vms: Iterable[str], live_set: Iterable[str],
@@ -500,7 +514,7 @@ def failover_plan(pool: Pool, failed_hosts: Iterable[str], failed_vms: Iterable[
     dead = set(failed_hosts)
     vms = [pool.vms[ref] for ref in dict.fromkeys(failed_vms)]
     hosts = [h for h in pool.sorted_hosts() if h.live and h.ref not in dead]
-    bins = [(h.ref, host_free(h, pool.residents(h.ref), DYNAMIC_MIN)) for h in hosts]
+    bins = [(h.ref, pool.free(h.ref, DYNAMIC_MIN)) for h in hosts]
     plan = biggest_fit_decreasing(((vm.ref, vm.start_memory()) for vm in sorted(vms, key=lambda v: v.uuid)), bins)
     out: dict[str, dict[str, str]] = {}
     for vm in vms:

@@ -72,8 +72,36 @@ class Planning:
         self.store: Store = daemon.store
         self._out_of_date = True  # as xapi's monitor: the first iteration recomputes
         self._computed_at = time.monotonic()
+        # The planner's view of the store, kept current by a commit listener so that a snapshot
+        # costs a dict copy rather than a rebuild (VM.start asks for two or three of them).
+        self._vms: dict[str, planner.Vm] | None = None
+        self._dirty_vms: set[str] = set()
+        self._hosts: dict[str, planner.Host] | None = None
+        self._topology: planner.Topology | None = None
+        self._snapshot: tuple[int, Pool] | None = None  # (store generation, snapshot)
+        self._base_plan: tuple[Pool, planner.RestartPlan] | None = None
+        self.store.listeners.append(self._on_commit)
 
     # -- snapshots -------------------------------------------------------------------------------
+
+    def _on_commit(self, _generation: int, changes: list[Any]) -> None:
+        """Mark what a commit changed (called under the store lock, after the records are in)."""
+        for cls, ref, _op, old, new in changes:
+            if cls == "VM":
+                self._dirty_vms.add(ref)
+            elif cls in ("VBD", "VIF"):
+                for rec in (old, new):
+                    if rec is not None:
+                        self._dirty_vms.add(rec["VM"])
+            elif cls == "VDI":
+                for vbd in self.store.referrers("VBD", "VDI", ref):
+                    rec = self.store.get("VBD", vbd)
+                    if rec is not None:
+                        self._dirty_vms.add(rec["VM"])
+            if cls in ("host", "host_metrics"):
+                self._hosts = None
+            if cls in ("host", "SR", "PBD", "PIF", "network"):
+                self._topology = None
 
     def _devices(self, vm: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """The SRs of a VM's non-empty disks and the networks of its VIFs."""
@@ -93,7 +121,11 @@ class Planning:
                 nets.append(rec["network"])
         return tuple(srs), tuple(nets)
 
-    def _topology(self, hosts: Mapping[str, planner.Host]) -> planner.Topology:
+    def _vm(self, ref: str) -> planner.Vm | None:
+        rec = self.store.get("VM", ref)
+        return None if rec is None else vm_record(ref, rec, *self._devices(ref))
+
+    def _build_topology(self, hosts: Mapping[str, planner.Host]) -> planner.Topology:
         store = self.store
         attached: dict[str, set[str]] = {}
         for _ref, pbd in store.items("PBD"):
@@ -109,24 +141,46 @@ class Planning:
             sr_attached={sr: frozenset(h) for sr, h in attached.items()},
             network_hosts={net: frozenset(h) for net, h in nets.items()})
 
-    def snapshot(self, detail: Iterable[str] = ()) -> Pool:
-        """The pool as the planner sees it now; devices are read for protected VMs and ``detail``."""
+    def snapshot(self) -> Pool:
+        """The pool as the planner sees it now (committed state).  Shared while the store does not
+        change: callers must not modify it."""
         store = self.store
-        hosts = {ref: host_record(ref, rec, store.get("host_metrics", rec["metrics"]))
-                 for ref, rec in store.items("host")}
-        wanted = set(detail)
-        vms: dict[str, planner.Vm] = {}
-        devices = False
-        for ref, rec in store.items("VM"):
-            if ref in wanted or _protected_rec(rec):
-                srs, nets = self._devices(ref)
-                devices = devices or bool(srs or nets)
-                vms[ref] = vm_record(ref, rec, srs, nets)
-            else:
-                vms[ref] = vm_record(ref, rec)
-        topology = self._topology(hosts) if devices else planner.Topology(
-            enabled_hosts=frozenset(h.ref for h in hosts.values() if h.enabled))
-        return Pool(hosts, vms, topology)
+        with store.lock:
+            generation = store.generation
+            if self._snapshot is not None and self._snapshot[0] == generation:
+                return self._snapshot[1]
+            if self._vms is None:
+                self._vms = {ref: vm_record(ref, rec, *self._devices(ref)) for ref, rec in store.items("VM")}
+                self._dirty_vms.clear()
+            for ref in self._dirty_vms:
+                vm = self._vm(ref)
+                if vm is None:
+                    self._vms.pop(ref, None)
+                else:
+                    self._vms[ref] = vm
+            self._dirty_vms.clear()
+            if self._hosts is None:
+                self._hosts = {ref: host_record(ref, rec, store.get("host_metrics", rec["metrics"]))
+                               for ref, rec in store.items("host")}
+            if self._topology is None:
+                self._topology = self._build_topology(self._hosts)
+            pool = Pool(dict(self._hosts), dict(self._vms), self._topology)
+            self._snapshot = (generation, pool)
+            return pool
+
+    def _restart_plan(self, pool: Pool, live_set: list[str] | None = None) -> planner.RestartPlan:
+        """The restart plan of the pool as it is (cached per snapshot when no live set is given)."""
+        cached = self._base_plan
+        if live_set is None and cached is not None and cached[0] is pool:
+            return cached[1]
+        rp = planner.restart_plan(pool, self.protected(pool), live_set)
+        if live_set is None:
+            self._base_plan = (pool, rp)
+        return rp
+
+    def _upper(self, pool: Pool) -> int:
+        cap = self._cap()
+        return len(pool.hosts) if cap is None else cap
 
     @staticmethod
     def protected(pool: Pool) -> list[str]:
@@ -157,8 +211,7 @@ class Planning:
 
     def plan_exists(self, n: int) -> bool:
         """``pool.ha_failover_plan_exists``: true only if every protected VM is covered."""
-        pool = self.snapshot()
-        return planner.plan_for_n_failures(pool, self.protected(pool), int(n)) is Verdict.ALL
+        return planner.verdict(self._restart_plan(self.snapshot()), int(n)) is Verdict.ALL
 
     def compute_max_failures(self, update: bool = False) -> int:
         """The most host failures a plan survives; with ``update`` the side effects of the pool call.
@@ -169,11 +222,11 @@ class Planning:
         """
         if not update:
             pool = self.snapshot()
-            return planner.max_failures(pool, self.protected(pool), cap=self._cap())
+            return planner.max_failures_of(self._restart_plan(pool), self._upper(pool))
         messages: list[tuple[tuple[str, int], str]] = []
         with self.store.transaction() as tx:
             pool = self.snapshot()
-            best = planner.max_failures(pool, self.protected(pool), cap=self._cap())
+            best = planner.max_failures_of(self._restart_plan(pool), self._upper(pool))
             rec = tx.get("pool", self.daemon.pool_ref())
             if rec["ha_enabled"]:
                 tolerate = int(rec["ha_host_failures_to_tolerate"])
@@ -194,7 +247,8 @@ class Planning:
                 raise ApiError("INVALID_VALUE", "ha_restart_priority", priority)
         refs = self._vm_refs(configuration)
         chosen = [ref for ref in refs if configuration[ref] == "restart"]
-        pool = self.snapshot(chosen)
+        shared = self.snapshot()
+        pool = Pool(dict(shared.hosts), dict(shared.vms), shared.topology)
         # The chosen VMs are planned exactly as they are, as if protected (xapi passes their records).
         for ref in chosen:
             pool.vms[ref] = replace(pool.vms[ref], always_run=True, restart_priority="restart")
@@ -203,7 +257,7 @@ class Planning:
     def failover_plan(self, failed_hosts: Iterable[str], failed_vms: Iterable[str]) -> dict[str, dict[str, str]]:
         """``pool.ha_compute_vm_failover_plan``: VM -> ``{host: ref}`` or ``{error_code: code}``."""
         vms = self._vm_refs(failed_vms)
-        return planner.failover_plan(self.snapshot(vms), list(failed_hosts), vms)
+        return planner.failover_plan(self.snapshot(), list(failed_hosts), vms)
 
     def restart_plan(self, vm_refs: list[str], live_host_refs: list[str]) -> tuple[dict[str, str], list[str]]:
         """Where HA should restart ``vm_refs`` on the live hosts: (VM -> host, VMs that fit nowhere).
@@ -212,14 +266,14 @@ class Planning:
         memory is reserved), and the VMs already running stay where they are.
         """
         vms = self._vm_refs(vm_refs)
-        pool = self.snapshot(vms)
+        pool = self.snapshot()
         tolerate = int(self._pool()["ha_host_failures_to_tolerate"])
         return planner.restart_placement(pool, self.protected(pool), vms, live_host_refs, tolerate)
 
     def agility_error(self, vm: str) -> tuple[str, str] | None:
         """Why ``vm`` is not agile (``VM.assert_agile``), or None."""
         self._vm_refs([vm])
-        pool = self.snapshot([vm])
+        pool = self.snapshot()
         return planner.agility_error(pool.vms[vm], pool.topology)
 
     # -- upkeep ----------------------------------------------------------------------------------
@@ -249,15 +303,15 @@ class Planning:
         with self.store.transaction() as tx:
             rec = tx.get("pool", self.daemon.pool_ref())
             pool = self.snapshot()
-            protected = self.protected(pool)
+            rp = self._restart_plan(pool, live)
             tolerate = int(rec["ha_host_failures_to_tolerate"])
             planned = int(rec["ha_plan_exists_for"])
             overcommitted = bool(rec["ha_overcommitted"])
-            if planner.plan_for_n_failures(pool, protected, tolerate, live) is Verdict.ALL:
+            if planner.verdict(rp, tolerate) is Verdict.ALL:
                 rec.update(ha_overcommitted=False, ha_plan_exists_for=tolerate)
                 changed = overcommitted or planned != tolerate
             else:
-                best = planner.max_failures(pool, protected, live, self._cap())
+                best = planner.max_failures_of(rp, self._upper(pool))
                 if planned != best:
                     rec["ha_plan_exists_for"] = min(tolerate, best)
                     if best < planned:
@@ -283,17 +337,16 @@ class Planning:
 
     # -- overcommit protection -------------------------------------------------------------------
 
-    def _assert_change(self, change: Change, detail: Iterable[str] = ()) -> None:
+    def _assert_change(self, change: Change) -> None:
         """Refuse a change that would break the plan that exists now (ha.md 4.10)."""
         rec = self._pool()
         if not rec["ha_enabled"] or rec["ha_allow_overcommit"]:
             return
         n = int(rec["ha_plan_exists_for"])
-        pool = self.snapshot(detail)
-        protected = self.protected(pool)
-        if planner.plan_for_n_failures(pool, protected, n) is not Verdict.ALL:
+        pool = self.snapshot()
+        if planner.verdict(self._restart_plan(pool), n) is not Verdict.ALL:
             return  # no plan now: it cannot get worse, and blocking everything would not help
-        if planner.plan_for_n_failures(pool, protected, n, change=change) is not Verdict.ALL:
+        if planner.plan_for_n_failures(pool, self.protected(pool), n, change=change) is not Verdict.ALL:
             raise ApiError(BREAKS_PLAN)
 
     def assert_vm_start_preserves_plan(self, vm_ref: str, host_ref: str) -> None:
@@ -304,11 +357,11 @@ class Planning:
         if rec["ha_restart_priority"] == "restart" and not rec["ha_always_run"]:
             self.assert_new_vm_preserves_plan(vm_ref)
         else:
-            self._assert_change(Change(arriving={vm_ref: host_ref}), [vm_ref])
+            self._assert_change(Change(arriving={vm_ref: host_ref}))
 
     def assert_new_vm_preserves_plan(self, vm_ref: str) -> None:
         """A VM about to become protected (its own place is the planner's choice)."""
-        self._assert_change(Change(new_vms_to_protect=(vm_ref,)), [vm_ref])
+        self._assert_change(Change(new_vms_to_protect=(vm_ref,)))
 
     def assert_host_change_preserves_plan(self, host_ref: str) -> None:
         """host.disable / host.evacuate: the plan must survive without ``host_ref``."""
