@@ -1045,6 +1045,7 @@ class Daemon:
         self.armed = True
         self.watchdog_on = False
         self.excluded = False
+        self.clear_excluded = False
         self.excluded_flags = [False] * self.n
         self.claim = False
         self.live: frozenset[int] = frozenset()
@@ -1453,6 +1454,8 @@ class Daemon:
                     raise Exit(EXIT_DAEMON_IS_PRESENT, f"heartbeat {other} owns this host's slot")
                 if self.state != "online":
                     self.excluded = bool(mine["excluded"])
+                elif self.clear_excluded:
+                    self.clear_excluded = False  # joining clears the flag (ha.md 4.9)
                 elif mine["excluded"] and not self.excluded:
                     _log("this host was excluded (ha_set_excluded)")
                     self.excluded = True
@@ -1588,6 +1591,7 @@ class Daemon:
             members |= {i for i, r in reports.items() if r.online and i not in excluded}
         self.state = "online"
         self.excluded = False
+        self.clear_excluded = True
         self.live = frozenset(members)
         self.live_inc = {i: self.cur_inc[i] or "" for i in members if i != self.me}
         self.decision = Decision(1, frozenset(members))
