@@ -6,6 +6,7 @@ from typing import Any
 
 from xapid.api import Call, handler
 from xapid.errors import ApiError
+from xapid.store import Store, Transaction
 from xapid.timeutil import now_iso
 
 # The class an obj_uuid must belong to, per message ``cls`` (the enum is capitalised).
@@ -57,3 +58,19 @@ def get_since(call: Call, since: str) -> dict[str, dict[str, Any]]:
 @handler("message.get")
 def get(call: Call, cls: str, obj_uuid: str, since: str) -> dict[str, dict[str, Any]]:
     return _since(call, since, lambda rec: rec["cls"] == cls and rec["obj_uuid"] == obj_uuid)
+
+
+def create_message(where: Store | Transaction, name: str, priority: int, cls: str, obj_uuid: str,
+                   body: str) -> str:
+    """Create one message (the one place daemon code raises alerts, as xapi's ``Xapi_alert.add``).
+
+    ``where`` is the store (a transaction of its own is opened) or a running transaction (the message
+    then commits with it).  ``cls`` is the message class as on the wire (``Host``, ``VM``, ``Pool``, ...).
+    Returns the new message's ref.
+    """
+    values = {"name": name, "priority": priority, "cls": cls, "obj_uuid": obj_uuid,
+              "timestamp": now_iso(), "body": body}
+    if isinstance(where, Transaction):
+        return where.create("message", values)
+    with where.transaction() as tx:
+        return tx.create("message", values)
