@@ -379,14 +379,16 @@ class HaManager:
         deadline = time.monotonic() + self.daemon.config["ha-script-timeout"]
         while True:
             live = self.query(host)
-            entry = live.hosts.get(master_uuid)
-            if entry is None:
-                raise internal("the master is missing from the liveset during HA enable")
-            if live.status == "Online" and entry.master and entry.liveness:
-                return
-            if live.status == "Online" and (not entry.liveness or entry.statefile_corrupted
-                                            or not entry.statefile_access or entry.excluded):
-                raise internal("existing master failed during HA enable")
+            # xapi_ha.ml join_liveset looks at the master's entry only once the liveset is Online;
+            # a Starting liveset (which may not list the master yet) means "look again".
+            if live.status == "Online":
+                entry = live.hosts.get(master_uuid)
+                if entry is None:
+                    raise internal("the master is missing from the liveset during HA enable")
+                if entry.master and entry.liveness:
+                    return
+                if not entry.liveness or entry.statefile_corrupted or not entry.statefile_access or entry.excluded:
+                    raise internal("existing master failed during HA enable")
             if time.monotonic() > deadline:
                 raise internal("timed out waiting for the master to appear in the liveset")
             time.sleep(0.5)

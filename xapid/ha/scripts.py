@@ -171,8 +171,9 @@ class ClusterStackRunner:
         """The resolved directory of ``stack``.
 
         Raises UNKNOWN_CLUSTER_STACK if the name is not a plain folder name (checked before
-        any filesystem access), or ``<root>/<stack>`` is not an existing directory whose
-        resolved path lies inside the resolved root.
+        any filesystem access) or ``<root>/<stack>`` is not an existing directory.  The folder
+        may be a symlink (packages install stacks that way): it is resolved wherever it leads,
+        because only the administrator who owns the root can place it there.
         """
         if not valid_stack_name(stack):
             raise ApiError("UNKNOWN_CLUSTER_STACK", stack)
@@ -181,25 +182,45 @@ class ClusterStackRunner:
             path = (root / stack).resolve(strict=True)
         except (OSError, RuntimeError):
             raise ApiError("UNKNOWN_CLUSTER_STACK", stack) from None
-        if path == root or not path.is_relative_to(root) or not path.is_dir():
+        if path == root or not path.is_dir():
             raise ApiError("UNKNOWN_CLUSTER_STACK", stack)
         return path
+
+    def _inside(self, directory: Path, path: Path) -> bool:
+        """True iff resolved ``path`` lies in the resolved root or in the resolved stack folder."""
+        return path.is_relative_to(self.root.resolve()) or path.is_relative_to(directory)
 
     def supported_srs(self, stack: str) -> list[str] | None:
         """SR types listed in ``<root>/<stack>/ha_supported_srs`` (ha.md 1.5), in file order.
 
-        None when the file is absent, unreadable, not a regular file, or resolves outside the
-        root: the stack then places no restriction.  Raises UNKNOWN_CLUSTER_STACK for an
-        unknown stack.
+        None when the file is absent (a dangling symlink included), unreadable, or not a
+        regular file: the stack then places no restriction, as in xapi.  A symlink is followed;
+        one that leads outside both the cluster-stack root and the stack's own folder raises
+        INTERNAL_ERROR naming the link and its target, so that a misplaced link can never lift
+        the restriction silently.  Raises UNKNOWN_CLUSTER_STACK for an unknown stack.
         """
         directory = self.stack_dir(stack)
+        link = directory / "ha_supported_srs"
         try:
-            path = (directory / "ha_supported_srs").resolve(strict=True)
-            if not path.is_relative_to(self.root.resolve()) or not stat.S_ISREG(path.stat().st_mode):
+            path = link.resolve(strict=True)
+        except (OSError, RuntimeError):
+            if link.is_symlink():
+                log.warning("ha_supported_srs is a dangling symlink; no restriction", stack=stack,
+                            path=str(link))
+            return None
+        if not self._inside(directory, path):
+            log.error("ha_supported_srs resolves outside the cluster-stack root", stack=stack,
+                      path=str(link), target=str(path))
+            raise internal(f"{link} resolves outside the cluster-stack root {self.root.resolve()} (to {path}); "
+                           f"refusing to guess which SR types stack {stack} supports")
+        try:
+            if not stat.S_ISREG(path.stat().st_mode):
                 return None
             with path.open("rb") as handle:
                 data = handle.read(_SUPPORTED_SRS_CAP)
-        except (OSError, RuntimeError):
+        except OSError as exc:
+            log.warning("ha_supported_srs cannot be read; no restriction", stack=stack, path=str(path),
+                        error=exc.strerror)
             return None
         return data.decode("utf-8", errors="replace").split()
 
@@ -214,8 +235,8 @@ class ClusterStackRunner:
             mode = path.stat().st_mode
         except (OSError, RuntimeError):
             raise internal(f"{where} does not exist") from None
-        if not path.is_relative_to(self.root.resolve()):
-            raise internal(f"{where} resolves outside the cluster-stack root")
+        if not self._inside(directory, path):
+            raise internal(f"{where} resolves outside the cluster-stack root {self.root.resolve()} (to {path})")
         if not stat.S_ISREG(mode):
             raise internal(f"{where} is not a regular file")
         if not mode & 0o111 or not os.access(path, os.X_OK):
