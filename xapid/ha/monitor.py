@@ -34,7 +34,10 @@ class Monitor:
         self._lock = threading.Lock()
         self.iterations = 0
 
-    def start(self) -> None:
+    def start(self, host: str | None = None) -> None:
+        """Start monitoring for ``host`` (only the master's liveset is read: other hosts are ignored)."""
+        if host is not None and host != self.manager.daemon.master_ref():
+            return
         with self._lock:
             if self._thread is not None and self._thread.is_alive():
                 return
@@ -44,7 +47,10 @@ class Monitor:
             )
             self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, host: str | None = None) -> None:
+        """Stop monitoring for ``host`` (None: everywhere)."""
+        if host is not None and host != self.manager.daemon.master_ref():
+            return
         with self._lock:
             thread, self._thread = self._thread, None
             self._stop.set()
@@ -91,7 +97,8 @@ class Monitor:
         with store.transaction() as tx:
             for href, h in tx.items("host"):
                 entry = live.hosts[h["uuid"]]
-                alive = entry.liveness
+                # A host shutting down cleanly stays dead until its xapi starts again (xapi_ha.ml).
+                alive = entry.liveness and href not in m.shutting_down
                 metrics = tx.read("host_metrics", h["metrics"])
                 if metrics is not None and metrics["live"] != alive:
                     log.info("host liveness changed", host=h["uuid"], live=alive)
