@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from xapid.api import Call, handler
 from xapid.errors import ApiError
-from xapid.store import Store, Transaction
 from xapid.timeutil import now_iso
+
+if TYPE_CHECKING:
+    from xapid.store import Store
 
 # The class an obj_uuid must belong to, per message ``cls`` (the enum is capitalised).
 OBJECT_CLASS = {"VM": "VM", "Host": "host", "SR": "SR", "Pool": "pool", "VDI": "VDI"}
@@ -60,17 +62,8 @@ def get(call: Call, cls: str, obj_uuid: str, since: str) -> dict[str, dict[str, 
     return _since(call, since, lambda rec: rec["cls"] == cls and rec["obj_uuid"] == obj_uuid)
 
 
-def create_message(where: Store | Transaction, name: str, priority: int, cls: str, obj_uuid: str,
-                   body: str) -> str:
-    """Create one message (the one place daemon code raises alerts, as xapi's ``Xapi_alert.add``).
-
-    ``where`` is the store (a transaction of its own is opened) or a running transaction (the message
-    then commits with it).  ``cls`` is the message class as on the wire (``Host``, ``VM``, ``Pool``, ...).
-    Returns the new message's ref.
-    """
-    values = {"name": name, "priority": priority, "cls": cls, "obj_uuid": obj_uuid,
-              "timestamp": now_iso(), "body": body}
-    if isinstance(where, Transaction):
-        return where.create("message", values)
-    with where.transaction() as tx:
-        return tx.create("message", values)
+def create_message(store: Store, name: str, priority: int, cls: str, obj_uuid: str, body: str = "") -> str:
+    """Create one alert as xapi's ``Xapi_alert.add`` does (the one place daemon code creates messages)."""
+    with store.transaction() as tx:
+        return tx.create("message", {"name": name, "priority": priority, "cls": cls, "obj_uuid": obj_uuid,
+                                     "timestamp": now_iso(), "body": body})
