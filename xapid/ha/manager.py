@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from xapid.api.host import update_allowed_operations
 from xapid.api.message import create_message
 from xapid.api.vdi import create_vdi
 from xapid.errors import ApiError, internal
@@ -28,6 +29,7 @@ from xapid.ha.failover import Failover
 from xapid.ha.localdb import LocalDb
 from xapid.ha.monitor import Monitor
 from xapid.ha.scripts import ClusterStackRunner, ScriptError
+from xapid.hw.processes import kill_all
 from xapid.storage import sm_of
 from xapid.store import Transaction, new_ref
 
@@ -769,6 +771,7 @@ class HaManager:
             if not tx.get("host", host)["enabled"]:
                 log.info("host enabled", host=uuid)
                 tx.update("host", host, enabled=True)
+                update_allowed_operations(tx, host)
         if self.pool()["ha_enabled"]:
             self.update_plan()
 
@@ -789,6 +792,7 @@ class HaManager:
             for href, h in tx.items("host"):
                 if h["enabled"]:
                     tx.update("host", href, enabled=False)
+                update_allowed_operations(tx, href)
         if not self.pool()["ha_enabled"]:
             self._ensure_fully_off()
         for host, _rec in self.hosts():
@@ -845,6 +849,13 @@ class HaManager:
             self._leave_emergency(h)
 
         self.in_parallel(hosts, off)
+        for h in hosts:
+            # A script of a killed daemon may still be running and start a heartbeat later: with HA off
+            # nothing may run for a host (hw-contract.md: its processes carry XAPID_HOST_DIR).
+            left = kill_all(self.local.host_dir(self.host_uuid(h)))
+            if left:
+                log.warning("killed processes left behind for a host while HA is off", host=self.host_uuid(h),
+                            processes=left)
 
     def stop(self) -> None:
         """Daemon shutdown: end the start-up threads, the monitor and the heartbeats; hosts stay armed."""
@@ -895,6 +906,7 @@ class HaManager:
             self.shutting_down.add(host)
         with self.store.transaction() as tx:
             self.mark_dead(tx, host)
+            update_allowed_operations(tx, host)
 
     def before_clean_shutdown(self, host: str) -> None:
         """The HA steps of a clean shutdown or reboot (xapi_ha.ml before_clean_shutdown_or_reboot).
