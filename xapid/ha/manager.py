@@ -634,6 +634,7 @@ class HaManager:
             self.user_disabled.discard(host)
         try:
             log.info("xapi start-up", host=uuid, system_boot=system_boot)
+            self._leave_emergency(host)  # a new xapi process: emergency mode is found again, or not
             clean = bool(self.local.get(uuid, "host_restarted_cleanly", False))
             if system_boot:
                 self.local.set(uuid, host_restarted_cleanly=False)
