@@ -486,6 +486,7 @@ class HaManager:
             pool["ha_enabled"] = value
             if plan_zero:
                 pool["ha_plan_exists_for"] = 0
+            self._allowed(pool)
             for vdi in pool["ha_statefiles"]:
                 if tx.find("VDI", vdi) is not None:
                     tx.update(
@@ -725,6 +726,13 @@ class HaManager:
     def _resynchronise(self, host: str) -> None:
         """``ha.armed`` against ``pool.ha_enabled`` (xapi.ml resynchronise_ha_state)."""
         uuid = self.host_uuid(host)
+        master = self.daemon.master_ref()
+        if host != master and not self.armed(host) and self.pool()["ha_enabled"]:
+            # The master's own start-up may be about to switch HA off (a master found disarmed): a slave
+            # decides after it, as a real slave only reaches this point once it can talk to its master.
+            deadline = time.monotonic() + float(self.daemon.config["ha-start-daemon-timeout"])
+            while self.starting(master) and time.monotonic() < deadline and not self._stopping.is_set():
+                time.sleep(0.05)
         armed = self.armed(host)
         enabled = bool(self.pool()["ha_enabled"])
         if armed and not enabled:
@@ -788,6 +796,7 @@ class HaManager:
         in emergency mode never holds the daemon back).
         """
         self._stopping.clear()
+        self.runner.reap_orphans()
         self._reconcile_operations()
         with self.store.transaction() as tx:
             for href, h in tx.items("host"):

@@ -71,6 +71,16 @@ _SUPPORTED_SRS_CAP = 64 * 1024
 _READ_CHUNK = 65536
 
 
+def _start_time(pid: int) -> str | None:
+    """Field 22 of ``/proc/<pid>/stat`` (start time in clock ticks): a pid plus this names one process."""
+    try:
+        stat_line = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat_line.rsplit(")", 1)[-1].split()
+    return fields[19] if len(fields) > 19 else None
+
+
 def valid_stack_name(name: str) -> bool:
     """True iff ``name`` can only denote a folder directly below the root.
 
@@ -158,6 +168,9 @@ class ClusterStackRunner:
     ) -> None:
         self.root = Path(root)
         self.state_dir = state_dir
+        # One file per script running now, named by its pid (= its process group): what a daemon
+        # killed mid-script leaves behind is found and ended at the next start (reap_orphans).
+        self.running_dir = state_dir / "run" / "scripts" if state_dir is not None else None
         self.timeout = timeout
         self.start_timeout = start_timeout
         self.stdout_cap = stdout_cap
@@ -314,7 +327,12 @@ class ClusterStackRunner:
                 duration = round(time.monotonic() - started, 3)
                 log.info("ha_script", **fields, exit_code=None, duration=duration, error=str(exc))
                 raise internal(f"Cannot run cluster stack script {where}: {exc}") from None
-            stdout, stderr, timed_out = self._communicate(proc, started + timeout)
+            marker = self._mark_running(proc.pid)
+            try:
+                stdout, stderr, timed_out = self._communicate(proc, started + timeout)
+            finally:
+                if marker is not None:
+                    marker.unlink(missing_ok=True)
             duration = time.monotonic() - started
         code = proc.returncode
         log.info("ha_script", **fields, exit_code=code, duration=round(duration, 3), timed_out=timed_out)
@@ -337,6 +355,49 @@ class ClusterStackRunner:
         if code in MTC_CODES:
             raise ScriptError(stack, script, host_uuid, code, stdout.text())
         raise internal(f"Unrecognised MTC exit code {code} from {stack}/{script} on host {host_uuid}")
+
+    def _mark_running(self, pid: int) -> Path | None:
+        if self.running_dir is None:
+            return None
+        start = _start_time(pid)
+        if start is None:
+            return None
+        try:
+            self.running_dir.mkdir(parents=True, exist_ok=True)
+            marker = self.running_dir / str(pid)
+            marker.write_text(start)
+        except OSError as exc:
+            log.warning("cannot record a running script", pid=pid, error=str(exc))
+            return None
+        return marker
+
+    def reap_orphans(self) -> list[int]:
+        """Kill the scripts a previous run of the daemon left running (their whole process group).
+
+        A daemon killed while a script ran leaves that script behind; it could still act later (start
+        a heartbeat, write a pool state) behind the back of the new run.  Daemons the scripts started
+        in sessions of their own are not touched.  Returns the pids killed.
+        """
+        if self.running_dir is None or not self.running_dir.is_dir():
+            return []
+        killed = []
+        for marker in self.running_dir.iterdir():
+            try:
+                pid = int(marker.name)
+                recorded = marker.read_text()
+            except (ValueError, OSError):
+                marker.unlink(missing_ok=True)
+                continue
+            if _start_time(pid) == recorded:
+                try:
+                    os.killpg(pid, signal.SIGKILL)
+                    killed.append(pid)
+                except (ProcessLookupError, PermissionError):
+                    pass
+            marker.unlink(missing_ok=True)
+        if killed:
+            log.warning("killed cluster-stack scripts a previous run left behind", pids=killed)
+        return killed
 
     def _communicate(
         self, proc: subprocess.Popen[bytes], deadline: float
