@@ -18,6 +18,7 @@ from xapid.api import Call, handler
 from xapid.api import vm as vm_api
 from xapid.errors import ApiError
 from xapid.ha.failover import is_protected
+from xapid.ha.planning import vm_record
 from xapid.schema import NULL_REF
 from xapid.store import Transaction, new_ref
 from xapid.timeutil import now_iso
@@ -183,15 +184,10 @@ def enable(call: Call, host: str) -> None:
             ha.planning.update_pool_status()
 
 
-def _free_memory(store: Store, host: str) -> int:
-    """Memory of ``host`` not taken by the VMs resident on it (control domain included)."""
-    rec = store.get("host", host)
-    metrics = store.get("host_metrics", rec["metrics"]) if rec else None
-    if metrics is None:
-        return 0
-    used = sum(int(v["memory_static_max"]) for ref in store.referrers("VM", "resident_on", host)
-               if (v := store.get("VM", ref)) is not None)
-    return int(metrics["memory_total"]) - used
+def _free_memory(call: Call, host: str) -> int:
+    """Free memory of ``host`` at maximum compression (memory_check.ml, as VM.start sees it)."""
+    with call.store.transaction() as tx:
+        return vm_api.free_for_start(tx, host, NULL_REF)
 
 
 def _boot_error(store: Store, vm: str, target: str) -> ApiError | None:
@@ -219,7 +215,7 @@ def evacuation_plan(call: Call, host: str) -> dict[str, str | ApiError]:
 
     Targets are the other hosts that are enabled and live.  With HA on, only protected VMs may move
     (the others give ``HOST_EVACUATE_VM_NOT_HA_PROTECTED``); a VM must be able to run on every target;
-    then the biggest VMs are placed first on the host with the most free memory.
+    then the biggest VMs (start memory) go first to the host with the most free memory (maximum compression).
     """
     store = call.store
     ha = call.daemon.ha
@@ -244,9 +240,10 @@ def evacuation_plan(call: Call, host: str) -> dict[str, str | ApiError]:
             plan[vm] = error
         else:
             movable.append((vm, rec))
-    free = {t: _free_memory(store, t) for t in targets}
-    for vm, rec in sorted(movable, key=lambda item: -int(item[1]["memory_static_max"])):
-        need = int(rec["memory_static_max"])
+    free = {t: _free_memory(call, t) for t in targets}
+    need_of = {vm: vm_record(vm, rec).start_memory() for vm, rec in movable}
+    for vm, _rec in sorted(movable, key=lambda item: -need_of[item[0]]):
+        need = need_of[vm]
         best = max(targets, key=lambda t: free[t])
         if free[best] >= need:
             free[best] -= need
@@ -270,10 +267,13 @@ def _migrate(call: Call, vm: str, target: str) -> None:
         rec = tx.find("VM", vm)
         if rec is None or rec["power_state"] not in ("Running", "Paused"):
             return
+        source = rec["resident_on"]
         rec.update(resident_on=target, scheduled_to_be_resident_on=NULL_REF)
         metrics = tx.find("VM_metrics", rec["metrics"])
         if metrics is not None:
             metrics["last_updated"] = now_iso()
+        vm_api.account_host(tx, source, vm)
+        vm_api.account_host(tx, target, vm)
 
 
 def _evacuate(call: Call, host: str) -> None:
