@@ -46,6 +46,8 @@ DEFAULTS: dict[str, tuple[str, Any, str]] = {
     "login-failure-delay": ("float", 5.0, "seconds a failed login waits before answering (xapi: 5)"),
     "max-request-size": ("int", 4 * 1024 * 1024, "largest request body accepted, in bytes"),
     "worker-threads": ("int", 256, "most connections served at once (each on its own thread)"),
+    "guest-agent-delay": ("float", 5.0,
+                          "seconds after a start or resume before a guest's agent reports VM_guest_metrics"),
 }
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import structlog
 
+from xapid import operations, templates
 from xapid import schema as schema_mod
 from xapid.auth import Sessions, Users
 from xapid.config import Config, validate_runtime
@@ -17,6 +18,7 @@ from xapid.events import Events
 from xapid.ha.manager import HaManager
 from xapid.hw import Hardware
 from xapid.hw.faults import FaultService
+from xapid.hw.guest import GuestAgents
 from xapid.liveness import HostLiveness
 from xapid.seed import seed
 from xapid.storage import Disks, load_descriptors, sync_sm_table
@@ -48,6 +50,8 @@ class Daemon:
         if not self.store.refs("pool"):
             seed(self.store, self.disks, hosts)
             log.info("seeded demo pool", hosts=hosts)
+        templates.ensure(self.store)
+        operations.install(self.store)
         self.users = Users(self.state_dir / "users.json")
         if not self.users.users:
             self._create_root()
@@ -59,6 +63,7 @@ class Daemon:
         self.hw = Hardware(self.state_dir, float(config["fence-reboot-delay"]))
         self.hw.attach([h["uuid"] for _r, h in self.store.items("host")])
         self.faults = FaultService(self)
+        self.guests = GuestAgents(self)
         self.liveness = HostLiveness(self)
         self.ha = HaManager(self)
         # Everything loaded so far lives as long as the daemon: keep the cyclic GC from rescanning a
@@ -89,6 +94,7 @@ class Daemon:
         self.ha.start()
 
     def stop(self) -> None:
+        self.guests.stop()
         self.hw.prepare_stop()
         self.ha.stop()
         self.liveness.stop()

@@ -6,6 +6,8 @@ file ``<vdi-uuid>.img`` in it whose length is the VDI's ``virtual_size``.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import shutil
@@ -108,6 +110,49 @@ class Disks:
             raise ApiError("SR_BACKEND_FAILURE", "1", "", f"cannot create VDI file: {reason}") from None
         return path
 
+    def allocated(self, sr_uuid: str, vdi_uuid: str) -> int:
+        """Bytes the VDI's file really occupies (its allocated blocks); 0 when it has no file."""
+        try:
+            return self.vdi_path(sr_uuid, vdi_uuid).stat().st_blocks * 512
+        except (OSError, ApiError):
+            return 0
+
+    def copy_vdi(self, src: tuple[str, str], dst: tuple[str, str], size: int, share: bool = False) -> Path:
+        """A new file for VDI ``dst`` (sr uuid, vdi uuid) holding the bytes of ``src``, ``size`` long.
+
+        Only the data extents of the source are read and written (``SEEK_DATA``/``SEEK_HOLE``), so
+        holes stay holes.  With ``share`` (a clone or snapshot) the copy first tries a reflink
+        (``FICLONE``: blocks shared copy-on-write, as an SM's fast clone); a filesystem without
+        reflinks gets a real copy.  The new file is fsynced; on failure no file remains.
+        """
+        src_path = self.vdi_path(*src)
+        path = self.vdi_path(*dst)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(src_path, "rb") as fin, open(path, "wb") as fout:
+                if not (share and _reflink(fin.fileno(), fout.fileno())):
+                    _copy_extents(fin.fileno(), fout.fileno(), min(size, os.fstat(fin.fileno()).st_size))
+                fout.truncate(size)
+                fout.flush()
+                os.fsync(fout.fileno())
+        except (OSError, OverflowError) as e:
+            path.unlink(missing_ok=True)
+            reason = e.strerror if isinstance(e, OSError) else str(e)
+            raise ApiError("SR_BACKEND_FAILURE", "1", "", f"cannot copy VDI file: {reason}") from None
+        return path
+
+    def resize_vdi(self, sr_uuid: str, vdi_uuid: str, size: int) -> None:
+        """Grow (or shrink) the VDI's file to ``size`` bytes; new space is a hole."""
+        path = self.vdi_path(sr_uuid, vdi_uuid)
+        try:
+            with open(path, "r+b") as f:
+                f.truncate(size)
+                f.flush()
+                os.fsync(f.fileno())
+        except (OSError, OverflowError) as e:
+            reason = e.strerror if isinstance(e, OSError) else str(e)
+            raise ApiError("SR_BACKEND_FAILURE", "1", "", f"cannot resize VDI file: {reason}") from None
+
     def remove_vdi(self, sr_uuid: str, vdi_uuid: str) -> None:
         try:
             self.vdi_path(sr_uuid, vdi_uuid).unlink()
@@ -117,3 +162,57 @@ class Disks:
     def remove_sr(self, sr_uuid: str) -> None:
         if plain_name(sr_uuid):
             shutil.rmtree(self.sr_dir(sr_uuid), ignore_errors=True)
+
+
+FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)
+
+
+def _reflink(src: int, dst: int) -> bool:
+    """Share ``src``'s blocks into ``dst`` (copy-on-write); False where the filesystem cannot."""
+    try:
+        fcntl.ioctl(dst, FICLONE, src)
+    except OSError:
+        return False
+    return True
+
+
+def _extents(fd: int, length: int) -> list[tuple[int, int]]:
+    """The (offset, length) data extents of the first ``length`` bytes of ``fd``."""
+    out: list[tuple[int, int]] = []
+    pos = 0
+    while pos < length:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # only a hole is left
+                break
+            return [(0, length)]  # no SEEK_DATA here: everything counts as data
+        if start >= length:
+            break
+        end = min(os.lseek(fd, start, os.SEEK_HOLE), length)
+        out.append((start, end - start))
+        pos = end
+    return out
+
+
+def _copy_extents(src: int, dst: int, length: int) -> None:
+    """Copy the data extents of ``src`` to the same offsets of ``dst`` (in the kernel where it can)."""
+    for offset, size in _extents(src, length):
+        done = 0
+        while done < size:
+            try:
+                n = os.copy_file_range(src, dst, size - done, offset + done, offset + done)
+            except OSError as e:
+                if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+                n = _copy_plain(src, dst, offset + done, size - done)
+            if n == 0:
+                break
+            done += n
+
+
+def _copy_plain(src: int, dst: int, offset: int, size: int) -> int:
+    chunk = os.pread(src, min(size, 1 << 20), offset)
+    if chunk:
+        os.pwrite(dst, chunk, offset)
+    return len(chunk)
