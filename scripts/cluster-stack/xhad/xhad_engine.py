@@ -144,6 +144,7 @@ import xml.etree.ElementTree as ET
 import zlib
 from collections.abc import Callable, Iterable, Mapping
 from collections.abc import Set as AbstractSet
+from functools import cached_property
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -203,6 +204,8 @@ HB_ACCELERATION = 0.2
 SF_ACCELERATION = 0.5
 # Minimum seconds between two evaluations triggered by news (timeouts are exact).
 EVAL_INTERVAL = 0.1
+# Minimum seconds between two wake-ups of the heartbeat loop.
+MIN_WAKE = 0.1
 # Start-up of the heartbeat process is not part of the join timeout.
 START_MARGIN = 15.0
 # Exit statuses of a heartbeat process that ha_start_daemon passes on unchanged.
@@ -263,47 +266,47 @@ class Conf:
     def _param(self, name: str, default: int) -> int:
         return max(1, self.parameters.get(name, default))
 
-    @property
+    @cached_property
     def heartbeat_interval(self) -> int:
         """Seconds between heartbeat datagrams (HeartbeatInterval, at least 1)."""
         return self._param("HeartbeatInterval", 1)
 
-    @property
+    @cached_property
     def statefile_interval(self) -> int:
         """Seconds between statefile ticks (StateFileInterval, at least 1)."""
         return self._param("StateFileInterval", self.heartbeat_interval)
 
-    @property
+    @cached_property
     def heartbeat_timeout(self) -> int:
         """A host not heard for this many seconds (HeartbeatTimeout) is no longer heard."""
         return self._param("HeartbeatTimeout", 60)
 
-    @property
+    @cached_property
     def statefile_timeout(self) -> int:
         """A slot older than this many seconds (StateFileTimeout) is no longer fresh."""
         return self._param("StateFileTimeout", self.heartbeat_timeout)
 
-    @property
+    @cached_property
     def watchdog_timeout(self) -> int:
         """The timeout the daemon arms its watchdog with (HeartbeatWatchdogTimeout)."""
         return self._param("HeartbeatWatchdogTimeout", self.heartbeat_timeout)
 
-    @property
+    @cached_property
     def join_timeout(self) -> int:
         """How long a join during enable may take (EnableJoinTimeout)."""
         return self._param("EnableJoinTimeout", 120)
 
-    @property
+    @cached_property
     def boot_join_timeout(self) -> int:
         """How long a join into an active pool may take (BootJoinTimeout)."""
         return self._param("BootJoinTimeout", self.join_timeout)
 
-    @property
+    @cached_property
     def settle(self) -> float:
         """Seconds a host must fail both survival rules before it fences (views converge)."""
         return 2 * max(self.heartbeat_interval, self.statefile_interval) + 1
 
-    @property
+    @cached_property
     def silence_limit(self) -> float:
         """Seconds of silence after which a peer is certainly fenced (its watchdog fired)."""
         return self.watchdog_timeout + self.heartbeat_interval
@@ -1102,6 +1105,7 @@ class Daemon:
         self.last_reply = [float("-inf")] * self.n
         self.last_eval = float("-inf")
         self.published: tuple = ()
+        self.last_wake = float("-inf")
         self.view_fd = -1
         self.view_size = 0
         self.last_accel = float("-inf")
@@ -1215,12 +1219,18 @@ class Daemon:
                 deadline = min(deadline, self.last_accel + HB_ACCELERATION)
             if self.sf_accelerate:
                 deadline = min(deadline, self.last_sf_tick + SF_ACCELERATION)
+            # Datagrams from n - 1 peers arrive spread over each interval: wake at most every
+            # MIN_WAKE seconds and take them in batches (HA timing is in seconds).
+            pause = self.last_wake + MIN_WAKE - time.monotonic()
+            if pause > 0 and deadline - time.monotonic() > pause:
+                time.sleep(pause)
             timeout = max(0.0, min(deadline - time.monotonic(), conf.heartbeat_interval))
             assert self.sock is not None
             try:
                 select.select([self.sock, self.wake_r], [], [], timeout)
             except InterruptedError:
                 pass
+            self.last_wake = time.monotonic()
 
     def _signals(self) -> bool:
         """Handle pending signals; whether a stop was requested."""
@@ -1352,6 +1362,7 @@ class Daemon:
         self.seq += 1
         payload = {"v": 1, "gen": self.conf.generation, "host": self.conf.local}
         payload.update(self.my_report(wall).fields())
+        del payload["seq"]
         payload["excluded"] = self.excluded
         # The lock holder as last read from the statefile, for survival under rule 2.
         payload["master"] = self.master
