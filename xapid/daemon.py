@@ -15,6 +15,9 @@ from xapid.config import Config, validate_runtime
 from xapid.dispatch import Dispatcher
 from xapid.events import Events
 from xapid.ha.manager import HaManager
+from xapid.hw import Hardware
+from xapid.hw.faults import FaultService
+from xapid.liveness import HostLiveness
 from xapid.seed import seed
 from xapid.storage import Disks, load_descriptors, sync_sm_table
 from xapid.store import Store
@@ -53,6 +56,10 @@ class Daemon:
         self.events = Events(self.store, self.sessions)
         self.tasks = Tasks(self)
         self.dispatcher = Dispatcher(self)
+        self.hw = Hardware(self.state_dir, float(config["fence-reboot-delay"]))
+        self.hw.attach([h["uuid"] for _r, h in self.store.items("host")])
+        self.faults = FaultService(self)
+        self.liveness = HostLiveness(self)
         self.ha = HaManager(self)
         # Everything loaded so far lives as long as the daemon: keep the cyclic GC from rescanning a
         # large store's records on every full collection (write latency must not grow with size).
@@ -77,10 +84,14 @@ class Daemon:
         return str(pool["master"])
 
     def start(self) -> None:
-        """Services that run in the background (the HA re-arm and monitor)."""
+        """Services that run in the background (watchdogs, the HA re-arm and monitors)."""
+        self.hw.start()
         self.ha.start()
 
     def stop(self) -> None:
+        self.hw.prepare_stop()
         self.ha.stop()
+        self.liveness.stop()
+        self.hw.stop()
         self.tasks.wait_all(10.0)
         self.store.close()
