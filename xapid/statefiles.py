@@ -74,7 +74,8 @@ def _walk_trusted(path: Path) -> Path:
             continue
         if not stat.S_ISDIR(st.st_mode):
             raise UntrustedStateDir(f"state dir {path}: {here} is not a folder")
-        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not st.st_mode & stat.S_ISVTX:
+        last = not pending  # the state dir itself: ensure_private_dir judges it (no sticky exception)
+        if not last and st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not st.st_mode & stat.S_ISVTX:
             raise UntrustedStateDir(f"state dir {path}: {here} is writable by group or others "
                                     f"(mode {stat.S_IMODE(st.st_mode):04o})")
         real = here

@@ -11,6 +11,7 @@ followed).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -127,7 +128,8 @@ class Disks:
             statefiles.fsync_dir(path.parent)
         except (OSError, OverflowError, ValueError) as e:
             if not isinstance(e, FileExistsError):
-                statefiles.remove(path)  # the call fails, so no file may remain
+                with contextlib.suppress(OSError):  # the call fails, so no file may remain
+                    statefiles.remove(path)
             reason = e.strerror if isinstance(e, OSError) else str(e)
             raise ApiError("SR_BACKEND_FAILURE", "1", "", f"cannot create VDI file: {reason}") from None
         return path
