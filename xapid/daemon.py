@@ -16,6 +16,9 @@ from xapid.config import Config, ConfigError, validate_runtime
 from xapid.dispatch import Dispatcher
 from xapid.events import Events
 from xapid.ha.manager import HaManager
+from xapid.hw import Hardware
+from xapid.hw.faults import FaultService
+from xapid.liveness import HostLiveness
 from xapid.seed import seed
 from xapid.statefiles import ensure_private_dir
 from xapid.storage import Disks, load_descriptors, reconcile, sync_sm_table
@@ -64,6 +67,10 @@ class Daemon:
         self.tasks = Tasks(self)
         self.collector = Collector(self)
         self.dispatcher = Dispatcher(self)
+        self.hw = Hardware(self.state_dir, float(config["fence-reboot-delay"]))
+        self.hw.attach([h["uuid"] for _r, h in self.store.items("host")])
+        self.faults = FaultService(self)
+        self.liveness = HostLiveness(self)
         self.ha = HaManager(self)
         # Everything loaded so far lives as long as the daemon: keep the cyclic GC from rescanning a
         # large store's records on every full collection (write latency must not grow with size).
@@ -87,12 +94,16 @@ class Daemon:
         return str(pool["master"])
 
     def start(self) -> None:
-        """Services that run in the background (the HA re-arm and monitor, garbage collection)."""
+        """Services that run in the background (watchdogs, the HA re-arm and monitors, garbage collection)."""
+        self.hw.start()
         self.ha.start()
         self.collector.start()
 
     def stop(self) -> None:
         self.collector.stop()
+        self.hw.prepare_stop()
         self.ha.stop()
+        self.liveness.stop()
+        self.hw.stop()
         self.tasks.wait_all(10.0)
         self.store.close()

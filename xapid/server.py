@@ -8,6 +8,7 @@ get xapi's HTTP 500; bodies over the size cap get 413.
 
 from __future__ import annotations
 
+import json
 import os
 import socketserver
 import ssl
@@ -23,6 +24,7 @@ from xapid.auth import short_ref
 from xapid.daemon import Daemon
 from xapid.dispatch import Reply
 from xapid.errors import ApiError
+from xapid.hw.faults import PATH as FAULT_PATH
 from xapid.wire import (
     BadRequest,
     decode_jsonrpc,
@@ -100,7 +102,9 @@ class Handler(BaseHTTPRequestHandler):
         if len(body) != length:
             self.close_connection = True
             return
-        if self.path.startswith("/jsonrpc"):
+        if self.server.local and self.path == FAULT_PATH:
+            self._send(200, json.dumps(self.server.daemon.faults.handle(body)).encode(), "application/json")
+        elif self.path.startswith("/jsonrpc"):
             self._jsonrpc(body)
         else:
             self._xmlrpc(body)

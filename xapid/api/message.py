@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from xapid.api import Call, handler
 from xapid.errors import ApiError
 from xapid.timeutil import now_iso
+
+if TYPE_CHECKING:
+    from xapid.store import Store
 
 # The class an obj_uuid must belong to, per message ``cls`` (the enum is capitalised).
 OBJECT_CLASS = {"VM": "VM", "Host": "host", "SR": "SR", "Pool": "pool", "VDI": "VDI"}
@@ -57,3 +60,10 @@ def get_since(call: Call, since: str) -> dict[str, dict[str, Any]]:
 @handler("message.get")
 def get(call: Call, cls: str, obj_uuid: str, since: str) -> dict[str, dict[str, Any]]:
     return _since(call, since, lambda rec: rec["cls"] == cls and rec["obj_uuid"] == obj_uuid)
+
+
+def create_message(store: Store, name: str, priority: int, cls: str, obj_uuid: str, body: str = "") -> str:
+    """Create one alert as xapi's ``Xapi_alert.add`` does (the one place daemon code creates messages)."""
+    with store.transaction() as tx:
+        return tx.create("message", {"name": name, "priority": priority, "cls": cls, "obj_uuid": obj_uuid,
+                                     "timestamp": now_iso(), "body": body})

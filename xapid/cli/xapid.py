@@ -129,6 +129,11 @@ def passwd(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["fault"]:
+        from xapid.hw.faults import main as fault_main
+
+        return fault_main(argv[1:])
     parser = argparse.ArgumentParser(prog="xapid", description="XenAPI emulator daemon")
     sub = parser.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", help="run the daemon in the foreground")
@@ -141,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--tls-cert", help="serve HTTPS with this certificate (PEM)")
     s.add_argument("--tls-key", help="private key for --tls-cert")
     s.add_argument("--log-level", default="info")
+    sub.add_parser("fault", help="break the running emulated pool on purpose (xapid fault --help)")
     p = sub.add_parser("passwd", help="set a user's password (read from standard input)")
     p.add_argument("--state-dir", required=True)
     p.add_argument("--role", default=None, help="pool-admin or read-only (default: keep, root: pool-admin)")

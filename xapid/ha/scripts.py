@@ -154,8 +154,10 @@ class ClusterStackRunner:
         timeout: float = 60.0,
         start_timeout: float = 180.0,
         stdout_cap: int = 1 << 20,
+        state_dir: Path | None = None,
     ) -> None:
         self.root = Path(root)
+        self.state_dir = state_dir
         self.timeout = timeout
         self.start_timeout = start_timeout
         self.stdout_cap = stdout_cap
@@ -203,6 +205,17 @@ class ClusterStackRunner:
             return None
         return data.decode("utf-8", errors="replace").split()
 
+    def felt_faults(self, stack: str) -> set[str]:
+        """Fabric faults the stack honours, from ``<root>/<stack>/xapid-faults`` (empty when absent)."""
+        try:
+            path = (self.stack_dir(stack) / "xapid-faults").resolve(strict=True)
+            if not path.is_relative_to(self.root.resolve()) or not stat.S_ISREG(path.stat().st_mode):
+                return set()
+            with path.open("rb") as handle:
+                return set(handle.read(_SUPPORTED_SRS_CAP).decode("utf-8", errors="replace").split())
+        except (OSError, RuntimeError, ApiError):
+            return set()
+
     def _script_path(self, stack: str, script: str) -> tuple[Path, Path]:
         """(stack folder, resolved script path) after every check of ``run``; raises otherwise."""
         if script not in SCRIPTS:
@@ -233,8 +246,9 @@ class ClusterStackRunner:
     ) -> ScriptResult:
         """Run ``<root>/<stack>/<script> args...`` for ``host_uuid`` and return its result.
 
-        Environment is exactly PATH (the daemon's plus the stack folder), XHAD_CONF and
-        XAPI_HOST_UUID; cwd is the stack folder; stdin is /dev/null.  Exit 0 gives a
+        Environment is exactly PATH (the daemon's plus the stack folder), XHAD_CONF,
+        XAPI_HOST_UUID, XAPID_HOST_DIR and (with a state dir) XAPID_POOL_DIR and XAPID_HW_DIR;
+        cwd is the stack folder; stdin is /dev/null.  Exit 0 gives a
         ScriptResult; an MTC code raises ScriptError; anything else (unknown code, death by
         signal, timeout, missing/non-executable/escaping script) raises INTERNAL_ERROR, and an
         invalid or missing stack UNKNOWN_CLUSTER_STACK.
@@ -253,7 +267,14 @@ class ClusterStackRunner:
             "PATH": f"{base_path}{os.pathsep}{directory}" if base_path else str(directory),
             "XHAD_CONF": str(xhad_conf),
             "XAPI_HOST_UUID": host_uuid,
+            # The host folder also marks the host's processes for the emulated hardware (xapid/hw).
+            "XAPID_HOST_DIR": str(Path(xhad_conf).parent),
         }
+        if self.state_dir is not None:
+            pool_dir = self.state_dir / "pool" / stack
+            pool_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            env["XAPID_POOL_DIR"] = str(pool_dir)
+            env["XAPID_HW_DIR"] = str(self.state_dir / "hw")
         where = f"{stack}/{script} on host {host_uuid}"
         with self._host_lock(host_uuid):
             started = time.monotonic()

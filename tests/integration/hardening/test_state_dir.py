@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -167,8 +168,9 @@ def test_a_symlinked_host_folder_gets_no_xhad_conf(running: Xapid, tmp_path: Pat
     host_uuid = api.host.get_uuid(api.host.get_all()[1])
     outside = tmp_path / "outside-host"
     outside.mkdir()
-    (running.state_dir / "hosts").mkdir(exist_ok=True)
-    (running.state_dir / "hosts" / host_uuid).symlink_to(outside)
+    folder = running.state_dir / "hosts" / host_uuid
+    shutil.rmtree(folder, ignore_errors=True)  # the emulated host's folder, made at start
+    folder.symlink_to(outside)
     with pytest.raises(XenAPI.Failure):
         api.pool.enable_ha([], {"timeout": "10"})
     assert entries(outside) == []

@@ -1,0 +1,333 @@
+"""``xapid fault``: break a running emulated pool on purpose, and the one client for it.
+
+The daemon serves :class:`FaultService` at ``POST /xapid/fault`` on its local Unix socket
+only (root: whoever can open the socket).  The request is JSON
+``{"verb": ..., "hosts": [...], "groups": [[...], ...], "seconds": S}``; the answer is JSON
+``{"ok": bool, "lines": [...], "error": "..."}``.  :class:`FaultClient` speaks it, for the
+command line and for tests alike.
+
+Verbs: crash, hang, thaw, partition, heal, statefile-loss, statefile-restore, boot, status.
+HOST is a host uuid or name-label.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from xapid.daemon import Daemon
+
+PATH = "/xapid/fault"
+VERBS = ("crash", "hang", "thaw", "partition", "heal", "statefile-loss", "statefile-restore", "boot", "status")
+# Faults a cluster stack feels only if it reads the fabric file; it says so in its `xapid-faults` file.
+FABRIC_FAULTS = {"partition": "network partitions", "statefile-loss": "loss of the heartbeat SR",
+                 "statefile-restore": "loss of the heartbeat SR"}
+
+
+class FaultError(Exception):
+    """A fault request that cannot be carried out; the message says why (exit status 2)."""
+
+
+class FaultService:
+    """Carries out fault requests against ``daemon.hw``."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+
+    def handle(self, body: bytes) -> dict[str, Any]:
+        """Answer one request body; never raises."""
+        try:
+            request = json.loads(body.decode("utf-8"))
+            if not isinstance(request, dict):
+                raise FaultError("the request must be a JSON object")
+            return {"ok": True, "lines": self.apply(request)}
+        except FaultError as e:
+            return {"ok": False, "error": str(e)}
+        except (ValueError, UnicodeDecodeError) as e:
+            return {"ok": False, "error": f"malformed request: {e}"}
+
+    # -- hosts ------------------------------------------------------------------------------------
+
+    def _hosts(self) -> list[tuple[str, dict[str, Any]]]:
+        return self.daemon.store.items("host")
+
+    def resolve(self, names: list[Any]) -> list[str]:
+        """Host uuids for uuids or name-labels; FaultError naming the first unknown or ambiguous one."""
+        hosts = self._hosts()
+        out: list[str] = []
+        for name in names:
+            if not isinstance(name, str):
+                raise FaultError(f"a host must be a uuid or name-label, got {name!r}")
+            matches = [h["uuid"] for _r, h in hosts if name in (h["uuid"], h["name_label"])]
+            if not matches:
+                raise FaultError(f"unknown host {name!r}")
+            if len(matches) > 1:
+                raise FaultError(f"host name {name!r} is ambiguous: use a uuid ({', '.join(matches)})")
+            if matches[0] not in out:
+                out.append(matches[0])
+        return out
+
+    def _all_or(self, names: list[Any]) -> list[str]:
+        if names == ["all"]:
+            return [h["uuid"] for _r, h in self._hosts()]
+        return self.resolve(names)
+
+    def _check_felt(self, verb: str) -> None:
+        pool = self.daemon.store.get("pool", self.daemon.pool_ref()) or {}
+        if not pool.get("ha_enabled"):
+            return
+        stack = str(pool.get("ha_cluster_stack") or "")
+        felt = self.daemon.ha.runner.felt_faults(stack)
+        if verb not in felt:
+            raise FaultError(f"the active cluster stack {stack!r} cannot feel {FABRIC_FAULTS[verb]} "
+                             f"(its folder has no xapid-faults file listing {verb!r})")
+
+    def _heartbeat_sr_folders(self) -> list[str]:
+        store = self.daemon.store
+        pool = store.get("pool", self.daemon.pool_ref()) or {}
+        folders = []
+        for vdi in pool.get("ha_statefiles", []):
+            rec = store.get("VDI", vdi)
+            sr = store.get("SR", rec["SR"]) if rec else None
+            if sr is not None:
+                folder = str(self.daemon.disks.sr_dir(sr["uuid"]))
+                if folder not in folders:
+                    folders.append(folder)
+        if not folders:
+            raise FaultError("HA is not enabled: there is no heartbeat SR to lose")
+        return folders
+
+    # -- verbs ------------------------------------------------------------------------------------
+
+    def apply(self, request: dict[str, Any]) -> list[str]:
+        verb = request.get("verb")
+        hosts = request.get("hosts", [])
+        if not isinstance(hosts, list):
+            raise FaultError("hosts must be a list")
+        hw = self.daemon.hw
+        if verb == "status":
+            return self.status()
+        if verb == "heal":
+            hw.fabric.heal()
+            return ["network healed: every host sees every other"]
+        if verb == "partition":
+            self._check_felt("partition")
+            groups = request.get("groups")
+            if not isinstance(groups, list) or not groups or not all(isinstance(g, list) and g for g in groups):
+                raise FaultError("partition needs at least one non-empty group of hosts")
+            resolved = [self.resolve(g) for g in groups]
+            seen: set[str] = set()
+            for group in resolved:
+                if seen & set(group):
+                    raise FaultError("a host may appear in only one group")
+                seen |= set(group)
+            everyone = [h["uuid"] for _r, h in self._hosts()]
+            hw.fabric.partition(resolved, everyone)
+            return [f"network partitioned: {' | '.join(hw.fabric.group(u) + ':' + self._name(u) for u in everyone)}"]
+        if verb not in VERBS:
+            raise FaultError(f"unknown fault {verb!r}; one of: {', '.join(VERBS)}")
+        if not hosts:
+            raise FaultError(f"{verb} needs at least one HOST")
+        if verb in ("statefile-loss", "statefile-restore"):
+            self._check_felt(verb)
+            uuids = self._all_or(hosts)
+            folders = self._heartbeat_sr_folders()
+            if verb == "statefile-loss":
+                hw.fabric.block_storage(uuids, folders)
+            else:
+                hw.fabric.restore_storage(uuids, folders)
+            return [f"{self._name(u)}: heartbeat SR {'unreachable' if verb == 'statefile-loss' else 'reachable'}"
+                    for u in uuids]
+        uuids = self.resolve(hosts)
+        lines = []
+        for uuid in uuids:
+            before = hw.power(uuid)
+            if verb == "crash":
+                hw.crash(uuid, "xapid fault crash")
+            elif verb == "hang":
+                seconds = request.get("seconds")
+                if seconds is not None and (not isinstance(seconds, (int, float)) or seconds <= 0):
+                    raise FaultError("--seconds must be a positive number")
+                hw.hang(uuid, float(seconds) if seconds is not None else None)
+            elif verb == "thaw":
+                hw.thaw(uuid)
+            elif verb == "boot":
+                hw.boot(uuid)
+            lines.append(f"{self._name(uuid)}: {before} -> {hw.power(uuid)}")
+        return lines
+
+    def _name(self, uuid: str) -> str:
+        ref = self.daemon.store.by_uuid("host", uuid)
+        rec = self.daemon.store.get("host", ref) if ref else None
+        return str(rec["name_label"]) if rec else uuid
+
+    def status(self) -> list[str]:
+        """One line per host: power, network group, statefile access, armed, live as the pool sees it."""
+        hw = self.daemon.hw
+        folders: list[str] = []
+        try:
+            folders = self._heartbeat_sr_folders()
+        except FaultError:
+            pass
+        lines = []
+        for _ref, h in self._hosts():
+            uuid = h["uuid"]
+            metrics = self.daemon.store.get("host_metrics", h["metrics"])
+            blocked = set(hw.fabric.blocked(uuid))
+            statefile = "lost" if folders and blocked & set(folders) else "ok"
+            armed = bool(self.daemon.ha.local.get(uuid, "ha.armed", False))
+            live = bool(metrics and metrics["live"])
+            lines.append(f"{h['name_label']} {uuid} power={hw.power(uuid)} network={hw.fabric.group(uuid)} "
+                         f"statefile={statefile} armed={str(armed).lower()} live={str(live).lower()}")
+        return lines
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(self._path)
+        self.sock = sock
+
+
+class FaultClient:
+    """Talks to the daemon whose state dir is ``state_dir`` over its local socket."""
+
+    def __init__(self, state_dir: Path | str, socket_path: Path | str | None = None, timeout: float = 60.0) -> None:
+        self.socket_path = str(socket_path or Path(state_dir) / "xapi.sock")
+        self.timeout = timeout
+
+    def request(self, verb: str, hosts: list[str] | None = None, **extra: Any) -> list[str]:
+        """Carry out one fault; the output lines, or FaultError with the daemon's reason."""
+        body = json.dumps({"verb": verb, "hosts": hosts or [], **extra}).encode()
+        conn = _UnixConnection(self.socket_path, self.timeout)
+        try:
+            conn.request("POST", PATH, body, {"content-type": "application/json"})
+            answer = conn.getresponse().read()
+        except FileNotFoundError:
+            raise FaultError(f"xapid is not running (no socket at {self.socket_path})") from None
+        except ConnectionRefusedError:
+            raise FaultError(f"xapid is not running (nothing listens on {self.socket_path})") from None
+        except PermissionError:
+            raise FaultError(
+                f"permission denied on {self.socket_path}: xapid fault must run as the daemon's user") from None
+        except OSError as e:
+            raise FaultError(f"cannot reach xapid at {self.socket_path}: {e}") from None
+        finally:
+            conn.close()
+        try:
+            doc = json.loads(answer)
+        except ValueError:
+            raise FaultError(f"unexpected answer from xapid: {answer[:200]!r}") from None
+        if not doc.get("ok"):
+            raise FaultError(str(doc.get("error", "unknown error")))
+        return [str(line) for line in doc.get("lines", [])]
+
+    def crash(self, *hosts: str) -> list[str]:
+        return self.request("crash", list(hosts))
+
+    def hang(self, *hosts: str, seconds: float | None = None) -> list[str]:
+        return self.request("hang", list(hosts), **({"seconds": seconds} if seconds is not None else {}))
+
+    def thaw(self, *hosts: str) -> list[str]:
+        return self.request("thaw", list(hosts))
+
+    def boot(self, *hosts: str) -> list[str]:
+        return self.request("boot", list(hosts))
+
+    def partition(self, *groups: list[str]) -> list[str]:
+        return self.request("partition", [], groups=[list(g) for g in groups])
+
+    def heal(self) -> list[str]:
+        return self.request("heal")
+
+    def statefile_loss(self, *hosts: str) -> list[str]:
+        return self.request("statefile-loss", list(hosts))
+
+    def statefile_restore(self, *hosts: str) -> list[str]:
+        return self.request("statefile-restore", list(hosts))
+
+    def status(self) -> list[str]:
+        return self.request("status")
+
+
+def main(argv: list[str]) -> int:
+    """``xapid fault --state-dir DIR VERB [HOST...] [-- HOST...] [--seconds S] [--socket PATH]``."""
+    import sys
+
+    args = list(argv)
+    state_dir = "./var"
+    socket_path = None
+    seconds: float | None = None
+    rest: list[str] = []
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if a in ("--state-dir", "--socket", "--seconds") and i + 1 < len(args):
+            value = args[i + 1]
+            if a == "--state-dir":
+                state_dir = value
+            elif a == "--socket":
+                socket_path = value
+            else:
+                try:
+                    seconds = float(value)
+                except ValueError:
+                    print(f"xapid fault: --seconds needs a number, got {value!r}", file=sys.stderr)
+                    return 2
+            i += 2
+            continue
+        if a.startswith("--state-dir="):
+            state_dir = a.split("=", 1)[1]
+        elif a in ("-h", "--help"):
+            print(USAGE)
+            return 0
+        else:
+            rest.append(a)
+        i += 1
+    if not rest:
+        print(USAGE, file=sys.stderr)
+        return 2
+    verb, operands = rest[0], rest[1:]
+    client = FaultClient(state_dir, socket_path)
+    try:
+        if verb == "partition":
+            groups: list[list[str]] = [[]]
+            for word in operands:
+                if word == "--":
+                    groups.append([])
+                else:
+                    groups[-1].append(word)
+            lines = client.request("partition", [], groups=[g for g in groups if g] or [[]])
+        elif verb == "hang" and seconds is not None:
+            lines = client.hang(*operands, seconds=seconds)
+        else:
+            lines = client.request(verb, operands)
+    except FaultError as e:
+        print(f"xapid fault: {e}", file=sys.stderr)
+        return 2
+    for line in lines:
+        print(line)
+    return 0
+
+
+USAGE = """usage: xapid fault --state-dir DIR VERB [HOST...]
+  crash HOST...                      power cut: the host stops at once, until boot
+  hang HOST... [--seconds S]         freeze the host (processes stopped) for S seconds or until thaw
+  thaw HOST...                       let a hung host run again
+  partition HOST... -- HOST... [-- HOST...]
+                                     split the heartbeat network into these groups (the rest form one more)
+  heal                               join the network again
+  statefile-loss HOST...|all         the hosts lose access to the heartbeat SR
+  statefile-restore HOST...|all      ... and get it back
+  boot HOST...                       power on a crashed or fenced host (xapi start-up runs on it)
+  status                             one line per host: power, network group, statefile, armed, live
+HOST is a host uuid or name-label. Exit status 0 when done, 2 with a message otherwise."""
