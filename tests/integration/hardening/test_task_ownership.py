@@ -12,8 +12,6 @@ pool-operator), else ``RBAC_PERMISSION_DENIED ["task.destroy/any", "No permissio
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -21,7 +19,8 @@ from typing import Any
 import pytest
 import XenAPI
 
-from tests.conftest import REPO, SHIPPED_STACKS, Xapid, kill_heartbeats, write_conf
+from tests.conftest import SHIPPED_STACKS, Xapid, kill_heartbeats, write_conf
+from tests.integration.hardening.conftest import add_user
 
 DENIED = ["RBAC_PERMISSION_DENIED", "task.destroy/any",
           "No permission in user session. (Roles with this permission: pool-admin, pool-operator)"]
@@ -29,13 +28,6 @@ SLOW_START = """#!/bin/sh
 sleep 3
 exec "{xhad}/ha_start_daemon" "$@"
 """
-
-
-def add_user(daemon: Xapid, name: str, role: str) -> None:
-    done = subprocess.run([sys.executable, "-m", "xapid.cli.xapid", "passwd", "--state-dir", str(daemon.state_dir),
-                           "--role", role, name], input=f"{name}-pw\n", text=True, capture_output=True,
-                          timeout=60, cwd=REPO)
-    assert done.returncode == 0, done.stderr
 
 
 @pytest.fixture(scope="module")
