@@ -56,6 +56,7 @@ class Lit:
 class Node:
     op: str  # eq, and, or, not, true, false
     args: tuple[Any, ...] = ()
+    depth: int = field(default=1, compare=False, repr=False)  # levels of the tree below and at this node
 
 
 # One token per match, anchored at the position reached: the scan never looks at a character twice
@@ -99,7 +100,11 @@ class _Frame:
     op: str | None = field(default=None)
 
     def take(self, operand: Node) -> None:
-        self.left = operand if self.op is None else Node(self.op, (self.left, operand))
+        if self.op is None:
+            self.left = operand
+        else:
+            assert self.left is not None
+            self.left = Node(self.op, (self.left, operand), max(self.left.depth, operand.depth) + 1)
         self.op = None
 
 
@@ -151,7 +156,8 @@ def _parse(tokens: list[Token]) -> Node:
             raise ParseError(PARSE_ERROR)
         while stack[-1].kind == "not":  # a group's end closes every `not` opened inside it
             closed = stack.pop()
-            stack[-1].take(Node("not", (closed.left,)))
+            assert closed.left is not None
+            stack[-1].take(Node("not", (closed.left,), closed.left.depth + 1))
         group = stack[-1]
         if kind == "eof":
             if group.kind != "top":
@@ -180,12 +186,36 @@ def parse(text: str) -> Node:
         raise ApiError("INVALID_VALUE", text, str(e)) from None
 
 
+RECURSIVE_DEPTH = 100  # shallower trees (every real-world one) take the faster recursive walk
+
+
 def evaluate(node: Node, row: Row) -> bool:
     """Whether ``node`` holds for ``row``, evaluated left to right with xapi's short-circuit.
 
-    An operand that is not reached never reads its columns (so it cannot fail on a missing one); each
-    column is read from ``row`` at most once per call.
+    An operand that is not reached never reads its columns (so it cannot fail on a missing one).
+    Trees deeper than :data:`RECURSIVE_DEPTH` are walked with an explicit stack (no recursion), reading
+    each column from ``row`` at most once.
     """
+    if node.depth <= RECURSIVE_DEPTH:
+        return _evaluate(node, row)
+    return _evaluate_deep(node, row)
+
+
+def _evaluate(node: Node, row: Row) -> bool:
+    op = node.op
+    if op == "eq":
+        a, b = node.args
+        return (row(a.text) if a.is_field else a.text) == (row(b.text) if b.is_field else b.text)
+    if op == "and":
+        return _evaluate(node.args[0], row) and _evaluate(node.args[1], row)
+    if op == "or":
+        return _evaluate(node.args[0], row) or _evaluate(node.args[1], row)
+    if op == "not":
+        return not _evaluate(node.args[0], row)
+    return op == "true"
+
+
+def _evaluate_deep(node: Node, row: Row) -> bool:
     columns: dict[str, str] = {}
 
     def val(lit: Lit) -> str:
@@ -217,6 +247,8 @@ def evaluate(node: Node, row: Row) -> bool:
         elif result == (op == "and"):  # the left side did not decide: the right side's value is the answer
             stack.append((n.args[1], False))
     return result
+
+
 def _sexp_str(s: str) -> str:
     return "'" + s.replace("\\", "\\\\").replace("'", "\\'") + "'"
 

@@ -120,3 +120,37 @@ def test_the_findings_sizes_1_mb_and_3_6_mb_are_refused_in_well_under_a_second()
     start = time.perf_counter()
     assert evaluate(parse(chain), row) is True
     assert time.perf_counter() - start < 1.0
+
+
+def test_the_deep_walk_agrees_with_the_recursive_one() -> None:
+    """Trees deeper than RECURSIVE_DEPTH take the stack-based walk: same answers, same short-circuit."""
+    import random
+
+    from xapid import query
+
+    class Missing(Exception):
+        pass
+
+    def strict(column: str) -> str:
+        if column == "nope":
+            raise Missing(column)
+        return row(column)
+
+    atoms = ["true", "false", TERM, 'field "power_state" = "Halted"', 'field "nope" = "x"']
+    rng = random.Random(17)
+    for _ in range(3000):
+        parts = []
+        for _ in range(rng.randint(1, 8)):
+            parts.append(("not " if rng.random() < 0.3 else "") + rng.choice(atoms))
+            parts.append(rng.choice(["and", "or"]))
+        text = " ".join(parts[:-1])
+        if rng.random() < 0.5:
+            text = "(" + text + ") " + rng.choice(["and", "or"]) + " " + rng.choice(atoms)
+        node = parse(text)
+        outcomes = []
+        for walk in (query._evaluate, query._evaluate_deep):
+            try:
+                outcomes.append(walk(node, strict))
+            except Missing:
+                outcomes.append("missing")
+        assert outcomes[0] == outcomes[1], text
