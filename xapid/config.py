@@ -58,6 +58,13 @@ DEFAULTS: dict[str, tuple[str, Any, str]] = {
 }
 
 
+# Keys whose value has a floor (a zero collection interval would spin; a limit below it keeps nothing).
+MINIMUM: dict[str, float] = {
+    "gc-interval": 0.01, "task-limit-per-user": 0, "message_limit": 0, "session-limit": 1,
+    "completed_task_timeout": 0, "pending_task_timeout": 0,
+}
+
+
 @dataclass
 class Config:
     values: dict[str, Any]
@@ -137,6 +144,9 @@ def load(path: Path | None = None, overrides: dict[str, str] | None = None) -> C
         values[key] = _convert(DEFAULTS[key][0], raw, base, where)
     for key, raw in (overrides or {}).items():
         values[key] = _convert(DEFAULTS[key][0], raw, Path.cwd(), f"override {key}")
+    for key, minimum in MINIMUM.items():
+        if values[key] < minimum:
+            raise ConfigError(f"{path}: {key} must be at least {minimum}, got {values[key]}")
     return Config(values, path)
 
 

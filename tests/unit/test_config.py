@@ -94,3 +94,9 @@ def test_serve_refuses_a_bad_config_with_exit_status_2(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert f"{path}:2" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("line", ["gc-interval = 0", "session-limit = 0", "message_limit = -1"])
+def test_collection_settings_have_a_floor(tmp_path: Path, line: str) -> None:
+    with pytest.raises(ConfigError, match=line.split(" ")[0]):
+        config.load(write(tmp_path, line + "\n"))
