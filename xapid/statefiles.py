@@ -26,8 +26,14 @@ _WALK = os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC | getattr(os, "O_PATH", os
 _MAX_LINKS = 40  # symbolic links followed while checking the state dir's own path (Linux's limit)
 
 
-class UnsafePath(OSError):
-    """A path in the state dir is a symbolic link, not the expected kind of file, or owned by someone else."""
+class UnsafePath(OSError, ConfigError):
+    """A path in the state dir is a symbolic link, not the expected kind of file, or owned by someone else.
+
+    An OSError where files are handled; met during start-up it is also a ConfigError (exit status 2).
+    """
+
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()
 
 
 class UntrustedStateDir(ConfigError):
@@ -58,8 +64,8 @@ def _walk_trusted(path: Path) -> Path:
         here = real / name
         try:
             st = os.lstat(here)
-        except FileNotFoundError:
-            return Path(real, name, *pending)
+        except FileNotFoundError:  # the rest is to be created: nothing there to follow
+            return Path(os.path.normpath(Path(real, name, *pending)))
         if not _trusted_owner(st):
             raise UntrustedStateDir(f"state dir {path}: {here} belongs to uid {st.st_uid}, not to root or "
                                     f"the daemon's user (uid {os.geteuid()})")

@@ -185,3 +185,18 @@ def test_passwd_refuses_an_untrusted_state_dir(tmp_path: Path) -> None:
                           input="pw\n", text=True, capture_output=True, timeout=60, cwd=REPO)
     assert done.returncode == 2 and "writable by group or others" in done.stderr
     assert entries(state) == []
+
+
+def test_a_symlink_planted_while_stopped_stops_the_next_start(tmp_path: Path) -> None:
+    d = Xapid(tmp_path / "state", write_conf(tmp_path / "s.conf"), ["--hosts", "1"])
+    d.start()
+    d.stop()
+    outside = tmp_path / "outside"
+    shutil.move(d.state_dir / "sr", outside)
+    (d.state_dir / "sr").symlink_to(outside)
+    before = sorted(p.name for p in outside.rglob("*"))
+    with pytest.raises(RuntimeError, match="exited with 2"):
+        d.start(timeout=20)
+    d.stop()
+    assert "symbolic link" in d.log() and "Traceback" not in d.log()
+    assert sorted(p.name for p in outside.rglob("*")) == before
