@@ -9,7 +9,6 @@ costs the one hash a known name does, and failure counters keep a 16-byte digest
 
 from __future__ import annotations
 
-import statistics
 import threading
 import time
 from collections.abc import Iterator
@@ -83,26 +82,29 @@ def test_128_parallel_failed_logins_cost_bounded_memory(daemon: Xapid) -> None:
     assert took < 60
 
 
-def median_failure(url: str, user: str, n: int) -> float:
-    times = []
-    for _ in range(n):
-        s = XenAPI.Session(url)
-        start = time.perf_counter()
-        with pytest.raises(XenAPI.Failure):
-            s.login_with_password(user, "wrong-password", "2.21", "probe")
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def failure_time(url: str, user: str) -> float:
+    s = XenAPI.Session(url)
+    start = time.perf_counter()
+    with pytest.raises(XenAPI.Failure):
+        s.login_with_password(user, "wrong-password", "2.21", "probe")
+    return time.perf_counter() - start
 
 
-def test_unknown_and_known_users_fail_in_the_same_time(daemon: Xapid) -> None:
-    """Interleaved probes; the difference is noise, not one more scrypt computation (about 30-50 ms)."""
-    known, unknown = [], []
-    for _ in range(3):
-        known.append(median_failure(daemon.url, "root", 3))
-        unknown.append(median_failure(daemon.url, "nobody-by-this-name", 3))
-    # The delay grows with the failures in a row per name (4 x DELAY at most): compare the excess over it.
-    k, u = min(known), min(unknown)
-    assert abs(u - k) < 0.02, (known, unknown)
+def test_unknown_and_known_users_fail_in_the_same_time(tmp_path: Path) -> None:
+    """No failure delay here, so an attempt costs its hashing: one scrypt computation for any name
+    (an unknown name used to cost two, 65 ms against 33 ms).  Interleaved probes; the fastest of each
+    kind is compared, which machine load hardly moves."""
+    d = Xapid(tmp_path / "state", write_conf(tmp_path / "t.conf", **{"login-failure-delay": "0"}), ["--hosts", "1"])
+    d.start()
+    try:
+        known, unknown = [], []
+        for _ in range(15):
+            known.append(failure_time(d.url, "root"))
+            unknown.append(failure_time(d.url, "nobody-by-this-name"))
+    finally:
+        d.stop()
+    assert min(unknown) < 1.3 * min(known), (sorted(known)[:3], sorted(unknown)[:3])
+    assert min(known) < 1.3 * min(unknown), (sorted(known)[:3], sorted(unknown)[:3])
 
 
 @pytest.mark.slow
