@@ -56,7 +56,12 @@ RELATIONS = {
     ("host", "resident_VMs"): "VM.resident_on", ("host", "host_CPUs"): "host_cpu.host",
     ("VM", "snapshots"): "VM.snapshot_of", ("VM", "children"): "VM.parent",
     ("VDI", "snapshots"): "VDI.snapshot_of", ("Cluster", "cluster_hosts"): "Cluster_host.cluster",
+    ("session", "tasks"): "task.session",
 }
+
+# Internal-only fields kept as "internal_fields": stored like any field, never on the wire (no getter,
+# not in records), present because a published relation is derived from them.
+INTERNAL_FIELDS = {("task", "session")}
 
 PARAM_DEFAULTS = {
     ("SR", "create", "sm_config"): {},
@@ -196,8 +201,12 @@ def main() -> None:
     for name in CLASSES:
         c = model["classes"][name]
         fields = []
+        internal = []
         for f in c["fields"]:
             if f["internal_only"]:
+                if (name, f["name"]) in INTERNAL_FIELDS:
+                    internal.append({"name": f["name"], "type": f["type"], "qualifier": QUALIFIERS[f["qualifier"]],
+                                     "default": "OpaqueRef:NULL" if f["type"].endswith(" ref") else None})
                 continue
             has, value = default_of(f["default"], f["type"])
             entry: dict[str, Any] = {
@@ -267,6 +276,8 @@ def main() -> None:
             "messages": messages,
             "generic_roles": generic_roles,
         }
+        if internal:
+            doc["internal_fields"] = internal
         (out_dir / "classes" / f"{name}.json").write_text(json.dumps(doc, indent=1) + "\n")
     # event is not a database class: explicit messages only, no record methods (wire.md 6).
     event = next(c for c in xenapi if c["name"] == "event")

@@ -62,7 +62,8 @@ class Events:
         self.tombstones: OrderedDict[tuple[str, str], None] = OrderedDict()
         self.lowercase = {name.lower(): name for name, c in store.schema.classes.items() if c.in_db}
         self.legacy: dict[str, Legacy] = {}
-        self.relations = [(src_cls, src_field, cls) for cls, _f, src_cls, src_field in store.schema.relations()]
+        self.relations = [(src_cls, src_field, cls) for cls, _f, src_cls, src_field in store.schema.relations()
+                          if cls not in HIDDEN]  # task.session -> session.tasks: sessions stay unreported
         with store.lock:
             store.listeners.append(self._on_commit)
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import structlog
 
 from xapid import config as config_mod
+from xapid import statefiles
 from xapid.logging import configure
 from xapid.storage import DescriptorError
 from xapid.store import StoreCorrupt
@@ -66,9 +67,7 @@ def serve(args: argparse.Namespace) -> int:
     url = f"{scheme}://{bound_host}:{bound_port}/"
     daemon.start()
     url_file = daemon.state_dir / "url"
-    tmp = url_file.with_suffix(".tmp")
-    tmp.write_text(url + "\n")
-    os.replace(tmp, url_file)
+    statefiles.write_atomic(url_file, (url + "\n").encode(), mode=0o644)
     log.info("xapid ready", url=url, state_dir=str(daemon.state_dir),
              root_password_file=str(daemon.state_dir / "root-password"))
     stop = threading.Event()
@@ -110,10 +109,12 @@ def serve(args: argparse.Namespace) -> int:
 
 def passwd(args: argparse.Namespace) -> int:
     from xapid.auth import Users
-    from xapid.daemon import ensure_private_dir
 
-    state = Path(args.state_dir)
-    ensure_private_dir(state)
+    try:
+        state = statefiles.ensure_private_dir(Path(args.state_dir))
+    except config_mod.ConfigError as e:
+        print(f"xapid passwd: {e}", file=sys.stderr)
+        return 2
     line = sys.stdin.readline()
     password = line.rstrip("\n")
     if not password:
@@ -121,7 +122,7 @@ def passwd(args: argparse.Namespace) -> int:
         return 1
     try:
         Users(state / "users.json").set_password(args.user, password, args.role)
-    except ValueError as e:
+    except (ValueError, OSError, config_mod.ConfigError) as e:
         print(f"xapid passwd: {e}", file=sys.stderr)
         return 1
     return 0

@@ -124,7 +124,8 @@ def test_read_only_role_is_denied_every_write_and_allowed_every_read(daemon: Dae
             denied.add(m.name)
         elif m.name not in UNSAFE:
             got = refusal(daemon, m.name, [ro, *args_for(daemon, m)])
-            assert got is None or got[0] != "RBAC_PERMISSION_DENIED", (m.name, got)
+            # The role may call it; a task that is not its own needs task.destroy/any (xapi_task.ml).
+            assert got is None or got[0] != "RBAC_PERMISSION_DENIED" or got[1] == "task.destroy/any", (m.name, got)
             allowed.add(m.name)
     assert set(WRITES_THAT_MUST_BE_DENIED) <= denied, set(WRITES_THAT_MUST_BE_DENIED) - denied
     assert set(READS_THAT_MUST_WORK) - {"system.listMethods"} <= allowed
