@@ -15,9 +15,10 @@ How clients are kept from locking each other out:
   (``body-timeout``); the first request of a connection gets ``header-timeout``
   from the accept, later ones ``keepalive-timeout`` of idleness.
 * Connections are capped per listener (``max-connections``) and per client
-  address (``max-connections-per-ip``).  At a cap, the oldest connection that
-  is not executing a call is closed to make room (idle ones first); only when
-  every connection is busy is the newcomer refused with 503.
+  address (``max-connections-per-ip``).  At a cap, a connection that is not
+  executing a call is closed to make room (:meth:`Conn.eviction_order`: ones
+  that never completed a request first, the oldest first); only when every
+  connection is busy is the newcomer refused with 503.
 * Complete calls run on lanes, each a fixed set of threads: ``worker-threads``
   for ordinary calls, ``login-threads`` for logins (a failed login waits
   before answering), and a lane for calls that park (``event.from``,
@@ -264,15 +265,21 @@ IDLE, READING, BUSY = "idle", "reading", "busy"
 
 
 class Conn:
-    """One client connection and what it is doing (eviction prefers idle, then the oldest)."""
+    """One client connection, what it is doing and how many requests it has had answered."""
 
-    __slots__ = ("ip", "writer", "state", "since")
+    __slots__ = ("ip", "writer", "state", "since", "served")
 
     def __init__(self, ip: str, writer: asyncio.StreamWriter) -> None:
         self.ip = ip
         self.writer = writer
         self.state = IDLE
         self.since = time.monotonic()
+        self.served = 0
+
+    def eviction_order(self) -> tuple[bool, bool, float]:
+        """Connections that never completed a request go first (idle floods and slow headers look
+        like that), then idle kept-alive ones, then half-received requests; the oldest first."""
+        return self.served > 0, self.served > 0 and self.state != IDLE, self.since
 
     def set(self, state: str) -> None:
         self.state = state
@@ -307,7 +314,7 @@ class Registry:
 
     def _evict(self, ip: str | None) -> bool:
         victim = min((c for c in self.conns if c.state != BUSY and (ip is None or c.ip == ip)),
-                     key=lambda c: (c.state != IDLE, c.since), default=None)
+                     key=Conn.eviction_order, default=None)
         if victim is None:
             return False
         self.remove(victim)
@@ -548,7 +555,8 @@ class ApiServer:
                 response.close = close
                 if not await self._answer(writer, response) or close:
                     break
-        except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError):
+                conn.served += 1
+        except (OSError, asyncio.IncompleteReadError, ssl.SSLError):
             pass  # the client went away
         except asyncio.CancelledError:
             pass  # stopping
@@ -690,16 +698,16 @@ class ApiServer:
             writer.write(response.body)
             async with asyncio.timeout(self.limits.body_timeout):
                 await writer.drain()
-        except (TimeoutError, ConnectionError, ssl.SSLError, RuntimeError):
+        except (TimeoutError, OSError, ssl.SSLError, RuntimeError):
             return False
         if linger is not None:
-            if writer.can_write_eof():
-                writer.write_eof()
             try:
+                if writer.can_write_eof():
+                    writer.write_eof()
                 async with asyncio.timeout(LINGER):
                     while await linger.read(65536):
                         pass
-            except (TimeoutError, ConnectionError, ssl.SSLError, asyncio.LimitOverrunError):
+            except (TimeoutError, OSError, ssl.SSLError):
                 pass
         return True
 

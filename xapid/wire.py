@@ -33,6 +33,7 @@ _XML_TAGS_PER_ITEM = 8  # <member><name>k</name><value><string>v</string></value
 _JSON_STRING = re.compile(rb'"(?:[^"\\]++|\\.)*+"?')
 # XML-RPC numbers: ASCII digits and an optional sign only (no "1_0", no other scripts' digits).
 _XML_WS = " \t\r\n"
+INT_TEXT = re.compile(r"[ \t\r\n]*[+-]?[0-9]+[ \t\r\n]*\Z")  # also for ints sent as strings
 _INT = re.compile(r"[+-]?[0-9]+\Z")
 _DOUBLE = re.compile(r"[+-]?(?:(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|nan|inf|infinity)\Z",
                      re.IGNORECASE)
@@ -71,6 +72,14 @@ def _text(el: Element) -> str:
     return el.text or ""
 
 
+def parse_double(text: str) -> float:
+    """``text`` as a float if it is an ASCII decimal (or nan/inf); else :class:`ValueError`."""
+    text = text.strip(_XML_WS)
+    if not _DOUBLE.match(text) or len(text) > 1000:
+        raise ValueError(f"not a decimal number: {text[:100]!r}")
+    return float(text)
+
+
 def _decode_value(el: Element, depth: int) -> Any:
     if depth > MAX_DEPTH:
         raise BadRequest("value nesting too deep")
@@ -91,10 +100,10 @@ def _decode_value(el: Element, depth: int) -> Any:
     if tag == "boolean":
         return _text(v).strip() == "1"
     if tag == "double":
-        text = _text(v).strip(_XML_WS)
-        if not _DOUBLE.match(text) or len(text) > 1000:
-            raise BadRequest(f"bad double {_text(v)[:100]!r}")
-        return float(text)
+        try:
+            return parse_double(_text(v))
+        except ValueError:
+            raise BadRequest(f"bad double {_text(v)[:100]!r}") from None
     if tag == "dateTime.iso8601":
         return XDateTime(_text(v).strip())
     if tag == "base64":

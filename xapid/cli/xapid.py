@@ -63,7 +63,7 @@ def serve(args: argparse.Namespace) -> int:
     try:
         sock = bind_tcp(host, port)
     except OSError as e:
-        print(f"xapid: cannot listen on {host}:{port}: {e.strerror or e}", file=sys.stderr)
+        print(f"xapid: cannot listen on {host}:{port}: {os.strerror(e.errno) if e.errno else e}", file=sys.stderr)
         return 2
     _raise_fd_limit(limits.max_connections)
     try:
