@@ -17,6 +17,7 @@ from xapid.events import Events
 from xapid.ha.manager import HaManager
 from xapid.hw import Hardware
 from xapid.hw.faults import FaultService
+from xapid.liveness import HostLiveness
 from xapid.seed import seed
 from xapid.storage import Disks, load_descriptors, sync_sm_table
 from xapid.store import Store
@@ -58,6 +59,7 @@ class Daemon:
         self.hw = Hardware(self.state_dir, float(config["fence-reboot-delay"]))
         self.hw.attach([h["uuid"] for _r, h in self.store.items("host")])
         self.faults = FaultService(self)
+        self.liveness = HostLiveness(self)
         self.ha = HaManager(self)
         # Everything loaded so far lives as long as the daemon: keep the cyclic GC from rescanning a
         # large store's records on every full collection (write latency must not grow with size).
@@ -87,7 +89,9 @@ class Daemon:
         self.ha.start()
 
     def stop(self) -> None:
+        self.hw.prepare_stop()
         self.ha.stop()
+        self.liveness.stop()
         self.hw.stop()
         self.tasks.wait_all(10.0)
         self.store.close()

@@ -49,3 +49,9 @@ def ha_compute_hypothetical_max_host_failures_to_tolerate(call: Call, configurat
         if priority == "restart":
             protected.append(rec)
     return call.daemon.ha.compute_max_failures(protected=protected)
+
+
+@handler("pool.ha_prevent_restarts_for")
+def ha_prevent_restarts_for(call: Call, seconds: int) -> None:
+    """Suspend the master's restart logic for ``seconds`` (< 1 lifts it); works with HA off too (xapi_pool.ml)."""
+    call.daemon.ha.monitor.prevent_restarts_for(seconds)

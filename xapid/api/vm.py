@@ -180,3 +180,28 @@ def set_ha_always_run(call: Call, self: str, value: bool) -> None:
 def power_state_reset(call: Call, vm: str) -> None:
     with call.store.transaction() as tx:
         _halt(tx, vm, tx.get("VM", vm))
+
+
+def reset_vm_to_halted(tx: Transaction, vm: str) -> None:
+    """Force ``vm`` to Halted (interim; keeps ha_always_run so HA restarts it)."""
+    rec = tx.get("VM", vm)
+    always = rec["ha_always_run"]
+    _halt(tx, vm, rec)
+    rec["ha_always_run"] = always
+
+
+def start_vm(daemon: Any, vm: str, host: str | None, paused: bool = False, force: bool = False) -> str:
+    """Start ``vm`` on ``host`` (None: anywhere) as VM.start/start_on do (interim)."""
+    with daemon.store.transaction() as tx:
+        rec = _vm(tx, vm, "start")
+        _expect(vm, rec, "Halted")
+        candidates = [host] if host else ([rec["affinity"]] if rec["affinity"] != NULL_REF else [])
+        if not host:
+            candidates += [daemon.master_ref()] + tx.refs("host")
+        chosen = next((h for h in candidates if tx.read("host", h) is not None and _live(tx, h)), None)
+        if chosen is None:
+            raise ApiError("HOST_OFFLINE", candidates[0] if candidates else NULL_REF)
+        _run_on(tx, vm, rec, chosen)
+        if paused:
+            rec["power_state"] = "Paused"
+        return chosen

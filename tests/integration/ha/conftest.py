@@ -9,12 +9,14 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.conftest import REPO, Xapid
+from xapid.hw.faults import FaultClient
 
 SCRIPTS = ("ha_set_pool_state", "ha_start_daemon", "ha_stop_daemon", "ha_query_liveset", "ha_propose_master",
            "ha_disarm_fencing", "ha_set_excluded")
@@ -114,3 +116,85 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 15.0, what: str = "c
             return value
         time.sleep(0.1)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+# -- "a pool with HA on" ---------------------------------------------------------------------------
+
+GIB = 1024**3
+
+
+@dataclass
+class HaPool:
+    """A running daemon with HA enabled (T = 10) and the handles tests use to break and watch it."""
+
+    xapid: Xapid
+    api: Any
+    pool: str
+    hosts: dict[str, str]  # name-label -> ref
+    fault: FaultClient
+
+    def uuid(self, name: str) -> str:
+        return str(self.api.host.get_uuid(self.hosts[name]))
+
+    def live(self, name: str) -> bool:
+        return bool(self.api.host_metrics.get_live(self.api.host.get_metrics(self.hosts[name])))
+
+    def master(self) -> str:
+        """The name-label of the current master."""
+        return str(self.api.host.get_name_label(self.api.pool.get_master(self.pool)))
+
+    def vm(self, name: str, priority: str = "", on: str | None = None, memory_gib: int = 2, order: int = 0,
+           start_delay: int = 0) -> str:
+        """A VM with ``priority``, started on host ``on`` (None: left halted)."""
+        x = self.api
+        ref = x.VM.create(vm_record(name, memory_gib))
+        x.VM.set_order(ref, str(order))
+        x.VM.set_start_delay(ref, str(start_delay))
+        x.VM.set_ha_restart_priority(ref, priority)
+        if on is not None:
+            x.VM.start_on(ref, self.hosts[on], False, False)
+        return str(ref)
+
+    def where(self, vm: str) -> tuple[str, str]:
+        """(power state, name-label of the resident host or "-")."""
+        host = self.api.VM.get_resident_on(vm)
+        return (self.api.VM.get_power_state(vm),
+                "-" if host == "OpaqueRef:NULL" else str(self.api.host.get_name_label(host)))
+
+    def messages(self, name: str) -> list[dict[str, Any]]:
+        return [m for m in self.api.message.get_all_records().values() if m["name"] == name]
+
+
+def vm_record(name: str, memory_gib: int) -> dict[str, Any]:
+    """A complete VM.create record (every constructor field, as xe and the SDK examples send)."""
+    mem = str(memory_gib * GIB)
+    return {"name_label": name, "name_description": "", "user_version": "1", "is_a_template": False,
+            "affinity": "OpaqueRef:NULL", "memory_static_max": mem, "memory_dynamic_max": mem,
+            "memory_dynamic_min": mem, "memory_static_min": str(GIB // 2), "VCPUs_params": {}, "VCPUs_max": "1",
+            "VCPUs_at_startup": "1", "actions_after_shutdown": "destroy", "actions_after_reboot": "restart",
+            "actions_after_crash": "restart", "PV_bootloader": "", "PV_kernel": "", "PV_ramdisk": "", "PV_args": "",
+            "PV_bootloader_args": "", "PV_legacy_args": "", "HVM_boot_policy": "BIOS order", "HVM_boot_params": {},
+            "platform": {}, "PCI_bus": "", "other_config": {}, "recommendations": ""}
+
+
+@pytest.fixture
+def ha_pool_factory(xapid_factory: Any) -> Callable[..., HaPool]:
+    """``ha_pool_factory(hosts=3, **conf)``: a daemon with HA enabled on the shared SR, T = 10."""
+
+    def make(hosts: int = 3, timeout: int = 10, **conf: str) -> HaPool:
+        conf.setdefault("fence-reboot-delay", "1")
+        d = xapid_factory(hosts=hosts, **conf)
+        s = d.session()
+        x = s.xenapi
+        pool = x.pool.get_all()[0]
+        x.pool.enable_ha([x.pool.get_default_SR(pool)], {"timeout": str(timeout)})
+        names = {x.host.get_name_label(h): h for h in x.host.get_all()}
+        return HaPool(d, x, pool, names, FaultClient(d.state_dir))
+
+    return make
+
+
+@pytest.fixture
+def ha_pool(ha_pool_factory: Callable[..., HaPool]) -> HaPool:
+    """A 3-host pool with HA on (T = 10, monitor every 0.5 s, fenced hosts reboot after 1 s)."""
+    return ha_pool_factory()
