@@ -430,6 +430,7 @@ class ApiServer:
         self.decoders = Lane("decode", DECODERS)
         daemon.events.limit_waiting(limits.max_waiting_calls, limits.max_waiting_calls_per_user)
         self.loop = asyncio.new_event_loop()
+        self.loop.set_exception_handler(self._loop_error)
         self._thread = threading.Thread(target=self.loop.run_forever, name="serve", daemon=True)
         self._servers: list[asyncio.AbstractServer] = []
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -524,6 +525,7 @@ class ApiServer:
         if self.stopping or not registry.admit(conn):
             self._warn_limits(registry, ip)
             await self._answer(writer, Response(503, b"too many connections", close=True), linger=reader)
+            writer.transport.abort()
             return
         lim = self.limits
         idle_limit = lim.header_timeout  # the first request: counted from the accept (as xapi)
@@ -564,7 +566,21 @@ class ApiServer:
             log.exception("unexpected exception serving a connection")
         finally:
             registry.remove(conn)
-            conn.abort()
+            await self._close(writer)
+
+    async def _close(self, writer: asyncio.StreamWriter) -> None:
+        """Close after what was written has gone out (``abort`` would drop it), within ``body-timeout``."""
+        if writer.transport.is_closing():
+            writer.transport.abort()  # already closing: make sure the socket goes now
+            return
+        writer.close()
+        try:
+            async with asyncio.timeout(self.limits.body_timeout):
+                await writer.wait_closed()
+        except (TimeoutError, OSError, ssl.SSLError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.transport.abort()
 
     async def _read_head(self, reader: asyncio.StreamReader, first: bytes, listener: Listener,
                          routes: list[Route]) -> tuple[Request, Route | None, int]:
@@ -710,6 +726,13 @@ class ApiServer:
             except (TimeoutError, OSError, ssl.SSLError):
                 pass
         return True
+
+    @staticmethod
+    def _loop_error(_loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        """What asyncio reports (a failed TLS handshake, a callback error): one log line, no traceback."""
+        error = context.get("exception")
+        log.warning("event loop", message=str(context.get("message", ""))[:200],
+                    error=f"{type(error).__name__}: {error}"[:300] if error is not None else "")
 
     def _warn_limits(self, registry: Registry, ip: str) -> None:
         now = time.monotonic()

@@ -149,6 +149,32 @@ def test_http_1_0_closes_unless_keep_alive_is_asked(shared_xapid: Xapid) -> None
     assert b"connection: keep-alive" in head and open_after
 
 
+def test_an_answer_that_ends_the_connection_arrives_whole(shared_xapid: Xapid) -> None:
+    """Closing after the answer waits for it to leave: a large answer is never cut short."""
+    d = shared_xapid
+    session = login(d)
+    vms = jsonrpc(d, "VM.get_all", session)["result"][:6]
+    for vm in vms:  # the seeded VMs: about 250 kB each in the answer
+        jsonrpc(d, "VM.set_name_description", session, vm, "d" * 250_000)
+    body = xml_call("VM.get_all_records", f"<value>{session}</value>")
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the answer cannot all sit in the kernel
+        s.settimeout(10)
+        s.connect(address(d.url))
+        s.sendall(b"POST / HTTP/1.0\r\ncontent-length: %d\r\n\r\n" % len(body) + body)
+        data = b""
+        while chunk := s.recv(4096):  # a slow reader: the end of the answer waits in the server
+            data += chunk
+            time.sleep(0.002)
+    head, _, answer = data.partition(b"\r\n\r\n")
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length:")))
+    assert length > 500_000
+    assert len(answer) == length and answer.endswith(b"</methodResponse>")
+    for vm in vms:
+        jsonrpc(d, "VM.set_name_description", session, vm, "")
+
+
 def test_expect_100_continue_gets_the_interim_answer(shared_xapid: Xapid) -> None:
     """curl sends ``expect: 100-continue`` before bodies over 1 KiB and waits for the go-ahead."""
     host, port = address(shared_xapid.url)
