@@ -7,25 +7,26 @@ get xapi's HTTP 500; bodies over the size cap get 413.
 
 How clients are kept from locking each other out:
 
-* One asyncio event loop owns every connection and reads requests itself.  A
-  connection costs a file descriptor and a small buffer, never a thread, until
-  its request is complete: slow or idle clients hold nothing others need.
+* Every connection has a thread of its own, which reads, runs and answers its
+  requests (no hand-off: a call costs what it did before).  What is bounded is
+  what others need: the calls running at once (``worker-threads``), the
+  logins (``login-threads``), the parked ``event.from``/``event.next`` calls
+  (capped per user and overall by :mod:`xapid.events`), and the connections.
+  Reading a request, or waiting for one, holds none of these.
 * Each request has a total time budget for its headers (``header-timeout``,
-  from its first byte; a trickled byte does not reset it) and for its body
-  (``body-timeout``); the first request of a connection gets ``header-timeout``
-  from the accept, later ones ``keepalive-timeout`` of idleness.
+  from its first byte; a trickled byte does not reset it: every ``recv`` waits
+  only for what is left) and for its body (``body-timeout``); the first request
+  of a connection gets ``header-timeout`` from the accept, later ones
+  ``keepalive-timeout`` of idleness; an answer must leave within
+  ``body-timeout`` too.
 * Connections are capped per listener (``max-connections``) and per client
   address (``max-connections-per-ip``).  At a cap, a connection that is not
   executing a call is closed to make room (:meth:`Conn.eviction_order`: ones
   that never completed a request first, the oldest first); only when every
   connection is busy is the newcomer refused with 503.
-* Complete calls run on lanes, each a fixed set of threads: ``worker-threads``
-  for ordinary calls, ``login-threads`` for logins (a failed login waits
-  before answering), and a lane for calls that park (``event.from``,
-  ``event.next``), which :mod:`xapid.events` caps per user and overall.
 * Bodies are refused from their ``content-length`` before being read when over
-  the cap (``max-request-size``: xapi's 300 KiB for RPC), and decoded by
-  :data:`DECODERS` threads at most, each bounded by :data:`xapid.wire.MAX_ITEMS`.
+  the cap (``max-request-size``: xapi's 300 KiB for RPC); large ones are decoded
+  :data:`DECODERS` at a time, each bounded by :data:`xapid.wire.MAX_ITEMS`.
 * Framing follows RFC 9112: ``transfer-encoding`` together with
   ``content-length``, several or malformed ``content-length`` values, folded or
   malformed header lines are 400 and close the connection; a chunked body is
@@ -39,16 +40,15 @@ path prefix (the longest wins), handler.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
-import queue
 import re
+import select
 import socket
 import ssl
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,12 +80,14 @@ ERROR_PAGE = (
     "representative.<h1> Additional information </h1>{detail}</body></html>"
 )
 
-# Calls that park until something changes: they run on their own lane, capped by xapid.events.
+# Calls that park until something changes: capped by xapid.events, not by worker-threads.
 WAIT_METHODS = frozenset({"event.from", "event.next"})
-# Calls that hash a password (and wait after a failure): their own lane too.
+# Calls that hash a password (and wait after a failure): login-threads, not worker-threads.
 LOGIN_METHODS = frozenset({"session.login_with_password", "session.slave_login",
                            "session.slave_local_login_with_password", "session.change_password"})
-DECODERS = 2  # request bodies parsed at once: parsing memory is DECODERS x one body's worth
+DECODERS = 2  # large request bodies parsed at once: parsing memory is DECODERS x one body's worth
+SMALL_BODY = 16 * 1024  # bodies this small are parsed without waiting for a decoder
+ACCEPT_POLL = 0.2  # seconds between checks for a stop while accepting
 MAX_HEADER_LINES = 100
 LEADING_EMPTY_LINES = 4  # RFC 9112 2.2: ignore a few empty lines before a request line
 LINGER = 1.0  # seconds an error answer waits for the client's unread bytes before closing
@@ -169,7 +171,7 @@ class Response:
     headers: list[tuple[str, str]] | None = None  # None: xapi's usual no-cache and CORS headers
 
 
-Handler = Callable[["ApiServer", Request], Awaitable[Response]]
+Handler = Callable[["ApiServer", Request], Response]
 
 
 @dataclass(frozen=True)
@@ -195,98 +197,153 @@ def find_route(routes: list[Route], method: str, path: str) -> Route | None:
     return best
 
 
-# -- lanes -------------------------------------------------------------------------------------------
-
-
-class Lane:
-    """A bounded set of daemon threads running blocking work for the event loop, in FIFO order.
-
-    Threads start on demand up to ``threads``; they are daemon threads, so a call that never
-    returns cannot keep the process from exiting.
-    """
-
-    def __init__(self, name: str, threads: int) -> None:
-        self.name = name
-        self.threads = threads
-        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._lock = threading.Lock()
-        self._started = 0
-        self._idle = 0
-
-    def run(self, fn: Callable[[], Any]) -> asyncio.Future[Any]:
-        """Queue ``fn``; the future (of the running loop) gets its result or exception."""
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[Any] = loop.create_future()
-        with self._lock:
-            if self._idle <= 0 and self._started < self.threads:
-                self._started += 1
-                self._idle += 1
-                threading.Thread(target=self._work, name=f"{self.name}-{self._started}", daemon=True).start()
-            self._idle -= 1
-        self._queue.put((loop, fut, fn))
-        return fut
-
-    def _work(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            loop, fut, fn = item
-            try:
-                result, error = fn(), None
-            except BaseException as e:  # noqa: BLE001 - handed to the waiting coroutine
-                result, error = None, e
-            with self._lock:
-                self._idle += 1
-            try:
-                loop.call_soon_threadsafe(_settle, fut, result, error)
-            except RuntimeError:
-                pass  # the loop is closed: nobody waits for this answer any more
-
-    def close(self) -> None:
-        with self._lock:
-            started = self._started
-        for _ in range(started):
-            self._queue.put(None)
-
-
-def _settle(fut: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
-    if fut.done():
-        return
-    if error is not None:
-        fut.set_exception(error)
-    else:
-        fut.set_result(result)
-
-
 # -- connections ---------------------------------------------------------------------------------------
 
 IDLE, READING, BUSY = "idle", "reading", "busy"
 
 
+class Closed(Exception):
+    """The client closed the connection, or it was closed to make room or to stop."""
+
+
+class Deadline(Exception):
+    """A time budget of the current request ran out."""
+
+
 class Conn:
     """One client connection, what it is doing and how many requests it has had answered."""
 
-    __slots__ = ("ip", "writer", "state", "since", "served")
+    __slots__ = ("sock", "ip", "state", "since", "served", "buf")
 
-    def __init__(self, ip: str, writer: asyncio.StreamWriter) -> None:
+    def __init__(self, sock: socket.socket, ip: str) -> None:
+        self.sock = sock
         self.ip = ip
-        self.writer = writer
         self.state = IDLE
         self.since = time.monotonic()
         self.served = 0
+        self.buf = bytearray()
+
+    def set(self, state: str) -> None:
+        self.state = state
+        self.since = time.monotonic()
 
     def eviction_order(self) -> tuple[bool, bool, float]:
         """Connections that never completed a request go first (idle floods and slow headers look
         like that), then idle kept-alive ones, then half-received requests; the oldest first."""
         return self.served > 0, self.served > 0 and self.state != IDLE, self.since
 
-    def set(self, state: str) -> None:
-        self.state = state
-        self.since = time.monotonic()
+    def cut(self) -> None:
+        """End the connection from any thread: a ``recv`` blocked on it returns at once.
 
-    def abort(self) -> None:
-        self.writer.transport.abort()
+        Done on a duplicate of the descriptor, so a TLS object in use by the owning thread is
+        never touched from here.
+        """
+        try:
+            dup = socket.socket(fileno=os.dup(self.sock.fileno()))
+        except OSError:
+            return
+        try:
+            dup.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        finally:
+            dup.close()
+
+    # -- reading under a deadline (a total budget: each recv waits only for what is left) --------
+
+    def _fill(self, deadline: float) -> None:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise Deadline
+        self.sock.settimeout(remaining)
+        try:
+            data = self.sock.recv(65536)
+        except TimeoutError:
+            raise Deadline from None
+        except (OSError, ssl.SSLError):
+            raise Closed from None
+        if not data:
+            raise Closed
+        self.buf += data
+
+    def wait(self, deadline: float) -> bool:
+        """Wait for the first byte of a request; False if the client left or the time ran out."""
+        try:
+            if not self.buf:
+                self._fill(deadline)
+        except (Deadline, Closed):
+            return False
+        return True
+
+    def readline(self, deadline: float, limit: int) -> bytes:
+        """One line with its terminator; :class:`Refused` (431) past ``limit`` bytes."""
+        start = 0
+        while True:
+            i = self.buf.find(b"\n", start)
+            if i >= 0:
+                line = bytes(self.buf[:i + 1])
+                del self.buf[:i + 1]
+                return line
+            if len(self.buf) > limit:
+                raise Refused(431, "request header line too long")
+            start = len(self.buf)
+            self._fill(deadline)
+
+    def read(self, n: int, deadline: float) -> bytes:
+        """Exactly ``n`` bytes (a body: received in place, so a large one is held once, not thrice)."""
+        if len(self.buf) >= n:
+            data = bytes(memoryview(self.buf)[:n])
+            del self.buf[:n]
+            return data
+        out = bytearray(n)
+        have = len(self.buf)
+        out[:have] = self.buf
+        self.buf.clear()
+        view = memoryview(out)
+        while have < n:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise Deadline
+            self.sock.settimeout(remaining)
+            try:
+                got = self.sock.recv_into(view[have:], n - have)
+            except TimeoutError:
+                raise Deadline from None
+            except (OSError, ssl.SSLError):
+                raise Closed from None
+            if not got:
+                raise Closed
+            have += got
+        view.release()
+        return out  # type: ignore[return-value]  # a bytearray: every reader of bodies takes one
+
+    def send(self, data: bytes, seconds: float) -> bool:
+        """Send everything within ``seconds`` in total; False if the client did not take it."""
+        try:
+            self.sock.settimeout(seconds)
+            self.sock.sendall(data)
+        except (OSError, ssl.SSLError):
+            return False
+        return True
+
+    def linger(self, seconds: float) -> None:
+        """Half-close and discard what the client still sends for a moment, so that it reads our
+        last answer rather than a reset (closing with unread bytes makes the kernel send RST)."""
+        try:
+            if not isinstance(self.sock, ssl.SSLSocket):
+                self.sock.shutdown(socket.SHUT_WR)
+            deadline = time.monotonic() + seconds
+            while True:
+                self.buf.clear()
+                self._fill(deadline)
+        except (Deadline, Closed, OSError, ssl.SSLError):
+            pass
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
 
 
 class Registry:
@@ -299,30 +356,36 @@ class Registry:
         self.by_ip: dict[str, int] = {}
         self.evicted = 0
         self.refused = 0
+        self.lock = threading.Lock()
 
     def admit(self, conn: Conn) -> bool:
-        """Register ``conn``, closing the oldest non-busy connection over a cap; False if all are busy."""
-        if self.by_ip.get(conn.ip, 0) >= self.per_ip and not self._evict(conn.ip):
-            self.refused += 1
-            return False
-        if len(self.conns) >= self.total and not self._evict(None):
-            self.refused += 1
-            return False
-        self.conns[conn] = None
-        self.by_ip[conn.ip] = self.by_ip.get(conn.ip, 0) + 1
-        return True
+        """Register ``conn``, cutting the first non-busy connection over a cap; False if all are busy."""
+        with self.lock:
+            if self.by_ip.get(conn.ip, 0) >= self.per_ip and not self._evict(conn.ip):
+                self.refused += 1
+                return False
+            if len(self.conns) >= self.total and not self._evict(None):
+                self.refused += 1
+                return False
+            self.conns[conn] = None
+            self.by_ip[conn.ip] = self.by_ip.get(conn.ip, 0) + 1
+            return True
 
     def _evict(self, ip: str | None) -> bool:
         victim = min((c for c in self.conns if c.state != BUSY and (ip is None or c.ip == ip)),
                      key=Conn.eviction_order, default=None)
         if victim is None:
             return False
-        self.remove(victim)
-        victim.abort()
+        self._remove(victim)
+        victim.cut()
         self.evicted += 1
         return True
 
     def remove(self, conn: Conn) -> None:
+        with self.lock:
+            self._remove(conn)
+
+    def _remove(self, conn: Conn) -> None:
         if self.conns.pop(conn, 0) is None:
             left = self.by_ip[conn.ip] - 1
             if left:
@@ -330,8 +393,17 @@ class Registry:
             else:
                 del self.by_ip[conn.ip]
 
+    def cut(self, busy_too: bool) -> None:
+        """Cut every connection not executing a call (``busy_too``: every connection)."""
+        with self.lock:
+            for conn in list(self.conns):
+                if busy_too or conn.state != BUSY:
+                    self._remove(conn)
+                    conn.cut()
+
     def busy(self) -> int:
-        return sum(1 for c in self.conns if c.state == BUSY)
+        with self.lock:
+            return sum(1 for c in self.conns if c.state == BUSY)
 
 
 # -- listeners ------------------------------------------------------------------------------------------
@@ -341,6 +413,7 @@ class Listener:
     """A bound socket the server accepts on, and the routes it serves."""
 
     local = False
+    tls: ssl.SSLContext | None = None
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -416,25 +489,19 @@ class UnixXapiServer(Listener):
 
 
 class ApiServer:
-    """Serves every listener from one event loop thread; :meth:`call` is the error boundary."""
+    """Accepts on every listener, serves each connection on its own thread; :meth:`call` is the
+    error boundary."""
 
     def __init__(self, daemon: Daemon, limits: Limits) -> None:
         self.daemon = daemon
         self.limits = limits
         self.listeners: list[Listener] = []
-        self.calls = Lane("call", limits.worker_threads)
-        self.logins = Lane("login", limits.login_threads)
-        # Parked calls are capped by xapid.events, which wakes the oldest to make room; the slack
-        # lets a newcomer start (and so make that room) while every parked call holds a thread.
-        self.waits = Lane("wait", limits.max_waiting_calls + 16)
-        self.decoders = Lane("decode", DECODERS)
+        self.calls = threading.BoundedSemaphore(limits.worker_threads)
+        self.logins = threading.BoundedSemaphore(limits.login_threads)
+        self.decoders = threading.BoundedSemaphore(DECODERS)
         daemon.events.limit_waiting(limits.max_waiting_calls, limits.max_waiting_calls_per_user)
-        self.loop = asyncio.new_event_loop()
-        self.loop.set_exception_handler(self._loop_error)
-        self._thread = threading.Thread(target=self.loop.run_forever, name="serve", daemon=True)
-        self._servers: list[asyncio.AbstractServer] = []
-        self._tasks: set[asyncio.Task[Any]] = set()
         self.stopping = False
+        self._accepting: list[threading.Thread] = []
         self._last_warning = 0.0
 
     # -- life cycle -------------------------------------------------------------------------------
@@ -445,176 +512,179 @@ class ApiServer:
 
     def start(self) -> None:
         """Start accepting on every listener."""
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(10)
-
-    async def _start(self) -> None:
         lim = self.limits
-        for listener in self.listeners:
+        for i, listener in enumerate(self.listeners):
             per_ip = lim.max_connections if listener.local else lim.max_connections_per_ip
-            registry = listener.registry = Registry(lim.max_connections, per_ip)
-            routes = listener.routes()
-
-            def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                           listener: Listener = listener, registry: Registry = registry,
-                           routes: list[Route] = routes) -> None:
-                task = self.loop.create_task(self._connection(listener, registry, routes, reader, writer))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
-
-            if isinstance(listener, XapiServer):
-                server = await asyncio.start_server(
-                    on_connect, sock=listener.sock, ssl=listener.tls, limit=lim.max_header_size + 16,
-                    ssl_handshake_timeout=lim.header_timeout if listener.tls else None)
-            else:
-                server = await asyncio.start_unix_server(on_connect, sock=listener.sock,
-                                                         limit=lim.max_header_size + 16)
-            self._servers.append(server)
+            listener.registry = Registry(lim.max_connections, per_ip)
+            listener.sock.settimeout(ACCEPT_POLL)
+            t = threading.Thread(target=self._accept, args=(listener, listener.routes()), name=f"accept-{i}",
+                                 daemon=True)
+            self._accepting.append(t)
+            t.start()
 
     def stop(self) -> None:
         """Stop serving, in at most ``shutdown-timeout`` seconds plus about one whatever clients hold.
 
         Parked calls are answered at once (:meth:`xapid.events.Events.shutdown`), idle and
-        half-received connections closed, calls in progress given ``shutdown-timeout`` to answer;
-        what is left then is closed unanswered.  Every answer sent while stopping says
+        half-received connections cut, calls in progress given ``shutdown-timeout`` to answer;
+        what is left then is cut unanswered.  Every answer sent while stopping says
         ``connection: close``.
         """
+        self.stopping = True
         self.daemon.events.shutdown()
-        if self._thread.is_alive():
-            fut = asyncio.run_coroutine_threadsafe(self._shutdown(), self.loop)
-            try:
-                fut.result(self.limits.shutdown_timeout + 2.0)
-            except Exception as e:  # noqa: BLE001 - stopping goes on regardless
-                log.warning("shutdown did not complete cleanly", error=f"{type(e).__name__}: {e}")
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self._thread.join(2.0)
-        for lane in (self.calls, self.logins, self.waits, self.decoders):
-            lane.close()
+        for t in self._accepting:
+            t.join(ACCEPT_POLL + 1.0)
+        registries = [lst.registry for lst in self.listeners if lst.registry is not None]
+        for reg in registries:
+            reg.cut(busy_too=False)
+        deadline = time.monotonic() + self.limits.shutdown_timeout
+        while any(reg.conns for reg in registries) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        for reg in registries:
+            reg.cut(busy_too=True)
         for listener in self.listeners:
             listener.close()
 
-    async def _shutdown(self) -> None:
-        self.stopping = True
-        for server in self._servers:
-            server.close()
-        registries = [lst.registry for lst in self.listeners if lst.registry is not None]
-        for reg in registries:
-            for conn in list(reg.conns):
-                if conn.state != BUSY:
-                    reg.remove(conn)
-                    conn.abort()
-        deadline = self.loop.time() + self.limits.shutdown_timeout
-        while any(reg.conns for reg in registries) and self.loop.time() < deadline:
-            await asyncio.sleep(0.02)
-        for reg in registries:
-            for conn in list(reg.conns):
-                reg.remove(conn)
-                conn.abort()
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=1.0)
+    def _accept(self, listener: Listener, routes: list[Route]) -> None:
+        registry = listener.registry
+        assert registry is not None
+        while not self.stopping:
+            try:
+                sock, peer = listener.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError as e:
+                if self.stopping:
+                    return
+                log.warning("accept failed", error=str(e))  # out of descriptors, say: try again soon
+                time.sleep(ACCEPT_POLL)
+                continue
+            ip = str(peer[0]) if isinstance(peer, tuple) and peer else "local"
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # no 40 ms Nagle/delayed-ACK stall
+            conn = Conn(sock, ip)
+            if self.stopping or not registry.admit(conn):
+                self._warn_limits(registry, ip)
+                self._refuse(sock)
+                continue
+            try:
+                threading.Thread(target=self._connection, args=(listener, registry, routes, conn),
+                                 name=f"conn-{ip}", daemon=True).start()
+            except RuntimeError:  # cannot start a thread: refuse like a full server
+                registry.remove(conn)
+                self._refuse(sock)
+
+    @staticmethod
+    def _refuse(sock: socket.socket) -> None:
+        """503 without waiting for the client (it may not read it: best effort), then close."""
+        try:
+            sock.setblocking(False)
+            sock.send(b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\ncontent-length: 20\r\n"
+                      b"connection: close\r\n\r\ntoo many connections")
+        except OSError:
+            pass
+        sock.close()
+
+    def _warn_limits(self, registry: Registry, ip: str) -> None:
+        now = time.monotonic()
+        if now - self._last_warning > 10.0:  # at most one line per 10 s under a flood
+            self._last_warning = now
+            log.warning("connection refused: every connection is busy", client=ip,
+                        connections=len(registry.conns), refused=registry.refused, evicted=registry.evicted)
 
     # -- one connection -------------------------------------------------------------------------
 
-    async def _connection(self, listener: Listener, registry: Registry, routes: list[Route],
-                          reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = writer.get_extra_info("peername")
-        ip = str(peer[0]) if isinstance(peer, tuple) and peer else "local"
-        conn = Conn(ip, writer)
-        if self.stopping or not registry.admit(conn):
-            self._warn_limits(registry, ip)
-            await self._answer(writer, Response(503, b"too many connections", close=True), linger=reader)
-            writer.transport.abort()
-            return
+    def _connection(self, listener: Listener, registry: Registry, routes: list[Route], conn: Conn) -> None:
         lim = self.limits
-        idle_limit = lim.header_timeout  # the first request: counted from the accept (as xapi)
         try:
+            if listener.tls is not None and not self._handshake(listener.tls, conn):
+                return
+            idle_until = conn.since + lim.header_timeout  # the first request: counted from the accept (as xapi)
             while not self.stopping:
                 conn.set(IDLE)
-                try:
-                    first = await asyncio.wait_for(reader.read(1), idle_limit)
-                except TimeoutError:
+                if not conn.wait(idle_until):
                     break
-                if not first:
-                    break
-                idle_limit = lim.keepalive_timeout
                 conn.set(READING)
                 try:
-                    request, route, length = await self._read_head(reader, first, listener, routes)
-                    request.body = await self._read_body(reader, writer, request, length)
+                    request, route, length = self._read_head(conn, listener, routes)
+                    request.body = self._read_body(conn, request, length)
                 except Refused as e:
-                    await self._answer(writer, Response(e.status, str(e).encode(), close=True), linger=reader)
+                    self._answer(conn, Response(e.status, str(e).encode(), close=True))
+                    conn.linger(LINGER)
                     break
                 conn.set(BUSY)
                 if route is None:
                     response = Response(404, b"<html><body><h1>404 Not Found</h1></body></html>", "text/html")
                 else:
-                    response = await route.handler(self, request)
+                    response = route.handler(self, request)
                 if request.method == "HEAD":
                     response.body = b""
-                close = response.close or request.close or self.stopping
-                response.close = close
-                if not await self._answer(writer, response) or close:
+                response.close = response.close or request.close or self.stopping
+                if not self._answer(conn, response) or response.close:
                     break
                 conn.served += 1
-        except (OSError, asyncio.IncompleteReadError, ssl.SSLError):
-            pass  # the client went away
-        except asyncio.CancelledError:
-            pass  # stopping
-        except Exception:  # noqa: BLE001 - one connection's failure must not reach the loop
+                idle_until = time.monotonic() + lim.keepalive_timeout
+        except (Closed, Deadline):
+            pass
+        except Exception:  # noqa: BLE001 - one connection's failure must not reach anything else
             log.exception("unexpected exception serving a connection")
         finally:
             registry.remove(conn)
-            await self._close(writer)
+            conn.close()
 
-    async def _close(self, writer: asyncio.StreamWriter) -> None:
-        """Close after what was written has gone out (``abort`` would drop it), within ``body-timeout``."""
-        if writer.transport.is_closing():
-            writer.transport.abort()  # already closing: make sure the socket goes now
-            return
-        writer.close()
+    def _handshake(self, tls: ssl.SSLContext, conn: Conn) -> bool:
+        """TLS handshake within ``header-timeout`` in total (a trickled handshake does not extend it)."""
         try:
-            async with asyncio.timeout(self.limits.body_timeout):
-                await writer.wait_closed()
-        except (TimeoutError, OSError, ssl.SSLError, asyncio.CancelledError):
-            pass
+            sock = tls.wrap_socket(conn.sock, server_side=True, do_handshake_on_connect=False)
+        except (OSError, ssl.SSLError):
+            return False
+        conn.sock = sock
+        sock.setblocking(False)
+        deadline = conn.since + self.limits.header_timeout
+        try:
+            while True:
+                try:
+                    sock.do_handshake()
+                    return True
+                except ssl.SSLWantReadError:
+                    wait = ([sock], [])
+                except ssl.SSLWantWriteError:
+                    wait = ([], [sock])
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not any(select.select(*wait, [], remaining)[:2]):
+                    return False
+        except (OSError, ssl.SSLError):
+            return False
         finally:
-            writer.transport.abort()
+            sock.setblocking(True)
 
-    async def _read_head(self, reader: asyncio.StreamReader, first: bytes, listener: Listener,
-                         routes: list[Route]) -> tuple[Request, Route | None, int]:
+    def _read_head(self, conn: Conn, listener: Listener, routes: list[Route]) -> tuple[Request, Route | None, int]:
         """Read and check request line and headers within ``header-timeout`` (a total budget)."""
         lim = self.limits
+        deadline = time.monotonic() + lim.header_timeout
+        lines: list[str] = []
+        size = 0
+        empty = 0
         try:
-            async with asyncio.timeout(lim.header_timeout):
-                lines: list[str] = []
-                size = 0
-                pending = first
-                empty = 0
-                while True:
-                    try:
-                        raw = pending + await reader.readuntil(b"\n") if pending != b"\n" else pending
-                    except asyncio.LimitOverrunError:
-                        raise Refused(431, "request header line too long") from None
-                    pending = b""
-                    size += len(raw)
-                    if size > lim.max_header_size:
-                        raise Refused(431, f"request headers over {lim.max_header_size} bytes")
-                    line = raw[:-2] if raw.endswith(b"\r\n") else raw[:-1]
-                    if not lines and not line:
-                        empty += 1
-                        if empty > LEADING_EMPTY_LINES:
-                            raise Refused(400, "no request line")
-                        continue
-                    if not line:
-                        break
-                    if len(lines) > MAX_HEADER_LINES:
-                        raise Refused(431, f"more than {MAX_HEADER_LINES} header lines")
-                    if b"\r" in line or b"\0" in line:
-                        raise Refused(400, "bare CR or NUL in the request head")
-                    lines.append(line.decode("latin-1"))
-        except TimeoutError:
+            while True:
+                raw = conn.readline(deadline, lim.max_header_size)
+                size += len(raw)
+                if size > lim.max_header_size:
+                    raise Refused(431, f"request headers over {lim.max_header_size} bytes")
+                line = raw[:-2] if raw.endswith(b"\r\n") else raw[:-1]
+                if not lines and not line:
+                    empty += 1
+                    if empty > LEADING_EMPTY_LINES:
+                        raise Refused(400, "no request line")
+                    continue
+                if not line:
+                    break
+                if len(lines) > MAX_HEADER_LINES:
+                    raise Refused(431, f"more than {MAX_HEADER_LINES} header lines")
+                if b"\r" in line or b"\0" in line:
+                    raise Refused(400, "bare CR or NUL in the request head")
+                lines.append(line.decode("latin-1"))
+        except Deadline:
             raise Refused(408, f"request headers not received within {lim.header_timeout:g} s") from None
         return self._parse_head(lines, listener, routes)
 
@@ -677,30 +747,22 @@ class ApiServer:
             raise Refused(413, f"request body too large (at most {cap} bytes)")
         return length
 
-    async def _read_body(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: Request,
-                         length: int) -> bytes:
+    def _read_body(self, conn: Conn, request: Request, length: int) -> bytes:
         expect = request.header("expect")
         if expect:
             if expect.lower() != "100-continue" or request.version < (1, 1):
                 raise Refused(417, f"unsupported expectation {expect[:40]!r}")
-            if length:
-                writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            if length and not conn.buf and not conn.send(b"HTTP/1.1 100 Continue\r\n\r\n", self.limits.body_timeout):
+                raise Closed
         if not length:
             return b""
         try:
-            async with asyncio.timeout(self.limits.body_timeout):
-                return await reader.readexactly(length)
-        except TimeoutError:
+            return conn.read(length, time.monotonic() + self.limits.body_timeout)
+        except Deadline:
             raise Refused(408, f"request body not received within {self.limits.body_timeout:g} s") from None
 
-    async def _answer(self, writer: asyncio.StreamWriter, response: Response,
-                      linger: asyncio.StreamReader | None = None) -> bool:
-        """Send ``response`` within ``body-timeout``; False if the client did not take it.
-
-        With ``linger`` (the connection's reader), half-close and discard what the client still
-        sends for a moment, so that it reads the answer rather than a reset (closing a socket with
-        unread bytes makes the kernel send RST).
-        """
+    def _answer(self, conn: Conn, response: Response) -> bool:
+        """Send ``response`` within ``body-timeout``; False if the client did not take it."""
         status = response.status
         head = [f"HTTP/1.1 {status} {REASONS.get(status, 'Unknown')}",
                 f"content-type: {response.content_type}", f"content-length: {len(response.body)}",
@@ -709,46 +771,22 @@ class ApiServer:
             ("cache-control", "no-cache, no-store"), ("Access-Control-Allow-Origin", "*"),
             ("Access-Control-Allow-Headers", "X-Requested-With")]
         head.extend(f"{k}: {v}" for k, v in extra)
-        try:
-            writer.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1"))
-            writer.write(response.body)
-            async with asyncio.timeout(self.limits.body_timeout):
-                await writer.drain()
-        except (TimeoutError, OSError, ssl.SSLError, RuntimeError):
-            return False
-        if linger is not None:
-            try:
-                if writer.can_write_eof():
-                    writer.write_eof()
-                async with asyncio.timeout(LINGER):
-                    while await linger.read(65536):
-                        pass
-            except (TimeoutError, OSError, ssl.SSLError):
-                pass
-        return True
-
-    @staticmethod
-    def _loop_error(_loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-        """What asyncio reports (a failed TLS handshake, a callback error): one log line, no traceback."""
-        error = context.get("exception")
-        log.warning("event loop", message=str(context.get("message", ""))[:200],
-                    error=f"{type(error).__name__}: {error}"[:300] if error is not None else "")
-
-    def _warn_limits(self, registry: Registry, ip: str) -> None:
-        now = time.monotonic()
-        if now - self._last_warning > 10.0:  # at most one line per 10 s under a flood
-            self._last_warning = now
-            log.warning("connection refused: every connection is busy", client=ip,
-                        connections=len(registry.conns), refused=registry.refused, evicted=registry.evicted)
+        head_bytes = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1")
+        if len(response.body) < 65536:  # one segment for the usual small answer
+            return conn.send(head_bytes + response.body, self.limits.body_timeout)
+        deadline = time.monotonic() + self.limits.body_timeout
+        return conn.send(head_bytes, self.limits.body_timeout) and conn.send(
+            response.body, max(0.001, deadline - time.monotonic()))
 
     # -- handlers ---------------------------------------------------------------------------------
 
-    def lane(self, method: str) -> Lane:
-        """The lane a call runs on, by its canonical name."""
+    def slot(self, method: str) -> threading.BoundedSemaphore | None:
+        """What a call must hold while it runs, by its canonical name (None: parked calls, which
+        xapid.events caps)."""
         m = self.daemon.dispatcher.resolve(method)
         name = m.name if m is not None else method
         if name in WAIT_METHODS:
-            return self.waits
+            return None
         if name in LOGIN_METHODS:
             return self.logins
         return self.calls
@@ -759,9 +797,23 @@ class ApiServer:
         body = ERROR_PAGE.format(detail=detail.replace("&", "&amp;").replace("<", "&lt;")).encode()
         return Response(500, body, "text/html", close=True)
 
-    async def xmlrpc(self, request: Request) -> Response:
+    def decode(self, decoder: Callable[[bytes], Any], body: bytes) -> Any:
+        """Parse a body: small ones at once, large ones :data:`DECODERS` at a time."""
+        if len(body) < SMALL_BODY:
+            return decoder(body)
+        with self.decoders:
+            return decoder(body)
+
+    def run(self, method: str, work: Callable[[], bytes]) -> bytes:
+        slot = self.slot(method)
+        if slot is None:
+            return work()
+        with slot:
+            return work()
+
+    def xmlrpc(self, request: Request) -> Response:
         try:
-            method, params = await self.decoders.run(lambda: decode_xmlrpc(request.body))
+            method, params = self.decode(decode_xmlrpc, request.body)
         except BadRequest as e:
             return self.bad(str(e))
         except Exception as e:  # noqa: BLE001 - the boundary
@@ -780,11 +832,11 @@ class ApiServer:
                 error = ["INTERNAL_ERROR", f"{type(e).__name__}: {e}"[:500]]
             return xml_failure(error)
 
-        return Response(200, await self.lane(method).run(work), "text/xml")
+        return Response(200, self.run(method, work), "text/xml")
 
-    async def jsonrpc(self, request: Request) -> Response:
+    def jsonrpc(self, request: Request) -> Response:
         try:
-            call = await self.decoders.run(lambda: decode_jsonrpc(request.body))
+            call = self.decode(decode_jsonrpc, request.body)
         except BadRequest as e:
             return self.bad(str(e))
         except Exception as e:  # noqa: BLE001 - the boundary
@@ -802,9 +854,9 @@ class ApiServer:
                 error = ["INTERNAL_ERROR", f"{type(e).__name__}: {e}"[:500]]
             return json_failure(call, error)
 
-        return Response(200, await self.lane(call.method).run(work), "application/json")
+        return Response(200, self.run(call.method, work), "application/json")
 
-    async def options(self, request: Request) -> Response:
+    def options(self, request: Request) -> Response:
         """CORS preflight (wire.md 1.1)."""
         requested = request.header("access-control-request-headers")
         return Response(200, b"", "text/plain", headers=[
@@ -812,9 +864,10 @@ class ApiServer:
             ("Access-Control-Allow-Headers", f"{requested}, X-Requested-With".lstrip(", ")),
             ("Access-Control-Allow-Methods", "PUT")])
 
-    async def fault(self, request: Request) -> Response:
+    def fault(self, request: Request) -> Response:
         """``xapid fault`` requests (Unix socket only, see :class:`UnixXapiServer`)."""
-        answer = await self.calls.run(lambda: self.daemon.faults.handle(request.body))
+        with self.calls:
+            answer = self.daemon.faults.handle(request.body)
         return Response(200, json.dumps(answer).encode(), "application/json")
 
     # -- the call boundary --------------------------------------------------------------------------
