@@ -79,7 +79,7 @@ class Events:
         self.relations = [(src_cls, src_field, cls) for cls, _f, src_cls, src_field in store.schema.relations()]
         self.parked: list[Waiter] = []  # oldest first
         self.max_waiting = 256
-        self.max_waiting_per_user = 16
+        self.max_waiting_per_user = 64
         self.stopping = False
         with store.lock:
             store.listeners.append(self._on_commit)
