@@ -78,7 +78,12 @@ RELATIONS = {
     ("USB_group", "PUSBs"): "PUSB.USB_group", ("USB_group", "VUSBs"): "VUSB.USB_group",
     ("PVS_site", "servers"): "PVS_server.site", ("PVS_site", "proxies"): "PVS_proxy.site",
     ("PVS_site", "cache_storage"): "PVS_cache_storage.site",
+    ("session", "tasks"): "task.session",
 }
+
+# Internal-only fields kept as "internal_fields": stored like any field, never on the wire (no getter,
+# not in records), present because a published relation is derived from them.
+INTERNAL_FIELDS = {("task", "session")}
 
 PARAM_DEFAULTS = {
     ("SR", "create", "sm_config"): {},
@@ -220,8 +225,14 @@ def main() -> None:
         c = model["classes"][name]
         fields = []
         seen: set[str] = set()
+        internal = []
         for f in c["fields"]:
-            if f["internal_only"] or f["name"] in seen:  # the dumps repeat a few renamed fields
+            if f["name"] in seen:  # the dumps repeat a few renamed fields
+                continue
+            if f["internal_only"]:
+                if (name, f["name"]) in INTERNAL_FIELDS:
+                    internal.append({"name": f["name"], "type": f["type"], "qualifier": QUALIFIERS[f["qualifier"]],
+                                     "default": "OpaqueRef:NULL" if f["type"].endswith(" ref") else None})
                 continue
             seen.add(f["name"])
             has, value = default_of(f["default"], f["type"])
@@ -292,6 +303,8 @@ def main() -> None:
             "messages": messages,
             "generic_roles": generic_roles,
         }
+        if internal:
+            doc["internal_fields"] = internal
         (out_dir / "classes" / f"{name}.json").write_text(json.dumps(doc, indent=1) + "\n")
     # event is not a database class: explicit messages only, no record methods (wire.md 6).
     event = next(c for c in xenapi if c["name"] == "event")

@@ -1,9 +1,11 @@
 """xapi.conf: the one table of defaults, parsing and validation.
 
 The file is ``key = value`` lines with ``#`` comments, as xapi's own.
-Relative paths resolve against the folder of the config file.  Unknown keys
-are logged and ignored; a malformed line stops start-up with a message that
-names the file and line.
+A relative path written in a file resolves against that file's folder; the
+defaults of path keys resolve against the shipped data (``etc/`` of the
+checkout, ``xapid/data/etc`` of a wheel), so they mean the same whichever file
+is given.  Unknown keys are logged and ignored; a malformed line stops start-up
+with a message that names the file and line.
 """
 
 from __future__ import annotations
@@ -44,10 +46,39 @@ DEFAULTS: dict[str, tuple[str, Any, str]] = {
                                    "without HA: seconds after a host stops before it is marked not live (xapi: 600)"),
     "session-idle-timeout": ("float", 86400.0, "seconds an unused session stays valid (xapi: 24 h)"),
     "login-failure-delay": ("float", 5.0, "seconds a failed login waits before answering (xapi: 5)"),
-    "max-request-size": ("int", 4 * 1024 * 1024, "largest request body accepted, in bytes"),
-    "worker-threads": ("int", 256, "most connections served at once (each on its own thread)"),
+    # Garbage collection (xapi: Db_gc every 30 s; Xapi_globs max_tasks, message_limit, max_sessions_per_*).
+    "gc-interval": ("float", 30.0, "seconds between garbage-collection passes (xapi: 30)"),
+    "task-limit-per-user": ("int", 200, "finished tasks kept per user; the oldest are destroyed (xapi: 200)"),
+    "completed_task_timeout": ("float", 3900.0, "seconds a finished task is kept (xapi: 65 min)"),
+    "pending_task_timeout": ("float", 86400.0, "seconds before a pending task that makes no progress is "
+                                                 "destroyed (xapi: 24 h)"),
+    "message_limit": ("int", 10000, "messages kept; the oldest are destroyed (xapi: 10,000)"),
+    "session-limit": ("int", 500, "sessions kept per originator (root) or per user name; the least recently "
+                                  "used idle ones are destroyed (xapi: 500)"),
+    # The connection side (xapid/server.py).  xapi: Constants.http_limit_max_rpc_size = 300 KiB
+    # (ocaml/xapi-consts/constants.ml), conn_limit_tcp = 800, header_total_timeout_tcp = 60 s.
+    "max-request-size": ("int", 300 * 1024, "largest RPC request body accepted, in bytes (xapi: 300 KiB)"),
+    "max-upload-size": ("int", 2 * 1024**4, "largest body of an HTTP data handler (none yet), in bytes"),
+    "max-header-size": ("int", 8192, "largest request line plus headers, in bytes"),
+    "max-connections": ("int", 512, "most open connections per listener"),
+    "max-connections-per-ip": ("int", 128, "most open connections from one client address"),
+    "header-timeout": ("float", 10.0, "seconds from a request's first byte to the end of its headers"),
+    "body-timeout": ("float", 30.0, "seconds to receive a request body (and to send an answer)"),
+    "keepalive-timeout": ("float", 60.0, "seconds an idle connection is kept between requests"),
+    "worker-threads": ("int", 64, "most ordinary calls running at once"),
+    "login-threads": ("int", 64, "most logins running at once (a failed one waits login-failure-delay)"),
+    "max-waiting-calls": ("int", 256, "most event.from/event.next calls parked at once"),
+    "max-waiting-calls-per-user": ("int", 64, "most parked event.from/event.next calls of one user"),
+    "shutdown-timeout": ("float", 5.0, "seconds a stop waits for calls in progress"),
     "guest-agent-delay": ("float", 5.0,
                           "seconds after a start or resume before a guest's agent reports VM_guest_metrics"),
+}
+
+
+# Keys whose value has a floor (a zero collection interval would spin; a limit below it keeps nothing).
+MINIMUM: dict[str, float] = {
+    "gc-interval": 0.01, "task-limit-per-user": 0, "message_limit": 0, "session-limit": 1,
+    "completed_task_timeout": 0, "pending_task_timeout": 0,
 }
 
 
@@ -63,13 +94,21 @@ class Config:
         return self.values.get(key, default)
 
 
+def shipped_etc() -> Path | None:
+    """The shipped ``etc/`` folder (``xapid/data/etc`` in a wheel), or None if this install has none."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "data" / "etc", here.parent / "etc"):
+        if (candidate / "xapi.conf").is_file():
+            return candidate
+    return None
+
+
 def default_config_path() -> Path:
     """The shipped ``etc/xapi.conf`` (packaged as ``xapid/data/etc`` in a wheel)."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "data" / "etc" / "xapi.conf", here.parent / "etc" / "xapi.conf"):
-        if candidate.is_file():
-            return candidate
-    raise ConfigError("the shipped etc/xapi.conf was not found; pass --config")
+    etc = shipped_etc()
+    if etc is None:
+        raise ConfigError("the shipped etc/xapi.conf was not found; pass --config")
+    return etc / "xapi.conf"
 
 
 def _convert(kind: str, raw: str, base: Path, where: str) -> Any:
@@ -87,12 +126,21 @@ def _convert(kind: str, raw: str, base: Path, where: str) -> Any:
 
 
 def load(path: Path | None = None, overrides: dict[str, str] | None = None) -> Config:
-    """Read ``path`` (default: the shipped file) over the defaults table and validate it."""
+    """Read ``path`` (default: the shipped file) over the defaults table and validate it.
+
+    Path values written in the file resolve against its folder; path defaults against the shipped
+    ``etc/`` (whatever file is given); overrides against the working directory.
+    """
     path = path or default_config_path()
     base = path.resolve().parent
+    shipped = shipped_etc()
     values: dict[str, Any] = {}
     for key, (kind, default, _doc) in DEFAULTS.items():
-        values[key] = _convert(kind, str(default), base, "default") if kind == "path" else default
+        if kind == "path":
+            # Without shipped data (a bare install) a path default stays relative; validate_runtime names it.
+            values[key] = _convert(kind, str(default), shipped, "default") if shipped else Path(default)
+        else:
+            values[key] = default
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except OSError as e:
@@ -113,6 +161,9 @@ def load(path: Path | None = None, overrides: dict[str, str] | None = None) -> C
         values[key] = _convert(DEFAULTS[key][0], raw, base, where)
     for key, raw in (overrides or {}).items():
         values[key] = _convert(DEFAULTS[key][0], raw, Path.cwd(), f"override {key}")
+    for key, minimum in MINIMUM.items():
+        if values[key] < minimum:
+            raise ConfigError(f"{path}: {key} must be at least {minimum}, got {values[key]}")
     return Config(values, path)
 
 

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import gc
-import os
 import secrets
 from pathlib import Path
 
 import structlog
 
-from xapid import operations, templates
+from xapid import operations, statefiles, templates
 from xapid import schema as schema_mod
 from xapid.auth import Sessions, Users
+from xapid.collector import Collector
 from xapid.config import Config, validate_runtime
 from xapid.dispatch import Dispatcher
 from xapid.events import Events
@@ -21,7 +21,8 @@ from xapid.hw.faults import FaultService
 from xapid.hw.guest import GuestAgents
 from xapid.liveness import HostLiveness
 from xapid.seed import seed
-from xapid.storage import Disks, load_descriptors, sync_sm_table
+from xapid.statefiles import ensure_private_dir
+from xapid.storage import Disks, load_descriptors, reconcile, sync_sm_table
 from xapid.store import Store
 from xapid.tasks import Tasks
 from xapid.wire import Encoder
@@ -29,9 +30,10 @@ from xapid.wire import Encoder
 log = structlog.get_logger("xapid.daemon")
 
 
-def ensure_private_dir(path: Path) -> None:
-    path.mkdir(parents=True, exist_ok=True)
-    os.chmod(path, 0o700)
+__all__ = ["Daemon", "ensure_private_dir"]
+
+# SQLite opens these by path; in a state dir nobody else can write, checking them first is enough.
+STORE_FILES = ("xapid.db", "xapid.db-wal", "xapid.db-shm", "xapid.db-journal")
 
 
 class Daemon:
@@ -40,8 +42,11 @@ class Daemon:
     def __init__(self, config: Config, state_dir: Path, hosts: int = 3) -> None:
         validate_runtime(config)
         self.config = config
-        self.state_dir = state_dir.resolve()
-        ensure_private_dir(self.state_dir)
+        # Refused before anything is written; later, a symbolic link or a foreign file met at start-up
+        # is UnsafePath.  Both are ConfigErrors: start-up stops with their message and exit status 2.
+        self.state_dir = ensure_private_dir(state_dir)
+        for name in STORE_FILES:
+            statefiles.check_regular_or_absent(self.state_dir / name)
         self.schema = schema_mod.load()
         self.encoder = Encoder(self.schema)
         self.store = Store(self.schema, self.state_dir / "xapid.db")
@@ -50,15 +55,18 @@ class Daemon:
         if not self.store.refs("pool"):
             seed(self.store, self.disks, hosts)
             log.info("seeded demo pool", hosts=hosts)
+        reconcile(self.store, self.disks)  # before serving: files no record owns (crash leftovers)
         templates.ensure(self.store)
         operations.install(self.store)
         self.users = Users(self.state_dir / "users.json")
         if not self.users.users:
             self._create_root()
         self.sessions = Sessions(self.store, self.users, config["session-idle-timeout"],
-                                 config["login-failure-delay"], self.master_ref)
+                                 config["login-failure-delay"], self.master_ref, limit=config["session-limit"],
+                                 tasks_pending=lambda ref: self.tasks.session_busy(ref))
         self.events = Events(self.store, self.sessions)
         self.tasks = Tasks(self)
+        self.collector = Collector(self)
         self.dispatcher = Dispatcher(self)
         self.hw = Hardware(self.state_dir, float(config["fence-reboot-delay"]))
         self.hw.attach([h["uuid"] for _r, h in self.store.items("host")])
@@ -74,9 +82,8 @@ class Daemon:
     def _create_root(self) -> None:
         password = secrets.token_urlsafe(18)
         path = self.state_dir / "root-password"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(password + "\n")
+        # The password file first: a crash before users.json leaves no root without a known password.
+        statefiles.write_atomic(path, (password + "\n").encode(), mode=0o600)
         self.users.set_password("root", password, "pool-admin")
         log.info("created user root; its password is in the file named here", path=str(path))
 
@@ -89,12 +96,14 @@ class Daemon:
         return str(pool["master"])
 
     def start(self) -> None:
-        """Services that run in the background (watchdogs, the HA re-arm and monitors)."""
+        """Services that run in the background (watchdogs, the HA re-arm and monitors, garbage collection)."""
         self.hw.start()
         self.ha.start()
+        self.collector.start()
 
     def stop(self) -> None:
         self.guests.stop()
+        self.collector.stop()
         self.hw.prepare_stop()
         self.ha.stop()
         self.liveness.stop()

@@ -154,6 +154,13 @@ class ClassDef:
     messages: dict[str, Message]
     generic_roles: dict[str, tuple[str, ...]] = field(default_factory=dict)
     in_db: bool = True  # false for event: no record methods
+    # Stored but never on the wire (xapi's internal_only fields that a published relation derives from,
+    # such as task.session behind session.tasks): no getter, not in records.
+    internal: dict[str, Field] = field(default_factory=dict)
+
+    def stored_fields(self) -> list[Field]:
+        """Every field a record holds: the published ones not derived from a relation, then the internal ones."""
+        return [f for f in self.fields.values() if f.derived_from is None] + list(self.internal.values())
 
     @property
     def has_name_label(self) -> bool:
@@ -244,6 +251,10 @@ def load(directory: Path | None = None) -> Schema:
         doc = json.loads(path.read_text())
         assert _NAME.match(doc["name"]), path
         fields = {}
+        internal = {}
+        for f in doc.get("internal_fields", []):
+            internal[f["name"]] = Field(name=f["name"], type=parse_type(f["type"]), qualifier=f["qualifier"],
+                                        has_default="default" in f, default=f.get("default"))
         for f in doc["fields"]:
             derived = None
             if "derived_from" in f:
@@ -268,7 +279,7 @@ def load(directory: Path | None = None) -> Schema:
             name=doc["name"], persist=doc["persist"], get_all=doc["get_all"], constructor=doc["constructor"],
             fields=fields, messages=messages,
             generic_roles={k: tuple(v) for k, v in doc.get("generic_roles", {}).items()},
-            in_db=doc.get("in_db", True),
+            in_db=doc.get("in_db", True), internal=internal,
         )
     # Relations whose source class is not modelled stay plain (always empty) sets.
     for c in classes.values():

@@ -44,7 +44,7 @@ def _sr(tx: Transaction, disks: Disks, label: str, sr_type: str, size: int, shar
                                "vdi_destroy", "vdi_introduce", "pbd_create", "pbd_destroy"],
     })
     rec = tx.get("SR", ref)
-    disks.sr_dir(rec["uuid"]).mkdir(parents=True, exist_ok=True)
+    disks.make_sr_dir(rec["uuid"])
     return ref
 
 

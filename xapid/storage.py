@@ -2,20 +2,31 @@
 
 Each SR owns a folder ``<state-dir>/sr/<sr-uuid>/``; each VDI is a real sparse
 file ``<vdi-uuid>.img`` in it whose length is the VDI's ``virtual_size``.
+Files are made before the record that owns them commits and removed after the
+record is gone, so a crash can leave only files no record owns;
+:func:`reconcile` moves those to ``<state-dir>/lost+found/`` at start-up.
+Every path is handled through :mod:`xapid.statefiles` (no symbolic link is
+followed).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
 import os
-import shutil
+import time
 from pathlib import Path
 from typing import Any
 
+import structlog
+
+from xapid import statefiles
 from xapid.errors import ApiError
 from xapid.store import Store, Transaction
+
+log = structlog.get_logger("xapid.storage")
 
 SM_KEYS = ("type", "name_label", "name_description", "vendor", "copyright", "version",
            "required_api_version", "capabilities", "features", "configuration", "driver_filename",
@@ -87,6 +98,7 @@ class Disks:
 
     def __init__(self, state_dir: Path) -> None:
         self.root = state_dir / "sr"
+        self.lost_and_found = state_dir / "lost+found"
 
     def sr_dir(self, sr_uuid: str) -> Path:
         if not plain_name(sr_uuid):  # never a path that leaves <state-dir>/sr (SR.introduce takes any uuid)
@@ -96,16 +108,30 @@ class Disks:
     def vdi_path(self, sr_uuid: str, vdi_uuid: str) -> Path:
         return self.sr_dir(sr_uuid) / f"{vdi_uuid}.img"
 
+    def make_sr_dir(self, sr_uuid: str) -> Path:
+        """Create the SR's folder (and ``sr/``) if missing."""
+        path = self.sr_dir(sr_uuid)
+        try:
+            statefiles.make_dirs(path)
+        except OSError as e:
+            raise ApiError("SR_BACKEND_FAILURE", "1", "", f"cannot create the SR folder: {e.strerror}") from None
+        return path
+
     def create_vdi(self, sr_uuid: str, vdi_uuid: str, size: int) -> Path:
+        """A new sparse file of ``size`` bytes, durable (file and folder fsynced) before it returns."""
         path = self.vdi_path(sr_uuid, vdi_uuid)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(path, "wb") as f:
-                f.truncate(size)
-                f.flush()
-                os.fsync(f.fileno())
-        except (OSError, OverflowError) as e:
-            path.unlink(missing_ok=True)  # the call fails, so no file may remain
+            fd = statefiles.create_new(path)
+            try:
+                os.ftruncate(fd, size)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            statefiles.fsync_dir(path.parent)
+        except (OSError, OverflowError, ValueError) as e:
+            if not isinstance(e, FileExistsError):
+                with contextlib.suppress(OSError):  # the call fails, so no file may remain
+                    statefiles.remove(path)
             reason = e.strerror if isinstance(e, OSError) else str(e)
             raise ApiError("SR_BACKEND_FAILURE", "1", "", f"cannot create VDI file: {reason}") from None
         return path
@@ -127,16 +153,26 @@ class Disks:
         """
         src_path = self.vdi_path(*src)
         path = self.vdi_path(*dst)
+        made = False
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(src_path, "rb") as fin, open(path, "wb") as fout:
-                if not (share and _reflink(fin.fileno(), fout.fileno())):
-                    _copy_extents(fin.fileno(), fout.fileno(), min(size, os.fstat(fin.fileno()).st_size))
-                fout.truncate(size)
-                fout.flush()
-                os.fsync(fout.fileno())
-        except (OSError, OverflowError) as e:
-            path.unlink(missing_ok=True)
+            fin = os.open(src_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                fout = statefiles.create_new(path)
+                made = True
+                try:
+                    if not (share and _reflink(fin, fout)):
+                        _copy_extents(fin, fout, min(size, os.fstat(fin).st_size))
+                    os.ftruncate(fout, size)
+                    os.fsync(fout)
+                finally:
+                    os.close(fout)
+            finally:
+                os.close(fin)
+            statefiles.fsync_dir(path.parent)
+        except (OSError, OverflowError, ValueError) as e:
+            if made:
+                with contextlib.suppress(OSError):
+                    statefiles.remove(path)
             reason = e.strerror if isinstance(e, OSError) else str(e)
             raise ApiError("SR_BACKEND_FAILURE", "1", "", f"cannot copy VDI file: {reason}") from None
         return path
@@ -145,23 +181,76 @@ class Disks:
         """Grow (or shrink) the VDI's file to ``size`` bytes; new space is a hole."""
         path = self.vdi_path(sr_uuid, vdi_uuid)
         try:
-            with open(path, "r+b") as f:
-                f.truncate(size)
-                f.flush()
-                os.fsync(f.fileno())
-        except (OSError, OverflowError) as e:
+            fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                os.ftruncate(fd, size)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except (OSError, OverflowError, ValueError) as e:
             reason = e.strerror if isinstance(e, OSError) else str(e)
             raise ApiError("SR_BACKEND_FAILURE", "1", "", f"cannot resize VDI file: {reason}") from None
 
+    def write_at(self, sr_uuid: str, vdi_uuid: str, offset: int, data: bytes) -> None:
+        """Write ``data`` into the VDI's file at ``offset`` and make it durable (a memory image header)."""
+        fd = os.open(self.vdi_path(sr_uuid, vdi_uuid), os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            os.pwrite(fd, data, offset)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
     def remove_vdi(self, sr_uuid: str, vdi_uuid: str) -> None:
         try:
-            self.vdi_path(sr_uuid, vdi_uuid).unlink()
-        except (OSError, ApiError):  # the record is gone already; a file that cannot be removed stays
+            statefiles.remove(self.vdi_path(sr_uuid, vdi_uuid))
+        except (OSError, ApiError):  # the record is gone already; a leftover is reconciled at the next start
             pass
 
     def remove_sr(self, sr_uuid: str) -> None:
         if plain_name(sr_uuid):
-            shutil.rmtree(self.sr_dir(sr_uuid), ignore_errors=True)
+            try:
+                statefiles.remove_tree(self.sr_dir(sr_uuid))
+            except OSError:  # as remove_vdi
+                pass
+
+
+def reconcile(store: Store, disks: Disks) -> list[str]:
+    """Move every file and folder under ``sr/`` that no record owns into ``lost+found/<time>/sr/``.
+
+    ``sr/<X>`` is owned by the SR whose uuid is X; ``sr/<X>/<Y>.img`` by a VDI of uuid Y in that SR.
+    Anything else (a crash between a file and its record, a forgotten SR's folder) is quarantined,
+    never deleted, and logged.  Returns the moved paths relative to ``sr/``.
+    """
+    srs = {rec["uuid"] for _ref, rec in store.items("SR")}
+    owned: dict[str, set[str]] = {}
+    for _ref, rec in store.items("VDI"):
+        sr = store.get("SR", rec["SR"])
+        if sr is not None:
+            owned.setdefault(sr["uuid"], set()).update({f"{rec['uuid']}.img", f"{rec['location'] or rec['uuid']}.img"})
+    moved: list[str] = []
+    dest = disks.lost_and_found / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) / "sr"
+    for name, kind in statefiles.list_dir(disks.root):
+        if kind == "dir" and name in srs:
+            for child, _kind in statefiles.list_dir(disks.root / name):
+                if child not in owned.get(name, set()):
+                    moved.append(f"{name}/{child}")
+        else:
+            moved.append(name)
+    for rel in moved:
+        target = _free(dest / rel)
+        statefiles.move(disks.root / rel, target)
+        log.warning("quarantined a file no record owns (left by a crash or SR.forget)", path=f"sr/{rel}",
+                    moved_to=str(target))
+    return moved
+
+
+def _free(path: Path) -> Path:
+    """``path``, or ``path.1``, ``path.2``... whichever does not exist yet."""
+    candidate, n = path, 0
+    while os.path.lexists(candidate):
+        n += 1
+        candidate = path.with_name(f"{path.name}.{n}")
+    return candidate
 
 
 FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)

@@ -63,15 +63,13 @@ class Store:
             name: [(f, index) for (c, f), index in self._inverse.items() if c == name] for name in schema.classes
         }
         self._stored: dict[str, dict[str, str]] = {
-            name: {f.name: f.name for f in c.fields.values() if f.derived_from is None}
-            for name, c in schema.classes.items()
+            name: {f.name: f.name for f in c.stored_fields()} for name, c in schema.classes.items()
         }
         # Rows hold only the fields that differ from these; loading starts from a copy of them.
         # The default objects are shared between records, which is safe because committed records
         # are never mutated in place (transactions work on deep copies).
         self._defaults: dict[str, Record] = {
-            name: {f.name: f.initial() for f in c.fields.values() if f.derived_from is None}
-            for name, c in schema.classes.items()
+            name: {f.name: f.initial() for f in c.stored_fields()} for name, c in schema.classes.items()
         }
         self.generation = 0
         # Called under the store lock after every commit with (generation, changes), each change
@@ -188,6 +186,10 @@ class Store:
     def items(self, cls: str) -> list[tuple[str, Record]]:
         with self.lock:
             return list(self._tables[cls].items())
+
+    def count(self, cls: str) -> int:
+        """How many objects of ``cls`` exist (without copying the table)."""
+        return len(self._tables[cls])
 
     def by_uuid(self, cls: str, uuid: str) -> str | None:
         return self._uuids[cls].get(uuid)
@@ -353,9 +355,8 @@ class Transaction:
         """Insert a new object: schema defaults for everything not in ``values``."""
         cdef = self.schema.classes[cls]
         rec: Record = {}
-        for name, f in cdef.fields.items():
-            if f.derived_from is None:
-                rec[name] = copy.deepcopy(values[name]) if name in values else f.initial()
+        for f in cdef.stored_fields():
+            rec[f.name] = copy.deepcopy(values[f.name]) if f.name in values else f.initial()
         if not rec.get("uuid"):
             rec["uuid"] = new_uuid()
         ref = ref or new_ref()

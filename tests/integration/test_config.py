@@ -88,3 +88,24 @@ def test_bad_descriptor_stops_start_up(tmp_path: Path) -> None:
     (sm / "broken.json").write_text('{"type": "broken", "required_cluster_stack": "notalist"}')
     out = serve(write_conf(tmp_path / "xapi.conf", **{"sm-dir": str(sm)}), tmp_path / "state")
     assert out.returncode == 2 and "broken.json" in out.stderr
+
+
+def test_a_file_that_sets_one_key_starts_with_the_shipped_stacks_and_drivers(tmp_path: Path) -> None:
+    """Issue 17 finding 8: ``ha-monitor-interval = 1`` alone used to stop start-up with
+    ``cluster-stack-root .../scripts/cluster-stack does not exist`` (defaults resolved against the
+    user's folder)."""
+    conf = tmp_path / "mine" / "xapi.conf"
+    conf.parent.mkdir()
+    conf.write_text("ha-monitor-interval = 1\n")
+    d = Xapid(tmp_path / "state", conf, ["--hosts", "1"])
+    try:
+        d.start()
+        api = d.session().xenapi
+        assert "ext" in api.SR.get_supported_types()        # the shipped sm.d
+        pool = api.pool.get_all()[0]
+        api.pool.enable_ha([], {"timeout": "10"})            # the shipped xhad stack
+        assert api.pool.get_ha_cluster_stack(pool) == "xhad" and api.pool.get_ha_enabled(pool)
+        api.pool.disable_ha()
+    finally:
+        d.stop()
+        kill_heartbeats(d.state_dir)

@@ -57,6 +57,25 @@ def check_invariants(api: Any, schema: Schema) -> None:
     assert pool["master"] in snap["host"]
 
 
+def vdi_args(sr: str, label: str) -> dict[str, Any]:
+    return {"SR": sr, "virtual_size": str(1 << 20), "type": "user", "sharable": False, "read_only": False,
+            "other_config": {}, "name_label": label}
+
+
+def unowned_disk_files(api: Any, state_dir: Path) -> list[str]:
+    """Files and folders under ``<state>/sr`` that no SR or VDI record owns (issue 17 finding 6)."""
+    sr_uuid = {ref: rec["uuid"] for ref, rec in api.SR.get_all_records().items()}
+    srs = set(sr_uuid.values())
+    vdis = {(sr_uuid[v["SR"]], f"{v['uuid']}.img") for v in api.VDI.get_all_records().values() if v["SR"] in sr_uuid}
+    stray = []
+    for entry in sorted((state_dir / "sr").iterdir()):
+        if not entry.is_dir() or entry.is_symlink() or entry.name not in srs:
+            stray.append(entry.name)
+            continue
+        stray += [f"{entry.name}/{f.name}" for f in sorted(entry.iterdir()) if (entry.name, f.name) not in vdis]
+    return stray
+
+
 # -- restart ---------------------------------------------------------------------------------------------
 
 
@@ -104,18 +123,21 @@ class Writers:
         self.label_acked = -1
         self.label_tried = -1
         self.errors: list[BaseException] = []
+        self.storage_sr = ""  # the SR the "vdi" writers create and destroy disks in
 
     def session(self) -> Any:
         s = XenAPI.Session(self.url)
         s.login_with_password("root", self.password, "2.21", "sigkill-test")
         return s.xenapi
 
-    def run(self, kind: str, tag: str, stop: threading.Event) -> None:
+    def run(self, kind: str, tag: str, stop: threading.Event, ready: threading.Semaphore) -> None:
         try:
             api = self.session()
-        except Exception as e:  # noqa: BLE001 - killed before the first call
+        except Exception as e:  # noqa: BLE001 - the daemon must be up until every writer is logged in
             self.errors.append(e)
             return
+        finally:
+            ready.release()
         n = 0
         while not stop.is_set():
             n += 1
@@ -130,6 +152,18 @@ class Writers:
                     ref = api.VM.create(self.vm_args(label))
                     with self.lock:
                         self.vms[ref] = label
+                elif kind == "vdi":           # a disk file made and removed around each record
+                    vdi = api.VDI.create(vdi_args(self.storage_sr, f"{tag}-{n}"))
+                    if n % 2:
+                        api.VDI.destroy(vdi)
+                elif kind == "sr":            # an SR folder (with a disk in it) made and removed
+                    host = api.host.get_all()[0]
+                    sr = api.SR.create(host, {}, "0", f"{tag}-{n}", "", "ext", "user", False, {})
+                    api.VDI.create(vdi_args(sr, f"{tag}-{n}-disk"))
+                    pbds = api.SR.get_PBDs(sr)
+                    for pbd in pbds:
+                        api.PBD.unplug(pbd)
+                    api.SR.destroy(sr)
                 else:
                     with self.lock:
                         self.label_tag = tag
@@ -160,27 +194,37 @@ class Writers:
             assert self.label_acked == -1, f"acknowledged set_name_label lost: {label}"
 
 
-def test_acknowledged_writes_survive_sigkill(xapid_factory: Callable[..., Any], schema: Schema,
-                                             vm_args: VmArgs) -> None:
+def kill_under_writes(xapid_factory: Callable[..., Any], schema: Schema, vm_args: VmArgs, rounds: int) -> None:
+    """Rounds of: writers of every kind at work, SIGKILL at a random moment, restart, check.
+
+    Besides the acknowledged writes, a restart must leave no disk file or SR folder that no record owns
+    (VDI and SR create/destroy make and remove them around their records).
+    """
     seed = int(os.environ.get("XAPID_KILL_SEED", time.time_ns() % 100_000))
     rng = random.Random(seed)
     d = xapid_factory()
     api = d.session().xenapi
     pool = api.pool.get_all()[0]
     target = api.VM.create(vm_args("label target"))
+    storage_sr = api.SR.create(api.host.get_all()[0], {}, "0", "disks under fire", "", "ext", "user", False, {})
     writers: Writers | None = None
     total = 0
-    for round_no in range(3):
+    for round_no in range(rounds):
         writers_round = Writers(d.url, d.password, vm_args, target, pool)
+        writers_round.storage_sr = storage_sr
         if writers is not None:          # carry over what earlier rounds had acknowledged
             writers_round.keys.update(writers.keys)
             writers_round.vms.update(writers.vms)
         writers = writers_round
         stop = threading.Event()
-        threads = [threading.Thread(target=writers.run, args=(kind, f"r{round_no}{kind}{i}", stop))
-                   for i, kind in enumerate(["map", "map", "vm", "label"])]
+        ready = threading.Semaphore(0)
+        kinds = ["map", "map", "vm", "label", "vdi", "vdi", "sr"]
+        threads = [threading.Thread(target=writers.run, args=(kind, f"r{round_no}{kind}{i}", stop, ready))
+                   for i, kind in enumerate(kinds)]
         for t in threads:
             t.start()
+        for _ in kinds:  # every writer logged in: the kill lands among writes, not logins
+            assert ready.acquire(timeout=30)
         time.sleep(rng.uniform(0.4, 1.2))
         assert d.proc is not None
         d.proc.send_signal(signal.SIGKILL)
@@ -196,8 +240,46 @@ def test_acknowledged_writes_survive_sigkill(xapid_factory: Callable[..., Any], 
         writers.verify(after)
         check_invariants(after, schema)
         assert len(after.pool.get_all()) == 1 and len(after.host.get_all()) == 3     # not re-seeded
+        assert unowned_disk_files(after, d.state_dir) == [], f"seed {seed}"
         total += len(writers.keys) + len(writers.vms)
     assert total > 10, f"seed {seed}: too few acknowledged writes to mean anything ({total})"
+
+
+def test_acknowledged_writes_survive_sigkill(xapid_factory: Callable[..., Any], schema: Schema,
+                                             vm_args: VmArgs) -> None:
+    kill_under_writes(xapid_factory, schema, vm_args, rounds=3)
+
+
+@pytest.mark.slow
+def test_thirty_sigkills_under_writes(xapid_factory: Callable[..., Any], schema: Schema, vm_args: VmArgs) -> None:
+    """The finding's scale: 30 kills (the attack left 8 files and 1 folder nobody owned)."""
+    kill_under_writes(xapid_factory, schema, vm_args, rounds=30)
+
+
+def test_files_no_record_owns_are_quarantined_before_serving(xapid: Any) -> None:
+    """What a crash between a file and its record leaves (issue 17 finding 6), planted while stopped."""
+    api = xapid.session().xenapi
+    sr = api.SR.create(api.host.get_all()[0], {}, "0", "owner", "", "ext", "user", False, {})
+    vdi = api.VDI.create(vdi_args(sr, "kept"))
+    sr_uuid, vdi_uuid = api.SR.get_uuid(sr), api.VDI.get_uuid(vdi)
+    xapid.stop()
+    root = xapid.state_dir / "sr"
+    (root / sr_uuid / "0b5e7c3e-dead-4bee-8000-000000000001.img").write_bytes(b"")  # VDI.create killed
+    (root / sr_uuid / "notes.txt").write_text("not a disk")
+    (root / "0b5e7c3e-dead-4bee-8000-000000000002").mkdir()                          # SR.create killed
+    (root / "0b5e7c3e-dead-4bee-8000-000000000002" / "x.img").write_bytes(b"data")
+    (root / "stray-file").write_text("?")
+    xapid.start()
+    api = xapid.session().xenapi
+    assert unowned_disk_files(api, xapid.state_dir) == []
+    assert (root / sr_uuid / f"{vdi_uuid}.img").stat().st_size == 1 << 20  # what records own stays
+    (quarantine,) = (xapid.state_dir / "lost+found").iterdir()
+    moved = sorted(str(p.relative_to(quarantine)) for p in quarantine.rglob("*") if p.is_file())
+    assert moved == sorted([f"sr/{sr_uuid}/0b5e7c3e-dead-4bee-8000-000000000001.img", f"sr/{sr_uuid}/notes.txt",
+                            "sr/0b5e7c3e-dead-4bee-8000-000000000002/x.img", "sr/stray-file"])
+    assert (quarantine / "sr/0b5e7c3e-dead-4bee-8000-000000000002/x.img").read_bytes() == b"data"
+    log = xapid.log()
+    assert log.count("quarantined a file no record owns") == 4 and "Traceback" not in log
 
 
 # -- damaged store -----------------------------------------------------------------------------------------

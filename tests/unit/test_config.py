@@ -27,6 +27,20 @@ def test_empty_file_gives_every_default(tmp_path: Path) -> None:
     assert cfg["login-failure-delay"] == 5.0 and cfg["session-idle-timeout"] == 86400.0
 
 
+def test_path_defaults_mean_the_shipped_data_whatever_file_is_given(tmp_path: Path) -> None:
+    """Issue 17 finding 8: a file elsewhere that sets only another key keeps the shipped folders."""
+    shipped = config.load()
+    elsewhere = config.load(write(tmp_path, "ha-monitor-interval = 1\n"))
+    etc = config.shipped_etc()
+    assert etc is not None
+    for key in ("cluster-stack-root", "sm-dir"):
+        assert elsewhere[key] == shipped[key], key
+    assert elsewhere["cluster-stack-root"] == (etc / "../scripts/cluster-stack").resolve()
+    assert elsewhere["sm-dir"] == (etc / "sm.d").resolve()
+    assert elsewhere["ha-monitor-interval"] == 1.0
+    config.validate_runtime(elsewhere)
+
+
 def test_values_comments_and_relative_paths(tmp_path: Path) -> None:
     path = write(tmp_path, "max-request-size = 1000   # bytes\nsm-dir = drivers\n"
                            "login-failure-delay=0.5\ncluster-stack-root = /abs/stacks\n")
@@ -80,3 +94,9 @@ def test_serve_refuses_a_bad_config_with_exit_status_2(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert f"{path}:2" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("line", ["gc-interval = 0", "session-limit = 0", "message_limit = -1"])
+def test_collection_settings_have_a_floor(tmp_path: Path, line: str) -> None:
+    with pytest.raises(ConfigError, match=line.split(" ")[0]):
+        config.load(write(tmp_path, line + "\n"))

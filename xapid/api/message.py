@@ -1,4 +1,8 @@
-"""message: alerts for the administrator (memory-only, as xapi keeps them outside the database)."""
+"""message: alerts for the administrator (memory-only, as xapi keeps them outside the database).
+
+At most ``message_limit`` messages exist (xapi's ``Xapi_message.gc``, default 10,000): creating one
+beyond that destroys the oldest (:class:`xapid.collector.Collector`).
+"""
 
 from __future__ import annotations
 
@@ -20,9 +24,9 @@ def create(call: Call, name: str, priority: int, cls: str, obj_uuid: str, body: 
     target = OBJECT_CLASS.get(cls)
     if target is not None and call.store.by_uuid(target, obj_uuid) is None:
         raise ApiError("UUID_INVALID", target, obj_uuid)
-    with call.store.transaction() as tx:
-        return tx.create("message", {"name": name, "priority": priority, "cls": cls, "obj_uuid": obj_uuid,
-                                     "timestamp": now_iso(), "body": body})
+    ref = create_message(call.store, name, priority, cls, obj_uuid, body)
+    call.daemon.collector.trim_messages()  # at most message_limit at any time (the oldest go)
+    return ref
 
 
 @handler("message.destroy")

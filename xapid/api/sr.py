@@ -31,7 +31,7 @@ def create(call: Call, host: str, device_config: dict[str, str], physical_size: 
             pbd = tx.create("PBD", {"host": h, "SR": sr, "device_config": device_config,
                                     "currently_attached": False})
             plug(tx, pbd)
-        call.daemon.disks.sr_dir(tx.get("SR", sr)["uuid"]).mkdir(parents=True, exist_ok=True)
+        call.daemon.disks.make_sr_dir(tx.get("SR", sr)["uuid"])
         return sr
 
 

@@ -9,7 +9,6 @@ Starting needs the VM's ``dynamic_min`` (``static_max`` for PVH) free at maximum
 
 from __future__ import annotations
 
-import os
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -418,12 +417,8 @@ def write_memory_image(daemon: Daemon, tx: Transaction, vm: str, rec: dict[str, 
     vdi = tx.get("VDI", ref)
     sr_uuid = tx.get("SR", sr)["uuid"]
     header = f"xapid memory image of VM {rec['uuid']} domid {rec['domid']} at {now_iso()}\n".encode()
-    path = daemon.disks.vdi_path(sr_uuid, file_of(vdi))
     try:
-        with open(path, "r+b") as f:
-            f.write(header.ljust(SUSPEND_HEADER, b"\0"))
-            f.flush()
-            os.fsync(f.fileno())
+        daemon.disks.write_at(sr_uuid, file_of(vdi), 0, header.ljust(SUSPEND_HEADER, b"\0"))
     except OSError as e:
         raise ApiError("VM_CHECKPOINT_SUSPEND_FAILED", vm) from e
     vdi["physical_utilisation"] = daemon.disks.allocated(sr_uuid, file_of(vdi))

@@ -8,17 +8,16 @@ the reference stack engine has its own stdlib-only reader.
 
 from __future__ import annotations
 
-import os
 import random
 import re
 import socket
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from xml.etree.ElementTree import Element, ParseError
 
 from defusedxml.ElementTree import fromstring as defused_fromstring
 
+from xapid import statefiles
 from xapid.errors import internal
 
 UDP_PORT = 694
@@ -196,29 +195,10 @@ def write(path: Path, text: str) -> None:
     """Atomically replace ``path`` with ``text`` (UTF-8, mode 0644), creating parent directories.
 
     Readers see either the old or the new complete file: the data goes to a temporary file in
-    the same directory, is fsynced, renamed over ``path``, and the directory is fsynced.
+    the same directory, is fsynced, renamed over ``path``, and the directory is fsynced; no
+    symbolic link on the way is followed (:func:`xapid.statefiles.write_atomic`).
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(text.encode("utf-8"))
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    statefiles.write_atomic(Path(path), text.encode("utf-8"), mode=0o644)
 
 
 def _only(parent: Element, tag: str, where: str) -> Element:

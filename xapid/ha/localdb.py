@@ -3,22 +3,33 @@
 Real xapi keeps ``ha.armed``, ``ha_cluster_stack``, ``ha_peers`` and
 ``ha_base_t`` in a host-local store that survives restarts; xapid keeps one
 small JSON file per host in ``<state-dir>/hosts/<host-uuid>/`` beside that
-host's ``xhad.conf``.
+host's ``xhad.conf``.  Only xapid writes it: each file is read once (through
+:func:`xapid.statefiles.read_bytes`, which follows no symbolic link and trusts
+only the daemon's own files) and then served from memory; every update is
+written through atomically (:func:`xapid.statefiles.write_atomic`).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import threading
 from pathlib import Path
 from typing import Any
+
+import structlog
+
+from xapid import statefiles
+
+log = structlog.get_logger("xapid.ha.localdb")
+
+MAX_BYTES = 1 << 20
 
 
 class LocalDb:
     def __init__(self, state_dir: Path) -> None:
         self.root = state_dir / "hosts"
         self._lock = threading.Lock()
+        self._cache: dict[str, dict[str, Any]] = {}
 
     def host_dir(self, host_uuid: str) -> Path:
         return self.root / host_uuid
@@ -29,25 +40,31 @@ class LocalDb:
     def _path(self, host_uuid: str) -> Path:
         return self.host_dir(host_uuid) / "local.json"
 
+    def _load(self, host_uuid: str) -> dict[str, Any]:
+        """The host's table, read from its file the first time (unreadable or untrusted: empty, logged)."""
+        doc = self._cache.get(host_uuid)
+        if doc is None:
+            try:
+                data = statefiles.read_bytes(self._path(host_uuid), MAX_BYTES)
+                doc = dict(json.loads(data)) if data is not None else {}
+            except (OSError, ValueError, TypeError) as e:
+                log.error("host-local database unusable; starting it empty", host=host_uuid, error=str(e))
+                doc = {}
+            self._cache[host_uuid] = doc
+        return doc
+
     def read(self, host_uuid: str) -> dict[str, Any]:
-        try:
-            return dict(json.loads(self._path(host_uuid).read_text()))
-        except (OSError, ValueError):
-            return {}
+        with self._lock:
+            return dict(self._load(host_uuid))
 
     def get(self, host_uuid: str, key: str, default: Any = None) -> Any:
-        return self.read(host_uuid).get(key, default)
+        with self._lock:
+            return self._load(host_uuid).get(key, default)
 
     def set(self, host_uuid: str, **values: Any) -> None:
-        """Update keys durably (write to a temp file, fsync, rename)."""
+        """Update keys durably (write to a temp file, fsync, rename, fsync the folder)."""
         with self._lock:
-            doc = self.read(host_uuid)
+            doc = dict(self._load(host_uuid))
             doc.update(values)
-            path = self._path(host_uuid)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            with open(tmp, "w") as f:
-                json.dump(doc, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            statefiles.write_atomic(self._path(host_uuid), json.dumps(doc).encode(), mode=0o600)
+            self._cache[host_uuid] = doc

@@ -86,6 +86,15 @@ class Planning:
 
     def _on_commit(self, _generation: int, changes: list[Any]) -> None:
         """Mark what a commit changed (called under the store lock, after the records are in)."""
+        try:
+            self._mark(changes)
+        except Exception:  # noqa: BLE001 - the commit is done; never fail it, rebuild from scratch instead
+            log.exception("planning cache update failed; it will be rebuilt")
+            self._vms = None
+            self._hosts = None
+            self._topology = None
+
+    def _mark(self, changes: list[Any]) -> None:
         for cls, ref, _op, old, new in changes:
             if cls == "VM":
                 self._dirty_vms.add(ref)

@@ -9,7 +9,6 @@ boot runs xapi's start-up on it (through the callback the daemon registers).
 from __future__ import annotations
 
 import json
-import os
 import signal
 import threading
 from collections.abc import Callable
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import structlog
 
+from xapid import statefiles
 from xapid.hw.fabric import Fabric
 from xapid.hw.processes import kill_all, signal_all
 from xapid.hw.watchdog import Watchdogs
@@ -37,7 +37,7 @@ class Hardware:
     def __init__(self, state_dir: Path, reboot_delay: float) -> None:
         self.dir = state_dir / "hw"
         self.hosts_dir = state_dir / "hosts"
-        self.dir.mkdir(parents=True, exist_ok=True)
+        statefiles.make_dirs(self.dir)
         self.reboot_delay = reboot_delay
         self.fabric = Fabric(self.dir / "fabric.json")
         self._path = self.dir / "power.json"
@@ -53,7 +53,10 @@ class Hardware:
 
     def _load(self) -> dict[str, dict[str, object]]:
         try:
-            doc = json.loads(self._path.read_text())
+            data = statefiles.read_bytes(self._path)
+            if data is None:
+                return {}
+            doc = json.loads(data)
             state = {str(k): dict(v) for k, v in doc.items() if isinstance(v, dict)}
         except (OSError, ValueError, AttributeError):
             return {}
@@ -63,13 +66,7 @@ class Hardware:
         return state
 
     def _save(self) -> None:
-        tmp = self._path.with_name(self._path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(self._state, f, indent=1, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self._path)
+        statefiles.write_atomic(self._path, json.dumps(self._state, indent=1, sort_keys=True).encode(), mode=0o600)
 
     # -- life cycle -------------------------------------------------------------------------------
 

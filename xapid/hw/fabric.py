@@ -8,9 +8,10 @@ listed for it in ``storage_blocked``.  xapid replaces the file atomically on eve
 from __future__ import annotations
 
 import json
-import os
 import threading
 from pathlib import Path
+
+from xapid import statefiles
 
 DEFAULT_GROUP = "0"
 
@@ -25,7 +26,10 @@ class Fabric:
 
     def _load(self) -> None:
         try:
-            doc = json.loads(self.path.read_text())
+            data = statefiles.read_bytes(self.path)
+            if data is None:
+                raise FileNotFoundError(self.path)
+            doc = json.loads(data)
             network = doc.get("network", {})
             blocked = doc.get("storage_blocked", {})
             self.network = {str(k): str(v) for k, v in network.items()}
@@ -34,15 +38,8 @@ class Fabric:
             self.network, self.storage_blocked = {}, {}
 
     def _save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
         doc = {"network": self.network, "storage_blocked": self.storage_blocked}
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
-        with os.fdopen(fd, "w") as f:
-            json.dump(doc, f, indent=1, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        statefiles.write_atomic(self.path, json.dumps(doc, indent=1, sort_keys=True).encode(), mode=0o644)
 
     def group(self, uuid: str) -> str:
         with self._lock:

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import structlog
 
+from xapid import statefiles
+
 log = structlog.get_logger("xapid.hw.watchdog")
 
 SOCKET_NAME = "watchdog"
@@ -74,8 +76,8 @@ class Watchdogs:
 
     def add(self, uuid: str, folder: Path) -> None:
         """Create (or recreate) the watchdog socket of host ``uuid`` in ``folder``."""
-        folder.mkdir(parents=True, exist_ok=True)
-        dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        statefiles.make_dirs(folder)
+        dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
         address = socket_address(folder, dir_fd)
         try:
             os.unlink(folder / SOCKET_NAME)

@@ -48,10 +48,18 @@ Heartbeat process
     with a foreign generation, an unknown or spoofed sender (source address not the sender's
     IPaddress) or malformed content are ignored.  A host is *heard* while its last datagram is
     younger than HeartbeatTimeout; its slot is *fresh* while younger than StateFileTimeout.
+    Of two reports of a host (datagram, slot) the newer counts; a report of a new incarnation
+    replaces the old one for good.  A newcomer (or a host that does not hear us yet) gets a reply
+    at once, and a change of our own state, liveset or statefile access is announced at once
+    (datagrams and an extra statefile tick, rate-limited).  To keep 64 hosts cheap the loop wakes
+    at most every 0.1 s, evaluates at most every 0.1 s unless a timeout falls due, and a
+    datagram or slot whose content did not change (only ``seq``/times, which come last) is not
+    parsed in full.  Measured at T=10: 64 hosts take about a quarter of one core.
 
 Joining (status ``Starting``; no fencing)
     Statefile access is required (exit 8 when it fails), the pool state must not be invalid
-    (11) and the generations must match (10).  If some host is Online, the joiner waits until no
+    (11) and the generations must match (10); if ha_start_daemon dies (its caller's timeout
+    killed it), the join is given up (12).  If some host is Online, the joiner waits until no
     Online host still counts it live (xhad's "all hosts recognise I was down"), then joins when
     it hears every Online host, they hear it and their slots are fresh; otherwise exit 13 after
     BootJoinTimeout.  If nobody is Online it forms a liveset as soon as every configured host
@@ -75,16 +83,27 @@ Survival rules (Online, every evaluation; pure functions below)
     watchdog and exits.  A disarmed host (ha_disarm_fencing) never fences.  A host whose own
     loop stalled for longer than HeartbeatWatchdogTimeout (SIGSTOP then SIGCONT) fences at once:
     the others have dropped it already.  An excluded host (ha_set_excluded while running) is
-    not live and does not fence.
+    not live and does not fence.  The self-fenced process exits 0 (xapid's watchdog SIGKILLs the
+    host's processes anyway).  A partition healed before anyone fenced is simply forgotten:
+    hearing resumes and the rules hold again within the settle time; a host that fenced must
+    re-join (ha_start_daemon, as xapi's start-up does).  At T=10 a crashed host leaves the
+    others' livesets 12 s after its last heartbeat, a partition loser fences about 15 s after
+    the cut (HeartbeatTimeout + settle), a host that loses the statefile alone within
+    StateFileInterval + settle (at most 7 s).
 
 Liveset (ha_query_liveset; the local host's view)
-    Host i is live iff it is in my liveset and not excluded.  My liveset gains the Online hosts
-    of my surviving partition (rule 1) or of the all-hosts network group (rule 2).  A member
+    The daemon publishes its view in ``xhad.view`` (a NUL-padded JSON object with a ``crc``,
+    rewritten in place on every change and every HeartbeatInterval); ha_query_liveset renders
+    it, taking pool state, master and excluded flags fresh from the statefile when it can read
+    it (pool state invalid: exit 14).  Host i is live iff it is in my liveset and not excluded.
+    My liveset gains the Online hosts of my surviving partition (rule 1) or of the all-hosts
+    network group (rule 2).  A member
     outside it stays live until it is certain to be fenced: it reports ``fencing`` or
     ``stopped``, a new incarnation of it appears, it is excluded, or it has been silent on
     network and statefile for HeartbeatWatchdogTimeout + HeartbeatInterval seconds.  ``master``
     is the live holder of the lock from the statefile (under rule 2: the lowest-index live
-    claimant, else the last holder read).  ``statefile_access``: my own access for me, the
+    claimant, else the most recent holder any live host read; datagrams carry each host's
+    ``master`` and when it read it).  ``statefile_access``: my own access for me, the
     host's reported flag for other live hosts, FALSE for hosts that are not live.  Raw data as
     in xhad: per host, the hosts it hears as reported by heartbeat and on the statefile, and the
     time since its last heartbeat/slot update.  Warnings: ``statefile_lost`` when this host lost
@@ -94,16 +113,19 @@ Liveset (ha_query_liveset; the local host's view)
     (there is no xapi health check and no bond to watch).
 
 Watchdog (hw-contract.md)
-    ``$XAPID_HOST_DIR/watchdog`` (Unix datagram socket).  Going Online sends ``arm <Wh>``
-    (Wh = HeartbeatWatchdogTimeout), every later HeartbeatInterval tick re-arms; a clean stop
-    (SIGTERM from ha_stop_daemon, pool state invalid) and ha_disarm_fencing send ``disarm``.
-    Send errors are ignored.
+    ``$XAPID_HOST_DIR/watchdog`` (Unix datagram socket; a path too long for sun_path is reached
+    through /proc/self/fd).  Going Online sends ``arm <Wh>`` (Wh = HeartbeatWatchdogTimeout),
+    every later HeartbeatInterval tick re-arms; a clean stop (SIGTERM from ha_stop_daemon, pool
+    state invalid, any error exit while Online) and ha_disarm_fencing send ``disarm``.  A
+    joining host never arms.  Send errors are ignored.
 
 Master lock (ha_propose_master)
     Granted (prints TRUE) if no host live in MY liveset holds it, or I hold it; exit 17 if I am
     not Online, not live or excluded.  Without statefile access it is granted only under rule 2
     and only to the lowest-index live host; the claim is carried in heartbeats and written to
-    the statefile when it is reachable again (if the holder there is not live).
+    the statefile when it is reachable again (if the holder there is not live).  The script
+    tells the local daemon through ``xhad.claim`` (``<incarnation> lock|claim <time>``) and
+    SIGUSR2, as xhad's daemon takes the lock itself.
 
 Other scripts
     ``ha_set_pool_state init`` (15 if the daemon runs) formats the statefile; ``invalid`` makes
@@ -144,6 +166,7 @@ import xml.etree.ElementTree as ET
 import zlib
 from collections.abc import Callable, Iterable, Mapping
 from collections.abc import Set as AbstractSet
+from functools import cached_property
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -203,6 +226,8 @@ HB_ACCELERATION = 0.2
 SF_ACCELERATION = 0.5
 # Minimum seconds between two evaluations triggered by news (timeouts are exact).
 EVAL_INTERVAL = 0.1
+# Minimum seconds between two wake-ups of the heartbeat loop.
+MIN_WAKE = 0.1
 # Start-up of the heartbeat process is not part of the join timeout.
 START_MARGIN = 15.0
 # Exit statuses of a heartbeat process that ha_start_daemon passes on unchanged.
@@ -263,47 +288,47 @@ class Conf:
     def _param(self, name: str, default: int) -> int:
         return max(1, self.parameters.get(name, default))
 
-    @property
+    @cached_property
     def heartbeat_interval(self) -> int:
         """Seconds between heartbeat datagrams (HeartbeatInterval, at least 1)."""
         return self._param("HeartbeatInterval", 1)
 
-    @property
+    @cached_property
     def statefile_interval(self) -> int:
         """Seconds between statefile ticks (StateFileInterval, at least 1)."""
         return self._param("StateFileInterval", self.heartbeat_interval)
 
-    @property
+    @cached_property
     def heartbeat_timeout(self) -> int:
         """A host not heard for this many seconds (HeartbeatTimeout) is no longer heard."""
         return self._param("HeartbeatTimeout", 60)
 
-    @property
+    @cached_property
     def statefile_timeout(self) -> int:
         """A slot older than this many seconds (StateFileTimeout) is no longer fresh."""
         return self._param("StateFileTimeout", self.heartbeat_timeout)
 
-    @property
+    @cached_property
     def watchdog_timeout(self) -> int:
         """The timeout the daemon arms its watchdog with (HeartbeatWatchdogTimeout)."""
         return self._param("HeartbeatWatchdogTimeout", self.heartbeat_timeout)
 
-    @property
+    @cached_property
     def join_timeout(self) -> int:
         """How long a join during enable may take (EnableJoinTimeout)."""
         return self._param("EnableJoinTimeout", 120)
 
-    @property
+    @cached_property
     def boot_join_timeout(self) -> int:
         """How long a join into an active pool may take (BootJoinTimeout)."""
         return self._param("BootJoinTimeout", self.join_timeout)
 
-    @property
+    @cached_property
     def settle(self) -> float:
         """Seconds a host must fail both survival rules before it fences (views converge)."""
         return 2 * max(self.heartbeat_interval, self.statefile_interval) + 1
 
-    @property
+    @cached_property
     def silence_limit(self) -> float:
         """Seconds of silence after which a peer is certainly fenced (its watchdog fired)."""
         return self.watchdog_timeout + self.heartbeat_interval
@@ -1055,6 +1080,7 @@ class Daemon:
         self.fabric.refresh()
         self.watchdog = watchdog_path(conf)
         self.pid = os.getpid()
+        self.parent = os.getppid()
         self.inc = os.urandom(8).hex()
         self.seq = 0
         self.state = "starting"
@@ -1102,6 +1128,7 @@ class Daemon:
         self.last_reply = [float("-inf")] * self.n
         self.last_eval = float("-inf")
         self.published: tuple = ()
+        self.last_wake = float("-inf")
         self.view_fd = -1
         self.view_size = 0
         self.last_accel = float("-inf")
@@ -1183,6 +1210,9 @@ class Daemon:
                 self.last_sf_tick = now
                 self.next_sf = now + conf.statefile_interval
                 self.dirty = True
+            if self.state == "starting" and os.getppid() != self.parent:
+                # ha_start_daemon was killed (a caller's timeout): nobody waits for this join.
+                raise Exit(EXIT_BOOTJOIN_TIMEOUT, "ha_start_daemon is gone; giving up the join")
             if self.state == "starting" and self.sf_ticks and not self.sf_ok:
                 raise Exit(EXIT_CAN_NOT_ACCESS_STATEFILE, f"lost statefile access while starting: {self.sf_error}")
             # Coalesced: a burst of datagrams costs one evaluation, not one each.
@@ -1215,12 +1245,18 @@ class Daemon:
                 deadline = min(deadline, self.last_accel + HB_ACCELERATION)
             if self.sf_accelerate:
                 deadline = min(deadline, self.last_sf_tick + SF_ACCELERATION)
+            # Datagrams from n - 1 peers arrive spread over each interval: wake at most every
+            # MIN_WAKE seconds and take them in batches (HA timing is in seconds).
+            pause = self.last_wake + MIN_WAKE - time.monotonic()
+            if pause > 0 and deadline - time.monotonic() > pause:
+                time.sleep(pause)
             timeout = max(0.0, min(deadline - time.monotonic(), conf.heartbeat_interval))
             assert self.sock is not None
             try:
                 select.select([self.sock, self.wake_r], [], [], timeout)
             except InterruptedError:
                 pass
+            self.last_wake = time.monotonic()
 
     def _signals(self) -> bool:
         """Handle pending signals; whether a stop was requested."""
@@ -1352,6 +1388,7 @@ class Daemon:
         self.seq += 1
         payload = {"v": 1, "gen": self.conf.generation, "host": self.conf.local}
         payload.update(self.my_report(wall).fields())
+        del payload["seq"]
         payload["excluded"] = self.excluded
         # The lock holder as last read from the statefile, for survival under rule 2.
         payload["master"] = self.master

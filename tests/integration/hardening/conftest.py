@@ -105,3 +105,17 @@ def clean_log(xapid: Xapid) -> None:
     assert "Traceback" not in text
     assert "unexpected exception" not in text
     assert '"exception"' not in text
+
+
+def add_user(daemon: Xapid, name: str, role: str) -> str:
+    """``xapid passwd --role ROLE NAME`` on the daemon's state dir; the password is ``<name>-pw``."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    done = subprocess.run([sys.executable, "-m", "xapid.cli.xapid", "passwd", "--state-dir", str(daemon.state_dir),
+                           "--role", role, name], input=f"{name}-pw\n", text=True, capture_output=True,
+                          timeout=60, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    return f"{name}-pw"

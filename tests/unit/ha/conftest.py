@@ -85,34 +85,6 @@ def heartbeat_pids_under(directory: Path) -> list[int]:
     return found
 
 
-def free_udp_port(addresses: list[str]) -> int:
-    """A UDP port that is free on every one of ``addresses`` right now."""
-    for _ in range(50):
-        probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        probe.bind((addresses[0], 0))
-        port = probe.getsockname()[1]
-        held = [probe]
-        try:
-            for address in addresses[1:]:
-                sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-                held.append(sock)
-                sock.bind((address, port))
-        except OSError:
-            continue
-        finally:
-            for sock in held:
-                sock.close()
-        return port
-    raise AssertionError("no UDP port is free on all addresses")
-
-
-def with_udp_port(text: str, port: int) -> str:
-    """An xhad.conf text with its UDPport replaced (xapid.ha.conf.render always writes 694)."""
-    old = re.search(r"<UDPport>[0-9]+</UDPport>", text)
-    assert old is not None
-    return text.replace(old.group(0), f"<UDPport>{port}</UDPport>")
-
-
 def without_crc(block: dict) -> dict:
     """A statefile block without its ``crc`` member (the engine's torn-read guard)."""
     block.pop("crc", None)
@@ -203,7 +175,7 @@ class EnginePool:
     def write_confs(self, base_t: object = 10, generation: str | None = None) -> None:
         pairs = list(zip(self.hosts, self.addresses(), strict=True))
         if not self.udp_port:
-            self.udp_port = free_udp_port(self.addresses())
+            self.udp_port = conf.free_udp_port(self.addresses())
         for host in self.hosts:
             text = conf.render(
                 generation or self.generation,
@@ -214,8 +186,9 @@ class EnginePool:
                 "eth0",
                 str(self.statefile),
                 XAPI_PARAMS,
+                udp_port=self.udp_port,
             )
-            conf.write(self.conf(host), with_udp_port(text, self.udp_port))
+            conf.write(self.conf(host), text)
 
     def run(self, host: str, script: str, *args: str) -> ScriptResult:
         return self.runner.run(self.stack, script, host, self.conf(host), args)
@@ -363,7 +336,7 @@ class Cluster:
             handle.truncate(STATEFILE_SIZE)
         self.hw_dir = root / "hw"
         self.hw_dir.mkdir()
-        self.port = free_udp_port(self.addresses)
+        self.port = conf.free_udp_port(self.addresses)
         self.base_t = base_t
         self.watchdogs: dict[str, Watchdog] = {}
         for host in self.hosts:
@@ -382,9 +355,16 @@ class Cluster:
         pairs = list(zip(self.hosts, self.addresses, strict=True))
         for host in self.hosts:
             text = conf.render(
-                self.generation, pairs, self.base_t or 10, host, "xenbr0", "eth0", str(self.statefile), XAPI_PARAMS
+                self.generation,
+                pairs,
+                self.base_t or 10,
+                host,
+                "xenbr0",
+                "eth0",
+                str(self.statefile),
+                XAPI_PARAMS,
+                udp_port=self.port,
             )
-            text = with_udp_port(text, self.port)
             if self.base_t is None:
                 for name, value in FAST_PARAMETERS.items():
                     text = re.sub(f"<{name}>[0-9]+</{name}>", f"<{name}>{value}</{name}>", text)

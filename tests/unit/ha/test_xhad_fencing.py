@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -262,6 +263,23 @@ def test_a_disarmed_host_does_not_fence(make_cluster: MakeCluster) -> None:
     assert not cluster.watchdogs[h2].fences() and cluster.running(h2)
     # ... so the others, who still see its slot, cannot be sure it is gone: it stays live.
     assert cluster.live_set(h0) == set(cluster.hosts)
+
+
+def test_join_is_given_up_when_ha_start_daemon_is_killed(make_cluster: MakeCluster) -> None:
+    # A caller's timeout kills ha_start_daemon: its heartbeat must not linger (holding the port).
+    cluster = make_cluster(2)
+    h0, _ = cluster.hosts
+    assert cluster.code(h0, "ha_set_pool_state", "init") == 0
+    starter = subprocess.Popen([str(cluster.stack_dir / "ha_start_daemon")], env=cluster.env(h0))
+    try:
+        wait(lambda: cluster.running(h0), 5.0)  # waiting for h1, which never starts
+        time.sleep(0.5)
+        assert cluster.running(h0)
+    finally:
+        starter.kill()
+        starter.wait()
+    wait(lambda: not cluster.running(h0), 3.0)
+    assert "ha_start_daemon is gone" in cluster.log(h0)
 
 
 @pytest.mark.slow
