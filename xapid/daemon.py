@@ -10,6 +10,7 @@ import structlog
 
 from xapid import operations, statefiles, templates
 from xapid import schema as schema_mod
+from xapid.api import role as role_api
 from xapid.auth import Sessions, Users
 from xapid.collector import Collector
 from xapid.config import Config, validate_runtime
@@ -57,6 +58,7 @@ class Daemon:
             log.info("seeded demo pool", hosts=hosts)
         reconcile(self.store, self.disks)  # before serving: files no record owns (crash leftovers)
         templates.ensure(self.store)
+        role_api.ensure(self.store)
         operations.install(self.store)
         self.users = Users(self.state_dir / "users.json")
         if not self.users.users:

@@ -165,6 +165,30 @@ def attach_devices(tx: Transaction, vm: str) -> None:
         tx.update("VIF", vif, currently_attached=True)
 
 
+def console_location(tx: Transaction, host: str, console_uuid: str) -> str:
+    """Where a console is served: the host's address, as xapi's ``https://<address>/console?uuid=``."""
+    address = (tx.read("host", host) or {}).get("address", "127.0.0.1")
+    return f"https://{address}/console?uuid={console_uuid}"
+
+
+def open_console(tx: Transaction, vm: str, rec: dict[str, Any], host: str) -> None:
+    """One console per running domain: RFB for HVM guests, a text console for PV ones."""
+    consoles = tx.referrers("console", "VM", vm)
+    if consoles:
+        for console in consoles:
+            c = tx.get("console", console)
+            c["location"] = console_location(tx, host, c["uuid"])
+        return
+    uuid = new_uuid()
+    tx.create("console", {"uuid": uuid, "VM": vm, "protocol": "rfb" if domain_type(rec) == "hvm" else "vt100",
+                          "location": console_location(tx, host, uuid), "other_config": {}})
+
+
+def close_consoles(tx: Transaction, vm: str) -> None:
+    for console in tx.referrers("console", "VM", vm):
+        tx.delete("console", console)
+
+
 def _run_on(tx: Transaction, vm: str, rec: dict[str, Any], host: str, daemon: Daemon | None = None) -> None:
     domid = max([r["domid"] for _ref, r in tx.items("VM")] + [0]) + 1
     rec.update(power_state="Running", resident_on=host, domid=domid, scheduled_to_be_resident_on=NULL_REF)
@@ -177,6 +201,7 @@ def _run_on(tx: Transaction, vm: str, rec: dict[str, Any], host: str, daemon: Da
                        VCPUs_number=int(rec["VCPUs_at_startup"]))
     attach_devices(tx, vm)
     remove_metrics(tx, vm, rec)
+    open_console(tx, vm, rec, host)
     account_host(tx, host, vm)
     if daemon is not None:
         daemon.guests.booted(vm, rec)
@@ -227,6 +252,7 @@ def _to_halted(tx: Transaction, vm: str, rec: dict[str, Any]) -> str:
     if metrics is not None:
         metrics.update(state=[], last_updated=now_iso())
     remove_metrics(tx, vm, rec)
+    close_consoles(tx, vm)
     if host != NULL_REF:
         account_host(tx, host, vm)
     return host
@@ -279,8 +305,7 @@ def destroy(call: Call, self: str) -> None:
         if tx.read("VM_metrics", rec["metrics"]) is not None:
             tx.delete("VM_metrics", rec["metrics"])
         remove_metrics(tx, self, rec)
-        for console in tx.referrers("console", "VM", self):
-            tx.delete("console", console)
+        close_consoles(tx, self)
         tx.delete("VM", self)
 
 
@@ -444,6 +469,7 @@ def suspend(call: Call, vm: str) -> None:
         host = str(rec["resident_on"])
         rec.update(power_state="Suspended", suspend_VDI=image, resident_on=NULL_REF, domid=-1,
                    scheduled_to_be_resident_on=NULL_REF, ha_always_run=False)
+        close_consoles(tx, vm)
         metrics = tx.find("VM_metrics", rec["metrics"])
         if metrics is not None:
             metrics.update(state=[], last_updated=now_iso())

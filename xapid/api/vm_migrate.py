@@ -13,7 +13,7 @@ from typing import Any
 from xapid import operations
 from xapid.api import Call, handler
 from xapid.api import vdi as vdi_api
-from xapid.api.vm import _ha_enabled, account_host, free_for_start
+from xapid.api.vm import _ha_enabled, account_host, free_for_start, open_console
 from xapid.api.vm_copy import vm_operation
 from xapid.errors import ApiError
 from xapid.ha.planning import vm_record
@@ -85,6 +85,7 @@ def _move(tx: Transaction, vm: str, rec: dict[str, Any], host: str) -> None:
     if source != NULL_REF:
         account_host(tx, source, vm)
     account_host(tx, host, vm)
+    open_console(tx, vm, rec, host)
 
 
 def migrate_vm(call: Call, vm: str, host: str, op: str) -> None:
