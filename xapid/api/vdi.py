@@ -198,11 +198,6 @@ def resize(call: Call, vdi: str, size: int) -> None:
     _resize(call, vdi, size, "resize")
 
 
-@handler("VDI.resize_online")
-def resize_online(call: Call, vdi: str, size: int) -> None:
-    _resize(call, vdi, size, "resize_online")
-
-
 # -- records without storage work ---------------------------------------------------------------------------
 
 

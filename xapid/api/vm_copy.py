@@ -329,9 +329,21 @@ def provision(call: Call, vm: str) -> None:
     """Make the VM a VM (``is_a_template`` false) and create the disks its ``other_config:disks`` describes:
     one VDI (named after its device, "Created by template provisioner") and VBD each on the SR whose
     uuid the XML names (``UUID_INVALID [sr, uuid]`` otherwise, an empty uuid included, as xapi), then
-    remove the install keys.  Disks made before a failure are destroyed."""
+    remove the install keys.  The XML and its SRs are checked before anything changes; disks made
+    before a later failure are destroyed."""
     from xapid.api.vbd import create as vbd_create
 
+    with call.store.transaction() as tx:
+        operations.assert_vm(tx, vm, "provision")
+        text = tx.get("VM", vm)["other_config"].get("disks")
+    # Everything is checked before anything changes (xapi would already have cleared is_a_template).
+    disks = parse_disks(text) if text else []
+    srs = []
+    for disk in disks:
+        sr = call.store.by_uuid("SR", disk["sr"])
+        if sr is None:
+            raise ApiError("UUID_INVALID", "sr", disk["sr"])
+        srs.append(sr)
     with call.store.transaction() as tx:
         rec = operations.assert_vm(tx, vm, "provision")
         rec["is_a_template"] = False
@@ -339,16 +351,11 @@ def provision(call: Call, vm: str) -> None:
         metrics = tx.find("VM_metrics", rec["metrics"])
         if metrics is not None:
             metrics["install_time"] = now_iso()
-        text = rec["other_config"].get("disks")
-    if not text:
+    if not disks:
         return
-    disks = parse_disks(text)
     made: list[str] = []
     try:
-        for disk in disks:
-            sr = call.store.by_uuid("SR", disk["sr"])
-            if sr is None:
-                raise ApiError("UUID_INVALID", "sr", disk["sr"])
+        for disk, sr in zip(disks, srs, strict=True):
             with call.store.transaction() as tx:
                 vdi = vdi_api.create_vdi(call.daemon.disks, tx, {
                     "name_label": "", "name_description": "Created by template provisioner", "SR": sr,
