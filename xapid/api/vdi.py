@@ -44,6 +44,7 @@ def create_vdi(disks: Disks, tx: Transaction, values: dict[str, Any]) -> str:
     ref = tx.create("VDI", values)
     rec = tx.get("VDI", ref)
     rec["location"] = rec["uuid"]
+    rec["managed"] = True  # xapi's VDI.create: a VDI the SR manages (VBDs refuse unmanaged ones)
     disks.create_vdi(sr["uuid"], rec["uuid"], rec["virtual_size"])
     rec["physical_utilisation"] = disks.allocated(sr["uuid"], rec["uuid"])
     account(tx, values["SR"])

@@ -227,13 +227,6 @@ def snapshot(call: Call, vm: str, new_name: str, ignore_vdis: list[str]) -> str:
     return make_copy(call, vm, "snapshot", new_name, None, ignore_vdis)
 
 
-@handler("VM.snapshot_with_quiesce")
-def snapshot_with_quiesce(call: Call, vm: str, new_name: str) -> str:
-    with call.store.transaction() as tx:
-        operations.assert_vm(tx, vm, "snapshot_with_quiesce")
-    raise ApiError("VM_SNAPSHOT_WITH_QUIESCE_NOT_SUPPORTED", vm)  # unreachable: the check above refuses
-
-
 @handler("VM.checkpoint")
 def checkpoint(call: Call, vm: str, new_name: str) -> str:
     """A snapshot with the memory image: the snapshot of a running VM is Suspended with its own suspend VDI."""
