@@ -7,8 +7,6 @@ xapid keeps no permission records of its own, so ``subroles`` and ``get_permissi
 
 from __future__ import annotations
 
-from functools import cache
-
 from xapid.api import Call, handler
 from xapid.errors import ApiError
 from xapid.schema import Schema
@@ -39,15 +37,21 @@ def ensure(store: Store) -> None:
                                    "is_internal": False})
 
 
-@cache
+_CACHE: dict[int, dict[str, tuple[str, ...]]] = {}
+
+
 def _permissions(schema: Schema) -> dict[str, tuple[str, ...]]:
+    cached = _CACHE.get(id(schema))
+    if cached is not None:
+        return cached
     out: dict[str, list[str]] = {name: [] for name in ROLES}
     for cdef in schema.classes.values():
         for msg in cdef.messages.values():
             for role in msg.roles:
                 if role in out:
                     out[role].append(f"{cdef.name}.{msg.name}".lower())
-    return {role: tuple(sorted(perms)) for role, perms in out.items()}
+    _CACHE[id(schema)] = {role: tuple(sorted(perms)) for role, perms in out.items()}
+    return _CACHE[id(schema)]
 
 
 def _role(call: Call, ref: str) -> str:
