@@ -81,8 +81,8 @@ def test_vlan_create_and_destroy(shared_api: Any) -> None:
     untagged = api.PIF.get_record(rec["untagged_PIF"])
     assert rec["tag"] == "42" and rec["tagged_PIF"] == eth0 and vlan in api.PIF.get_VLAN_slave_of(eth0)
     assert (untagged["VLAN"], untagged["network"], untagged["VLAN_master_of"]) == ("42", network, vlan)
-    assert failure(api.VLAN.create, eth0, "5000", api.network.create({
-        "name_label": "bad", "name_description": "", "MTU": "1500", "other_config": {}})) == ["VLAN_TAG_INVALID", "5000"]
+    spare = api.network.create({"name_label": "bad", "name_description": "", "MTU": "1500", "other_config": {}})
+    assert failure(api.VLAN.create, eth0, "5000", spare) == ["VLAN_TAG_INVALID", "5000"]
     assert failure(api.network.destroy, network) == ["NETWORK_CONTAINS_PIF", rec["untagged_PIF"]]
     api.VLAN.destroy(vlan)
     assert vlan not in api.VLAN.get_all() and api.network.get_PIFs(network) == []
