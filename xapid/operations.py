@@ -227,11 +227,36 @@ def _feature_error(rec: Record, ref: str, op: str, ctx: dict[str, Any], strict: 
     return None
 
 
+_ALLOWED_CACHE: dict[tuple[Any, ...], list[str]] = {}
+
+
+def _signature(rec: Record, ctx: dict[str, Any]) -> tuple[Any, ...]:
+    """Everything :func:`vm_error` looks at when deciding whether an operation is allowed (refs aside)."""
+    other, platform, gm = rec["other_config"], rec["platform"], ctx["gm"]
+    metrics = ctx["metrics"]
+    features = frozenset((k, v) for k, v in ((gm or {}).get("other") or {}).items()
+                         if k.startswith("feature-") or k == "data-cant-suspend-reason")
+    return (rec["power_state"], tuple(sorted(rec["current_operations"].values())),
+            tuple(sorted(rec["blocked_operations"])),
+            rec["is_a_template"], rec["is_a_snapshot"], rec["is_default_template"], other.get("default_template"),
+            other.get("is_system_domain"), platform.get("nomigrate"), platform.get("nested-virt"),
+            rec["is_control_domain"], rec["domid"] == 0, bool(rec["attached_PCIs"]),
+            metrics["current_domain_type"] if metrics else None, has_pv_drivers(gm), features,
+            any(r for r, _c in ctx["vdis"]), any(r and c for r, c in ctx["vdis"]), bool(ctx["vgpus"]),
+            bool(ctx["vusbs"]), len(ctx["vtpms"]), ctx["appliance"], ctx["vmpp"], ctx["vmss"])
+
+
 def vm_allowed(tx: Transaction, ref: str, rec: Record, operations: Iterable[str]) -> list[str]:
     ctx = _vm_context(tx, ref, rec)
-    allowed = [op for op in operations if op not in VM_IGNORED and vm_error(rec, ref, op, ctx, True) is None]
-    allowed.reverse()  # xapi folds the operation list into its result
-    return allowed
+    key = _signature(rec, ctx)
+    cached = _ALLOWED_CACHE.get(key)
+    if cached is None:
+        cached = [op for op in operations if op not in VM_IGNORED and vm_error(rec, ref, op, ctx, True) is None]
+        cached.reverse()  # xapi folds the operation list into its result
+        if len(_ALLOWED_CACHE) > 4096:
+            _ALLOWED_CACHE.clear()
+        _ALLOWED_CACHE[key] = cached
+    return list(cached)
 
 
 def assert_vm(tx: Transaction, ref: str, op: str) -> Record:
