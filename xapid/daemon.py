@@ -12,6 +12,7 @@ import structlog
 from xapid import schema as schema_mod
 from xapid.auth import Sessions, Users
 from xapid.config import Config, validate_runtime
+from xapid.console.feed import HardwareFeed
 from xapid.dispatch import Dispatcher
 from xapid.events import Events
 from xapid.ha.manager import HaManager
@@ -61,6 +62,7 @@ class Daemon:
         self.faults = FaultService(self)
         self.liveness = HostLiveness(self)
         self.ha = HaManager(self)
+        self.console = HardwareFeed(self)
         # Everything loaded so far lives as long as the daemon: keep the cyclic GC from rescanning a
         # large store's records on every full collection (write latency must not grow with size).
         gc.collect()
@@ -89,6 +91,7 @@ class Daemon:
         self.ha.start()
 
     def stop(self) -> None:
+        self.console.stop()
         self.ha.stop()
         self.liveness.stop()
         self.hw.stop()

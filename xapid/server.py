@@ -20,6 +20,7 @@ from typing import Any
 
 import structlog
 
+from xapid import console
 from xapid.auth import short_ref
 from xapid.daemon import Daemon
 from xapid.dispatch import Reply
@@ -86,7 +87,8 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
 
     def do_GET(self) -> None:  # noqa: N802
-        self._send(404, b"<html><body><h1>404 Not Found</h1></body></html>", "text/html")
+        if not console.serve_get(self, self.server.daemon):
+            self._send(404, b"<html><body><h1>404 Not Found</h1></body></html>", "text/html")
 
     def do_POST(self) -> None:  # noqa: N802
         cap = self.server.daemon.config["max-request-size"]
@@ -104,6 +106,8 @@ class Handler(BaseHTTPRequestHandler):
             return
         if self.server.local and self.path == FAULT_PATH:
             self._send(200, json.dumps(self.server.daemon.faults.handle(body)).encode(), "application/json")
+        elif console.is_fault_path(self.path):
+            console.serve_fault(self, self.server.daemon, body)
         elif self.path.startswith("/jsonrpc"):
             self._jsonrpc(body)
         else:
