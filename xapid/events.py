@@ -63,6 +63,7 @@ class Events:
         self.lowercase = {name.lower(): name for name, c in store.schema.classes.items() if c.in_db}
         self.legacy: dict[str, Legacy] = {}
         self.relations = [(src_cls, src_field, cls) for cls, _f, src_cls, src_field in store.schema.relations()]
+        self.closed = False
         with store.lock:
             store.listeners.append(self._on_commit)
 
@@ -202,7 +203,7 @@ class Events:
                     raise ApiError("SESSION_INVALID", session)
                 events = self._collect(since, sub)
                 now = time.monotonic()
-                if events or now >= deadline:
+                if events or now >= deadline or self.closed:
                     return {"events": events, "valid_ref_counts": self._counts(),
                             "token": self.token(self.store.generation)}
                 self.cv.wait(min(deadline - now, threading.TIMEOUT_MAX))  # an infinite timeout is "forever"
@@ -239,9 +240,15 @@ class Events:
                     raise ApiError("EVENTS_LOST")
                 events = self._collect(entry.seen, self._subscription(sorted(entry.classes)), entry)
                 entry.seen = self.store.generation
-                if events:
+                if events or self.closed:
                     return events
                 self.cv.wait(60.0)
+
+    def close(self) -> None:
+        """The daemon is stopping: blocked and later waits answer at once (with what they have)."""
+        with self.cv:
+            self.closed = True
+            self.cv.notify_all()
 
     def current_id(self) -> int:
         return self.store.generation

@@ -96,6 +96,7 @@ def serve(args: argparse.Namespace) -> int:
         srv.shutdown()
     for t in threads:
         t.join()
+    daemon.events.close()  # long-polling clients (event.from) must not hold the drain for their timeout
     for srv in servers:
         srv.drain(30.0)
         srv.server_close()
