@@ -206,7 +206,7 @@ function renderPool() {
 function sparkline(points) {
   const width = 160;
   const height = 32;
-  const chart = svg("svg", { class: "spark", viewBox: `0 0 ${width} ${height}`, width, height, role: "img",
+  const chart = svg("svg", { class: "spark", viewBox: `0 0 ${width} ${height}`, preserveAspectRatio: "none", role: "img",
     "aria-label": "memory used over time" });
   if (points.length > 1) {
     const t0 = points[0][0];
@@ -264,9 +264,10 @@ function hostCard(host) {
     h("meter", { min: 0, max: total || 1, value: total - free, "aria-label": `memory used on ${host.name_label}` }),
     h("span", { "data-field": "memory" }, metrics ? `${gib(total - free)} used · ${gib(free)} free` : "-")),
   h("div", { class: "charts" },
-    sparkline(state.memory.get(uuid) || []),
-    h("p", { class: "placeholder" }, "CPU and memory charts from the stats handlers (/rrd_updates): ",
-      h("em", {}, "not served by xapid yet"), ". The line above is memory used, from host_metrics events.")),
+    h("figure", {}, sparkline(state.memory.get(uuid) || []), h("figcaption", {}, "memory used")),
+    h("figure", { class: "placeholder", "data-field": "cpu-chart" },
+      h("div", { class: "empty-chart" }, "no stats yet"),
+      h("figcaption", {}, "CPU and memory charts: need the stats handlers (/rrd_updates), not in xapid yet"))),
   h("h4", {}, `Running VMs (${vms.length})`),
   h("ul", { class: "host-vms" }, vms.length ? vms.map((vm) => h("li", { "data-vm": vm.name_label },
     h("span", { class: "vm-name" }, vm.name_label),
