@@ -80,6 +80,9 @@ FIGURES: tuple[str, ...] = (
     "ha.large",
     "ha.ratio",
     "adapter.ha_query_liveset",
+    "failover.vm.default",
+    "failover.vm.fast",
+    "failover.master",
 )
 
 
@@ -101,17 +104,18 @@ class Params:
     ha_hosts: tuple[int, int, int]
     ha_rounds: int
     adapter_calls: int
+    failover_intervals: tuple[float, float]  # ha-monitor-interval of the "default" and "fast" failover runs
     budget: float  # seconds; the largest HA pool runs fewer rounds rather than overrun this
 
 
 FULL = Params(mode="full", rounds=5, duration=1.0, warmup=0.3, clients=(1, 8),
               growth_vms=(100, 10_000, 100_000), latency_calls=200, growth_warmup=3.0, query_calls=5,
               startup_objects=(100, 100_000), startup_rounds=3, ha_hosts=(3, 16, 64), ha_rounds=3,
-              adapter_calls=20, budget=540.0)
+              adapter_calls=20, failover_intervals=(20.0, 1.0), budget=540.0)
 SMOKE = Params(mode="smoke", rounds=1, duration=0.15, warmup=0.05, clients=(1, 8),
                growth_vms=(40, 150, 400), latency_calls=20, growth_warmup=0.0, query_calls=2,
                startup_objects=(100, 600), startup_rounds=1, ha_hosts=(1, 2, 3), ha_rounds=1,
-               adapter_calls=2, budget=120.0)
+               adapter_calls=2, failover_intervals=(1.0, 0.5), budget=120.0)
 
 
 class BenchError(Exception):
@@ -804,10 +808,71 @@ class Bench:
                          overhead_ms=round(a - b, 3), calls=len(via))
         self.log(f"ha_query_liveset: adapter {a:.1f} ms, direct {b:.1f} ms")
 
+    def failover_phase(self) -> None:
+        """Crash of a host running a protected VM until that VM runs elsewhere; crash of the master."""
+        floor_parts = "HeartbeatTimeout 10 s + one monitor interval + a start"
+        for name, interval in zip(("failover.vm.default", "failover.vm.fast"), self.p.failover_intervals,
+                                  strict=True):
+            vm_s, master_s = self.failover_round(interval, measure_master=name == "failover.vm.fast")
+            self.results.add(name, f"protected VM failover, T = 10, monitor every {interval:g} s", vm_s, "s",
+                             f"floor {10 + interval:g} s ({floor_parts})", None, monitor_interval=interval,
+                             floor_s=10 + interval)
+            self.log(f"failover (monitor {interval:g} s): VM running elsewhere after {vm_s:.2f} s")
+            if master_s is not None:
+                self.results.add("failover.master", f"master failover, T = 10, monitor every {interval:g} s",
+                                 master_s, "s", "crash of the master until a new pool.master answers", None,
+                                 monitor_interval=interval)
+                self.log(f"master failover (monitor {interval:g} s): {master_s:.2f} s")
+
+    def failover_round(self, interval: float, measure_master: bool) -> tuple[float, float | None]:
+        from tests.integration.ha.conftest import vm_record
+        from xapid.hw.faults import FaultClient
+
+        conf = self.work / f"failover-{interval:g}.conf"
+        conf.write_text(f"cluster-stack-root = {STACK_ROOT}\nsm-dir = {SM_DIR}\n"
+                        f"ha-monitor-interval = {interval}\nfence-reboot-delay = 0\nlogin-failure-delay = 0.2\n")
+        d = Daemon(self.procs, self.work, f"failover-{interval:g}", conf, hosts=3)
+        d.start()
+        try:
+            x = d.session().xenapi
+            pool = x.pool.get_all()[0]
+            hosts = {x.host.get_name_label(h): h for h in x.host.get_all()}
+            x.pool.enable_ha([x.pool.get_default_SR(pool)], {"timeout": "10"})
+            fault = FaultClient(d.state_dir)
+
+            def protected_on(host: str) -> str:
+                vm = x.VM.create(vm_record(f"bench-{host}", 2))
+                x.VM.set_ha_restart_priority(vm, "restart")
+                x.VM.start_on(vm, hosts[host], False, False)
+                return str(vm)
+
+            def wait(done: Any, what: str, limit: float = 180.0) -> float:
+                t0 = time.perf_counter()
+                while not done():
+                    if time.perf_counter() - t0 > limit:
+                        raise BenchError(f"failover: {what} did not happen within {limit:g} s")
+                    time.sleep(0.05)
+                return time.perf_counter() - t0
+
+            vm = protected_on("host2")
+            fault.crash("host2")
+            vm_s = wait(lambda: x.VM.get_power_state(vm) == "Running" and x.VM.get_resident_on(vm) != hosts["host2"],
+                        "the protected VM's restart")
+            master_s = None
+            if measure_master:
+                fault.crash("host1")
+                master_s = wait(lambda: x.pool.get_master(pool) != hosts["host1"], "a new master")
+            return vm_s, master_s
+        finally:
+            d.stop()
+            kill_heartbeats(d.state_dir)
+            shutil.rmtree(d.state_dir, ignore_errors=True)
+
     def run(self) -> None:
         try:
             self.store_phase()
             self.ha_phase()
+            self.failover_phase()
         finally:
             self.procs.stop_all()
 

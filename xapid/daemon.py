@@ -92,6 +92,7 @@ class Daemon:
 
     def stop(self) -> None:
         self.console.stop()
+        self.hw.prepare_stop()
         self.ha.stop()
         self.liveness.stop()
         self.hw.stop()

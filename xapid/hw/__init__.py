@@ -84,17 +84,27 @@ class Hardware:
     def start(self) -> None:
         self.watchdogs.start()
 
-    def stop(self) -> None:
-        """Stop timers and the watchdog thread; hung hosts are thawed so their processes can be stopped."""
+    def prepare_stop(self) -> None:
+        """Before the daemon stops its hosts' software: no more timers or reboots; hung hosts run again."""
         with self._lock:
             self._stopping = True
             for timer in self._timers.values():
                 timer.cancel()
             self._timers.clear()
-            for uuid, entry in self._state.items():
-                if entry["power"] == "hung":
-                    signal_all(self.host_dir(uuid), signal.SIGCONT)
+            hung = [uuid for uuid, entry in self._state.items() if entry["power"] == "hung"]
+        for uuid in hung:
+            signal_all(self.host_dir(uuid), signal.SIGCONT)
+
+    def stop(self) -> None:
+        """Stop the watchdog thread and kill whatever process a host still runs (nothing is left behind)."""
+        self.prepare_stop()
         self.watchdogs.stop()
+        with self._lock:
+            uuids = list(self._state)
+        for uuid in uuids:
+            left = kill_all(self.host_dir(uuid))
+            if left:
+                log.warning("killed processes a host still ran at daemon stop", host=uuid, processes=left)
 
     def on_power_change(self, listener: PowerListener) -> None:
         """Call ``listener(uuid, old, new)`` after every power change (in the changing thread)."""
