@@ -203,11 +203,13 @@ function renderPool() {
   update($("pool"), [h("h2", {}, `Pool ${pool.name_label}`), facts, controls]);
 }
 
-function sparkline(points) {
+function sparkline(history) {
+  let points = history;
   const width = 160;
   const height = 32;
   const chart = svg("svg", { class: "spark", viewBox: `0 0 ${width} ${height}`, preserveAspectRatio: "none", role: "img",
     "aria-label": "memory used over time" });
+  if (points.length === 1) points = [points[0], [points[0][0] + 1, points[0][1]]];
   if (points.length > 1) {
     const t0 = points[0][0];
     const span = Math.max(points[points.length - 1][0] - t0, 1);
@@ -249,7 +251,7 @@ function hostCard(host) {
         "Restore statefile")) : null) : null;
   const classes = ["host", `power-${power}`, live ? "live" : "dead", isMaster ? "master" : ""].join(" ").trim();
   return h("article", { class: classes, "data-host": host.name_label, "data-uuid": uuid, "data-power": power,
-    "data-live": String(live), "aria-labelledby": `title-${uuid}` },
+    "data-live": String(live), "data-network": hw ? hw.network : "", "aria-labelledby": `title-${uuid}` },
   h("header", {},
     h("h3", { id: `title-${uuid}` }, host.name_label),
     isMaster ? h("span", { class: "badge master-badge" }, "master") : null,
@@ -259,7 +261,7 @@ function hostCard(host) {
   h("dl", { class: "hw" },
     fact("network group", hw ? hw.network : "-", "network"),
     fact("statefile", hw ? (pool && pool.ha_enabled ? hw.statefile : "-") : "-", "statefile"),
-    fact("watchdog", hw ? (hw.armed ? "armed" : "not armed") : "-", "armed")),
+    fact("HA", hw ? (hw.armed ? "armed" : "not armed") : "-", "armed")),
   h("div", { class: "memory" },
     h("meter", { min: 0, max: total || 1, value: total - free, "aria-label": `memory used on ${host.name_label}` }),
     h("span", { "data-field": "memory" }, metrics ? `${gib(total - free)} used · ${gib(free)} free` : "-")),

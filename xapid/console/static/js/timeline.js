@@ -122,7 +122,9 @@ export function entriesForHardware(model, doc) {
       const who = e.origin.startsWith("http:") ? `by ${e.origin.slice(5)}` : `by ${e.origin}`;
       let what;
       if (e.verb === "partition") {
-        what = "partition " + e.groups.map((g) => g.map((h) => hostLabel(model, h)).join(" ")).join(" | ");
+        const named = e.groups.map((g) => g.map((h) => hostLabel(model, h)));
+        const rest = model.hosts().map((h) => h.name_label).filter((n) => !named.flat().includes(n));
+        what = "partition " + [...named, ...(rest.length ? [rest] : [])].map((g) => g.join(" ")).join(" | ");
       } else {
         what = [e.verb, ...e.hosts.map((h) => (h === "all" ? "all hosts" : hostLabel(model, h)))].join(" ");
       }
