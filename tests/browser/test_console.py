@@ -145,6 +145,9 @@ def test_a_read_only_login_shows_the_live_pool_without_controls(xapid_factory: A
     c.wait_timeline(r"^host3 power: on → fenced \(.*demonstrating the console\)$")
     c.wait_timeline(r"^host3 power: fenced → on$")
     assert page.locator("#timeline li.kind-fence").count() == 1
+    page.click("#logout")
+    page.wait_for_selector("#login-form")
+    assert page.locator("#app").is_hidden() and page.locator("#timeline li").count() == 0
     assert browser.problems == []
 
 

@@ -69,7 +69,7 @@ def serve(args: argparse.Namespace) -> int:
     tmp = url_file.with_suffix(".tmp")
     tmp.write_text(url + "\n")
     os.replace(tmp, url_file)
-    log.info("xapid ready", url=url, state_dir=str(daemon.state_dir),
+    log.info("xapid ready", url=url, console=url + "console", state_dir=str(daemon.state_dir),
              root_password_file=str(daemon.state_dir / "root-password"))
     stop = threading.Event()
 

@@ -8,6 +8,7 @@ import { Timeline, entriesForChanges, entriesForHardware, formatClock } from "./
 const CLASSES = ["pool", "host", "host_metrics", "VM", "SR", "VDI", "message"];
 const GIB = 1024 ** 3;
 const NULL = "OpaqueRef:NULL";
+const ANCHOR_WINDOW = 600; // seconds after a fault in which entries are timed from it
 const PRIORITIES = [["", "unprotected"], ["restart", "restart (protected)"], ["best-effort", "best-effort"]];
 
 const state = {
@@ -85,6 +86,8 @@ function describe(error) {
   if (error instanceof XapiError) {
     if (error.code === "SESSION_AUTHENTICATION_FAILED") return "wrong user name or password";
     if (error.code === "RBAC_PERMISSION_DENIED") return "your role may not do this";
+    // The console may only talk to its own origin (CSP connect-src 'self'): say where the master went.
+    if (error.code === "HOST_IS_SLAVE") return `this address is no longer the pool master; open the console at ${error.params[0]}`;
     return error.message;
   }
   if (error instanceof NetworkError) return error.message;
@@ -200,7 +203,12 @@ function renderPool() {
         h("button", { id: "ha-enable", type: "button", onclick: enableHa }, "Enable HA")));
     }
   }
-  update($("pool"), [h("h2", {}, `Pool ${pool.name_label}`), facts, controls]);
+  const guide = admin() && (!pool.ha_enabled || !model.vms().length) ? h("ol", { class: "guide" },
+    h("li", { class: pool.ha_enabled ? "done" : "" }, "Enable HA (the defaults do)."),
+    h("li", { class: model.vms().length ? "done" : "" }, "Create a protected VM under Virtual machines."),
+    h("li", {}, "Press Crash on its host and watch the timeline: the pool notices, and the VM restarts elsewhere."),
+    h("li", {}, "Boot the host back.")) : null;
+  update($("pool"), [h("h2", {}, `Pool ${pool.name_label}`), facts, controls, guide]);
 }
 
 function sparkline(history) {
@@ -400,7 +408,8 @@ function renderTimeline() {
   const list = $("timeline");
   const atBottom = list.scrollHeight - list.scrollTop - list.clientHeight < 40;
   const items = state.timeline.withAnchors().map(({ entry, anchor }) => {
-    const when = anchor ? `+${(entry.t - anchor.t).toFixed(1)} s` : formatClock(entry.t);
+    const near = anchor && entry.t - anchor.t <= ANCHOR_WINDOW;
+    const when = near ? `+${(entry.t - anchor.t).toFixed(1)} s` : formatClock(entry.t);
     return h("li", { class: `entry kind-${entry.kind} level-${entry.level || "info"}`, "data-kind": entry.kind },
       h("time", { title: new Date(entry.t * 1000).toISOString() }, when),
       h("span", { class: "what" }, entry.text),
