@@ -642,6 +642,24 @@ def pool_ha_compute_hypothetical_max(ctx: Context, args: Args) -> None:
     ctx.out.write(f"{int(result)}\n")
 
 
+def pool_ha_compute_vm_failover_plan(ctx: Context, args: Args) -> None:
+    """The failover plan for the non-dom0 VMs resident on the given hosts, as xe's cli_operations.ml
+    prints it: one record, ``VM: Destination Host or Error`` then ``<vm uuid> (<name>): <host uuid>
+    (<name>)`` or the error code per VM."""
+    hosts = [ctx.db.ref_of("host", u) for u in (args.get("host-uuids") or "").split(",")]
+    vms = [vm for h in hosts for vm in ctx.rpc.call("host.get_resident_VMs", h)
+           if not ctx.rpc.call("VM.get_is_control_domain", vm)]
+    plan = ctx.rpc.call("pool.ha_compute_vm_failover_plan", hosts, vms)
+    rows = [("VM", "Destination Host or Error")]
+    for vm, result in plan.items():
+        if "host" in result:
+            where = ctx.db.describe("host", result["host"])
+        else:
+            where = result.get("error_code", "UNKNOWN")
+        rows.append((ctx.db.describe("VM", vm), where))
+    ctx.out.write(output.record_text(rows))
+
+
 def host_emergency_ha_disable(ctx: Context, args: Args) -> None:
     if not args.flag("force"):
         raise failwith(DANGEROUS)
@@ -683,6 +701,8 @@ def named_commands() -> list[Command]:
                 (), ("vm-uuid", "restart-priority"),
                 "Computes the host failures the pool could tolerate if the given VMs (repeated vm-uuid=, matched"
                 " in order with repeated restart-priority=) had those restart priorities."),
+        Command("pool-ha-compute-vm-failover-plan", pool_ha_compute_vm_failover_plan, ("host-uuids",), (),
+                "Compute a VM failover plan assuming the given set of hosts fail."),
         Command("host-emergency-ha-disable", host_emergency_ha_disable, (), ("force", "soft"),
                 "Disables HA on the local host in an emergency. Must be forced (--force)."),
     ]

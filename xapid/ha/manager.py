@@ -26,6 +26,7 @@ from xapid.ha import conf, stack
 from xapid.ha.failover import Failover
 from xapid.ha.localdb import LocalDb
 from xapid.ha.monitor import Monitor
+from xapid.ha.planning import Planning
 from xapid.ha.scripts import ClusterStackRunner, ScriptError
 from xapid.storage import sm_of
 from xapid.store import Transaction, new_ref
@@ -61,7 +62,7 @@ class HaManager:
         self._op_lock = threading.Lock()
         self.monitor = Monitor(self)
         self.failover = Failover(self)
-        self.planning = _InterimPlanning(self)
+        self.planning = Planning(daemon)
         daemon.hw.on_power_change(self._on_power_change)
 
     def _on_power_change(self, host_uuid: str, old: str, new: str) -> None:
@@ -228,7 +229,7 @@ class HaManager:
             statefile_path = str(
                 self.daemon.disks.vdi_path(tx.get("SR", sr)["uuid"], tx.get("VDI", statefile)["uuid"])
             )
-        self.update_plan()
+        self.planning.update_pool_status()
         generation = str(uuidlib.uuid4())
         self._write_conf(master, generation, base_t, statefile_path)
         self.run(master, "ha_set_pool_state", "init")
@@ -586,88 +587,3 @@ class HaManager:
             return
         hosts = [h for h, rec in self.hosts() if self.local.get(rec["uuid"], "ha.armed", False)]
         self.in_parallel(hosts, lambda h: self.try_run(h, "ha_stop_daemon"))
-
-    # -- planning (ha.md 4.10, conservative) ---------------------------------------------------------------
-
-    def _protected(self) -> list[dict[str, Any]]:
-        return [
-            v
-            for _r, v in self.store.items("VM")
-            if v["ha_restart_priority"] == "restart" and not v["is_control_domain"] and not v["is_a_template"]
-        ]
-
-    def plan_exists(self, n: int, protected: list[dict[str, Any]] | None = None) -> bool:
-        """Whether every protected VM still fits after losing the ``n`` largest hosts.
-
-        ``protected`` replaces the VMs whose ``ha_restart_priority`` is ``restart`` (hypothetical plans).
-        """
-        vms = self._protected() if protected is None else protected
-        free = []
-        for _r, h in self.hosts():
-            metrics = self.store.get("host_metrics", h["metrics"])
-            if metrics and metrics["live"] and h["enabled"]:
-                free.append(int(metrics["memory_total"]) - 4 * 1024**3)
-        if n >= len(free):
-            return not vms
-        free.sort()
-        remaining = free[: len(free) - n] if n else free
-        need = sorted((int(v["memory_static_max"]) for v in vms), reverse=True)
-        bins = sorted(remaining, reverse=True)
-        for size in need:
-            for i, room in enumerate(bins):
-                if room >= size:
-                    bins[i] -= size
-                    break
-            else:
-                return False
-        return True
-
-    def compute_max_failures(self, update: bool = False, protected: list[dict[str, Any]] | None = None) -> int:
-        """The most host failures a plan survives; ``protected`` as in :meth:`plan_exists`."""
-        n = len(self.hosts())
-        best = 0
-        for k in range(n + 1):
-            if self.plan_exists(k, protected):
-                best = k
-            else:
-                break
-        if update and self.pool()["ha_enabled"]:
-            with self.store.transaction() as tx:
-                pool = tx.get("pool", self.daemon.pool_ref())
-                pool["ha_overcommitted"] = pool["ha_host_failures_to_tolerate"] > best
-                if pool["ha_plan_exists_for"] != best:
-                    pool["ha_plan_exists_for"] = min(pool["ha_host_failures_to_tolerate"], best)
-        return best
-
-    def update_plan(self) -> None:
-        """Recompute ``ha_plan_exists_for`` and ``ha_overcommitted`` for the tolerated failures."""
-        with self.store.transaction() as tx:
-            pool = tx.get("pool", self.daemon.pool_ref())
-            n = pool["ha_host_failures_to_tolerate"]
-            if self.plan_exists(n):
-                pool.update(ha_overcommitted=False, ha_plan_exists_for=n)
-            else:
-                pool.update(ha_overcommitted=True, ha_plan_exists_for=min(n, self.compute_max_failures()))
-
-
-
-class _InterimPlanning:
-    """Adapter over the planning methods above until xapid/ha/planning.py lands."""
-
-    def __init__(self, manager: HaManager) -> None:
-        self.m = manager
-
-    def update_pool_status(self) -> None:
-        self.m.update_plan()
-
-    def schedule_recomputation(self) -> None:
-        pass
-
-    def recompute_if_due(self) -> None:
-        self.m.update_plan()
-
-    def mark_overcommitted(self) -> None:
-        pass
-
-    def restart_plan(self, vms: list[str], hosts: list[str]) -> tuple[dict[str, str], list[str]]:
-        return {}, list(vms)

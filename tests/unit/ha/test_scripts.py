@@ -85,6 +85,7 @@ tr '\\0' '\\n' < /proc/$$/environ
         "PATH": f"{os.environ['PATH']}:{stack_dir}",
         "XHAD_CONF": str(conf_path),
         "XAPI_HOST_UUID": HOST,
+        "XAPID_HOST_DIR": str(conf_path.parent),  # marks the host's processes (xapid/hw)
     }
 
 
