@@ -61,7 +61,7 @@ def browser(playwright_driver: Any, tmp_path: Path) -> Iterator[Browser]:
         viewport=VIEWPORT)
     try:
         page = context.pages[0] if context.pages else context.new_page()
-        page.set_default_timeout(15_000)
+        page.set_default_timeout(30_000)
         b = Browser(page)
         page.on("request", lambda request: b.requests.append(request.url))
         page.on("pageerror", lambda error: b.problems.append(f"page error: {error}"))
