@@ -60,6 +60,8 @@ class HaManager:
         )
         self.local = LocalDb(daemon.state_dir)
         self._op_lock = threading.Lock()
+        self._port_lock = threading.Lock()
+        self._port_for: tuple[str, int] = ("", 0)
         self.monitor = Monitor(self)
         self.failover = Failover(self)
         self.planning = Planning(daemon)
@@ -319,6 +321,13 @@ class HaManager:
             },
         )
 
+    def _udp_port(self, generation: str) -> int:
+        """The heartbeat port of the pool for this HA generation: one port, free on every host address."""
+        with self._port_lock:
+            if self._port_for[0] != generation:
+                self._port_for = (generation, conf.free_udp_port([h["address"] for _r, h in self.hosts()]))
+            return self._port_for[1]
+
     def _write_conf(self, host: str, generation: str, base_t: object, statefile_path: str) -> None:
         host_rec = self.store.get("host", host)
         assert host_rec is not None
@@ -347,6 +356,7 @@ class HaManager:
                 "XapiRestartAttempts": cfg["ha_xapi_restart_attempts"],
                 "XapiRestartTimeout": cfg["ha_xapi_restart_timeout"],
             },
+            udp_port=self._udp_port(generation),
         )
         conf.write(self.local.conf_path(host_rec["uuid"]), text)
 
