@@ -410,12 +410,21 @@ function renderTimeline() {
   const items = state.timeline.withAnchors().map(({ entry, anchor }) => {
     const near = anchor && entry.t - anchor.t <= ANCHOR_WINDOW;
     const when = near ? `+${(entry.t - anchor.t).toFixed(1)} s` : formatClock(entry.t);
-    return h("li", { class: `entry kind-${entry.kind} level-${entry.level || "info"}`, "data-kind": entry.kind },
-      h("time", { title: new Date(entry.t * 1000).toISOString() }, when),
-      h("span", { class: "what" }, entry.text),
-      entry.detail ? h("span", { class: "detail" }, entry.detail) : null);
+    return h("li", { class: `entry kind-${entry.kind} level-${entry.level || "info"}`, "data-kind": entry.kind,
+      "data-sig": `${entry.order}|${when}` },
+    h("time", { title: new Date(entry.t * 1000).toISOString() }, when),
+    h("span", { class: "what" }, entry.text),
+    entry.detail ? h("span", { class: "detail" }, entry.detail) : null);
   });
-  update(list, items);
+  // Append what is new, so the live region announces only that; anything else (an entry that
+  // arrived late and sorts earlier, a label that changed) redraws the list.
+  const shown = [...list.children].map((li) => li.dataset.sig);
+  const wanted = items.map((li) => li.dataset.sig);
+  if (shown.length <= wanted.length && shown.every((sig, i) => sig === wanted[i])) {
+    list.append(...items.slice(shown.length));
+  } else {
+    list.replaceChildren(...items);
+  }
   if (atBottom) list.scrollTop = list.scrollHeight;
 }
 
