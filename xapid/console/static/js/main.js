@@ -87,7 +87,9 @@ function describe(error) {
     if (error.code === "SESSION_AUTHENTICATION_FAILED") return "wrong user name or password";
     if (error.code === "RBAC_PERMISSION_DENIED") return "your role may not do this";
     // The console may only talk to its own origin (CSP connect-src 'self'): say where the master went.
-    if (error.code === "HOST_IS_SLAVE") return `this address is no longer the pool master; open the console at ${error.params[0]}`;
+    if (error.code === "HOST_IS_SLAVE") {
+      return `this address is no longer the pool master; open the console at ${error.params[0]}`;
+    }
     return error.message;
   }
   if (error instanceof NetworkError) return error.message;
@@ -124,7 +126,7 @@ function vmRecord(name, memoryGib) {
 }
 
 async function createVm() {
-  const name = $("new-vm-name").value.trim() || "vm";
+  const name = $("new-vm-name").value.trim() || $("new-vm-name").placeholder;
   const memory = Number($("new-vm-memory").value) || 2;
   const priority = $("new-vm-priority").value;
   const on = $("new-vm-host").value;
@@ -133,6 +135,7 @@ async function createVm() {
     if (priority) await state.conn.call("VM.set_ha_restart_priority", ref, priority);
     if (on) await state.conn.call("VM.start_on", ref, on, false, false);
     else await state.conn.call("VM.start", ref, false, false);
+    $("new-vm-name").value = "";
   });
 }
 
@@ -391,7 +394,7 @@ function renderVms() {
     h("tbody", {}, rows)) : h("p", { class: "hint" }, "No VMs yet.");
   const form = admin() ? h("div", { class: "new-vm", role: "group", "aria-label": "new VM" },
     h("label", { for: "new-vm-name" }, "New VM"),
-    h("input", { id: "new-vm-name", value: `vm${vms.length + 1}`, "data-keep": true }),
+    h("input", { id: "new-vm-name", placeholder: `vm${vms.length + 1}`, "data-keep": true }),
     h("label", { for: "new-vm-memory" }, "memory (GiB)"),
     h("input", { id: "new-vm-memory", type: "number", min: 1, value: 2, "data-keep": true, class: "short" }),
     h("label", { for: "new-vm-priority" }, "priority"),

@@ -37,7 +37,7 @@ export class Connection {
   }
 
   // One JSON-RPC v2 call; the result, or XapiError with the daemon's ErrorDescription.
-  async rpc(method, params, { timeoutMs = 120000 } = {}) {
+  async rpc(method, params, { timeoutMs = 600000 } = {}) {
     const controller = new AbortController();
     this.controllers.add(controller);
     const timer = setTimeout(() => controller.abort(), timeoutMs);
