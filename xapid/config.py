@@ -32,6 +32,8 @@ DEFAULTS: dict[str, tuple[str, Any, str]] = {
     "ha-start-daemon-timeout": ("float", 180.0, "seconds ha_start_daemon may run"),
     "ha-disable-retries": ("int", 3, "attempts of the HA disable procedure before giving up (xapi: forever)"),
     "ha-disable-retry-delay": ("float", 1.0, "seconds between HA disable attempts (xapi: 30)"),
+    "ha-boot-retry-delay": ("float", 10.0,
+                            "seconds an armed host waits before retrying ha_start_daemon at start-up (xapi: 10)"),
     "ha_default_timeout_base": ("int", 60, "HA base timeout T when neither pool field gives one"),
     "ha_xapi_healthcheck_interval": ("int", 60, "xhad.conf XapiHealthCheckInterval"),
     "ha_xapi_healthcheck_timeout": ("int", 120, "xhad.conf XapiHealthCheckTimeout"),

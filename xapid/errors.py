@@ -60,6 +60,20 @@ CATALOGUE: dict[str, tuple[str, ...]] = {
     "DEVICE_DETACH_REJECTED": ("type", "ref", "msg"),
     "EVENT_FROM_TOKEN_PARSE_FAILURE": ("token",),
     "TASK_CANCELLED": ("task",),
+    # Host maintenance and power (xapi's datamodel_errors.ml).
+    "HOST_NOT_DISABLED": (),
+    "HOST_DISABLED_UNTIL_REBOOT": ("host",),
+    "HOST_DISABLED_INDEFINITELY": ("host",),
+    "HOST_STILL_BOOTING": (),
+    "HOST_IS_LIVE": ("host",),
+    "HOST_IN_EMERGENCY_MODE": (),
+    "HOST_EVACUATE_VM_NOT_HA_PROTECTED": ("vm",),
+    "VM_REQUIRES_SR": ("vm", "sr"),
+    "VM_REQUIRES_NETWORK": ("vm", "network"),
+    "OTHER_OPERATION_IN_PROGRESS": ("class", "object", "operation_type", "operation_ref"),
+    "HA_LOST_STATEFILE": (),
+    "HA_HEARTBEAT_DAEMON_STARTUP_FAILED": (),
+    "HA_POOL_IS_ENABLED_BUT_HOST_IS_DISABLED": (),
 }
 
 # Human descriptions for the xe client (wire.md 8.6).
@@ -84,6 +98,12 @@ DESCRIPTIONS: dict[str, str] = {
     "HA_OPERATION_WOULD_BREAK_FAILOVER_PLAN": "This operation cannot be performed because it would invalidate VM failover planning such that the system would be unable to guarantee to restart protected VMs after a Host failure.",
     "HA_CONSTRAINT_VIOLATION_SR_NOT_SHARED": "This operation cannot be performed because the referenced SR is not properly shared. The SR must both be marked as shared and a currently_attached PBD must exist for each host.",
     "HA_CONSTRAINT_VIOLATION_NETWORK_NOT_SHARED": "This operation cannot be performed because the referenced network is not properly shared. The network must either be entirely virtual or must be physically present via a currently_attached PIF on every host.",
+    "HOST_NOT_DISABLED": "This operation cannot be performed because the host is not disabled. Please disable the host and then try again.",
+    "HOST_DISABLED_UNTIL_REBOOT": "The specified server is disabled and cannot be re-enabled until after it has rebooted.",
+    "HOST_IS_LIVE": "This operation cannot be completed because the server is still live.",
+    "HOST_STILL_BOOTING": "The host toolstack is still initialising. Please wait.",
+    "HOST_EVACUATE_VM_NOT_HA_PROTECTED": "The host cannot be evacuated because HA is enabled on the pool and a VM running on it is not HA-protected (its ha_restart_priority is not set to 'restart'). Set the VM's ha_restart_priority to 'restart', shut down or suspend the VM, or disable HA on the pool before evacuating the host.",
+    "HA_LOST_STATEFILE": "This server lost access to the HA statefile.",
     "INTERNAL_ERROR": "The server failed to handle your request, due to an internal error. The given message may give details useful for debugging the problem.",
 }
 

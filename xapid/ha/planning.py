@@ -22,7 +22,7 @@ import structlog
 
 from xapid.api.message import create_message
 from xapid.errors import ApiError
-from xapid.ha import planner
+from xapid.ha import hooks, planner
 from xapid.ha.planner import Change, Pool, Verdict
 
 if TYPE_CHECKING:
@@ -301,7 +301,8 @@ class Planning:
         clears ``ha_overcommitted`` and sets ``ha_plan_exists_for := n``.  Otherwise the pool is
         marked overcommitted: ``ha_plan_exists_for`` follows the maximum (at most n), with
         ``HA_POOL_DROP_IN_PLAN_EXISTS_FOR`` when it drops, and ``HA_POOL_OVERCOMMITTED`` on the
-        false -> true change of ``ha_overcommitted``.  Must not be called inside a store transaction.
+        false -> true change of ``ha_overcommitted``, then the ``pool-ha-overcommitted`` hooks.  Must
+        not be called inside a store transaction.
         """
         live = None if live_set is None else list(live_set)
         messages: list[tuple[tuple[str, int], str]] = []
@@ -334,6 +335,9 @@ class Planning:
         if changed:
             log.info("HA planning status changed", overcommitted=now[0], plan_exists_for=now[1])
         self._alert(uuid, messages)
+        if now[0] and not overcommitted:
+            # A chance for someone to bring more capacity online (xapi_hooks.ml pool_ha_overcommitted_hook).
+            hooks.run(self.daemon.state_dir / "hooks", hooks.POOL_HA_OVERCOMMITTED, hooks.REASON_OVERCOMMITTED)
         return changed
 
     def _alert(self, pool_uuid: str, messages: list[tuple[tuple[str, int], str]]) -> None:

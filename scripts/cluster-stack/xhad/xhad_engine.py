@@ -201,6 +201,8 @@ MAX_FABRIC_BYTES = 1 << 20
 # Minimum seconds between extra datagram rounds / statefile ticks when the view changes.
 HB_ACCELERATION = 0.2
 SF_ACCELERATION = 0.5
+# Minimum seconds between two evaluations triggered by news (timeouts are exact).
+EVAL_INTERVAL = 0.1
 # Start-up of the heartbeat process is not part of the join timeout.
 START_MARGIN = 15.0
 # Exit statuses of a heartbeat process that ha_start_daemon passes on unchanged.
@@ -467,7 +469,12 @@ def decode_block(data: bytes) -> dict | None:
         raise ValueError("not an object")
     if "crc" in value:
         crc = value.pop("crc")
-        if zlib.crc32(json.dumps(value, separators=(",", ":")).encode("utf-8")) != crc:
+        # The inverse of encode_block, on the bytes: no second serialisation.
+        cut = body.rfind(b'"crc":')
+        if cut < 1:
+            raise ValueError("checksum misplaced")
+        text = body[: cut - 1] + b"}" if body[cut - 1 : cut] == b"," else b"{}"
+        if zlib.crc32(text) != crc:
             raise ValueError("checksum mismatch")
     return value
 
@@ -593,6 +600,7 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+
 def valid_slot(block: dict) -> bool:
     """Whether a decoded slot has well-typed members (the newer ones may be absent)."""
     pid = block.get("pid")
@@ -673,23 +681,29 @@ class Report:
         """The report as JSON-ready members (shared by datagrams and slots)."""
         return {
             "inc": self.inc,
-            "seq": self.seq,
             "state": self.state,
             "sf": self.sf,
             "hears": sorted(self.hears),
             "live": sorted(self.live),
             "fencing": self.fencing,
             "claim": self.claim,
+            "seq": self.seq,
         }
 
 
+_INDICES = [frozenset(range(n)) for n in range(MAX_HOSTS + 1)]
+_INT_ONLY = frozenset({int})
+
+
 def _index_set(value: object, n: int) -> frozenset[int] | None:
-    """A list of conf indices as a set; None if malformed."""
+    """A list of conf indices as a set; None if malformed (set operations, not a Python loop:
+    every host parses every other host's lists every second)."""
     if not isinstance(value, list) or len(value) > n:
         return None
-    if not all(_is_int(i) and 0 <= i < n for i in value):
-        return None
-    return frozenset(value)
+    if not set(map(type, value)) <= _INT_ONLY:
+        return None  # bools, floats, strings, lists...
+    found = frozenset(value)
+    return found if found <= _INDICES[n] else None
 
 
 def parse_report(data: Mapping[str, object], n: int, t: object) -> Report | None:
@@ -733,6 +747,8 @@ def winning_partition(candidates: Iterable[int], hears: Mapping[int, AbstractSet
     am_I_in_largest_partition: strict ``>`` over ascending indices).  Empty if no candidates.
     """
     pool = frozenset(candidates)
+    if all(pool <= hears.get(h, frozenset()) for h in pool):
+        return pool  # everyone hears everyone: the usual case, and O(n)
     best: frozenset[int] = frozenset()
     for h in sorted(pool):
         part = partition_of(h, pool, hears)
@@ -998,10 +1014,17 @@ def send_watchdog(path: str, message: str) -> None:
 
 def read_view(conf: Conf, pid: int | None = None) -> dict | None:
     """The daemon's last written view (of heartbeat ``pid`` when given), or None."""
-    try:
-        with open(os.path.join(conf.hostdir, VIEW_FILE), "rb") as handle:
-            view = json.loads(handle.read(MAX_CONF_BYTES))
-    except (OSError, ValueError):
+    view = None
+    for _ in range(5):
+        try:
+            with open(os.path.join(conf.hostdir, VIEW_FILE), "rb") as handle:
+                view = decode_block(handle.read(MAX_CONF_BYTES))
+            break
+        except OSError:
+            return None
+        except (ValueError, UnicodeDecodeError):
+            time.sleep(0.002)  # caught mid-write
+    if view is None:
         return None
     n = len(conf.hosts)
     if not isinstance(view, dict) or (pid is not None and view.get("pid") != pid):
@@ -1041,6 +1064,8 @@ class Daemon:
         self.sf_error = ""
         self.pool_init: bool | None = None
         self.master: str | None = None
+        self.master_t = float("-inf")  # when we last read ``master`` from the statefile
+        self.peer_master: list[tuple[float, str | None]] = [(float("-inf"), None)] * self.n
         self.view_master: str | None = None
         self.armed = True
         self.watchdog_on = False
@@ -1056,6 +1081,11 @@ class Daemon:
         # Per host: the latest report by datagram (with its monotonic receipt time) and by slot.
         self.hb: list[Report | None] = [None] * self.n
         self.hb_at: list[float] = [float("-inf")] * self.n
+        # Per host: the bytes of its last datagram before ``,"seq":`` (content, not age).
+        self.hb_prefix: list[bytes | None] = [None] * self.n
+        unique = [a for a in conf.addresses if conf.addresses.count(a) == 1]
+        self.by_address = {a: i for i, a in enumerate(conf.addresses) if a in unique and i != self.me}
+        self.slot_raw: list[bytes | None] = [None] * self.n
         self.slot: list[Report | None] = [None] * self.n
         self.cur_inc: list[str | None] = [None] * self.n
         self.last_send_wall: float | None = None
@@ -1068,6 +1098,12 @@ class Daemon:
         self.dirty = True
         self.accelerate = False
         self.sf_accelerate = False
+        self.reply_to: set[int] = set()
+        self.last_reply = [float("-inf")] * self.n
+        self.last_eval = float("-inf")
+        self.published: tuple = ()
+        self.view_fd = -1
+        self.view_size = 0
         self.last_accel = float("-inf")
         self.sf_lat: list[int] = []
         self.hb_lat: list[int] = []
@@ -1095,7 +1131,8 @@ class Daemon:
         self.sock = sock
 
     def install_signals(self) -> None:
-        """SIGTERM/SIGINT stop, SIGUSR1 disarms; each wakes select() through a pipe."""
+        """SIGTERM/SIGINT stop, SIGUSR1 disarms, SIGUSR2 re-reads xhad.claim; each wakes
+        select() through a pipe."""
         r, w = os.pipe()
         os.set_blocking(r, False)
         os.set_blocking(w, False)
@@ -1105,7 +1142,7 @@ class Daemon:
         def on_signal(signum: int, frame: object) -> None:
             self.signals.append(signum)
 
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
             signal.signal(signum, on_signal)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
@@ -1144,30 +1181,36 @@ class Daemon:
                 self.sf_tick(time.time())
                 self.sf_accelerate = False
                 self.last_sf_tick = now
-                # A joining host looks at the statefile more often: joins take a tick, not seconds.
-                interval = conf.statefile_interval if self.state == "online" else SF_ACCELERATION
-                self.next_sf = now + interval
+                self.next_sf = now + conf.statefile_interval
                 self.dirty = True
             if self.state == "starting" and self.sf_ticks and not self.sf_ok:
                 raise Exit(EXIT_CAN_NOT_ACCESS_STATEFILE, f"lost statefile access while starting: {self.sf_error}")
-            if self.dirty or now >= self.next_eval:
+            # Coalesced: a burst of datagrams costs one evaluation, not one each.
+            if (self.dirty and now - self.last_eval >= EVAL_INTERVAL) or now >= self.next_eval:
                 self.dirty = False
+                self.last_eval = now
                 self.evaluate(time.monotonic(), time.time())
-            ticked = False
-            if now >= self.next_send or (self.accelerate and now - self.last_accel >= HB_ACCELERATION):
+            ticked = now >= self.next_send
+            if ticked or (self.accelerate and now - self.last_accel >= HB_ACCELERATION):
                 self.check_ownership()
                 self.send(time.time())
                 self.last_accel = now
-                if now >= self.next_send:
-                    self.next_send = now + conf.heartbeat_interval
-                    ticked = True
                 self.accelerate = False
+                self.reply_to.clear()
+                if ticked:
+                    self.next_send = now + conf.heartbeat_interval
+            elif self.reply_to:
+                self.send(time.time(), sorted(self.reply_to))
+                self.reply_to.clear()
             if ticked and self.state == "online" and self.armed:
                 send_watchdog(self.watchdog, f"arm {conf.watchdog_timeout}")
                 self.watchdog_on = True
                 self.last_pet = time.monotonic()
-            self.write_view()
+            if ticked or self.view_key() != self.published:
+                self.write_view()
             deadline = min(self.next_send, self.next_sf, self.next_eval)
+            if self.dirty:
+                deadline = min(deadline, self.last_eval + EVAL_INTERVAL)
             if self.accelerate:
                 deadline = min(deadline, self.last_accel + HB_ACCELERATION)
             if self.sf_accelerate:
@@ -1191,6 +1234,8 @@ class Daemon:
             signum = self.signals.pop(0)
             if signum == signal.SIGUSR1:
                 self.disarm("ha_disarm_fencing")
+            elif signum == signal.SIGUSR2:
+                self.dirty = True  # ha_propose_master left news in xhad.claim
             else:
                 stop = True
         return stop
@@ -1217,7 +1262,7 @@ class Daemon:
     def leave(self, state: str) -> None:
         """A clean exit: report ``state`` (stopped) by slot and datagram, disarm the watchdog."""
         self.state = state
-        if self.watchdog_on or self.armed:
+        if self.watchdog_on:
             send_watchdog(self.watchdog, "disarm")
             self.watchdog_on = False
         wall = time.time()
@@ -1300,17 +1345,23 @@ class Daemon:
 
     # -- network ---------------------------------------------------------------------------
 
-    def send(self, wall: float) -> None:
-        """Send our report to every other host in our network group."""
+    def send(self, wall: float, targets: Iterable[int] | None = None) -> None:
+        """Send our report to every other host in our network group (or only to ``targets``)."""
         if self.sock is None:
             return
         self.seq += 1
-        payload = {"v": 1, "gen": self.conf.generation, "host": self.conf.local, "t": wall}
+        payload = {"v": 1, "gen": self.conf.generation, "host": self.conf.local}
         payload.update(self.my_report(wall).fields())
         payload["excluded"] = self.excluded
+        # The lock holder as last read from the statefile, for survival under rule 2.
+        payload["master"] = self.master
+        # What changes with every datagram comes last (see take_datagram).
+        payload["seq"] = self.seq
+        payload["master_t"] = self.master_t if self.master_t > float("-inf") else None
+        payload["t"] = wall
         data = json.dumps(payload, separators=(",", ":")).encode("utf-8")
         local = self.conf.local
-        for i in self.others:
+        for i in self.others if targets is None else targets:
             host = self.conf.hosts[i]
             if not self.fabric.connected(local, host):
                 continue
@@ -1318,6 +1369,8 @@ class Daemon:
                 self.sock.sendto(data, (self.conf.addresses[i], self.conf.udp_port))
             except OSError:
                 pass
+        if targets is not None:
+            return
         mono = time.monotonic()
         if self.last_send_mono is not None:
             _window(self.hb_lat, int((mono - self.last_send_mono) * 1000))
@@ -1339,6 +1392,12 @@ class Daemon:
 
     def take_datagram(self, data: bytes, addr: tuple[str, int], now: float) -> None:
         """Validate one datagram and take its report."""
+        cut = data.rfind(b',"seq":')
+        sender = self.by_address.get(addr[0])
+        if sender is not None and cut > 0 and self.hb_prefix[sender] == data[:cut]:
+            # Same content as the sender's previous datagram: only its age changed.
+            if self._refresh(sender, data[cut + 1 :], now):
+                return
         try:
             obj = json.loads(data.decode("utf-8"))
         except (ValueError, UnicodeDecodeError, RecursionError):
@@ -1355,15 +1414,58 @@ class Daemon:
         if report is None:
             return
         was_heard = now - self.hb_at[i] < self.conf.heartbeat_timeout
+        previous = self.hb[i]
         if self.intake(i, report, "hb"):
             self.dirty = True
-            self.sf_accelerate = True  # its slot tells the hosts outside our network group
+            if previous is None or (previous.inc, previous.state, previous.fencing) != (
+                report.inc,
+                report.state,
+                report.fencing,
+            ):
+                self.sf_accelerate = True  # its slot tells the hosts outside our network group
         if self.hb[i] is report:
             self.hb_at[i] = now
+            holder, read_at = obj.get("master"), obj.get("master_t")
+            if (holder is None or holder in self.index_of) and isinstance(read_at, (int, float)):
+                self.peer_master[i] = (float(read_at), holder)
+            self.hb_prefix[i] = data[:cut] if cut > 0 and self.by_address.get(addr[0]) == i else None
         if not was_heard:
             self.dirty = True
-        if not was_heard or self.me not in report.hears:
-            self.accelerate = True  # answer a newcomer at once, as xhad's hb_send_hb_now
+        if (not was_heard or self.me not in report.hears) and now - self.last_reply[i] >= HB_ACCELERATION:
+            # Answer a newcomer at once (xhad's hb_send_hb_now), to it alone.
+            self.reply_to.add(i)
+            self.last_reply[i] = now
+
+    def _refresh(self, i: int, tail: bytes, now: float) -> bool:
+        """Take the seq/master_t/t tail of a datagram whose content is unchanged; False if the
+        tail is malformed (then the datagram is parsed in full)."""
+        if not self.fabric.connected(self.conf.local, self.conf.hosts[i]):
+            return True  # ignored, as a full parse would
+        report = self.hb[i]
+        try:
+            fields = json.loads(b"{" + tail)
+        except (ValueError, UnicodeDecodeError):
+            return False
+        seq, read_at, t = fields.get("seq"), fields.get("master_t"), fields.get("t")
+        if (
+            report is None
+            or len(fields) != 3
+            or not _is_int(seq)
+            or not isinstance(t, float)
+            or not (read_at is None or isinstance(read_at, float))
+        ):
+            return False
+        was_heard = now - self.hb_at[i] < self.conf.heartbeat_timeout
+        report.seq, report.t = seq, t
+        self.hb_at[i] = now
+        if read_at is not None:
+            self.peer_master[i] = (read_at, self.peer_master[i][1])
+        if not was_heard:
+            self.dirty = True
+            if now - self.last_reply[i] >= HB_ACCELERATION:
+                self.reply_to.add(i)
+                self.last_reply[i] = now
+        return True
 
     # -- statefile -------------------------------------------------------------------------
 
@@ -1413,12 +1515,16 @@ class Daemon:
         if self.pool_init is None:
             self.pool_init = block["pool_state"] == "init"
         self.master = block["master"]
+        self.master_t = wall
         for i in self.others:
             raw = data[(1 + i) * BLOCK_SIZE : (2 + i) * BLOCK_SIZE]
+            if self._refresh_slot(i, raw):
+                continue
             try:
                 slot = _decode_retry(fd, 1 + i, raw)
             except OSError:
                 continue  # keep what we had; a torn read heals at the next tick
+            self.slot_raw[i] = None
             if slot is None or slot.get("host") != self.conf.hosts[i] or not valid_slot(slot):
                 self.excluded_flags[i] = False
                 continue
@@ -1428,11 +1534,34 @@ class Daemon:
             report = parse_report(slot, n, slot.get("heartbeat"))
             if report is not None and self.intake(i, report, "sf"):
                 self.dirty = True
+            if report is not None and self.slot[i] is report:
+                cut = raw.rfind(b',"seq":')
+                self.slot_raw[i] = raw[:cut] if cut > 0 else None
         self._write_own_slot(fd, wall, self.pid)
         if self.state == "online" and block["pool_state"] == "init":
             self._global_update(fd, lambda g: g["pool_state"] == "init", {"pool_state": "active"})
         if self.claim:
             self._settle_claim(fd)
+
+    def _refresh_slot(self, i: int, raw: bytes) -> bool:
+        """Take only seq and heartbeat time of a slot whose content did not change (checksum
+        verified); False when it must be decoded in full."""
+        prefix, report = self.slot_raw[i], self.slot[i]
+        if prefix is None or report is None or not raw.startswith(prefix + b',"seq":'):
+            return False
+        body = raw.rstrip(b"\0")
+        try:
+            tail = json.loads(b"{" + body[len(prefix) + 1 :])
+        except (ValueError, UnicodeDecodeError):
+            return False
+        seq, beat, crc = tail.get("seq"), tail.get("heartbeat"), tail.get("crc")
+        if len(tail) != 3 or not _is_int(seq) or not isinstance(beat, float) or not _is_int(crc):
+            return False
+        if zlib.crc32(body[: body.rfind(b',"crc":')] + b"}") != crc:
+            return False
+        if beat > report.t:
+            report.seq, report.t = seq, beat
+        return True
 
     def _write_own_slot(self, fd: int, wall: float, pid: int | None) -> None:
         """Rewrite our slot under its record lock, keeping the flags scripts own."""
@@ -1462,11 +1591,15 @@ class Daemon:
                     self.dirty = True
                 if not mine["armed"] and self.armed:
                     self.disarm("armed flag cleared in the statefile")
-            slot = {"host": self.conf.local, "gen": self.conf.generation, "pid": pid, "heartbeat": wall}
+            slot = {"host": self.conf.local, "gen": self.conf.generation, "pid": pid}
             slot.update(self.my_report(wall).fields())
+            del slot["seq"]
             slot["sf"] = True
             slot["excluded"] = self.excluded
             slot["armed"] = self.armed
+            # What changes at every write comes last (see _read_slot).
+            slot["seq"] = self.seq
+            slot["heartbeat"] = wall
             data = encode_block(slot)
             if os.pwrite(fd, data.ljust(BLOCK_SIZE, b"\0"), offset) != BLOCK_SIZE:
                 raise OSError(errno.EIO, "short write to statefile")
@@ -1526,7 +1659,7 @@ class Daemon:
     def evaluate(self, now: float, wall: float) -> None:
         """Recompute what we hear and see, then join or apply the survival rules."""
         conf = self.conf
-        self.claim = self.claim or self._claim_file()
+        self._read_claim_file()
         reports: dict[int, Report] = {}
         for i in self.others:
             report = self.current(i, now, wall)
@@ -1548,22 +1681,44 @@ class Daemon:
             if self.slot[i] is not None and wall - self.slot[i].t < conf.statefile_timeout and not self.slot[i].gone
         }
         excluded = {i for i in self.others if self.excluded_flags[i] or (i in reports and reports[i].excluded)}
-        before = (self.state, self.live, self.decision.rule, self.my_hears)
+        # While joining, what we hear changes with every newcomer: only Online hosts tell
+        # everybody at once (a partition must converge fast); newcomers get direct replies.
+        def key() -> tuple:
+            hears = self.my_hears if self.state == "online" else None
+            return (self.state, self.live, self.decision.rule, self.sf_ok, hears)
+
+        before = key()
         if self.state == "starting":
             self._join(now, wall, reports, sf_fresh, excluded)
         elif self.state == "online":
             self._rules(now, wall, reports, sf_fresh, excluded)
-        if before != (self.state, self.live, self.decision.rule, self.my_hears):
+        if before != key():
             self.accelerate = True
             self.sf_accelerate = True
         self.next_eval = self._next_expiry(now, wall)
 
-    def _claim_file(self) -> bool:
+    def _read_claim_file(self) -> None:
+        """Take what ha_propose_master told us through ``xhad.claim`` (``<inc> <mode> <time>``):
+        ``lock``: it took the lock in the statefile at that time; ``claim``: it granted the lock
+        without statefile (rule 2), to be written there when reachable."""
+        path = os.path.join(self.conf.hostdir, CLAIM_FILE)
         try:
-            with open(os.path.join(self.conf.hostdir, CLAIM_FILE)) as handle:
-                return handle.read().strip() == self.inc
+            with open(path) as handle:
+                words = handle.read().split()
         except OSError:
-            return False
+            return
+        if len(words) != 3 or words[0] != self.inc:
+            return
+        try:
+            when = float(words[2])
+        except ValueError:
+            return
+        if words[1] == "claim":
+            self.claim = True  # removed once settled in the statefile
+            return
+        if words[1] == "lock" and when > self.master_t:
+            self.master, self.master_t = self.conf.local, when
+        _unlink(path)
 
     def _join(
         self, now: float, wall: float, reports: dict[int, Report], sf_fresh: set[int], excluded: set[int]
@@ -1641,6 +1796,10 @@ class Daemon:
         claimants = [i for i in sorted(live) if (i == self.me and self.claim) or (i in reports and reports[i].claim)]
         if decision.rule == 2 and claimants:
             self.view_master = conf.hosts[claimants[0]]
+        elif decision.rule == 2:
+            # The last holder anyone of us read from the statefile.
+            known = [(self.master_t, self.master)] + [self.peer_master[i] for i in live if i != self.me]
+            self.view_master = max(known, key=lambda pair: pair[0])[1]
         else:
             self.view_master = self.master
         if decision.survive or not self.armed or self.excluded:
@@ -1667,8 +1826,9 @@ class Daemon:
                 if at > now:
                     times.append(at)
             if i in self.live:
-                seen = self.last_seen(i)
-                if seen is not None:
+                hb, sl = self.hb[i], self.slot[i]
+                seen = max(hb.t if hb is not None else float("-inf"), sl.t if sl is not None else float("-inf"))
+                if seen > float("-inf"):
                     at = now + (seen + conf.silence_limit - wall)
                     if at > now:
                         times.append(at + 0.01)
@@ -1678,8 +1838,24 @@ class Daemon:
 
     # -- the view for ha_query_liveset -------------------------------------------------------
 
+    def view_key(self) -> tuple:
+        """What of the view matters to the scripts, without the ages (refreshed every tick)."""
+        return (
+            self.state,
+            self.live,
+            self.decision.rule,
+            self.sf_ok,
+            self.armed,
+            self.view_master,
+            self.master,
+            self.excluded,
+            tuple(self.excluded_flags),
+            self.my_hears,
+        )
+
     def write_view(self) -> None:
         """Publish our liveset view for the scripts (atomic replace)."""
+        self.published = self.view_key()
         conf, n = self.conf, self.n
         wall = time.time()
         status = "Online" if self.state == "online" else "Starting"
@@ -1718,13 +1894,21 @@ class Daemon:
             "on_sf": on_sf,
             "latency": {"sf": _figures(self.sf_lat), "hb": _figures(self.hb_lat)},
         }
+        data = encode_block(view)
         try:
-            write_atomic(os.path.join(conf.hostdir, VIEW_FILE), json.dumps(view, separators=(",", ":")))
+            if self.view_fd < 0:
+                self.view_fd = os.open(os.path.join(conf.hostdir, VIEW_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+            # Rewritten in place (no new file per tick); readers check the crc and retry.
+            os.pwrite(self.view_fd, data.ljust(self.view_size, b"\0"), 0)
+            self.view_size = len(data)
         except OSError:
             pass
 
     def remove_view(self) -> None:
         _unlink(os.path.join(self.conf.hostdir, VIEW_FILE))
+        if self.view_fd >= 0:
+            os.close(self.view_fd)
+            self.view_fd = -1
 
 
 def _content(report: Report) -> tuple:
@@ -1879,6 +2063,8 @@ def start_daemon(conf_path: str) -> int:
             close_fds=True,
         )
     deadline = time.monotonic() + max(conf.join_timeout, conf.boot_join_timeout) + START_MARGIN
+    view_path = os.path.join(conf.hostdir, VIEW_FILE)
+    seen: tuple[int, int] | None = None
     try:
         while True:
             code = proc.poll()
@@ -1886,9 +2072,16 @@ def start_daemon(conf_path: str) -> int:
                 if code in PASS_ON:
                     raise Exit(code, f"the heartbeat process exited with {code} (see {LOG_FILE})")
                 raise Exit(EXIT_BOOTJOIN_TIMEOUT, f"the heartbeat process exited with {code} (see {LOG_FILE})")
-            view = read_view(conf, proc.pid)
-            if view is not None and view["status"] == "Online":
-                return EXIT_SUCCESS
+            try:
+                st = os.stat(view_path)
+                stamp: tuple[int, int] | None = (st.st_mtime_ns, st.st_ino)
+            except OSError:
+                stamp = None
+            if stamp is not None and stamp != seen:
+                seen = stamp
+                view = read_view(conf, proc.pid)
+                if view is not None and view["status"] == "Online":
+                    return EXIT_SUCCESS
             if time.monotonic() >= deadline:
                 proc.kill()
                 proc.wait()
@@ -2147,6 +2340,7 @@ def propose_master(conf_path: str) -> int:
             if granted and holder != conf.local:
                 block["master"] = conf.local
                 sf.write_block(0, block)
+        mode = "lock"
     except Exit as exc:
         if exc.code != EXIT_CAN_NOT_ACCESS_STATEFILE:
             raise
@@ -2154,8 +2348,12 @@ def propose_master(conf_path: str) -> int:
         if view["excluded"][conf.index] or conf.index not in live:
             raise Exit(EXIT_INVALID_LOCALHOST_STATE, f"host {conf.local} is not live") from None
         granted = view.get("rule") == 2 and conf.index == min(live)
-        if granted:
-            write_atomic(os.path.join(conf.hostdir, CLAIM_FILE), f"{view.get('inc')}\n")
+        mode = "claim"
+    if granted:
+        # As xhad, whose daemon takes the lock itself: the local daemon learns it at once and
+        # tells the others in its heartbeats.
+        write_atomic(os.path.join(conf.hostdir, CLAIM_FILE), f"{view.get('inc')} {mode} {time.time()!r}\n")
+        _signal(pid, signal.SIGUSR2)
     sys.stdout.write("TRUE\n" if granted else "FALSE\n")
     sys.stdout.flush()
     return EXIT_SUCCESS

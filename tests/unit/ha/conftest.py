@@ -294,8 +294,8 @@ FAST_PARAMETERS = {
     "StateFileTimeout": 3,
     "HeartbeatWatchdogTimeout": 3,
     "StateFileWatchdogTimeout": 5,
-    "BootJoinTimeout": 10,
-    "EnableJoinTimeout": 10,
+    "BootJoinTimeout": 6,
+    "EnableJoinTimeout": 6,
 }
 
 
@@ -393,6 +393,18 @@ class Cluster:
     @property
     def timing(self) -> dict[str, int]:
         return dict(FAST_PARAMETERS) if self.base_t is None else conf.timeouts(self.base_t)
+
+    @property
+    def settle(self) -> float:
+        """Seconds a host fails both survival rules before it fences (the engine's rule)."""
+        t = self.timing
+        return 2 * max(t["HeartbeatInterval"], t["StateFileInterval"]) + 1
+
+    @property
+    def silence_limit(self) -> float:
+        """Seconds of silence after which the others drop a host."""
+        t = self.timing
+        return t["HeartbeatWatchdogTimeout"] + t["HeartbeatInterval"]
 
     def env(self, host: str) -> dict[str, str]:
         return {
