@@ -15,7 +15,7 @@ import threading
 import time
 import uuid as uuidlib
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -64,6 +64,7 @@ class HaManager:
         self.local = LocalDb(daemon.state_dir)
         self._op_lock = threading.Lock()
         self._port_lock = threading.Lock()
+        self._join_aborted = threading.Event()
         self._port_for: tuple[str, int] = ("", 0)
         self.monitor = Monitor(self)
         self.failover = Failover(self)
@@ -139,6 +140,29 @@ class HaManager:
         with ThreadPoolExecutor(max_workers=len(hosts), thread_name_prefix="ha-host") as pool:
             futures = [(h, pool.submit(fn, h)) for h in hosts]
             return [(h, f.exception()) for h, f in futures]
+
+    def _join_all(self, hosts: list[str], master: str, master_done: threading.Event,
+                  master_ok: threading.Event) -> BaseException | None:
+        """Join every host at once; on the first failure the other joins are cut short; that failure.
+
+        With real xhad the other hosts would wait out EnableJoinTimeout for the missing one and fail
+        too; the enable fails either way, with the first host's error, so xapid does not wait.
+        """
+        first: BaseException | None = None
+        self._join_aborted.clear()
+        with ThreadPoolExecutor(max_workers=len(hosts), thread_name_prefix="ha-join") as pool:
+            futures = {pool.submit(self._join, h, master, master_done, master_ok): h for h in hosts}
+            for future in as_completed(futures):
+                error = future.exception()
+                if error is not None and first is None:
+                    first = error
+                    log.warning("a host failed to join; cutting the other joins short",
+                                host=self.host_uuid(futures[future]), error=str(error))
+                    self._join_aborted.set()
+                    master_done.set()
+                    for h in hosts:
+                        self.runner.cancel(self.host_uuid(h))
+        return first
 
     # -- the pool operation gate (ha.md 4.1 step 1) ------------------------------------------------------
 
@@ -272,10 +296,9 @@ class HaManager:
             tasks.progress(task, len(hosts) / steps)
             tasks.check_cancelled(task)
             master_done, master_ok = threading.Event(), threading.Event()
-            results = self.in_parallel(hosts, lambda h: self._join(h, master, master_done, master_ok))
-            failures = [e for _h, e in results if e is not None]
-            if failures:
-                raise failures[0]
+            first = self._join_all(hosts, master, master_done, master_ok)
+            if first is not None:
+                raise first
             tasks.progress(task, 2 * len(hosts) / steps)
             tasks.check_cancelled(task)
             with self.store.transaction() as tx:
@@ -424,6 +447,8 @@ class HaManager:
         master_uuid = self.host_uuid(master)
         deadline = time.monotonic() + self.daemon.config["ha-script-timeout"]
         while True:
+            if self._join_aborted.is_set():
+                raise internal("HA enable aborted: another host failed to join")
             live = self.query(host)
             # xapi_ha.ml join_liveset looks at the master's entry only once the liveset is Online;
             # a Starting liveset (which may not list the master yet) means "look again".

@@ -175,7 +175,24 @@ class ClusterStackRunner:
         self.start_timeout = start_timeout
         self.stdout_cap = stdout_cap
         self._locks: dict[str, threading.Lock] = {}
+        self._procs: dict[str, subprocess.Popen[bytes]] = {}
         self._locks_guard = threading.Lock()
+
+    def cancel(self, host_uuid: str) -> bool:
+        """Kill the script running for ``host_uuid`` now (its whole process group); False if none runs.
+
+        The interrupted call fails with INTERNAL_ERROR ("killed by SIGKILL").
+        """
+        with self._locks_guard:
+            proc = self._procs.get(host_uuid)
+            if proc is None or proc.poll() is not None:
+                return False
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                return False
+        log.info("ha_script cancelled", host=host_uuid)
+        return True
 
     def _host_lock(self, host_uuid: str) -> threading.Lock:
         """The lock serialising scripts for ``host_uuid``."""
@@ -328,9 +345,13 @@ class ClusterStackRunner:
                 log.info("ha_script", **fields, exit_code=None, duration=duration, error=str(exc))
                 raise internal(f"Cannot run cluster stack script {where}: {exc}") from None
             marker = self._mark_running(proc.pid)
+            with self._locks_guard:
+                self._procs[host_uuid] = proc
             try:
                 stdout, stderr, timed_out = self._communicate(proc, started + timeout)
             finally:
+                with self._locks_guard:
+                    self._procs.pop(host_uuid, None)
                 if marker is not None:
                     marker.unlink(missing_ok=True)
             duration = time.monotonic() - started

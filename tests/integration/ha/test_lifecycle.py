@@ -211,8 +211,17 @@ def test_boot_in_emergency_mode_until_the_heartbeat_starts(ha_pool: HaPool) -> N
     wait_for(lambda: failure(x.host.disable, p.hosts["host3"]) == ["HA_HEARTBEAT_DAEMON_STARTUP_FAILED"],
              what="the other emergency error")
     point.unlink()
-    wait_for(lambda: rejoined(p, "host3"), timeout=BOOT, what="host3 to leave emergency mode and rejoin")
-    x.host.disable(p.hosts["host3"])
+    wait_for(lambda: rejoined(p, "host3"), timeout=BOOT, what="host3 to rejoin")
+
+    def answers() -> bool:
+        try:
+            x.host.disable(p.hosts["host3"])
+            return True
+        except XenAPI.Failure:
+            return False
+
+    wait_for(answers, what="host3 out of emergency mode, answering its calls")
+    assert x.host.get_enabled(p.hosts["host3"]) is False
 
 
 def test_invalid_pool_state_at_boot_disarms_the_host(ha_pool: HaPool) -> None:

@@ -63,8 +63,8 @@ def test_disable_and_enable(xapid: Xapid, api: Any) -> None:
     x.host.disable(h["host1"])
     x.host.disable(h["host3"])
     vm = new_vm(x, "nowhere")
-    assert failure(x.VM.start_on, vm, h["host2"], False, False) == ["HOST_OFFLINE", h["host2"]]
-    assert failure(x.VM.start, vm, False, False)[0] == "HOST_OFFLINE"
+    assert failure(x.VM.start_on, vm, h["host2"], False, False) == ["HOST_DISABLED", h["host2"]]
+    assert failure(x.VM.start, vm, False, False) == ["NO_HOSTS_AVAILABLE"]
     x.host.enable(h["host2"])
     assert x.host.get_enabled(h["host2"]) is True
     assert "shutdown" not in x.host.get_allowed_operations(h["host2"])
@@ -111,7 +111,7 @@ def test_evacuate_refuses_before_moving_anything(xapid: Xapid, api: Any) -> None
     x = api
     h = names(x)
     small = new_vm(x, "small", on=h["host2"], memory_gib=2)
-    huge = new_vm(x, "huge", on=h["host2"], memory_gib=59)
+    huge = new_vm(x, "huge", on=h["host2"], memory_gib=57)
     new_vm(x, "filler1", on=h["host1"], memory_gib=10)
     new_vm(x, "filler3", on=h["host3"], memory_gib=10)
     assert x.host.get_vms_which_prevent_evacuation(h["host2"]) == {huge: ["HOST_NOT_ENOUGH_FREE_MEMORY", huge]}
