@@ -15,6 +15,7 @@ $(STAMP): pyproject.toml
 ## run: start the daemon in the foreground at http://127.0.0.1:8080/ with state in ./var
 run: $(STAMP)
 	@echo "xapid: serving http://127.0.0.1:8080/ ; the root password is in ./var/root-password"
+	@echo "xapid: pool console at http://127.0.0.1:8080/console (log in as root with that password)"
 	$(BIN)/xapid serve --state-dir ./var --listen 127.0.0.1:8080
 
 ## lint: ruff over the whole tree

@@ -55,6 +55,7 @@ from typing import Any
 
 import structlog
 
+from xapid import console
 from xapid.auth import short_ref
 from xapid.config import Config, ConfigError
 from xapid.daemon import Daemon
@@ -424,6 +425,7 @@ class Listener:
             Route("POST", "/", ApiServer.xmlrpc),
             Route("POST", "/jsonrpc", ApiServer.jsonrpc),
             Route("OPTIONS", "/", ApiServer.options),
+            Route("GET", "/", ApiServer.console_get),
         ]
 
     def close(self) -> None:
@@ -447,6 +449,10 @@ class XapiServer(Listener):
     def server_address(self) -> tuple[str, int]:
         host, port = self.sock.getsockname()[:2]
         return host, port
+
+    def routes(self) -> list[Route]:
+        # The authenticated form of `xapid fault` (the console's); the Unix socket keeps its own.
+        return [*super().routes(), Route("POST", FAULT_PATH, ApiServer.console_fault, exact=True)]
 
 
 class UnixXapiServer(Listener):
@@ -863,6 +869,15 @@ class ApiServer:
             ("Access-Control-Allow-Origin", "*"),
             ("Access-Control-Allow-Headers", f"{requested}, X-Requested-With".lstrip(", ")),
             ("Access-Control-Allow-Methods", "PUT")])
+
+    def console_get(self, request: Request) -> Response:
+        """GET: the pool console's pages, files and hardware feed (xapid/console), else 404."""
+        return console.serve_get(self.daemon, request)
+
+    def console_fault(self, request: Request) -> Response:
+        """``POST /xapid/fault`` over TCP: a pool-admin session's fault (xapid/console)."""
+        with self.calls:
+            return console.serve_fault(self.daemon, request)
 
     def fault(self, request: Request) -> Response:
         """``xapid fault`` requests (Unix socket only, see :class:`UnixXapiServer`)."""
