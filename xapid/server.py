@@ -157,6 +157,7 @@ class Request:
     body: bytes = b""
     close: bool = False  # the answer ends the connection (asked for, or HTTP/1.0 by default)
     local: bool = False  # arrived on the Unix socket
+    query: str = ""  # the target's query string, without "?"
 
     def header(self, name: str, default: str = "") -> str:
         values = self.headers.get(name)
@@ -721,8 +722,9 @@ class ApiServer:
         path = target
         if "://" in target:  # absolute form
             path = "/" + target.split("://", 1)[1].partition("/")[2]
-        path = path.split("?", 1)[0].split("#", 1)[0] or "/"
-        request = Request(method, path, version, headers, close=close, local=listener.local)
+        path, _, query = path.split("#", 1)[0].partition("?")
+        path = path or "/"
+        request = Request(method, path, version, headers, close=close, local=listener.local, query=query)
         route = find_route(routes, method, path)
         return request, route, self._framing(request, route)
 

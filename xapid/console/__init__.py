@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs
 
 import structlog
 
@@ -95,12 +95,11 @@ def check_session(daemon: Daemon, ref: str) -> str:
 
 def serve_get(daemon: Daemon, request: Request) -> Response:
     """Answer a GET: a console page, its static files, the hardware feed, or 404."""
-    url = urlsplit(request.path)
-    if url.path in PAGES:
-        return respond(200, (STATIC / PAGES[url.path]).read_bytes(), CONTENT_TYPES[".html"])
-    if url.path == HARDWARE_PATH:
-        return _hardware(daemon, request, parse_qs(url.query))
-    path = static_files().get(url.path)
+    if request.path in PAGES:
+        return respond(200, (STATIC / PAGES[request.path]).read_bytes(), CONTENT_TYPES[".html"])
+    if request.path == HARDWARE_PATH:
+        return _hardware(daemon, request, parse_qs(request.query))
+    path = static_files().get(request.path)
     if path is None:
         return respond(404, b"<html><body><h1>404 Not Found</h1></body></html>", "text/html")
     return respond(200, path.read_bytes(), CONTENT_TYPES[path.suffix])
@@ -129,7 +128,7 @@ def serve_fault(daemon: Daemon, request: Request) -> Response:
     401 for a missing or invalid session, 403 for any other role; the answer is always the
     JSON ``{"ok", "lines" | "error"}`` of the Unix-socket form.
     """
-    ref = session_of(request, parse_qs(urlsplit(request.path).query))
+    ref = session_of(request, parse_qs(request.query))
     try:
         role = check_session(daemon, ref)
     except ApiError as e:
