@@ -65,18 +65,19 @@ def serve(args: argparse.Namespace) -> int:
     scheme = "https" if tls else "http"
     bound_host, bound_port = server.server_address[:2]
     url = f"{scheme}://{bound_host}:{bound_port}/"
-    daemon.start()
-    url_file = daemon.state_dir / "url"
-    statefiles.write_atomic(url_file, (url + "\n").encode(), mode=0o644)
-    log.info("xapid ready", url=url, state_dir=str(daemon.state_dir),
-             root_password_file=str(daemon.state_dir / "root-password"))
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
         stop.set()
 
+    # Before the URL file announces readiness: a SIGTERM right after it must be a clean stop.
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    daemon.start()
+    url_file = daemon.state_dir / "url"
+    statefiles.write_atomic(url_file, (url + "\n").encode(), mode=0o644)
+    log.info("xapid ready", url=url, state_dir=str(daemon.state_dir),
+             root_password_file=str(daemon.state_dir / "root-password"))
     servers: list[XapiServer | UnixXapiServer] = [server]
     unix_path = Path(args.unix) if args.unix is not None else daemon.state_dir / "xapi.sock"
     if args.unix != "":
