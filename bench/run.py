@@ -17,7 +17,10 @@ rounds and prints a table; the median figures go to ``--out`` (``bench/results.j
 6. HA: ``pool.enable_ha`` + ``pool.disable_ha`` with the shipped xhad stack for pools of 3, 16
    and 64 hosts, ratio 64 / 3;
 7. one ``ha_query_liveset`` through ``xapid.ha.scripts.ClusterStackRunner`` versus the same
-   script run directly.
+   script run directly;
+8. HA planning: ``pool.ha_compute_max_host_failures_to_tolerate`` with 64 hosts and 1,000 running
+   protected VMs (created and started through the SDK, untimed), each call after a write so that
+   it plans afresh: latency.
 
 Timed calls use a minimal keep-alive HTTP/1.1 client over a raw socket with pre-encoded
 bodies, so the figure is the server's, not the client library's; logins, set-up and the HA
@@ -29,6 +32,8 @@ baseline, heartbeat processes left by an HA run) is stopped before it exits.
 from __future__ import annotations
 
 import argparse
+import copy
+import functools
 import json
 import os
 import platform
@@ -83,6 +88,7 @@ FIGURES: tuple[str, ...] = (
     "failover.vm.default",
     "failover.vm.fast",
     "failover.master",
+    "planner.max_failures",
 )
 
 
@@ -105,17 +111,55 @@ class Params:
     ha_rounds: int
     adapter_calls: int
     failover_intervals: tuple[float, float]  # ha-monitor-interval of the "default" and "fast" failover runs
+    planner_hosts: int
+    planner_vms: int  # running protected VMs, spread over the hosts
+    planner_calls: int
     budget: float  # seconds; the largest HA pool runs fewer rounds rather than overrun this
 
 
 FULL = Params(mode="full", rounds=5, duration=1.0, warmup=0.3, clients=(1, 8),
               growth_vms=(100, 10_000, 100_000), latency_calls=200, growth_warmup=3.0, query_calls=5,
               startup_objects=(100, 100_000), startup_rounds=3, ha_hosts=(3, 16, 64), ha_rounds=3,
-              adapter_calls=20, failover_intervals=(20.0, 1.0), budget=540.0)
+              adapter_calls=20, planner_hosts=64, planner_vms=1000, planner_calls=7,
+              failover_intervals=(20.0, 1.0), budget=540.0)
 SMOKE = Params(mode="smoke", rounds=1, duration=0.15, warmup=0.05, clients=(1, 8),
                growth_vms=(40, 150, 400), latency_calls=20, growth_warmup=0.0, query_calls=2,
                startup_objects=(100, 600), startup_rounds=1, ha_hosts=(1, 2, 3), ha_rounds=1,
-               adapter_calls=2, failover_intervals=(1.0, 0.5), budget=120.0)
+               adapter_calls=2, planner_hosts=3, planner_vms=30, planner_calls=2,
+               failover_intervals=(0.5, 0.5), budget=120.0)
+
+
+# The VM constructor fields without a datamodel default (the rest come from the schema).
+VM_MANDATORY: dict[str, Any] = {
+    "user_version": "1", "is_a_template": False, "affinity": "OpaqueRef:NULL", "VCPUs_params": {},
+    "VCPUs_max": "1", "VCPUs_at_startup": "1", "actions_after_shutdown": "destroy",
+    "actions_after_reboot": "restart", "actions_after_crash": "restart", "PV_bootloader": "", "PV_kernel": "",
+    "PV_ramdisk": "", "PV_args": "", "PV_bootloader_args": "", "PV_legacy_args": "",
+    "HVM_boot_policy": "BIOS order", "HVM_boot_params": {"order": "cdn"}, "platform": {}, "PCI_bus": "",
+    "other_config": {}, "recommendations": "", "memory_static_max": "0", "memory_dynamic_max": "0",
+    "memory_dynamic_min": "0", "memory_static_min": "0",
+}
+
+
+@functools.cache
+def _vm_fields() -> tuple[tuple[str, Any], ...]:
+    from xapid import schema as schema_mod
+    from xapid.generic import constructor_fields
+
+    out = []
+    for f in constructor_fields(schema_mod.load().classes["VM"]):
+        value = f.default if f.has_default else VM_MANDATORY[f.name]
+        out.append((f.name, str(value) if isinstance(value, int) and not isinstance(value, bool) else value))
+    return tuple(out)
+
+
+def vm_struct(name: str, memory: int, priority: str) -> dict[str, Any]:
+    """A full ``VM.create`` struct (every constructor field, as xe sends it) of ``memory`` bytes."""
+    args = copy.deepcopy(dict(_vm_fields()))
+    size = str(memory)
+    args.update(name_label=name, memory_static_max=size, memory_dynamic_max=size, memory_dynamic_min=size,
+                memory_static_min=size, ha_restart_priority=priority)
+    return args
 
 
 class BenchError(Exception):
@@ -811,18 +855,19 @@ class Bench:
     def failover_phase(self) -> None:
         """Crash of a host running a protected VM until that VM runs elsewhere; crash of the master."""
         floor_parts = "HeartbeatTimeout 10 s + one monitor interval + a start"
-        for name, interval in zip(("failover.vm.default", "failover.vm.fast"), self.p.failover_intervals,
-                                  strict=True):
-            vm_s, master_s = self.failover_round(interval, measure_master=name == "failover.vm.fast")
+        default_i, fast_i = self.p.failover_intervals
+        fast_vm, master_s = self.failover_round(fast_i, measure_master=True)
+        default_vm = fast_vm if default_i == fast_i else self.failover_round(default_i, measure_master=False)[0]
+        for name, interval, vm_s in (("failover.vm.default", default_i, default_vm),
+                                     ("failover.vm.fast", fast_i, fast_vm)):
             self.results.add(name, f"protected VM failover, T = 10, monitor every {interval:g} s", vm_s, "s",
                              f"floor {10 + interval:g} s ({floor_parts})", None, monitor_interval=interval,
                              floor_s=10 + interval)
             self.log(f"failover (monitor {interval:g} s): VM running elsewhere after {vm_s:.2f} s")
-            if master_s is not None:
-                self.results.add("failover.master", f"master failover, T = 10, monitor every {interval:g} s",
-                                 master_s, "s", "crash of the master until a new pool.master answers", None,
-                                 monitor_interval=interval)
-                self.log(f"master failover (monitor {interval:g} s): {master_s:.2f} s")
+        assert master_s is not None
+        self.results.add("failover.master", f"master failover, T = 10, monitor every {fast_i:g} s", master_s, "s",
+                         "crash of the master until a new pool.master answers", None, monitor_interval=fast_i)
+        self.log(f"master failover (monitor {fast_i:g} s): {master_s:.2f} s")
 
     def failover_round(self, interval: float, measure_master: bool) -> tuple[float, float | None]:
         from tests.integration.ha.conftest import vm_record
@@ -867,12 +912,44 @@ class Bench:
             d.stop()
             kill_heartbeats(d.state_dir)
             shutil.rmtree(d.state_dir, ignore_errors=True)
+    # 8. HA planning -----------------------------------------------------------------------------
+
+    def planner_phase(self) -> None:
+        hosts, vms = self.p.planner_hosts, self.p.planner_vms
+        d = Daemon(self.procs, self.work, "planner", self.conf, hosts=hosts)
+        d.start()
+        try:
+            s = d.session()
+            x = s.xenapi
+            refs = x.host.get_all()
+            for i in range(vms):
+                vm = x.VM.create(vm_struct(f"planner-{i}", 1024**3, "restart"))
+                x.VM.start_on(vm, refs[i % len(refs)], False, False)
+            times: list[float] = []
+            answer = ""
+            for i in range(self.p.planner_calls):
+                # A write first, so that every call plans afresh (an unchanged store reuses its plan).
+                x.VM.set_name_label(vm, f"planner-renamed-{i}")
+                t0 = time.perf_counter()
+                answer = x.pool.ha_compute_max_host_failures_to_tolerate()
+                times.append(time.perf_counter() - t0)
+            s.xenapi.session.logout()
+        finally:
+            d.stop()
+            shutil.rmtree(d.state_dir, ignore_errors=True)
+        value = median(times) * 1e3
+        self.results.add("planner.max_failures", f"HA max failures, {hosts} hosts x {vms:,} protected VMs", value,
+                         "ms", f"{value:.1f} ms (answer {answer})", "<= 1000", hosts=hosts, vms=vms,
+                         answer=int(answer), first_ms=round(times[0] * 1e3, 3),
+                         rounds=[round(t * 1e3, 3) for t in times])
+        self.log(f"planner: {hosts} hosts x {vms} protected VMs: {value:.1f} ms, max failures {answer}")
 
     def run(self) -> None:
         try:
             self.store_phase()
             self.ha_phase()
             self.failover_phase()
+            self.planner_phase()
         finally:
             self.procs.stop_all()
 

@@ -31,6 +31,7 @@ TEST_CONF = {
     "ha-script-timeout": "20",
     "ha-start-daemon-timeout": "30",
     "ha-disable-retry-delay": "0.2",
+    "ha-boot-retry-delay": "0.3",
 }
 
 

@@ -34,6 +34,8 @@ DEFAULTS: dict[str, tuple[str, Any, str]] = {
     "ha-start-daemon-timeout": ("float", 180.0, "seconds ha_start_daemon may run"),
     "ha-disable-retries": ("int", 3, "attempts of the HA disable procedure before giving up (xapi: forever)"),
     "ha-disable-retry-delay": ("float", 1.0, "seconds between HA disable attempts (xapi: 30)"),
+    "ha-boot-retry-delay": ("float", 10.0,
+                            "seconds an armed host waits before retrying ha_start_daemon at start-up (xapi: 10)"),
     "ha_default_timeout_base": ("int", 60, "HA base timeout T when neither pool field gives one"),
     "ha_xapi_healthcheck_interval": ("int", 60, "xhad.conf XapiHealthCheckInterval"),
     "ha_xapi_healthcheck_timeout": ("int", 120, "xhad.conf XapiHealthCheckTimeout"),
@@ -44,8 +46,6 @@ DEFAULTS: dict[str, tuple[str, Any, str]] = {
                                    "without HA: seconds after a host stops before it is marked not live (xapi: 600)"),
     "session-idle-timeout": ("float", 86400.0, "seconds an unused session stays valid (xapi: 24 h)"),
     "login-failure-delay": ("float", 5.0, "seconds a failed login waits before answering (xapi: 5)"),
-    "max-request-size": ("int", 4 * 1024 * 1024, "largest request body accepted, in bytes"),
-    "worker-threads": ("int", 256, "most connections served at once (each on its own thread)"),
     # Garbage collection (xapi: Db_gc every 30 s; Xapi_globs max_tasks, message_limit, max_sessions_per_*).
     "gc-interval": ("float", 30.0, "seconds between garbage-collection passes (xapi: 30)"),
     "task-limit-per-user": ("int", 200, "finished tasks kept per user; the oldest are destroyed (xapi: 200)"),
@@ -55,6 +55,21 @@ DEFAULTS: dict[str, tuple[str, Any, str]] = {
     "message_limit": ("int", 10000, "messages kept; the oldest are destroyed (xapi: 10,000)"),
     "session-limit": ("int", 500, "sessions kept per originator (root) or per user name; the least recently "
                                   "used idle ones are destroyed (xapi: 500)"),
+    # The connection side (xapid/server.py).  xapi: Constants.http_limit_max_rpc_size = 300 KiB
+    # (ocaml/xapi-consts/constants.ml), conn_limit_tcp = 800, header_total_timeout_tcp = 60 s.
+    "max-request-size": ("int", 300 * 1024, "largest RPC request body accepted, in bytes (xapi: 300 KiB)"),
+    "max-upload-size": ("int", 2 * 1024**4, "largest body of an HTTP data handler (none yet), in bytes"),
+    "max-header-size": ("int", 8192, "largest request line plus headers, in bytes"),
+    "max-connections": ("int", 512, "most open connections per listener"),
+    "max-connections-per-ip": ("int", 128, "most open connections from one client address"),
+    "header-timeout": ("float", 10.0, "seconds from a request's first byte to the end of its headers"),
+    "body-timeout": ("float", 30.0, "seconds to receive a request body (and to send an answer)"),
+    "keepalive-timeout": ("float", 60.0, "seconds an idle connection is kept between requests"),
+    "worker-threads": ("int", 64, "most ordinary calls running at once"),
+    "login-threads": ("int", 64, "most logins running at once (a failed one waits login-failure-delay)"),
+    "max-waiting-calls": ("int", 256, "most event.from/event.next calls parked at once"),
+    "max-waiting-calls-per-user": ("int", 64, "most parked event.from/event.next calls of one user"),
+    "shutdown-timeout": ("float", 5.0, "seconds a stop waits for calls in progress"),
 }
 
 

@@ -20,7 +20,7 @@ from xapid import generic
 from xapid.api import Call, load_all
 from xapid.errors import ApiError
 from xapid.schema import ClassDef, Field, Param, Schema, Type
-from xapid.wire import XDateTime
+from xapid.wire import INT_TEXT, XDateTime, parse_double
 
 if TYPE_CHECKING:
     from xapid.daemon import Daemon
@@ -137,7 +137,7 @@ class Coercer:
             if isinstance(v, bool) or not isinstance(v, (int, str)):
                 raise TypeMismatch(f"Expected int, got '{rpc_repr(v)}'")
             if isinstance(v, str):
-                if not re.fullmatch(r"\s*[-+]?\d+\s*", v):
+                if not INT_TEXT.match(v):  # ASCII digits only, as the XML-RPC <int> decoder
                     raise TypeMismatch(f"Expected int, got '{rpc_repr(v)}'")
                 try:
                     v = int(v)
@@ -150,7 +150,9 @@ class Coercer:
             if isinstance(v, bool):
                 raise TypeMismatch(f"Expected float, got '{rpc_repr(v)}'")
             try:
-                if isinstance(v, (int, float, str)):
+                if isinstance(v, str):
+                    return parse_double(v)
+                if isinstance(v, (int, float)):
                     return float(v)
             except (ValueError, OverflowError):  # OverflowError: an int beyond the double range
                 pass

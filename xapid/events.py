@@ -7,6 +7,12 @@ the generation it was created at, last changed at, and whether it is gone;
 Changing a ref field also changes the derived set on the object it points to
 (``PBD.SR`` -> ``SR.PBDs``), so that object gets a ``mod`` too, as in xapi.
 Waiting clients sleep on a condition variable; nobody polls.
+
+Parked calls (``event.from`` and ``event.next`` waiting for a change) are counted: at most
+``max-waiting-calls`` at once and ``max-waiting-calls-per-user`` per user name.  A call that
+would exceed a limit wakes the oldest parked call of that user (or of anyone, for the global
+limit), which answers as if its timeout had elapsed: an empty batch and the current token.
+At shutdown every parked call is answered the same way (see :meth:`Events.shutdown`).
 """
 
 from __future__ import annotations
@@ -40,6 +46,14 @@ class Entry:
     deleted: bool = False
 
 
+@dataclass(eq=False)
+class Waiter:
+    """One parked call; ``woken`` makes it answer now, as at its timeout."""
+
+    user: str
+    woken: bool = False
+
+
 @dataclass
 class Legacy:
     """A session's ``event.register`` subscriptions and the generation it has seen."""
@@ -64,6 +78,10 @@ class Events:
         self.legacy: dict[str, Legacy] = {}
         self.relations = [(src_cls, src_field, cls) for cls, _f, src_cls, src_field in store.schema.relations()
                           if cls not in HIDDEN]  # task.session -> session.tasks: sessions stay unreported
+        self.parked: list[Waiter] = []  # oldest first
+        self.max_waiting = 256
+        self.max_waiting_per_user = 64
+        self.stopping = False
         with store.lock:
             store.listeners.append(self._on_commit)
 
@@ -185,6 +203,47 @@ class Events:
         return {name.lower(): I4(len(self.store.refs(name))) for name, c in self.store.schema.classes.items()
                 if c.in_db and name not in HIDDEN}
 
+    # -- parking ----------------------------------------------------------------------------------
+
+    def limit_waiting(self, total: int, per_user: int) -> None:
+        """Set the most calls parked at once, overall and per user name (both at least 1)."""
+        with self.cv:
+            self.max_waiting, self.max_waiting_per_user = max(1, total), max(1, per_user)
+
+    def _park(self, session: str) -> Waiter:
+        """Register a call about to wait (``cv`` held); make room by waking the oldest over a limit."""
+        waiter = Waiter(self.sessions.user(session))
+        mine = [w for w in self.parked if w.user == waiter.user and not w.woken]
+        if len(mine) >= self.max_waiting_per_user:
+            mine[0].woken = True
+        awake = [w for w in self.parked if not w.woken]
+        if len(awake) >= self.max_waiting:
+            awake[0].woken = True
+        self.parked.append(waiter)
+        self.cv.notify_all()
+        return waiter
+
+    def _unpark(self, waiter: Waiter) -> None:
+        self.parked.remove(waiter)
+
+    def waiting(self) -> int:
+        """How many calls are parked now (woken ones that have not answered yet excluded)."""
+        with self.cv:
+            return sum(1 for w in self.parked if not w.woken)
+
+    def shutdown(self) -> None:
+        """Answer every parked call now, and every later one at once: the daemon is stopping.
+
+        xapi's ``event.from`` ends its wait when its timer expires and returns the batch it has
+        (``ocaml/xapi/xapi_event.ml``, ``From.wait2``); a stop is treated as that timer expiring,
+        so clients get a valid, empty answer rather than a dropped connection.
+        """
+        with self.cv:
+            self.stopping = True
+            for w in self.parked:
+                w.woken = True
+            self.cv.notify_all()
+
     # -- the API ------------------------------------------------------------------------------------
 
     def event_from(self, session: str, classes: list[str], token: str, timeout: float) -> dict[str, Any]:
@@ -198,15 +257,22 @@ class Events:
         sub = self._subscription(classes)
         deadline = time.monotonic() + max(0.0, float(timeout))
         with self.cv:
-            while True:
-                if not self.store.exists("session", session):
-                    raise ApiError("SESSION_INVALID", session)
-                events = self._collect(since, sub)
-                now = time.monotonic()
-                if events or now >= deadline:
-                    return {"events": events, "valid_ref_counts": self._counts(),
-                            "token": self.token(self.store.generation)}
-                self.cv.wait(min(deadline - now, threading.TIMEOUT_MAX))  # an infinite timeout is "forever"
+            waiter: Waiter | None = None
+            try:
+                while True:
+                    if not self.store.exists("session", session):
+                        raise ApiError("SESSION_INVALID", session)
+                    events = self._collect(since, sub)
+                    now = time.monotonic()
+                    if events or now >= deadline or self.stopping or (waiter is not None and waiter.woken):
+                        return {"events": events, "valid_ref_counts": self._counts(),
+                                "token": self.token(self.store.generation)}
+                    if waiter is None:
+                        waiter = self._park(session)
+                    self.cv.wait(min(deadline - now, threading.TIMEOUT_MAX))  # an infinite timeout is "forever"
+            finally:
+                if waiter is not None:
+                    self._unpark(waiter)
 
     def inject(self, cls: str, ref: str) -> str:
         real = self.lowercase.get(cls.lower()) if cls not in self.store.schema.classes else cls
@@ -226,23 +292,32 @@ class Events:
                 entry.classes.difference_update(c.strip() for c in classes)
 
     def next(self, session: str) -> list[dict[str, Any]]:
+        """The legacy blocking call: the next batch of events, possibly empty (as XenAPI documents)
+        when the call is woken to make room or because the daemon stops."""
         with self.cv:
-            while True:
-                entry = self.legacy.get(session)
-                if entry is None:
-                    raise ApiError("SESSION_NOT_REGISTERED", session[:18])
-                if not self.store.exists("session", session):
-                    self.legacy.pop(session, None)
-                    raise ApiError("SESSION_INVALID", session)
-                pending = len(self.log_gens) - bisect.bisect_right(self.log_gens, entry.seen)
-                if pending > LEGACY_QUEUE:
+            waiter: Waiter | None = None
+            try:
+                while True:
+                    entry = self.legacy.get(session)
+                    if entry is None:
+                        raise ApiError("SESSION_NOT_REGISTERED", session[:18])
+                    if not self.store.exists("session", session):
+                        self.legacy.pop(session, None)
+                        raise ApiError("SESSION_INVALID", session)
+                    pending = len(self.log_gens) - bisect.bisect_right(self.log_gens, entry.seen)
+                    if pending > LEGACY_QUEUE:
+                        entry.seen = self.store.generation
+                        raise ApiError("EVENTS_LOST")
+                    events = self._collect(entry.seen, self._subscription(sorted(entry.classes)), entry)
                     entry.seen = self.store.generation
-                    raise ApiError("EVENTS_LOST")
-                events = self._collect(entry.seen, self._subscription(sorted(entry.classes)), entry)
-                entry.seen = self.store.generation
-                if events:
-                    return events
-                self.cv.wait(60.0)
+                    if events or self.stopping or (waiter is not None and waiter.woken):
+                        return events
+                    if waiter is None:
+                        waiter = self._park(session)
+                    self.cv.wait(60.0)
+            finally:
+                if waiter is not None:
+                    self._unpark(waiter)
 
     def current_id(self) -> int:
         return self.store.generation

@@ -4,23 +4,59 @@ This is the one boundary where an :class:`~xapid.errors.ApiError` becomes a
 ``Failure`` envelope, and where any unexpected exception becomes
 ``INTERNAL_ERROR`` (logged with its traceback, never sent).  Malformed bodies
 get xapi's HTTP 500; bodies over the size cap get 413.
+
+How clients are kept from locking each other out:
+
+* Every connection has a thread of its own, which reads, runs and answers its
+  requests (no hand-off: a call costs what it did before).  What is bounded is
+  what others need: the calls running at once (``worker-threads``), the
+  logins (``login-threads``), the parked ``event.from``/``event.next`` calls
+  (capped per user and overall by :mod:`xapid.events`), and the connections.
+  Reading a request, or waiting for one, holds none of these.
+* Each request has a total time budget for its headers (``header-timeout``,
+  from its first byte; a trickled byte does not reset it: every ``recv`` waits
+  only for what is left) and for its body (``body-timeout``); the first request
+  of a connection gets ``header-timeout`` from the accept, later ones
+  ``keepalive-timeout`` of idleness; an answer must leave within
+  ``body-timeout`` too.
+* Connections are capped per listener (``max-connections``) and per client
+  address (``max-connections-per-ip``).  At a cap, a connection that is not
+  executing a call is closed to make room (:meth:`Conn.eviction_order`: ones
+  that never completed a request first, the oldest first); only when every
+  connection is busy is the newcomer refused with 503.
+* Bodies are refused from their ``content-length`` before being read when over
+  the cap (``max-request-size``: xapi's 300 KiB for RPC); large ones are decoded
+  :data:`DECODERS` at a time, each bounded by :data:`xapid.wire.MAX_ITEMS`.
+* Framing follows RFC 9112: ``transfer-encoding`` together with
+  ``content-length``, several or malformed ``content-length`` values, folded or
+  malformed header lines are 400 and close the connection; a chunked body is
+  refused with 411 (xapi reads request bodies by ``content-length`` only).
+* :meth:`ApiServer.stop` answers every parked call, lets calls in progress
+  finish for ``shutdown-timeout`` seconds at most, then closes everything.
+
+Routing lives in one table per listener (:meth:`Listener.routes`): method,
+path prefix (the longest wins), handler.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import socketserver
+import re
+import select
+import socket
 import ssl
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import structlog
 
 from xapid.auth import short_ref
+from xapid.config import Config, ConfigError
 from xapid.daemon import Daemon
 from xapid.dispatch import Reply
 from xapid.errors import ApiError
@@ -44,207 +80,816 @@ ERROR_PAGE = (
     "representative.<h1> Additional information </h1>{detail}</body></html>"
 )
 
+# Calls that park until something changes: capped by xapid.events, not by worker-threads.
+WAIT_METHODS = frozenset({"event.from", "event.next"})
+# Calls that hash a password (and wait after a failure): login-threads, not worker-threads.
+LOGIN_METHODS = frozenset({"session.login_with_password", "session.slave_login",
+                           "session.slave_local_login_with_password", "session.change_password"})
+DECODERS = 2  # large request bodies parsed at once: parsing memory is DECODERS x one body's worth
+SMALL_BODY = 16 * 1024  # bodies this small are parsed without waiting for a decoder
+ACCEPT_POLL = 0.2  # seconds between checks for a stop while accepting
+MAX_HEADER_LINES = 100
+LEADING_EMPTY_LINES = 4  # RFC 9112 2.2: ignore a few empty lines before a request line
+LINGER = 1.0  # seconds an error answer waits for the client's unread bytes before closing
+REASONS = {100: "Continue", 200: "OK", 400: "Bad Request", 404: "Not Found", 408: "Request Timeout",
+           411: "Length Required", 413: "Content Too Large", 417: "Expectation Failed",
+           431: "Request Header Fields Too Large", 500: "Internal Error", 503: "Service Unavailable",
+           505: "HTTP Version Not Supported"}
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
+_VERSION = re.compile(r"HTTP/([0-9])\.([0-9])\Z")
+_LENGTH = re.compile(r"[0-9]{1,19}\Z")
 
-class Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    # A connection idle or stalled this long (no bytes of a request arriving) is closed, so slow
-    # clients cannot pin server threads.  Calls that block in the daemon (event.from) are unaffected.
-    timeout = 60
-    disable_nagle_algorithm = True
-    server_version = "xapid"
-    sys_version = ""
-    server: ApiServer
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
-        pass  # one structured line per call is logged instead
+# -- limits -----------------------------------------------------------------------------------------
 
-    def _send(self, code: int, body: bytes, content_type: str, close: bool = False) -> None:
-        self.send_response(code)
-        self.send_header("content-type", content_type)
-        self.send_header("content-length", str(len(body)))
-        want_close = close or self.headers.get("connection", "").lower() == "close"
-        self.send_header("connection", "close" if want_close else "keep-alive")
-        self.send_header("cache-control", "no-cache, no-store")
-        self.send_header("Access-Control-Allow-Origin", "*")
-        self.send_header("Access-Control-Allow-Headers", "X-Requested-With")
-        self.end_headers()
-        self.wfile.write(body)
-        if want_close:
-            self.close_connection = True
 
-    def _bad(self, detail: str) -> None:
-        body = ERROR_PAGE.format(detail=detail.replace("<", "&lt;")).encode()
-        self._send(500, body, "text/html", close=True)
+@dataclass(frozen=True)
+class Limits:
+    """The connection-side limits, from xapi.conf (README "Configuration")."""
 
-    def do_OPTIONS(self) -> None:  # noqa: N802 - stdlib naming
-        self.send_response(200)
-        requested = self.headers.get("Access-Control-Request-Headers", "")
-        self.send_header("Access-Control-Allow-Origin", "*")
-        self.send_header("Access-Control-Allow-Headers", f"{requested}, X-Requested-With".lstrip(", "))
-        self.send_header("Access-Control-Allow-Methods", "PUT")
-        self.send_header("content-length", "0")
-        self.end_headers()
+    max_connections: int
+    max_connections_per_ip: int
+    header_timeout: float
+    body_timeout: float
+    keepalive_timeout: float
+    max_header_size: int
+    max_request_size: int
+    max_upload_size: int
+    worker_threads: int
+    login_threads: int
+    max_waiting_calls: int
+    max_waiting_calls_per_user: int
+    shutdown_timeout: float
 
-    def do_GET(self) -> None:  # noqa: N802
-        self._send(404, b"<html><body><h1>404 Not Found</h1></body></html>", "text/html")
+    @classmethod
+    def from_config(cls, config: Config) -> Limits:
+        """Read and check the limits; a value out of range is a :class:`ConfigError`."""
+        values: dict[str, Any] = {}
+        for name, f in cls.__dataclass_fields__.items():
+            key = name.replace("_", "-")
+            value = config[key]
+            if not value > 0:
+                raise ConfigError(f"{key} must be positive, got {value}")
+            values[name] = int(value) if f.type == "int" else float(value)
+        if values["max_header_size"] < 256:
+            raise ConfigError("max-header-size must be at least 256 bytes")
+        return cls(**values)
 
-    def do_POST(self) -> None:  # noqa: N802
-        cap = self.server.daemon.config["max-request-size"]
+
+# -- requests, responses, routes ----------------------------------------------------------------------
+
+
+class Refused(Exception):
+    """The request cannot be served; answer ``status`` and close the connection."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+
+
+@dataclass
+class Request:
+    method: str
+    path: str
+    version: tuple[int, int]
+    headers: dict[str, list[str]]
+    body: bytes = b""
+    close: bool = False  # the answer ends the connection (asked for, or HTTP/1.0 by default)
+    local: bool = False  # arrived on the Unix socket
+
+    def header(self, name: str, default: str = "") -> str:
+        values = self.headers.get(name)
+        return values[0] if values else default
+
+
+@dataclass
+class Response:
+    status: int
+    body: bytes = b""
+    content_type: str = "text/plain"
+    close: bool = False
+    headers: list[tuple[str, str]] | None = None  # None: xapi's usual no-cache and CORS headers
+
+
+Handler = Callable[["ApiServer", Request], Response]
+
+
+@dataclass(frozen=True)
+class Route:
+    """``method`` requests whose path starts with ``prefix`` (or equals it, if ``exact``)."""
+
+    method: str
+    prefix: str
+    handler: Handler
+    exact: bool = False
+    body_cap: str = "max_request_size"  # the Limits field bounding its body
+
+
+def find_route(routes: list[Route], method: str, path: str) -> Route | None:
+    """The route with the longest matching prefix (xapi's radix-tree lookup)."""
+    best: Route | None = None
+    for r in routes:
+        if r.method != method:
+            continue
+        if (path == r.prefix) if r.exact else path.startswith(r.prefix):
+            if best is None or len(r.prefix) > len(best.prefix):
+                best = r
+    return best
+
+
+# -- connections ---------------------------------------------------------------------------------------
+
+IDLE, READING, BUSY = "idle", "reading", "busy"
+
+
+class Closed(Exception):
+    """The client closed the connection, or it was closed to make room or to stop."""
+
+
+class Deadline(Exception):
+    """A time budget of the current request ran out."""
+
+
+class Conn:
+    """One client connection, what it is doing and how many requests it has had answered."""
+
+    __slots__ = ("sock", "ip", "state", "since", "served", "buf")
+
+    def __init__(self, sock: socket.socket, ip: str) -> None:
+        self.sock = sock
+        self.ip = ip
+        self.state = IDLE
+        self.since = time.monotonic()
+        self.served = 0
+        self.buf = bytearray()
+
+    def set(self, state: str) -> None:
+        self.state = state
+        self.since = time.monotonic()
+
+    def eviction_order(self) -> tuple[bool, bool, float]:
+        """Connections that never completed a request go first (idle floods and slow headers look
+        like that), then idle kept-alive ones, then half-received requests; the oldest first."""
+        return self.served > 0, self.served > 0 and self.state != IDLE, self.since
+
+    def cut(self) -> None:
+        """End the connection from any thread: a ``recv`` blocked on it returns at once.
+
+        Done on a duplicate of the descriptor, so a TLS object in use by the owning thread is
+        never touched from here.
+        """
         try:
-            length = int(self.headers.get("content-length", ""))
-        except ValueError:
-            self._send(411, b"content-length required", "text/plain", close=True)
+            dup = socket.socket(fileno=os.dup(self.sock.fileno()))
+        except OSError:
             return
-        if length < 0 or length > cap:
-            self._send(413, b"request body too large", "text/plain", close=True)
-            return
-        body = self.rfile.read(length)
-        if len(body) != length:
-            self.close_connection = True
-            return
-        if self.server.local and self.path == FAULT_PATH:
-            self._send(200, json.dumps(self.server.daemon.faults.handle(body)).encode(), "application/json")
-        elif self.path.startswith("/jsonrpc"):
-            self._jsonrpc(body)
-        else:
-            self._xmlrpc(body)
-
-    def _xmlrpc(self, body: bytes) -> None:
         try:
-            method, params = decode_xmlrpc(body)
-        except BadRequest as e:
-            self._bad(str(e))
-            return
-        reply, error = self.server.call(method, params)
-        if error is not None:
-            out = xml_failure(error)
-        else:
-            assert reply is not None
-            value = self.server.daemon.encoder.xml(reply.value, reply.type)
-            out = xml_bare(value) if reply.bare else xml_success(value)
-        self._send(200, out, "text/xml")
+            dup.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        finally:
+            dup.close()
 
-    def _jsonrpc(self, body: bytes) -> None:
+    # -- reading under a deadline (a total budget: each recv waits only for what is left) --------
+
+    def _fill(self, deadline: float) -> None:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise Deadline
+        self.sock.settimeout(remaining)
         try:
-            call = decode_jsonrpc(body)
-        except BadRequest as e:
-            self._bad(str(e))
-            return
-        reply, error = self.server.call(call.method, call.params)
-        if error is not None:
-            out = json_failure(call, error)
-        else:
-            assert reply is not None
-            out = json_success(call, self.server.daemon.encoder.json(reply.value, reply.type))
-        self._send(200, out, "application/json")
+            data = self.sock.recv(65536)
+        except TimeoutError:
+            raise Deadline from None
+        except (OSError, ssl.SSLError):
+            raise Closed from None
+        if not data:
+            raise Closed
+        self.buf += data
+
+    def wait(self, deadline: float) -> bool:
+        """Wait for the first byte of a request; False if the client left or the time ran out."""
+        try:
+            if not self.buf:
+                self._fill(deadline)
+        except (Deadline, Closed):
+            return False
+        return True
+
+    def readline(self, deadline: float, limit: int) -> bytes:
+        """One line with its terminator; :class:`Refused` (431) past ``limit`` bytes."""
+        start = 0
+        while True:
+            i = self.buf.find(b"\n", start)
+            if i >= 0:
+                line = bytes(self.buf[:i + 1])
+                del self.buf[:i + 1]
+                return line
+            if len(self.buf) > limit:
+                raise Refused(431, "request header line too long")
+            start = len(self.buf)
+            self._fill(deadline)
+
+    def read(self, n: int, deadline: float) -> bytes:
+        """Exactly ``n`` bytes (a body: received in place, so a large one is held once, not thrice)."""
+        if len(self.buf) >= n:
+            data = bytes(memoryview(self.buf)[:n])
+            del self.buf[:n]
+            return data
+        out = bytearray(n)
+        have = len(self.buf)
+        out[:have] = self.buf
+        self.buf.clear()
+        view = memoryview(out)
+        while have < n:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise Deadline
+            self.sock.settimeout(remaining)
+            try:
+                got = self.sock.recv_into(view[have:], n - have)
+            except TimeoutError:
+                raise Deadline from None
+            except (OSError, ssl.SSLError):
+                raise Closed from None
+            if not got:
+                raise Closed
+            have += got
+        view.release()
+        return out  # type: ignore[return-value]  # a bytearray: every reader of bodies takes one
+
+    def send(self, data: bytes, seconds: float) -> bool:
+        """Send everything within ``seconds`` in total; False if the client did not take it."""
+        try:
+            self.sock.settimeout(seconds)
+            self.sock.sendall(data)
+        except (OSError, ssl.SSLError):
+            return False
+        return True
+
+    def linger(self, seconds: float) -> None:
+        """Half-close and discard what the client still sends for a moment, so that it reads our
+        last answer rather than a reset (closing with unread bytes makes the kernel send RST)."""
+        try:
+            if not isinstance(self.sock, ssl.SSLSocket):
+                self.sock.shutdown(socket.SHUT_WR)
+            deadline = time.monotonic() + seconds
+            while True:
+                self.buf.clear()
+                self._fill(deadline)
+        except (Deadline, Closed, OSError, ssl.SSLError):
+            pass
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
 
 
-class UnixHandler(Handler):
-    disable_nagle_algorithm = False  # not a TCP socket
+class Registry:
+    """The open connections of one listener, capped overall and per client address."""
+
+    def __init__(self, total: int, per_ip: int) -> None:
+        self.total = total
+        self.per_ip = per_ip
+        self.conns: dict[Conn, None] = {}
+        self.by_ip: dict[str, int] = {}
+        self.evicted = 0
+        self.refused = 0
+        self.lock = threading.Lock()
+
+    def admit(self, conn: Conn) -> bool:
+        """Register ``conn``, cutting the first non-busy connection over a cap; False if all are busy."""
+        with self.lock:
+            if self.by_ip.get(conn.ip, 0) >= self.per_ip and not self._evict(conn.ip):
+                self.refused += 1
+                return False
+            if len(self.conns) >= self.total and not self._evict(None):
+                self.refused += 1
+                return False
+            self.conns[conn] = None
+            self.by_ip[conn.ip] = self.by_ip.get(conn.ip, 0) + 1
+            return True
+
+    def _evict(self, ip: str | None) -> bool:
+        victim = min((c for c in self.conns if c.state != BUSY and (ip is None or c.ip == ip)),
+                     key=Conn.eviction_order, default=None)
+        if victim is None:
+            return False
+        self._remove(victim)
+        victim.cut()
+        self.evicted += 1
+        return True
+
+    def remove(self, conn: Conn) -> None:
+        with self.lock:
+            self._remove(conn)
+
+    def _remove(self, conn: Conn) -> None:
+        if self.conns.pop(conn, 0) is None:
+            left = self.by_ip[conn.ip] - 1
+            if left:
+                self.by_ip[conn.ip] = left
+            else:
+                del self.by_ip[conn.ip]
+
+    def cut(self, busy_too: bool) -> None:
+        """Cut every connection not executing a call (``busy_too``: every connection)."""
+        with self.lock:
+            for conn in list(self.conns):
+                if busy_too or conn.state != BUSY:
+                    self._remove(conn)
+                    conn.cut()
+
+    def busy(self) -> int:
+        with self.lock:
+            return sum(1 for c in self.conns if c.state == BUSY)
+
+
+# -- listeners ------------------------------------------------------------------------------------------
+
+
+class Listener:
+    """A bound socket the server accepts on, and the routes it serves."""
+
+    local = False
+    tls: ssl.SSLContext | None = None
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.registry: Registry | None = None
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("POST", "/", ApiServer.xmlrpc),
+            Route("POST", "/jsonrpc", ApiServer.jsonrpc),
+            Route("OPTIONS", "/", ApiServer.options),
+        ]
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def bind_tcp(host: str, port: int) -> socket.socket:
+    """Bind and listen on ``host:port`` (port 0: any free one); raises :class:`OSError`."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return socket.create_server((host, port), family=family, backlog=128)
+
+
+class XapiServer(Listener):
+    """HTTP (or HTTPS with ``tls``) on a bound TCP socket (see :func:`bind_tcp`)."""
+
+    def __init__(self, sock: socket.socket, tls: ssl.SSLContext | None = None) -> None:
+        super().__init__(sock)
+        self.tls = tls
+
+    @property
+    def server_address(self) -> tuple[str, int]:
+        host, port = self.sock.getsockname()[:2]
+        return host, port
+
+
+class UnixXapiServer(Listener):
+    """The local socket (xapi's ``/var/lib/xcp/xapi``): same protocol, pre-authenticated root,
+    plus the fault service at ``POST /xapid/fault``.
+
+    The socket is created owner-only (0600) because whoever can connect is root.
+    """
+
+    local = True
+
+    def __init__(self, path: Path) -> None:
+        if path.exists() or path.is_symlink():
+            path.unlink()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)
+        try:
+            sock.bind(str(path))
+        except OSError:
+            sock.close()
+            raise
+        finally:
+            os.umask(old)
+        sock.listen(128)
+        super().__init__(sock)
+        self.path = path
+
+    def routes(self) -> list[Route]:
+        return [*super().routes(), Route("POST", FAULT_PATH, ApiServer.fault, exact=True)]
+
+    def close(self) -> None:
+        super().close()
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+# -- the server -------------------------------------------------------------------------------------------
 
 
 class ApiServer:
-    """What the TCP and Unix-socket servers share: the daemon, the call boundary, draining."""
+    """Accepts on every listener, serves each connection on its own thread; :meth:`call` is the
+    error boundary."""
 
-    daemon: Daemon
-    local = False
-
-    def _setup(self, daemon: Daemon) -> None:
+    def __init__(self, daemon: Daemon, limits: Limits) -> None:
         self.daemon = daemon
-        self._inflight = 0
-        self._cv = threading.Condition()
-        self._slots = threading.BoundedSemaphore(int(daemon.config["worker-threads"]))
+        self.limits = limits
+        self.listeners: list[Listener] = []
+        self.calls = threading.BoundedSemaphore(limits.worker_threads)
+        self.logins = threading.BoundedSemaphore(limits.login_threads)
+        self.decoders = threading.BoundedSemaphore(DECODERS)
+        daemon.events.limit_waiting(limits.max_waiting_calls, limits.max_waiting_calls_per_user)
+        self.stopping = False
+        self._accepting: list[threading.Thread] = []
+        self._last_warning = 0.0
 
-    def process_request(self, request: Any, client_address: Any) -> None:
-        """Serve each connection on its own thread, at most ``worker-threads`` at once.
+    # -- life cycle -------------------------------------------------------------------------------
 
-        Beyond that, accepting waits for a free slot (back-pressure) instead of spawning without bound.
+    def serve(self, listener: Listener) -> None:
+        """Add a listener (before :meth:`start`)."""
+        self.listeners.append(listener)
+
+    def start(self) -> None:
+        """Start accepting on every listener."""
+        lim = self.limits
+        for i, listener in enumerate(self.listeners):
+            per_ip = lim.max_connections if listener.local else lim.max_connections_per_ip
+            listener.registry = Registry(lim.max_connections, per_ip)
+            listener.sock.settimeout(ACCEPT_POLL)
+            t = threading.Thread(target=self._accept, args=(listener, listener.routes()), name=f"accept-{i}",
+                                 daemon=True)
+            self._accepting.append(t)
+            t.start()
+
+    def stop(self) -> None:
+        """Stop serving, in at most ``shutdown-timeout`` seconds plus about one whatever clients hold.
+
+        Parked calls are answered at once (:meth:`xapid.events.Events.shutdown`), idle and
+        half-received connections cut, calls in progress given ``shutdown-timeout`` to answer;
+        what is left then is cut unanswered.  Every answer sent while stopping says
+        ``connection: close``.
         """
-        self._slots.acquire()
-        try:
-            super().process_request(request, client_address)  # type: ignore[misc]
-        except BaseException:
-            self._slots.release()
-            raise
+        self.stopping = True
+        self.daemon.events.shutdown()
+        for t in self._accepting:
+            t.join(ACCEPT_POLL + 1.0)
+        registries = [lst.registry for lst in self.listeners if lst.registry is not None]
+        for reg in registries:
+            reg.cut(busy_too=False)
+        deadline = time.monotonic() + self.limits.shutdown_timeout
+        while any(reg.conns for reg in registries) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        for reg in registries:
+            reg.cut(busy_too=True)
+        for listener in self.listeners:
+            listener.close()
 
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
+    def _accept(self, listener: Listener, routes: list[Route]) -> None:
+        registry = listener.registry
+        assert registry is not None
+        while not self.stopping:
+            try:
+                sock, peer = listener.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError as e:
+                if self.stopping:
+                    return
+                log.warning("accept failed", error=str(e))  # out of descriptors, say: try again soon
+                time.sleep(ACCEPT_POLL)
+                continue
+            ip = str(peer[0]) if isinstance(peer, tuple) and peer else "local"
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # no 40 ms Nagle/delayed-ACK stall
+            conn = Conn(sock, ip)
+            if self.stopping or not registry.admit(conn):
+                self._warn_limits(registry, ip)
+                self._refuse(sock)
+                continue
+            try:
+                threading.Thread(target=self._connection, args=(listener, registry, routes, conn),
+                                 name=f"conn-{ip}", daemon=True).start()
+            except RuntimeError:  # cannot start a thread: refuse like a full server
+                registry.remove(conn)
+                self._refuse(sock)
+
+    @staticmethod
+    def _refuse(sock: socket.socket) -> None:
+        """503 without waiting for the client (it may not read it: best effort), then close."""
         try:
-            super().process_request_thread(request, client_address)  # type: ignore[misc]
+            sock.setblocking(False)
+            sock.send(b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\ncontent-length: 20\r\n"
+                      b"connection: close\r\n\r\ntoo many connections")
+        except OSError:
+            pass
+        sock.close()
+
+    def _warn_limits(self, registry: Registry, ip: str) -> None:
+        now = time.monotonic()
+        if now - self._last_warning > 10.0:  # at most one line per 10 s under a flood
+            self._last_warning = now
+            log.warning("connection refused: every connection is busy", client=ip,
+                        connections=len(registry.conns), refused=registry.refused, evicted=registry.evicted)
+
+    # -- one connection -------------------------------------------------------------------------
+
+    def _connection(self, listener: Listener, registry: Registry, routes: list[Route], conn: Conn) -> None:
+        lim = self.limits
+        try:
+            if listener.tls is not None and not self._handshake(listener.tls, conn):
+                return
+            idle_until = conn.since + lim.header_timeout  # the first request: counted from the accept (as xapi)
+            while not self.stopping:
+                conn.set(IDLE)
+                if not conn.wait(idle_until):
+                    break
+                conn.set(READING)
+                try:
+                    request, route, length = self._read_head(conn, listener, routes)
+                    request.body = self._read_body(conn, request, length)
+                except Refused as e:
+                    self._answer(conn, Response(e.status, str(e).encode(), close=True))
+                    conn.linger(LINGER)
+                    break
+                conn.set(BUSY)
+                if route is None:
+                    response = Response(404, b"<html><body><h1>404 Not Found</h1></body></html>", "text/html")
+                else:
+                    response = route.handler(self, request)
+                if request.method == "HEAD":
+                    response.body = b""
+                response.close = response.close or request.close or self.stopping
+                if not self._answer(conn, response) or response.close:
+                    break
+                conn.served += 1
+                idle_until = time.monotonic() + lim.keepalive_timeout
+        except (Closed, Deadline):
+            pass
+        except Exception:  # noqa: BLE001 - one connection's failure must not reach anything else
+            log.exception("unexpected exception serving a connection")
         finally:
-            self._slots.release()
+            registry.remove(conn)
+            conn.close()
 
-    def call(self, method: str, params: list[Any]) -> tuple[Reply | None, list[str] | None]:
+    def _handshake(self, tls: ssl.SSLContext, conn: Conn) -> bool:
+        """TLS handshake within ``header-timeout`` in total (a trickled handshake does not extend it)."""
+        try:
+            sock = tls.wrap_socket(conn.sock, server_side=True, do_handshake_on_connect=False)
+        except (OSError, ssl.SSLError):
+            return False
+        conn.sock = sock
+        sock.setblocking(False)
+        deadline = conn.since + self.limits.header_timeout
+        try:
+            while True:
+                try:
+                    sock.do_handshake()
+                    return True
+                except ssl.SSLWantReadError:
+                    wait = ([sock], [])
+                except ssl.SSLWantWriteError:
+                    wait = ([], [sock])
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not any(select.select(*wait, [], remaining)[:2]):
+                    return False
+        except (OSError, ssl.SSLError):
+            return False
+        finally:
+            sock.setblocking(True)
+
+    def _read_head(self, conn: Conn, listener: Listener, routes: list[Route]) -> tuple[Request, Route | None, int]:
+        """Read and check request line and headers within ``header-timeout`` (a total budget)."""
+        lim = self.limits
+        deadline = time.monotonic() + lim.header_timeout
+        lines: list[str] = []
+        size = 0
+        empty = 0
+        try:
+            while True:
+                raw = conn.readline(deadline, lim.max_header_size)
+                size += len(raw)
+                if size > lim.max_header_size:
+                    raise Refused(431, f"request headers over {lim.max_header_size} bytes")
+                line = raw[:-2] if raw.endswith(b"\r\n") else raw[:-1]
+                if not lines and not line:
+                    empty += 1
+                    if empty > LEADING_EMPTY_LINES:
+                        raise Refused(400, "no request line")
+                    continue
+                if not line:
+                    break
+                if len(lines) > MAX_HEADER_LINES:
+                    raise Refused(431, f"more than {MAX_HEADER_LINES} header lines")
+                if b"\r" in line or b"\0" in line:
+                    raise Refused(400, "bare CR or NUL in the request head")
+                lines.append(line.decode("latin-1"))
+        except Deadline:
+            raise Refused(408, f"request headers not received within {lim.header_timeout:g} s") from None
+        return self._parse_head(lines, listener, routes)
+
+    def _parse_head(self, lines: list[str], listener: Listener,
+                    routes: list[Route]) -> tuple[Request, Route | None, int]:
+        parts = lines[0].split(" ")
+        if len(parts) != 3 or not _TOKEN.match(parts[0]) or not parts[1]:
+            raise Refused(400, "malformed request line")
+        method, target, version_text = parts
+        m = _VERSION.match(version_text)
+        if not m:
+            raise Refused(400, "malformed HTTP version")
+        version = (int(m.group(1)), int(m.group(2)))
+        if version[0] != 1:
+            raise Refused(505, "only HTTP/1.0 and HTTP/1.1 are served")
+        headers: dict[str, list[str]] = {}
+        for line in lines[1:]:
+            if line[:1] in (" ", "\t"):
+                raise Refused(400, "obsolete line folding in a header")  # RFC 9112 5.2
+            name, sep, value = line.partition(":")
+            if not sep or not _TOKEN.match(name):
+                raise Refused(400, "malformed header line")  # RFC 9112 5.1: no space before the colon
+            headers.setdefault(name.lower(), []).append(value.strip(" \t"))
+        if len(headers.get("host", ())) > 1 or (version >= (1, 1) and "host" not in headers):
+            raise Refused(400, "an HTTP/1.1 request needs exactly one host header")  # RFC 9112 3.2
+        tokens = {t.strip().lower() for v in headers.get("connection", ()) for t in v.split(",")}
+        close = "keep-alive" not in tokens if version < (1, 1) else "close" in tokens
+        path = target
+        if "://" in target:  # absolute form
+            path = "/" + target.split("://", 1)[1].partition("/")[2]
+        path = path.split("?", 1)[0].split("#", 1)[0] or "/"
+        request = Request(method, path, version, headers, close=close, local=listener.local)
+        route = find_route(routes, method, path)
+        return request, route, self._framing(request, route)
+
+    def _framing(self, request: Request, route: Route | None) -> int:
+        """The body length (RFC 9112 6); anything ambiguous is refused, so nothing can be smuggled."""
+        te = request.headers.get("transfer-encoding")
+        cl = request.headers.get("content-length")
+        if te is not None:
+            if cl is not None:
+                raise Refused(400, "both transfer-encoding and content-length")
+            if request.version < (1, 1):
+                raise Refused(400, "transfer-encoding in an HTTP/1.0 request")
+            codings = [c.strip().lower() for v in te for c in v.split(",")]
+            if codings[-1] != "chunked":
+                raise Refused(400, "transfer-encoding does not end in chunked")
+            raise Refused(411, "chunked request bodies are not accepted: send content-length")
+        if cl is None:
+            if request.method == "POST":
+                raise Refused(411, "content-length required")
+            return 0
+        if len(cl) > 1:
+            raise Refused(400, "several content-length headers")
+        if not _LENGTH.match(cl[0]):
+            raise Refused(400, f"invalid content-length {cl[0][:40]!r}")
+        length = int(cl[0])
+        cap = getattr(self.limits, route.body_cap) if route is not None else self.limits.max_request_size
+        if length > cap:
+            raise Refused(413, f"request body too large (at most {cap} bytes)")
+        return length
+
+    def _read_body(self, conn: Conn, request: Request, length: int) -> bytes:
+        expect = request.header("expect")
+        if expect:
+            if expect.lower() != "100-continue" or request.version < (1, 1):
+                raise Refused(417, f"unsupported expectation {expect[:40]!r}")
+            if length and not conn.buf and not conn.send(b"HTTP/1.1 100 Continue\r\n\r\n", self.limits.body_timeout):
+                raise Closed
+        if not length:
+            return b""
+        try:
+            return conn.read(length, time.monotonic() + self.limits.body_timeout)
+        except Deadline:
+            raise Refused(408, f"request body not received within {self.limits.body_timeout:g} s") from None
+
+    def _answer(self, conn: Conn, response: Response) -> bool:
+        """Send ``response`` within ``body-timeout``; False if the client did not take it."""
+        status = response.status
+        head = [f"HTTP/1.1 {status} {REASONS.get(status, 'Unknown')}",
+                f"content-type: {response.content_type}", f"content-length: {len(response.body)}",
+                f"connection: {'close' if response.close else 'keep-alive'}"]
+        extra = response.headers if response.headers is not None else [
+            ("cache-control", "no-cache, no-store"), ("Access-Control-Allow-Origin", "*"),
+            ("Access-Control-Allow-Headers", "X-Requested-With")]
+        head.extend(f"{k}: {v}" for k, v in extra)
+        head_bytes = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1")
+        if len(response.body) < 65536:  # one segment for the usual small answer
+            return conn.send(head_bytes + response.body, self.limits.body_timeout)
+        deadline = time.monotonic() + self.limits.body_timeout
+        return conn.send(head_bytes, self.limits.body_timeout) and conn.send(
+            response.body, max(0.001, deadline - time.monotonic()))
+
+    # -- handlers ---------------------------------------------------------------------------------
+
+    def slot(self, method: str) -> threading.BoundedSemaphore | None:
+        """What a call must hold while it runs, by its canonical name (None: parked calls, which
+        xapid.events caps)."""
+        m = self.daemon.dispatcher.resolve(method)
+        name = m.name if m is not None else method
+        if name in WAIT_METHODS:
+            return None
+        if name in LOGIN_METHODS:
+            return self.logins
+        return self.calls
+
+    @staticmethod
+    def bad(detail: str) -> Response:
+        """xapi's answer to a body it cannot parse: HTTP 500 with an HTML page, then close."""
+        body = ERROR_PAGE.format(detail=detail.replace("&", "&amp;").replace("<", "&lt;")).encode()
+        return Response(500, body, "text/html", close=True)
+
+    def decode(self, decoder: Callable[[bytes], Any], body: bytes) -> Any:
+        """Parse a body: small ones at once, large ones :data:`DECODERS` at a time."""
+        if len(body) < SMALL_BODY:
+            return decoder(body)
+        with self.decoders:
+            return decoder(body)
+
+    def run(self, method: str, work: Callable[[], bytes]) -> bytes:
+        slot = self.slot(method)
+        if slot is None:
+            return work()
+        with slot:
+            return work()
+
+    def xmlrpc(self, request: Request) -> Response:
+        try:
+            method, params = self.decode(decode_xmlrpc, request.body)
+        except BadRequest as e:
+            return self.bad(str(e))
+        except Exception as e:  # noqa: BLE001 - the boundary
+            log.exception("unexpected exception parsing a request")
+            return self.bad(type(e).__name__)
+
+        def work() -> bytes:
+            reply, error = self.call(method, params, request.local)
+            try:
+                if error is None:
+                    assert reply is not None
+                    value = self.daemon.encoder.xml(reply.value, reply.type)
+                    return xml_bare(value) if reply.bare else xml_success(value)
+            except Exception as e:  # noqa: BLE001 - the boundary: an encoding bug is an INTERNAL_ERROR
+                log.exception("unexpected exception encoding a result", method=method[:200])
+                error = ["INTERNAL_ERROR", f"{type(e).__name__}: {e}"[:500]]
+            return xml_failure(error)
+
+        return Response(200, self.run(method, work), "text/xml")
+
+    def jsonrpc(self, request: Request) -> Response:
+        try:
+            call = self.decode(decode_jsonrpc, request.body)
+        except BadRequest as e:
+            return self.bad(str(e))
+        except Exception as e:  # noqa: BLE001 - the boundary
+            log.exception("unexpected exception parsing a request")
+            return self.bad(type(e).__name__)
+
+        def work() -> bytes:
+            reply, error = self.call(call.method, call.params, request.local)
+            try:
+                if error is None:
+                    assert reply is not None
+                    return json_success(call, self.daemon.encoder.json(reply.value, reply.type))
+            except Exception as e:  # noqa: BLE001 - the boundary: an encoding bug is an INTERNAL_ERROR
+                log.exception("unexpected exception encoding a result", method=call.method[:200])
+                error = ["INTERNAL_ERROR", f"{type(e).__name__}: {e}"[:500]]
+            return json_failure(call, error)
+
+        return Response(200, self.run(call.method, work), "application/json")
+
+    def options(self, request: Request) -> Response:
+        """CORS preflight (wire.md 1.1)."""
+        requested = request.header("access-control-request-headers")
+        return Response(200, b"", "text/plain", headers=[
+            ("Access-Control-Allow-Origin", "*"),
+            ("Access-Control-Allow-Headers", f"{requested}, X-Requested-With".lstrip(", ")),
+            ("Access-Control-Allow-Methods", "PUT")])
+
+    def fault(self, request: Request) -> Response:
+        """``xapid fault`` requests (Unix socket only, see :class:`UnixXapiServer`)."""
+        with self.calls:
+            answer = self.daemon.faults.handle(request.body)
+        return Response(200, json.dumps(answer).encode(), "application/json")
+
+    # -- the call boundary --------------------------------------------------------------------------
+
+    def call(self, method: str, params: list[Any], local: bool = False) -> tuple[Reply | None, list[str] | None]:
         """Dispatch one call; return (reply, None) or (None, ErrorDescription). Logs one line."""
         start = time.monotonic()
-        with self._cv:
-            self._inflight += 1
         session = params[0] if params and isinstance(params[0], str) and params[0].startswith("OpaqueRef:") else None
         try:
-            reply = self.daemon.dispatcher.dispatch(method, params, local=self.local)
+            reply = self.daemon.dispatcher.dispatch(method, params, local=local)
             result: tuple[Reply | None, list[str] | None] = (reply, None)
             code = "Success"
         except ApiError as e:
             result = (None, e.description)
             code = e.code
         except Exception as e:  # noqa: BLE001 - the boundary: nothing leaks as a traceback
-            log.exception("unexpected exception", method=method)
+            log.exception("unexpected exception", method=method[:200])
             result = (None, ["INTERNAL_ERROR", f"{type(e).__name__}: {e}"[:500]])
             code = "INTERNAL_ERROR"
-        finally:
-            with self._cv:
-                self._inflight -= 1
-                self._cv.notify_all()
         log.info("call", method=method if len(method) < 200 else method[:200] + "...",
                  user=self.daemon.sessions.user(session) if session else "",
                  session=short_ref(session) if session else "", result=code,
                  duration_ms=round((time.monotonic() - start) * 1000, 2))
         return result
 
-    def drain(self, timeout: float) -> None:
-        """Wait for in-flight calls to finish (used at shutdown)."""
-        deadline = time.monotonic() + timeout
-        with self._cv:
-            while self._inflight and time.monotonic() < deadline:
-                self._cv.wait(deadline - time.monotonic())
-
-
-class XapiServer(ApiServer, ThreadingHTTPServer):
-    """HTTP (or HTTPS with ``tls``) on a TCP address."""
-
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 128
-
-    def __init__(self, address: tuple[str, int], daemon: Daemon, tls: ssl.SSLContext | None = None) -> None:
-        super().__init__(address, Handler)
-        self._setup(daemon)
-        if tls is not None:
-            self.socket = tls.wrap_socket(self.socket, server_side=True)
-
-
-class UnixXapiServer(ApiServer, socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
-    """The local socket (xapi's ``/var/lib/xcp/xapi``): same protocol, pre-authenticated root.
-
-    The socket is created owner-only (0600) because whoever can connect is root.
-    """
-
-    daemon_threads = True
-    local = True
-
-    def __init__(self, path: Path, daemon: Daemon) -> None:
-        if path.exists() or path.is_symlink():
-            path.unlink()
-        old = os.umask(0o177)
-        try:
-            super().__init__(str(path), UnixHandler)
-        finally:
-            os.umask(old)
-        self._setup(daemon)
-        self.path = path
-
-    def server_close(self) -> None:
-        super().server_close()
-        try:
-            self.path.unlink()
-        except FileNotFoundError:
-            pass

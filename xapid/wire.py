@@ -25,6 +25,18 @@ from defusedxml import ElementTree as SafeET
 from xapid.schema import Schema, Type
 
 MAX_DEPTH = 64
+# Most values one request may carry (params, array elements, struct members, counted from the
+# syntax before parsing): parsing memory stays proportional to this, not to the body's shape.
+MAX_ITEMS = 20_000
+_XML_TAGS_PER_ITEM = 8  # <member><name>k</name><value><string>v</string></value></member>
+# A JSON string (possessive: linear even when the closing quote is missing).
+_JSON_STRING = re.compile(rb'"(?:[^"\\]++|\\.)*+"?')
+# XML-RPC numbers: ASCII digits and an optional sign only (no "1_0", no other scripts' digits).
+_XML_WS = " \t\r\n"
+INT_TEXT = re.compile(r"[ \t\r\n]*[+-]?[0-9]+[ \t\r\n]*\Z")  # also for ints sent as strings
+_INT = re.compile(r"[+-]?[0-9]+\Z")
+_DOUBLE = re.compile(r"[+-]?(?:(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|nan|inf|infinity)\Z",
+                     re.IGNORECASE)
 
 
 class BadRequest(Exception):
@@ -60,6 +72,14 @@ def _text(el: Element) -> str:
     return el.text or ""
 
 
+def parse_double(text: str) -> float:
+    """``text`` as a float if it is an ASCII decimal (or nan/inf); else :class:`ValueError`."""
+    text = text.strip(_XML_WS)
+    if not _DOUBLE.match(text) or len(text) > 1000:
+        raise ValueError(f"not a decimal number: {text[:100]!r}")
+    return float(text)
+
+
 def _decode_value(el: Element, depth: int) -> Any:
     if depth > MAX_DEPTH:
         raise BadRequest("value nesting too deep")
@@ -71,19 +91,19 @@ def _decode_value(el: Element, depth: int) -> Any:
     v = children[0]
     tag = v.tag
     if tag in ("int", "i4", "i8"):
-        try:
-            return int(_text(v).strip())
-        except ValueError as e:
-            raise BadRequest(f"bad int {_text(v)!r}") from e
+        text = _text(v).strip(_XML_WS)
+        if not _INT.match(text) or len(text) > 40:  # int64 needs 20 characters at most
+            raise BadRequest(f"bad int {_text(v)[:100]!r}")
+        return int(text)
     if tag == "string":
         return _text(v)
     if tag == "boolean":
         return _text(v).strip() == "1"
     if tag == "double":
         try:
-            return float(_text(v).strip())
-        except ValueError as e:
-            raise BadRequest(f"bad double {_text(v)!r}") from e
+            return parse_double(_text(v))
+        except ValueError:
+            raise BadRequest(f"bad double {_text(v)[:100]!r}") from None
     if tag == "dateTime.iso8601":
         return XDateTime(_text(v).strip())
     if tag == "base64":
@@ -113,7 +133,12 @@ def _decode_value(el: Element, depth: int) -> Any:
 
 
 def decode_xmlrpc(body: bytes) -> tuple[str, list[Any]]:
-    """Parse a ``methodCall``; any problem (including DTDs and entities) is :class:`BadRequest`."""
+    """Parse a ``methodCall``; any problem (including DTDs and entities) is :class:`BadRequest`.
+
+    Bodies with more than about :data:`MAX_ITEMS` values are refused before parsing.
+    """
+    if body.count(b"<value") > MAX_ITEMS or body.count(b"<") > _XML_TAGS_PER_ITEM * MAX_ITEMS:
+        raise BadRequest(f"too many values (at most {MAX_ITEMS})")
     try:
         root = SafeET.fromstring(body, forbid_dtd=True, forbid_entities=True, forbid_external=True)
     except (DefusedXmlException, SyntaxError, ValueError) as e:
@@ -144,7 +169,14 @@ class JsonCall:
 
 
 def decode_jsonrpc(body: bytes) -> JsonCall:
-    """Parse a JSON-RPC v1 or v2 request (wire.md 3)."""
+    """Parse a JSON-RPC v1 or v2 request (wire.md 3).
+
+    Bodies with more than about :data:`MAX_ITEMS` values are refused before parsing; the ``id``
+    must be an integer or a string, as rpclib requires.
+    """
+    bare = _JSON_STRING.sub(b"", body)
+    if bare.count(b",") + bare.count(b"[") + bare.count(b"{") > MAX_ITEMS:
+        raise BadRequest(f"too many values (at most {MAX_ITEMS})")
     try:
         doc = json.loads(body.decode("utf-8"))
     except (ValueError, UnicodeDecodeError, RecursionError) as e:
@@ -153,6 +185,8 @@ def decode_jsonrpc(body: bytes) -> JsonCall:
         raise BadRequest("JSON-RPC request without method")
     if doc.get("id") is None:
         raise BadRequest("JSON-RPC request without id")
+    if isinstance(doc["id"], bool) or not isinstance(doc["id"], (int, str)):
+        raise BadRequest("Invalid field 'id' in request body")
     v2 = doc.get("jsonrpc") == "2.0"
     params = doc.get("params")
     if params is None and v2:
@@ -196,6 +230,17 @@ def escape(text: str) -> str:
         return text  # the common case: nothing to do
     text = _CTRL.sub("", text)
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")
+
+
+def json_float(x: float) -> float | str:
+    """A float as JSON can carry it: finite ones as numbers; NaN and the infinities as the strings
+    ``"NaN"``, ``"Infinity"``, ``"-Infinity"`` (xapi's yojson writes those tokens bare, which is not
+    JSON; quoted, every JSON parser reads them and ``float()``/``Number()`` convert them back)."""
+    if math.isfinite(x):
+        return x
+    if math.isnan(x):
+        return "NaN"
+    return "Infinity" if x > 0 else "-Infinity"
 
 
 def format_double(x: float) -> str:
@@ -302,7 +347,7 @@ class Encoder:
         if kind == "int":
             return int(value)
         if kind == "float":
-            return float(value)
+            return json_float(float(value))
         if kind == "bool":
             return bool(value)
         if kind in ("string", "ref", "enum", "datetime"):
@@ -324,6 +369,8 @@ class Encoder:
             return {_key(k): self.json(v, None) for k, v in value.items()}
         if isinstance(value, (list, tuple)):
             return [self.json(v, None) for v in value]
+        if isinstance(value, float):
+            return json_float(value)
         return value
 
 
@@ -362,12 +409,30 @@ def xml_bare(value_xml: str) -> bytes:
     return (XML_HEAD + value_xml + XML_TAIL).encode("utf-8")
 
 
+def _dumps(doc: Any) -> bytes:
+    """Strict JSON (never a bare ``NaN``/``Infinity``, whatever the value holds)."""
+    try:
+        return json.dumps(doc, allow_nan=False).encode("utf-8")
+    except ValueError:
+        return json.dumps(_finite(doc), allow_nan=False).encode("utf-8")
+
+
+def _finite(v: Any) -> Any:
+    if isinstance(v, float):
+        return json_float(v)
+    if isinstance(v, dict):
+        return {k: _finite(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_finite(x) for x in v]
+    return v
+
+
 def json_success(call: JsonCall, value: Any) -> bytes:
     if call.v2:
         doc: dict[str, Any] = {"jsonrpc": "2.0", "result": value, "id": call.id}
     else:
         doc = {"result": value, "error": None, "id": call.id}
-    return json.dumps(doc).encode("utf-8")
+    return _dumps(doc)
 
 
 def json_failure(call: JsonCall, description: list[str]) -> bytes:
@@ -379,4 +444,4 @@ def json_failure(call: JsonCall, description: list[str]) -> bytes:
         }
     else:
         doc = {"result": None, "error": description, "id": call.id}
-    return json.dumps(doc).encode("utf-8")
+    return _dumps(doc)

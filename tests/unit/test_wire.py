@@ -405,3 +405,78 @@ def test_untyped_encoding_parses_in_python_as_xapi_output_does(enc: Encoder, val
     assert "<fault>" not in body
     (got,), _ = xmlrpc.client.loads(body)
     assert got == {"Status": "Success", "Value": as_xapi_client_sees(value)}
+
+
+# -- strictness (issue 17, finding 7) ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text", ["1_0", "\u0661\u0660", "1 0", "0x10", "1e3", "", "+", "--1", "\uff11", "1.0",
+                                  "9" * 41])
+@pytest.mark.parametrize("tag", ["int", "i4", "i8"])
+def test_xmlrpc_ints_are_a_sign_and_ascii_digits_only(tag: str, text: str) -> None:
+    with pytest.raises(BadRequest):
+        one(f"<value><{tag}>{text}</{tag}></value>")
+
+
+@pytest.mark.parametrize(("text", "expected"), [("10", 10), ("+10", 10), ("-10", -10), (" 10\n", 10),
+                                                ("007", 7), (str(2**63), 2**63)])
+def test_xmlrpc_ints_that_are_well_formed(text: str, expected: int) -> None:
+    assert one(f"<value><i8>{text}</i8></value>") == expected
+
+
+@pytest.mark.parametrize("text", ["1_0.5", "\u0661.5", "1 .5", "0x1p3", "", ".", "e5", "nanny", "\uff11.0"])
+def test_xmlrpc_doubles_are_ascii_decimals(text: str) -> None:
+    with pytest.raises(BadRequest):
+        one(f"<value><double>{text}</double></value>")
+
+
+def test_json_never_carries_bare_nan_or_infinity(enc: Encoder) -> None:
+    import json
+    import math
+
+    from xapid.wire import JsonCall, json_float
+
+    assert [json_float(x) for x in (1.5, math.nan, math.inf, -math.inf)] == [1.5, "NaN", "Infinity", "-Infinity"]
+    call_ = JsonCall("m", [], 1, True)
+    value = {"typed": enc.json(math.nan, Type("float")), "untyped": [math.inf, {"x": -math.inf}]}
+    out = json_success(call_, enc.json(value, None))
+
+    def refuse(token: str) -> Any:
+        raise AssertionError(token)
+
+    assert json.loads(out, parse_constant=refuse)["result"] == {"typed": "NaN",
+                                                                 "untyped": ["Infinity", {"x": "-Infinity"}]}
+    # Even a value that bypassed the encoder goes out as strict JSON.
+    assert json.loads(json_success(call_, [math.nan]), parse_constant=refuse)["result"] == ["NaN"]
+
+
+@pytest.mark.parametrize("ident", [b"1.5", b"true", b"[1]", b"{}", b"NaN"])
+def test_jsonrpc_ids_are_integers_or_strings(ident: bytes) -> None:
+    with pytest.raises(BadRequest):
+        decode_jsonrpc(b'{"method": "m", "params": [], "id": ' + ident + b"}")
+    assert decode_jsonrpc(b'{"method": "m", "params": [], "id": "a"}').id == "a"
+
+
+def test_bodies_over_the_value_count_are_refused_before_parsing() -> None:
+    from xapid.wire import MAX_ITEMS
+
+    fits = b'{"method": "m", "params": [' + b"1," * (MAX_ITEMS - 10) + b"1], \"id\": 1}"
+    assert len(decode_jsonrpc(fits).params) == MAX_ITEMS - 9
+    with pytest.raises(BadRequest, match="too many values"):
+        decode_jsonrpc(b'{"method": "m", "params": [' + b"[]," * (2 * MAX_ITEMS) + b"[]], \"id\": 1}")
+    # Commas and brackets inside strings are not values.
+    text = '"' + ",[{" * MAX_ITEMS + '"'
+    assert decode_jsonrpc(b'{"method": "m", "params": [' + text.encode() + b'], "id": 1}').params == [text[1:-1]]
+    with pytest.raises(BadRequest, match="too many values"):
+        decode_xmlrpc(call("<param><value><array><data>" + "<value/>" * (4 * MAX_ITEMS) + "</data></array></value>"
+                           "</param>"))
+
+
+def test_an_unterminated_json_string_is_counted_in_linear_time() -> None:
+    import time
+
+    body = b'{"method": "m", "params": ["' + b'\\"' * 200_000
+    start = time.monotonic()
+    with pytest.raises(BadRequest):
+        decode_jsonrpc(body)
+    assert time.monotonic() - start < 1.0

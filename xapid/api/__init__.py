@@ -43,10 +43,20 @@ class Call:
     session: str | None = None
     task: str | None = None
     local: bool = False  # arrived on the Unix socket: pre-authenticated as root (wire.md 1.3)
+    endpoint: str | None = None  # the host whose endpoint received the call; None: the master's
 
     @property
     def store(self) -> Store:
         return self.daemon.store
+
+    @property
+    def host(self) -> str:
+        """The ref of the host this call was sent to (the master until hosts get endpoints of their own).
+
+        Calls that real xapi never forwards (``host.emergency_ha_disable``, ``host.ha_xapi_healthcheck``,
+        ``host.is_in_emergency_mode``) act on this host.
+        """
+        return self.endpoint or self.daemon.master_ref()
 
 
 def load_all() -> dict[str, Handler]:

@@ -1,31 +1,422 @@
-"""host: HA emergency disable and the read-only helpers clients call."""
+"""host: maintenance (disable, enable, evacuate), power (shutdown, reboot, power_on), and the calls a
+host answers for itself (emergency HA disable, the xapi health check, emergency mode).
+
+What the HA subsystem does on the way (statefile checks, leaving the liveset, the start-up
+after a boot) lives in :mod:`xapid.ha.manager`; the emulated power switch in :mod:`xapid.hw`.
+Behaviour follows xapi's ``xapi_host.ml``, ``xapi_host_helpers.ml`` and ``message_forwarding.ml``.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
 from xapid.api import Call, handler
+from xapid.api import vm as vm_api
 from xapid.errors import ApiError
+from xapid.ha.failover import is_protected
+from xapid.ha.planning import vm_record
+from xapid.schema import NULL_REF
+from xapid.store import Transaction, new_ref
 from xapid.timeutil import now_iso
+
+if TYPE_CHECKING:
+    from xapid.ha.manager import HaManager
+    from xapid.store import Store
+
+log = structlog.get_logger("xapid.api.host")
+
+HOST_OPERATIONS = ("provision", "evacuate", "shutdown", "reboot", "power_on", "vm_start", "vm_resume",
+                   "vm_migrate", "apply_updates", "enable")
+_CREATING = ("provision", "vm_resume", "vm_migrate")
+_REMOVING = ("evacuate", "reboot", "shutdown")
+
+
+# -- allowed and current operations (xapi_host_helpers.ml valid_operations) -------------------------------
+
+
+def operation_errors(tx: Transaction, host: str) -> dict[str, ApiError | None]:
+    """For every host operation, the error that refuses it now (None: allowed)."""
+    rec = tx.get("host", host)
+    table: dict[str, ApiError | None] = dict.fromkeys(HOST_OPERATIONS)
+
+    def refuse(error: ApiError, ops: tuple[str, ...]) -> None:
+        for op in ops:
+            if table[op] is None:
+                table[op] = error
+
+    def busy(op_ref: str, op: str) -> ApiError:
+        return ApiError("OTHER_OPERATION_IN_PROGRESS", "host", host, op, op_ref)
+
+    current = list(rec["current_operations"].items())
+    removing = next(((r, o) for r, o in current if o in _REMOVING), None)
+    creating = next(((r, o) for r, o in current if o in _CREATING), None)
+    for op in HOST_OPERATIONS:
+        if op == "power_on":
+            continue
+        if op in _CREATING and removing is not None:
+            refuse(busy(*removing), (op,))
+        elif op in _REMOVING and creating is not None:
+            refuse(busy(*creating), (op,))
+    for op_ref, op in current:
+        if op == "reboot":
+            refuse(busy(op_ref, op), ("shutdown", "apply_updates"))
+        elif op == "shutdown":
+            refuse(busy(op_ref, op), ("reboot", "apply_updates"))
+        elif op == "apply_updates":
+            refuse(busy(op_ref, op), ("reboot", "shutdown", "enable"))
+        elif op == "provision":
+            refuse(busy(op_ref, op), ("provision",))
+    if rec["enabled"]:
+        refuse(ApiError("HOST_NOT_DISABLED"), ("reboot", "shutdown", "apply_updates"))
+    metrics = tx.read("host_metrics", rec["metrics"])
+    if metrics is not None and metrics["live"]:
+        refuse(ApiError("HOST_IS_LIVE", host), ("power_on",))
+    return table
+
+
+def update_allowed_operations(tx: Transaction, host: str) -> None:
+    """Recompute ``host.allowed_operations`` from its current state."""
+    errors = operation_errors(tx, host)
+    allowed = [op for op in HOST_OPERATIONS if errors[op] is None]
+    rec = tx.get("host", host)
+    if rec["allowed_operations"] != allowed:
+        rec["allowed_operations"] = allowed
+
+
+def refresh_allowed_operations(store: Store, host: str) -> None:
+    with store.transaction() as tx:
+        update_allowed_operations(tx, host)
+
+
+@contextmanager
+def host_operation(call: Call, host: str, op: str) -> Iterator[None]:
+    """Check ``op`` is allowed on ``host``, record it in ``current_operations`` while the block runs."""
+    key = call.task or new_ref()
+    with call.store.transaction() as tx:
+        error = operation_errors(tx, host)[op]
+        if error is not None:
+            raise error
+        tx.get("host", host)["current_operations"][key] = op
+        update_allowed_operations(tx, host)
+    try:
+        yield
+    finally:
+        with call.store.transaction() as tx:
+            rec = tx.find("host", host)
+            if rec is not None:
+                rec["current_operations"].pop(key, None)
+                update_allowed_operations(tx, host)
+
+
+def _host(call: Call, host: str) -> dict[str, Any]:
+    rec = call.store.get("host", host)
+    if rec is None:
+        raise ApiError("HANDLE_INVALID", "host", host)
+    return rec
+
+
+def _reach(ha: HaManager, host: str) -> None:
+    """A call xapi forwards to ``host`` itself: it must be running, and not in emergency mode."""
+    if not ha.is_running(host):
+        raise ApiError("HOST_OFFLINE", host)
+    error = ha.emergency_error(host)
+    if error is not None:
+        raise error
+
+
+def _assert_plan_preserved(ha: HaManager, host: str) -> None:
+    """xapi_ha_vm_failover.ml assert_host_disable_preserves_ha_plan (the planner's check)."""
+    check = getattr(ha.planning, "assert_host_change_preserves_plan", None)
+    if check is not None:
+        check(host)
+
+
+def _recompute_plan(ha: HaManager) -> None:
+    if ha.pool()["ha_enabled"]:
+        ha.planning.update_pool_status()
+
+
+# -- maintenance ----------------------------------------------------------------------------------------
+
+
+@handler("host.disable")
+def disable(call: Call, host: str, auto_enable: bool) -> None:
+    """No new VMs start on the host; with ``auto_enable`` false it stays disabled across its restarts."""
+    ha = call.daemon.ha
+    rec = _host(call, host)
+    _assert_plan_preserved(ha, host)
+    _reach(ha, host)
+    if rec["enabled"]:
+        log.info("host disabled by user request", host=rec["uuid"], auto_enable=auto_enable)
+        with call.store.transaction() as tx:
+            tx.update("host", host, enabled=False)
+            update_allowed_operations(tx, host)
+        ha.user_disabled.add(host)
+        if not auto_enable:
+            ha.local.set(rec["uuid"], host_auto_enable=False)
+        _recompute_plan(ha)
+
+
+@handler("host.enable")
+def enable(call: Call, host: str) -> None:
+    """The host may run new VMs again (xapi_host.ml enable and assert_safe_to_reenable)."""
+    ha = call.daemon.ha
+    rec = _host(call, host)
+    with host_operation(call, host, "enable"):
+        _reach(ha, host)
+        if rec["enabled"]:
+            return
+        if ha.starting(host):
+            raise ApiError("HOST_STILL_BOOTING")
+        if ha.local.get(rec["uuid"], "host_disabled_until_reboot", False):
+            raise ApiError("HOST_DISABLED_UNTIL_REBOOT", host)
+        ha.user_disabled.discard(host)
+        ha.local.set(rec["uuid"], host_auto_enable=True)
+        log.info("host enabled by user request", host=rec["uuid"])
+        with call.store.transaction() as tx:
+            tx.update("host", host, enabled=True)
+        pool = ha.pool()
+        if pool["ha_enabled"] and pool["ha_overcommitted"]:
+            ha.planning.update_pool_status()
+
+
+def _free_memory(call: Call, host: str) -> int:
+    """Free memory of ``host`` at maximum compression (memory_check.ml, as VM.start sees it)."""
+    with call.store.transaction() as tx:
+        return vm_api.free_for_start(tx, host, NULL_REF)
+
+
+def _boot_error(store: Store, vm: str, target: str) -> ApiError | None:
+    """Why ``vm`` could not run on ``target`` (storage and networks it needs), or None."""
+    for vbd in store.referrers("VBD", "VM", vm):
+        vdi = (store.get("VBD", vbd) or {}).get("VDI", NULL_REF)
+        sr = (store.get("VDI", vdi) or {}).get("SR", NULL_REF) if vdi != NULL_REF else NULL_REF
+        if sr == NULL_REF:
+            continue
+        if not any((p := store.get("PBD", pbd)) is not None and p["host"] == target and p["currently_attached"]
+                   for pbd in store.referrers("PBD", "SR", sr)):
+            return ApiError("VM_REQUIRES_SR", vm, sr)
+    for vif in store.referrers("VIF", "VM", vm):
+        network = (store.get("VIF", vif) or {}).get("network", NULL_REF)
+        if network == NULL_REF:
+            continue
+        if not any((p := store.get("PIF", pif)) is not None and p["host"] == target
+                   for pif in store.referrers("PIF", "network", network)):
+            return ApiError("VM_REQUIRES_NETWORK", vm, network)
+    return None
+
+
+def evacuation_plan(call: Call, host: str) -> dict[str, str | ApiError]:
+    """Where each VM resident on ``host`` would go, or why it cannot (compute_evacuation_plan_no_wlb).
+
+    Targets are the other hosts that are enabled and live.  With HA on, only protected VMs may move
+    (the others give ``HOST_EVACUATE_VM_NOT_HA_PROTECTED``); a VM must be able to run on every target;
+    then the biggest VMs (start memory) go first to the host with the most free memory (maximum compression).
+    """
+    store = call.store
+    ha = call.daemon.ha
+    targets = []
+    for ref, rec in store.items("host"):
+        metrics = store.get("host_metrics", rec["metrics"])
+        if ref != host and rec["enabled"] and metrics is not None and metrics["live"] and ha.is_running(ref):
+            targets.append(ref)
+    vms = [(ref, rec) for ref in store.referrers("VM", "resident_on", host)
+           if (rec := store.get("VM", ref)) is not None and not rec["is_control_domain"]]
+    plan: dict[str, str | ApiError] = {}
+    if not targets:
+        return {vm: ApiError("NO_HOSTS_AVAILABLE", vm) for vm, _rec in vms}
+    movable = []
+    ha_on = bool(ha.pool()["ha_enabled"])
+    for vm, rec in vms:
+        if ha_on and not is_protected(rec):
+            plan[vm] = ApiError("HOST_EVACUATE_VM_NOT_HA_PROTECTED", vm)
+            continue
+        error = next((e for t in targets if (e := _boot_error(store, vm, t)) is not None), None)
+        if error is not None:
+            plan[vm] = error
+        else:
+            movable.append((vm, rec))
+    free = {t: _free_memory(call, t) for t in targets}
+    need_of = {vm: vm_record(vm, rec).start_memory() for vm, rec in movable}
+    for vm, _rec in sorted(movable, key=lambda item: -need_of[item[0]]):
+        need = need_of[vm]
+        best = max(targets, key=lambda t: free[t])
+        if free[best] >= need:
+            free[best] -= need
+            plan[vm] = best
+        else:
+            plan[vm] = ApiError("HOST_NOT_ENOUGH_FREE_MEMORY", vm)
+    return {vm: plan[vm] for vm, _rec in vms}
+
+
+@handler("host.get_vms_which_prevent_evacuation")
+def get_vms_which_prevent_evacuation(call: Call, self: str) -> dict[str, list[str]]:
+    """Each VM that cannot leave the host, with the error (code and parameters) that keeps it there."""
+    _host(call, self)
+    return {vm: error.description for vm, error in evacuation_plan(call, self).items()
+            if isinstance(error, ApiError)}
+
+
+def _migrate(call: Call, vm: str, target: str) -> None:
+    """Move a running VM to ``target`` (what the VM.pool_migrate of an evacuation leaves behind)."""
+    with call.store.transaction() as tx:
+        rec = tx.find("VM", vm)
+        if rec is None or rec["power_state"] not in ("Running", "Paused"):
+            return
+        source = rec["resident_on"]
+        rec.update(resident_on=target, scheduled_to_be_resident_on=NULL_REF)
+        metrics = tx.find("VM_metrics", rec["metrics"])
+        if metrics is not None:
+            metrics["last_updated"] = now_iso()
+        vm_api.account_host(tx, source, vm)
+        vm_api.account_host(tx, target, vm)
+
+
+def _evacuate(call: Call, host: str) -> None:
+    plan = evacuation_plan(call, host)
+    for error in plan.values():
+        if isinstance(error, ApiError):
+            raise error
+    done = 0
+    for vm, target in plan.items():
+        assert isinstance(target, str)
+        _migrate(call, vm, target)
+        done += 1
+        call.daemon.tasks.progress(call.task, done / len(plan))
+    left = [v for v in call.store.referrers("VM", "resident_on", host)
+            if not (call.store.get("VM", v) or {}).get("is_control_domain", True)]
+    if left:
+        raise ApiError("INTERNAL_ERROR", f"evacuate: {len(left)} VMs are still resident on {host}")
+
+
+@handler("host.evacuate")
+def evacuate(call: Call, host: str, network: str, evacuate_batch_size: int) -> None:
+    """Move every VM off the host, or refuse with the first VM's error before moving any."""
+    ha = call.daemon.ha
+    _host(call, host)
+    if network != NULL_REF and call.store.get("network", network) is None:
+        raise ApiError("HANDLE_INVALID", "network", network)
+    _assert_plan_preserved(ha, host)
+    with host_operation(call, host, "evacuate"):
+        _evacuate(call, host)
+
+
+# -- power ----------------------------------------------------------------------------------------------
+
+
+def _ensure_no_vms(call: Call, host: str) -> None:
+    """Empty the host before it goes down (vm_evacuation.ml ensure_no_vms): VMs that cannot move are
+    shut down (cleanly, else hard), the others migrate; whatever still runs is then shut down."""
+
+    def shut_down(vm: str) -> None:
+        rec = call.store.get("VM", vm)
+        if rec is None or rec["power_state"] not in ("Running", "Paused"):
+            return
+        try:
+            if rec["power_state"] == "Running":
+                vm_api.clean_shutdown(call, vm)
+            else:
+                vm_api.hard_shutdown(call, vm)
+        except ApiError as e:
+            log.warning("could not shut a VM down before the host goes down", vm=rec["uuid"], error=str(e))
+            vm_api.hard_shutdown(call, vm)
+
+    for vm, target in evacuation_plan(call, host).items():
+        if isinstance(target, ApiError):
+            shut_down(vm)
+    try:
+        _evacuate(call, host)
+    except ApiError as e:
+        log.warning("evacuation before power-off incomplete", host=host, error=str(e))
+    for vm in call.store.referrers("VM", "resident_on", host):
+        rec = call.store.get("VM", vm)
+        if rec is not None and not rec["is_control_domain"]:
+            shut_down(vm)
+
+
+def _power_cycle(call: Call, host: str, op: str) -> None:
+    """``host.shutdown`` / ``host.reboot`` (xapi_host.ml shutdown_and_reboot_common, prepare_for_poweroff)."""
+    ha = call.daemon.ha
+    rec = _host(call, host)
+    uuid = rec["uuid"]
+    with host_operation(call, host, op):
+        _reach(ha, host)
+        ha.assert_have_statefile_access(host)
+        log.warning("host going down", host=uuid, operation=op)
+        ha.begin_shutdown(host)
+        refresh_allowed_operations(call.store, host)
+        _ensure_no_vms(call, host)
+        try:
+            ha.before_clean_shutdown(host)
+        except ApiError as e:
+            if e.code == "HA_LOST_STATEFILE":  # nothing done yet: the host stays up
+                ha.shutting_down.discard(host)
+            raise
+        ha.prepare_for_poweroff(host)
+        call.daemon.hw.power_off(uuid, f"clean {op}")
+        if op == "reboot":
+            call.daemon.hw.boot(uuid)
+
+
+@handler("host.shutdown")
+def shutdown(call: Call, host: str) -> None:
+    """Power the (disabled) host off cleanly; its VMs move away or shut down first."""
+    _power_cycle(call, host, "shutdown")
+
+
+@handler("host.reboot")
+def reboot(call: Call, host: str) -> None:
+    """As :func:`shutdown`, then the host boots again (its xapi start-up runs in the background)."""
+    _power_cycle(call, host, "reboot")
+
+
+@handler("host.power_on")
+def power_on(call: Call, host: str) -> None:
+    """Power on a host that is off or fenced (the emulated hardware stands for xapi's power-on plugin)."""
+    rec = _host(call, host)
+    with host_operation(call, host, "power_on"):
+        if call.daemon.hw.power(rec["uuid"]) in ("off", "fenced"):
+            log.info("host power-on requested", host=rec["uuid"])
+            call.daemon.hw.boot(rec["uuid"])
+
+
+# -- calls a host answers for itself ----------------------------------------------------------------------
 
 
 @handler("host.emergency_ha_disable")
 def emergency_ha_disable(call: Call, soft: bool) -> None:
-    # The call acts on the host it is sent to; every call reaches the master here.
-    call.daemon.ha.emergency_disable(call.daemon.master_ref(), soft)
+    """HA off on the host this call was sent to (never forwarded, as in xapi)."""
+    call.daemon.ha.emergency_disable(call.host, soft)
+
+
+@handler("host.ha_xapi_healthcheck")
+def ha_xapi_healthcheck(call: Call) -> bool:
+    """True iff the xapi of the host this call was sent to runs (xhad's xapi watchdog asks this)."""
+    return call.daemon.ha.is_running(call.host)
+
+
+@handler("host.is_in_emergency_mode")
+def is_in_emergency_mode(call: Call) -> bool:
+    """True iff the host this call was sent to is in emergency mode (its HA start-up failed)."""
+    return call.daemon.ha.emergency_error(call.host) is not None
 
 
 @handler("host.get_servertime")
 def get_servertime(call: Call, host: str) -> str:
-    if call.store.get("host", host) is None:
-        raise ApiError("HANDLE_INVALID", "host", host)
+    _host(call, host)
     return now_iso()
 
 
 @handler("host.get_management_interface")
 def get_management_interface(call: Call, host: str) -> str:
-    if call.store.get("host", host) is None:
-        raise ApiError("HANDLE_INVALID", "host", host)
+    _host(call, host)
     for pif in call.store.referrers("PIF", "host", host):
         rec = call.store.get("PIF", pif)
         if rec and rec["management"]:
             return pif
     raise ApiError("INTERNAL_ERROR", "host has no management interface")
+

@@ -1,9 +1,8 @@
-"""pool: the HA calls (their behaviour lives in :mod:`xapid.ha.manager`)."""
+"""pool: the HA calls (enable/disable in :mod:`xapid.ha.manager`, planning in :mod:`xapid.ha.planning`)."""
 
 from __future__ import annotations
 
 from xapid.api import Call, handler
-from xapid.api.vm import RESTART_PRIORITIES
 from xapid.errors import ApiError
 
 
@@ -19,36 +18,39 @@ def disable_ha(call: Call) -> None:
 
 @handler("pool.set_ha_host_failures_to_tolerate")
 def set_ha_host_failures_to_tolerate(call: Call, self: str, value: int) -> None:
+    """xapi_pool.ml: a plan for more than 0 failures must survive the change (with HA on and
+    overcommit not allowed); the value is then stored and planning status recomputed, HA on or off."""
     if value < 0:
         raise ApiError("INVALID_VALUE", "ha_host_failures_to_tolerate", value)
+    planning = call.daemon.ha.planning
     with call.store.transaction() as tx:
-        tx.update("pool", self, ha_host_failures_to_tolerate=value)
-    call.daemon.ha.update_plan()
+        pool = tx.get("pool", self)
+        if int(pool["ha_plan_exists_for"]) > 0:
+            planning.assert_nfailures_change_preserves_plan(value)
+        pool["ha_host_failures_to_tolerate"] = value
+    planning.update_pool_status()
 
 
 @handler("pool.ha_compute_max_host_failures_to_tolerate")
 def ha_compute_max_host_failures_to_tolerate(call: Call) -> int:
-    return call.daemon.ha.compute_max_failures(update=True)
+    return call.daemon.ha.planning.compute_max_failures(update=True)
 
 
 @handler("pool.ha_failover_plan_exists")
 def ha_failover_plan_exists(call: Call, n: int) -> bool:
-    return call.daemon.ha.plan_exists(n)
+    return call.daemon.ha.planning.plan_exists(n)
 
 
 @handler("pool.ha_compute_hypothetical_max_host_failures_to_tolerate")
 def ha_compute_hypothetical_max_host_failures_to_tolerate(call: Call, configuration: dict[str, str]) -> int:
     """The failures tolerated if exactly the VMs given ``restart`` in ``configuration`` were protected."""
-    protected = []
-    for vm, priority in configuration.items():
-        if priority not in RESTART_PRIORITIES:
-            raise ApiError("INVALID_VALUE", "ha_restart_priority", priority)
-        rec = call.store.get("VM", vm)
-        if rec is None:
-            raise ApiError("HANDLE_INVALID", "VM", vm)
-        if priority == "restart":
-            protected.append(rec)
-    return call.daemon.ha.compute_max_failures(protected=protected)
+    return call.daemon.ha.planning.hypothetical_max_failures(configuration)
+
+
+@handler("pool.ha_compute_vm_failover_plan")
+def ha_compute_vm_failover_plan(call: Call, failed_hosts: list[str],
+                                failed_vms: list[str]) -> dict[str, dict[str, str]]:
+    return call.daemon.ha.planning.failover_plan(failed_hosts, failed_vms)
 
 
 @handler("pool.ha_prevent_restarts_for")

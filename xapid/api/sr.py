@@ -94,3 +94,13 @@ def get_supported_types(call: Call) -> list[str]:
 def scan(call: Call, sr: str) -> None:
     if call.store.get("SR", sr) is None:
         raise ApiError("HANDLE_INVALID", "SR", sr)
+
+
+@handler("SR.assert_can_host_ha_statefile")
+def assert_can_host_ha_statefile(call: Call, sr: str) -> None:
+    """The statefile checks of pool.enable_ha (ha.md 4.1 step 12, 5.2) against the stack chosen now."""
+    ha = call.daemon.ha
+    with call.store.transaction() as tx:
+        tx.get("SR", sr)
+        chosen = ha._choose_stack(tx, call.daemon.master_ref(), "")
+        ha._assert_statefile_sr(tx, sr, chosen)

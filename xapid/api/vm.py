@@ -1,17 +1,30 @@
-"""VM: creation with its metrics object, and the power-state machine."""
+"""VM: creation with its metrics object, the power-state machine, memory accounting and HA guards.
+
+Memory follows what runs (``memory_check.ml``): a host offers ``memory_total - memory_overhead``;
+``host_metrics.memory_free`` is what is left after every resident VM (dom0 included) got its
+share, ``dynamic_max`` when that fits, ballooned toward ``dynamic_min`` when it does not
+(:func:`xapid.ha.planner.balloon`); ``VM_metrics.memory_actual`` of a running VM is its share.
+Starting needs the VM's ``dynamic_min`` (``static_max`` for PVH) free at maximum compression.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import time
+from typing import TYPE_CHECKING, Any
 
 from xapid import generic
 from xapid.api import Call, handler
 from xapid.errors import ApiError
+from xapid.ha import planner
+from xapid.ha.planning import RESTART_PRIORITIES, host_record, vm_record
 from xapid.schema import NULL_REF
 from xapid.store import Transaction
 from xapid.timeutil import now_iso
 
-RESTART_PRIORITIES = ("restart", "best-effort", "")
+if TYPE_CHECKING:
+    from xapid.daemon import Daemon
+
+__all__ = ["RESTART_PRIORITIES", "reset_vm_to_halted", "start_vm"]
 
 
 def _vm(tx: Transaction, vm: str, operation: str) -> dict[str, Any]:
@@ -28,10 +41,91 @@ def _expect(vm: str, rec: dict[str, Any], *states: str) -> None:
         raise ApiError("VM_BAD_POWER_STATE", vm, ";".join(s.lower() for s in states), rec["power_state"].lower())
 
 
-def _live(tx: Transaction, host: str) -> bool:
+def _ha_enabled(daemon: Daemon) -> bool:
+    pool = daemon.store.get("pool", daemon.pool_ref())
+    return bool(pool and pool["ha_enabled"])
+
+
+# -- memory ----------------------------------------------------------------------------------------
+
+
+def _residents(tx: Transaction, host: str, *changed: str) -> list[tuple[str, dict[str, Any]]]:
+    """VMs resident on ``host`` as ``tx`` sees them (committed index, corrected for ``changed``)."""
+    refs = set(tx.store.referrers("VM", "resident_on", host))
+    for vm in changed:
+        rec = tx.read("VM", vm)
+        if rec is not None and rec["resident_on"] == host:
+            refs.add(vm)
+        else:
+            refs.discard(vm)
+    out = []
+    for ref in sorted(refs):
+        rec = tx.read("VM", ref)
+        if rec is not None and rec["resident_on"] == host:
+            out.append((ref, rec))
+    return out
+
+
+def _host(tx: Transaction, host: str) -> planner.Host:
+    rec = tx.get("host", host)
+    return host_record(host, rec, tx.read("host_metrics", rec["metrics"]))
+
+
+def free_for_start(tx: Transaction, host: str, vm: str) -> int:
+    """Free memory of ``host`` at maximum compression, ``vm`` itself not counted.
+
+    Only residents count: xapid starts a VM inside one transaction, so no VM is ever left
+    ``scheduled_to_be_resident_on`` a host between calls.
+    """
+    residents = [vm_record(r, rec) for r, rec in _residents(tx, host) if r != vm]
+    return planner.host_free(_host(tx, host), residents, planner.DYNAMIC_MIN)
+
+
+def account_host(tx: Transaction, host: str, *changed: str) -> None:
+    """Recompute ``host_metrics.memory_free`` and the residents' ``memory_actual`` of ``host``."""
+    if tx.read("host", host) is None:
+        return
+    residents = _residents(tx, host, *changed)
+    targets, free = planner.balloon(_host(tx, host), [vm_record(r, rec) for r, rec in residents])
+    metrics_ref = tx.get("host", host)["metrics"]
+    metrics = tx.read("host_metrics", metrics_ref)
+    if metrics is not None and metrics["memory_free"] != free:
+        tx.update("host_metrics", metrics_ref, memory_free=free, last_updated=now_iso())
+    for ref, rec in residents:
+        m = tx.read("VM_metrics", rec["metrics"])
+        if m is not None and m["memory_actual"] != targets[ref]:
+            tx.update("VM_metrics", rec["metrics"], memory_actual=targets[ref])
+
+
+# -- power-state changes shared with HA --------------------------------------------------------------
+
+
+def _can_run_on(tx: Transaction, host: str) -> ApiError | None:
     h = tx.get("host", host)
     metrics = tx.read("host_metrics", h["metrics"])
-    return bool(metrics and metrics["live"]) and bool(h["enabled"])
+    if not (metrics and metrics["live"]):
+        return ApiError("HOST_OFFLINE", host)
+    if not h["enabled"]:
+        return ApiError("HOST_DISABLED", host)
+    return None
+
+
+def _memory_error(tx: Transaction, vm: str, rec: dict[str, Any], host: str) -> ApiError | None:
+    needed = vm_record(vm, rec).start_memory()
+    available = free_for_start(tx, host, vm)
+    return ApiError("HOST_NOT_ENOUGH_FREE_MEMORY", needed, available) if available < needed else None
+
+
+def _choose_host(daemon: Daemon, tx: Transaction, vm: str, rec: dict[str, Any]) -> str:
+    """The affinity host if the VM fits there, else the master, else the first host it fits on."""
+    candidates = [rec["affinity"]] if rec["affinity"] != NULL_REF else []
+    candidates += [daemon.master_ref(), *tx.refs("host")]
+    for host in dict.fromkeys(candidates):
+        if tx.read("host", host) is None:
+            continue
+        if _can_run_on(tx, host) is None and _memory_error(tx, vm, rec, host) is None:
+            return host
+    raise ApiError("NO_HOSTS_AVAILABLE")
 
 
 def _run_on(tx: Transaction, vm: str, rec: dict[str, Any], host: str) -> None:
@@ -42,12 +136,76 @@ def _run_on(tx: Transaction, vm: str, rec: dict[str, Any], host: str) -> None:
     metrics = tx.find("VM_metrics", rec["metrics"])
     if metrics is not None:
         metrics.update(start_time=now_iso(), last_updated=now_iso(), state=["running"])
+    account_host(tx, host, vm)
+
+
+def start_vm(daemon: Daemon, vm_ref: str, host_ref: str | None, paused: bool = False, force: bool = False) -> str:
+    """``VM.start`` (``host_ref`` None: the host is chosen) or ``VM.start_on``; returns the host.
+
+    Raises what the handlers raise: VM_IS_TEMPLATE, VM_BAD_POWER_STATE, HANDLE_INVALID,
+    HOST_OFFLINE / HOST_DISABLED / HOST_NOT_ENOUGH_FREE_MEMORY (``start_on``), NO_HOSTS_AVAILABLE
+    (``start``), HA_OPERATION_WOULD_BREAK_FAILOVER_PLAN.  ``force`` skips no check here (xapi's
+    flag only overrides CPU-compatibility checks xapid does not model).  After the start the
+    HA planning status is brought up to date, then the call sleeps ``VM.start_delay`` seconds,
+    as xapi's VM.start does (``Xapi_vm_helpers.start_delay``), outside any transaction.
+    """
+    with daemon.store.transaction() as tx:
+        rec = _vm(tx, vm_ref, "start" if host_ref is None else "start_on")
+        _expect(vm_ref, rec, "Halted")
+        if host_ref is None:
+            host = _choose_host(daemon, tx, vm_ref, rec)
+        else:
+            host = host_ref
+            error = _can_run_on(tx, host) or _memory_error(tx, vm_ref, rec, host)
+            if error is not None:
+                raise error
+        daemon.ha.planning.assert_vm_start_preserves_plan(vm_ref, host)
+        _run_on(tx, vm_ref, rec, host)
+        if paused:
+            rec["power_state"] = "Paused"
+        delay = max(0, int(rec["start_delay"]))
+    if _ha_enabled(daemon):
+        daemon.ha.planning.update_pool_status()
+    if delay:
+        time.sleep(delay)
+    return host
+
+
+def _to_halted(tx: Transaction, vm: str, rec: dict[str, Any]) -> str:
+    """Halted with no domain: devices detached, residency cleared, the host's memory given back."""
+    host = str(rec["resident_on"])
+    rec.update(power_state="Halted", resident_on=NULL_REF, scheduled_to_be_resident_on=NULL_REF, domid=-1)
+    for vbd in tx.store.referrers("VBD", "VM", vm):
+        if tx.read("VBD", vbd) is not None:
+            tx.update("VBD", vbd, currently_attached=False)
+    for vif in tx.store.referrers("VIF", "VM", vm):
+        if tx.read("VIF", vif) is not None:
+            tx.update("VIF", vif, currently_attached=False)
+    metrics = tx.find("VM_metrics", rec["metrics"])
+    if metrics is not None:
+        metrics.update(state=[], last_updated=now_iso())
+    if host != NULL_REF:
+        account_host(tx, host, vm)
+    return host
+
+
+def reset_vm_to_halted(tx: Transaction, vm_ref: str) -> str:
+    """Force ``vm_ref`` to Halted as xapi's ``force_state_reset`` does; returns the host it was on.
+
+    For VMs of dead hosts and ``VM.power_state_reset``: ``ha_always_run`` is kept, so a
+    protected VM stays protected (and HA restarts it).  The caller recomputes planning status
+    (``daemon.ha.planning.update_pool_status()``) after its transaction.
+    """
+    return _to_halted(tx, vm_ref, tx.get("VM", vm_ref))
 
 
 def _halt(tx: Transaction, vm: str, rec: dict[str, Any]) -> None:
-    rec.update(power_state="Halted", resident_on=NULL_REF, domid=-1, ha_always_run=False)
-    for vbd in tx.referrers("VBD", "VM", vm):
-        tx.update("VBD", vbd, currently_attached=False)
+    """A clean or hard shutdown: as a reset, and the VM stops being protected (xapi_vm.ml)."""
+    rec["ha_always_run"] = False
+    _to_halted(tx, vm, rec)
+
+
+# -- handlers --------------------------------------------------------------------------------------
 
 
 @handler("VM.create")
@@ -84,61 +242,51 @@ def destroy(call: Call, self: str) -> None:
 
 @handler("VM.start")
 def start(call: Call, vm: str, start_paused: bool, force: bool) -> None:
-    with call.store.transaction() as tx:
-        rec = _vm(tx, vm, "start")
-        _expect(vm, rec, "Halted")
-        candidates = [rec["affinity"]] if rec["affinity"] != NULL_REF else []
-        candidates += [call.daemon.master_ref()] + tx.refs("host")
-        host = next((h for h in candidates if tx.read("host", h) is not None and _live(tx, h)), None)
-        if host is None:
-            raise ApiError("HOST_OFFLINE", candidates[0] if candidates else NULL_REF)
-        _run_on(tx, vm, rec, host)
-        if start_paused:
-            rec["power_state"] = "Paused"
+    start_vm(call.daemon, vm, None, start_paused, force)
 
 
 @handler("VM.start_on")
 def start_on(call: Call, vm: str, host: str, start_paused: bool, force: bool) -> None:
+    start_vm(call.daemon, vm, host, start_paused, force)
+
+
+def _shutdown(call: Call, vm: str, operation: str, *states: str) -> None:
     with call.store.transaction() as tx:
-        rec = _vm(tx, vm, "start_on")
-        _expect(vm, rec, "Halted")
-        if not _live(tx, host):
-            raise ApiError("HOST_OFFLINE", host)
-        _run_on(tx, vm, rec, host)
-        if start_paused:
-            rec["power_state"] = "Paused"
+        rec = _vm(tx, vm, operation)
+        _expect(vm, rec, *states)
+        _halt(tx, vm, rec)
+    if _ha_enabled(call.daemon):
+        call.daemon.ha.planning.update_pool_status()
 
 
 @handler("VM.clean_shutdown", "VM.shutdown")
 def clean_shutdown(call: Call, vm: str) -> None:
-    with call.store.transaction() as tx:
-        rec = _vm(tx, vm, "clean_shutdown")
-        _expect(vm, rec, "Running")
-        _halt(tx, vm, rec)
+    _shutdown(call, vm, "clean_shutdown", "Running")
 
 
 @handler("VM.hard_shutdown")
 def hard_shutdown(call: Call, vm: str) -> None:
+    _shutdown(call, vm, "hard_shutdown", "Running", "Paused", "Suspended")
+
+
+def _reboot(call: Call, vm: str, operation: str, *states: str) -> None:
+    # xapi reserves no memory for a reboot (message_forwarding.ml, CA-31903); the shares are redone.
     with call.store.transaction() as tx:
-        rec = _vm(tx, vm, "hard_shutdown")
-        _expect(vm, rec, "Running", "Paused", "Suspended")
-        _halt(tx, vm, rec)
+        rec = _vm(tx, vm, operation)
+        _expect(vm, rec, *states)
+        _run_on(tx, vm, rec, rec["resident_on"])
+    if _ha_enabled(call.daemon):
+        call.daemon.ha.planning.update_pool_status()
 
 
 @handler("VM.clean_reboot")
 def clean_reboot(call: Call, vm: str) -> None:
-    with call.store.transaction() as tx:
-        rec = _vm(tx, vm, "clean_reboot")
-        _expect(vm, rec, "Running")
-        _run_on(tx, vm, rec, rec["resident_on"])
+    _reboot(call, vm, "clean_reboot", "Running")
 
 
 @handler("VM.hard_reboot")
 def hard_reboot(call: Call, vm: str) -> None:
-    with call.store.transaction() as tx:
-        rec = _vm(tx, vm, "hard_reboot")
-        _expect(vm, rec, "Running", "Paused")
-        _run_on(tx, vm, rec, rec["resident_on"])
+    _reboot(call, vm, "hard_reboot", "Running", "Paused")
 
 
 @handler("VM.pause")
@@ -159,49 +307,40 @@ def unpause(call: Call, vm: str) -> None:
 
 @handler("VM.set_ha_restart_priority")
 def set_ha_restart_priority(call: Call, self: str, value: str) -> None:
+    """xapi_vm.ml: protecting a VM that is not halted must keep the plan; only a Running VM's
+    ``ha_always_run`` follows the priority.  Planning status is then recomputed if HA is on."""
     if value not in RESTART_PRIORITIES:
         raise ApiError("INVALID_VALUE", "ha_restart_priority", value)
     with call.store.transaction() as tx:
         rec = tx.get("VM", self)
+        if rec["ha_restart_priority"] != "restart" and value == "restart" and rec["power_state"] != "Halted":
+            call.daemon.ha.planning.assert_new_vm_preserves_plan(self)
         rec["ha_restart_priority"] = value
-        if rec["power_state"] != "Halted":
+        if rec["power_state"] == "Running":
             rec["ha_always_run"] = value == "restart"
+    if _ha_enabled(call.daemon):
+        call.daemon.ha.planning.update_pool_status()
 
 
 @handler("VM.set_ha_always_run")
 def set_ha_always_run(call: Call, self: str, value: bool) -> None:
-    with call.store.transaction() as tx:
-        rec = tx.get("VM", self)
-        rec["ha_restart_priority"] = "restart" if value else ""
-        rec["ha_always_run"] = value
+    """Deprecated since boston: true means priority ``restart``, false the empty priority (xapi_vm.ml)."""
+    set_ha_restart_priority(call, self, "restart" if value else "")
+
+
+@handler("VM.assert_agile")
+def assert_agile(call: Call, self: str) -> None:
+    error = call.daemon.ha.planning.agility_error(self)
+    if error is not None:
+        raise ApiError(*error)
 
 
 @handler("VM.power_state_reset")
 def power_state_reset(call: Call, vm: str) -> None:
     with call.store.transaction() as tx:
-        _halt(tx, vm, tx.get("VM", vm))
-
-
-def reset_vm_to_halted(tx: Transaction, vm: str) -> None:
-    """Force ``vm`` to Halted (interim; keeps ha_always_run so HA restarts it)."""
-    rec = tx.get("VM", vm)
-    always = rec["ha_always_run"]
-    _halt(tx, vm, rec)
-    rec["ha_always_run"] = always
-
-
-def start_vm(daemon: Any, vm: str, host: str | None, paused: bool = False, force: bool = False) -> str:
-    """Start ``vm`` on ``host`` (None: anywhere) as VM.start/start_on do (interim)."""
-    with daemon.store.transaction() as tx:
-        rec = _vm(tx, vm, "start")
-        _expect(vm, rec, "Halted")
-        candidates = [host] if host else ([rec["affinity"]] if rec["affinity"] != NULL_REF else [])
-        if not host:
-            candidates += [daemon.master_ref()] + tx.refs("host")
-        chosen = next((h for h in candidates if tx.read("host", h) is not None and _live(tx, h)), None)
-        if chosen is None:
-            raise ApiError("HOST_OFFLINE", candidates[0] if candidates else NULL_REF)
-        _run_on(tx, vm, rec, chosen)
-        if paused:
-            rec["power_state"] = "Paused"
-        return chosen
+        rec = tx.get("VM", vm)
+        if rec["is_control_domain"]:
+            raise ApiError("CANNOT_RESET_CONTROL_DOMAIN", vm)
+        _to_halted(tx, vm, rec)
+    if _ha_enabled(call.daemon):
+        call.daemon.ha.planning.update_pool_status()

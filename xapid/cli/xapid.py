@@ -31,74 +31,84 @@ def parse_listen(text: str) -> tuple[str, int]:
 
 def serve(args: argparse.Namespace) -> int:
     from xapid.daemon import Daemon
-    from xapid.server import UnixXapiServer, XapiServer
+    from xapid.server import ApiServer, Limits, UnixXapiServer, XapiServer, bind_tcp
 
     # Stack scripts inherit this PATH: `#!/usr/bin/env python3` then finds the daemon's own interpreter
     # (fast, and the same Python) before any version-manager shim.
     interpreter_dir = str(Path(sys.executable).parent)
     if os.environ.get("PATH", "").split(os.pathsep)[:1] != [interpreter_dir]:
         os.environ["PATH"] = os.pathsep.join([interpreter_dir, os.environ.get("PATH", os.defpath)])
-    try:
-        cfg = config_mod.load(Path(args.config) if args.config else None)
-        daemon = Daemon(cfg, Path(args.state_dir), hosts=args.hosts)
-    except (config_mod.ConfigError, DescriptorError) as e:
-        print(f"xapid: {e}", file=sys.stderr)
-        return 2
-    except StoreCorrupt as e:
-        print(f"xapid: refusing to start: the store failed verification: {e}", file=sys.stderr)
-        return 2
-    except Exception as e:  # noqa: BLE001 - start-up errors are reported, not dumped
-        log.exception("start-up failed")
-        print(f"xapid: start-up failed: {e}", file=sys.stderr)
-        return 2
-    host, port = args.listen
-    try:
-        if not ipaddress.ip_address(host).is_loopback:
-            log.warning("listening on a non-loopback address", address=host)
-    except ValueError:
-        log.warning("listening on a host name, not a loopback address", address=host)
-    tls = None
-    if args.tls_cert:
-        tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        tls.load_cert_chain(args.tls_cert, args.tls_key)
-    server = XapiServer((host, port), daemon, tls)
-    scheme = "https" if tls else "http"
-    bound_host, bound_port = server.server_address[:2]
-    url = f"{scheme}://{bound_host}:{bound_port}/"
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
         stop.set()
 
-    # Before the URL file announces readiness: a SIGTERM right after it must be a clean stop.
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    # Everything that can refuse start-up without touching the state dir comes first: the
+    # configuration, the TLS material, and binding the port.
+    host, port = args.listen
+    try:
+        cfg = config_mod.load(Path(args.config) if args.config else None)
+        limits = Limits.from_config(cfg)
+        tls = None
+        if args.tls_cert:
+            tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            tls.load_cert_chain(args.tls_cert, args.tls_key)
+    except config_mod.ConfigError as e:
+        print(f"xapid: {e}", file=sys.stderr)
+        return 2
+    except (OSError, ssl.SSLError) as e:
+        print(f"xapid: cannot load the TLS certificate or key: {e}", file=sys.stderr)
+        return 2
+    try:
+        sock = bind_tcp(host, port)
+    except OSError as e:
+        print(f"xapid: cannot listen on {host}:{port}: {os.strerror(e.errno) if e.errno else e}", file=sys.stderr)
+        return 2
+    _raise_fd_limit(limits.max_connections)
+    try:
+        daemon = Daemon(cfg, Path(args.state_dir), hosts=args.hosts)
+    except (config_mod.ConfigError, DescriptorError) as e:
+        sock.close()
+        print(f"xapid: {e}", file=sys.stderr)
+        return 2
+    except StoreCorrupt as e:
+        sock.close()
+        print(f"xapid: refusing to start: the store failed verification: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 - start-up errors are reported, not dumped
+        sock.close()
+        log.exception("start-up failed")
+        print(f"xapid: start-up failed: {e}", file=sys.stderr)
+        return 2
+    try:
+        if not ipaddress.ip_address(host).is_loopback:
+            log.warning("listening on a non-loopback address", address=host)
+    except ValueError:
+        log.warning("listening on a host name, not a loopback address", address=host)
+    tcp = XapiServer(sock, tls)
+    server = ApiServer(daemon, limits)
+    server.serve(tcp)
+    scheme = "https" if tls else "http"
+    bound_host, bound_port = tcp.server_address
+    url = f"{scheme}://{bound_host}:{bound_port}/"
+    unix_path = Path(args.unix) if args.unix is not None else daemon.state_dir / "xapi.sock"
+    if args.unix != "":
+        try:
+            server.serve(UnixXapiServer(unix_path))
+            log.info("serving the local socket (pre-authenticated root)", path=str(unix_path))
+        except OSError as e:
+            log.warning("cannot serve the local socket", path=str(unix_path), error=str(e))
     daemon.start()
+    server.start()
     url_file = daemon.state_dir / "url"
     statefiles.write_atomic(url_file, (url + "\n").encode(), mode=0o644)
     log.info("xapid ready", url=url, state_dir=str(daemon.state_dir),
              root_password_file=str(daemon.state_dir / "root-password"))
-    servers: list[XapiServer | UnixXapiServer] = [server]
-    unix_path = Path(args.unix) if args.unix is not None else daemon.state_dir / "xapi.sock"
-    if args.unix != "":
-        try:
-            servers.append(UnixXapiServer(unix_path, daemon))
-            log.info("serving the local socket (pre-authenticated root)", path=str(unix_path))
-        except OSError as e:
-            log.warning("cannot serve the local socket", path=str(unix_path), error=str(e))
-    threads = [threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.2}, name=f"serve-{i}")
-               for i, srv in enumerate(servers)]
-    for t in threads:
-        t.start()
     stop.wait()
     log.info("stopping")
-    for srv in servers:
-        srv.shutdown()
-    for t in threads:
-        t.join()
-    for srv in servers:
-        srv.drain(30.0)
-        srv.server_close()
+    server.stop()
     daemon.stop()
     try:
         url_file.unlink()
@@ -106,6 +116,20 @@ def serve(args: argparse.Namespace) -> int:
         pass
     log.info("stopped")
     return 0
+
+
+def _raise_fd_limit(connections: int) -> None:
+    """Lift the soft open-file limit towards what ``max-connections`` needs (never past the hard one)."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        want = 2 * connections + 256  # the TCP and Unix listeners, plus files and pipes
+        if soft != resource.RLIM_INFINITY and soft < want:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want if hard == resource.RLIM_INFINITY else min(want, hard),
+                                                        hard))
+    except (ImportError, ValueError, OSError):
+        pass
 
 
 def passwd(args: argparse.Namespace) -> int:

@@ -642,6 +642,113 @@ def pool_ha_compute_hypothetical_max(ctx: Context, args: Args) -> None:
     ctx.out.write(f"{int(result)}\n")
 
 
+def pool_ha_compute_vm_failover_plan(ctx: Context, args: Args) -> None:
+    """The failover plan for the non-dom0 VMs resident on the given hosts, as xe's cli_operations.ml
+    prints it: one record, ``VM: Destination Host or Error`` then ``<vm uuid> (<name>): <host uuid>
+    (<name>)`` or the error code per VM."""
+    hosts = [ctx.db.ref_of("host", u) for u in (args.get("host-uuids") or "").split(",")]
+    vms = [vm for h in hosts for vm in ctx.rpc.call("host.get_resident_VMs", h)
+           if not ctx.rpc.call("VM.get_is_control_domain", vm)]
+    plan = ctx.rpc.call("pool.ha_compute_vm_failover_plan", hosts, vms)
+    rows = [("VM", "Destination Host or Error")]
+    for vm, result in plan.items():
+        if "host" in result:
+            where = ctx.db.describe("host", result["host"])
+        else:
+            where = result.get("error_code", "UNKNOWN")
+        rows.append((ctx.db.describe("VM", vm), where))
+    ctx.out.write(output.record_text(rows))
+
+
+HOST_SELECTOR_KEYS = ("host", "uuid", "multiple", "minimal", "force")
+
+
+def select_hosts(ctx: Context, args: Args, extra: tuple[str, ...] = ()) -> list[str]:
+    """The hosts a host-* operation acts on: ``uuid=``, ``host=<uuid, hostname or name-label>`` and field
+    selectors (cli_operations.ml select_hosts); the command's own parameters in ``extra`` are not selectors."""
+    uuid = args.get("uuid")
+    if uuid is not None:
+        return [ctx.db.ref_of("host", uuid)]
+    view = ctx.classes["host"]
+    skip = HOST_SELECTOR_KEYS + extra
+    filters = _filters(view, Args([(k, v) for k, v in args.pairs if k not in skip]), ())
+    name = args.get("host")
+    return [ref for ref, rec in select(ctx, view, filters)
+            if name is None or name in (rec.get("uuid"), rec.get("hostname"), rec.get("name_label"))]
+
+
+def _host_op(method: str, extra: tuple[str, ...] = (), multiple: bool = True,
+             arguments: Callable[[Context, Args], list[Any]] | None = None) -> Run:
+    """A host-* operation on the selected hosts (cli_operations.ml do_host_op)."""
+
+    def run(ctx: Context, args: Args) -> None:
+        hosts = select_hosts(ctx, args, extra)
+        if not hosts:
+            raise failwith("No matching hosts found")
+        if len(hosts) > 1 and not (multiple and args.flag("multiple")):
+            raise failwith("Multiple matching hosts found. Operation can only be performed on one host at a time"
+                           if not multiple else
+                           "Multiple matching hosts found. --multiple required to complete the operation")
+        more = arguments(ctx, args) if arguments is not None else []
+        failures: list[str] = []
+        for host in hosts:
+            try:
+                ctx.rpc.call(f"host.{method}", host, *more)
+            except ApiFailure as e:
+                if len(hosts) == 1:
+                    raise
+                message = "; ".join(output.api_error_lines(e.code, e.params, ctx.db.describe))
+                failures.append(f"operation failed on {ctx.db.uuid_of('host', host) or host}: {message}")
+        if failures:
+            raise XeError(*failures)
+
+    return run
+
+
+def _disable_args(ctx: Context, args: Args) -> list[Any]:
+    value = args.get("auto-enable")
+    return [True if value is None else parse_bool(value)]
+
+
+def _evacuate_args(ctx: Context, args: Args) -> list[Any]:
+    network = args.get("network-uuid")
+    batch = args.get("batch-size") or "0"
+    if not batch.isdigit():
+        raise failwith(f"Failed to parse batch-size: {batch}")
+    return [ctx.db.ref_of("network", network) if network else NULL_REF, batch]
+
+
+def host_get_vms_which_prevent_evacuation(ctx: Context, args: Args) -> None:
+    """One record per VM: uuid, name-label and the reason (code and parameters joined by commas)."""
+    host = ctx.db.ref_of("host", args.require("uuid"))
+    for vm, reason in ctx.rpc.call("host.get_vms_which_prevent_evacuation", host).items():
+        rec = ctx.db.record("VM", vm) or {}
+        ctx.out.write(output.record_text([("uuid ( RO)", str(rec.get("uuid", vm))),
+                                          ("name-label ( RW)", str(rec.get("name_label", ""))),
+                                          ("reason ( RO)", ",".join(reason))]))
+
+
+def pool_ha_prevent_restarts_for(ctx: Context, args: Args) -> None:
+    seconds = args.require("seconds")
+    try:
+        int(seconds)
+    except ValueError:
+        raise failwith(f"int_of_string: {seconds}") from None
+    ctx.rpc.call("pool.ha_prevent_restarts_for", seconds)
+
+
+def host_ha_xapi_healthcheck(ctx: Context, args: Args) -> None:
+    """``xapi is healthy.``; exit 2 when the call says false, 3 when it fails (cli_operations.ml)."""
+    try:
+        healthy = ctx.rpc.call("host.ha_xapi_healthcheck")
+    except ApiFailure as e:
+        raise XeError(f"Host.ha_xapi_healthcheck threw exception: {' '.join([e.code, *e.params])}",
+                      status=3) from None
+    if not healthy:
+        raise XeError("Host.ha_xapi_healthcheck reports false", status=2)
+    ctx.out.write("xapi is healthy.\n")
+
+
 def host_emergency_ha_disable(ctx: Context, args: Args) -> None:
     if not args.flag("force"):
         raise failwith(DANGEROUS)
@@ -683,8 +790,32 @@ def named_commands() -> list[Command]:
                 (), ("vm-uuid", "restart-priority"),
                 "Computes the host failures the pool could tolerate if the given VMs (repeated vm-uuid=, matched"
                 " in order with repeated restart-priority=) had those restart priorities."),
+        Command("pool-ha-compute-vm-failover-plan", pool_ha_compute_vm_failover_plan, ("host-uuids",), (),
+                "Compute a VM failover plan assuming the given set of hosts fail."),
         Command("host-emergency-ha-disable", host_emergency_ha_disable, (), ("force", "soft"),
                 "Disables HA on the local host in an emergency. Must be forced (--force)."),
+        Command("pool-ha-prevent-restarts-for", pool_ha_prevent_restarts_for, ("seconds",), (),
+                "Prevent HA VM restarts for a given number of seconds."),
+        Command("host-ha-xapi-healthcheck", host_ha_xapi_healthcheck, (), (),
+                "Check that xapi on the local host is running satisfactorily."),
+        Command("host-disable", _host_op("disable", ("auto-enable",), arguments=_disable_args), (),
+                ("host", "uuid", "auto-enable", "multiple", "<field>=<value>"),
+                "Disable the XE host. Setting auto-enable=false will keep the host persistently disabled until"
+                " manually re-enabled with Host.enable."),
+        Command("host-enable", _host_op("enable"), (), ("host", "uuid", "multiple", "<field>=<value>"),
+                "Enable the XE host."),
+        Command("host-evacuate", _host_op("evacuate", ("network-uuid", "batch-size"), multiple=False,
+                                          arguments=_evacuate_args), (),
+                ("host", "uuid", "network-uuid", "batch-size", "<field>=<value>"), "Migrate all VMs off a host."),
+        Command("host-get-vms-which-prevent-evacuation", host_get_vms_which_prevent_evacuation, ("uuid",), (),
+                "Return a list of VMs which prevent the evacuation of a specific host and display reasons for"
+                " each one."),
+        Command("host-shutdown", _host_op("shutdown"), (), ("host", "uuid", "multiple", "<field>=<value>"),
+                "Shutdown the XE host."),
+        Command("host-reboot", _host_op("reboot"), (), ("host", "uuid", "multiple", "<field>=<value>"),
+                "Reboot the XE host."),
+        Command("host-power-on", _host_op("power_on"), (), ("host", "uuid", "multiple", "<field>=<value>"),
+                "Power on the XE host."),
     ]
 
 

@@ -8,7 +8,9 @@ the reference stack engine has its own stdlib-only reader.
 
 from __future__ import annotations
 
+import random
 import re
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from xml.etree.ElementTree import Element, ParseError
@@ -133,10 +135,12 @@ def render(
     physical_interface: str,
     statefile: str,
     xapi_params: dict[str, int],
+    udp_port: int = UDP_PORT,
 ) -> str:
     """The complete xhad.conf document for one host (ha.md 3.1.2), ending in a newline.
 
-    ``hosts`` are (uuid, address) pairs in pool database order.  ``xapi_params`` must hold
+    ``hosts`` are (uuid, address) pairs in pool database order; ``udp_port`` the heartbeat port
+    (xapi: 694; xapid picks one free on every host address, as all hosts share one machine).  ``xapi_params`` must hold
     exactly the four Xapi* integers.  Raises INTERNAL_ERROR for a bad base T, missing or
     non-integer parameters, more than 64 hosts, or text XML cannot represent.
     """
@@ -159,7 +163,7 @@ def render(
         '<xhad-config version="1.0">',
         "  <common-config>",
         f"    <GenerationUUID>{_text(generation, 'GenerationUUID')}</GenerationUUID>",
-        f"    <UDPport>{UDP_PORT}</UDPport>",
+        f"    <UDPport>{int(udp_port)}</UDPport>",
     ]
     for uuid, address in hosts:
         lines.append(
@@ -278,3 +282,26 @@ def _parse_tree(root: Element) -> XhadConf:
         physical_interface=_leaf(local, "HeartbeatPhysicalInterface", "localhost"),
         statefile=_leaf(local, "StateFile", "localhost"),
     )
+
+
+def free_udp_port(addresses: list[str], attempts: int = 64) -> int:
+    """A UDP port that is free on every one of ``addresses`` now (the pool's heartbeat port).
+
+    The emulated hosts of one pool share a machine, and several pools may run at once, so xapi's
+    fixed port 694 would collide (and needs root).  INTERNAL_ERROR if none is found.
+    """
+    for _ in range(attempts):
+        port = random.randint(20000, 59999)
+        held: list[socket.socket] = []
+        try:
+            for address in addresses:
+                s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                held.append(s)
+                s.bind((address, port))
+            return port
+        except OSError:
+            continue
+        finally:
+            for s in held:
+                s.close()
+    raise internal(f"no UDP port is free on all heartbeat addresses {addresses}")

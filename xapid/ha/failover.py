@@ -53,6 +53,7 @@ class Failover:
         self._best_effort_tried: dict[str, int] = {}
         self._become_master_lock = threading.Lock()
         self._memory_of: str | None = None  # the master whose xapi remembers the tables above
+        self._live_set: set[str] = set()
 
     def _forget_if_new_master(self) -> None:
         """A new master is another xapi process: it starts with empty retry and alert tables."""
@@ -101,7 +102,8 @@ class Failover:
         for _href, uuid in newly_dead:
             hooks.run(self.hooks_dir, hooks.HOST_POST_DECLARE_DEAD, hooks.REASON_FENCED, uuid)
         if reset:
-            m.planning.update_pool_status()
+            m.planning.update_pool_status(live_set)
+        self._live_set = live_set
         all_ok = self._restart_protected(live_set, bool(reset))
         self._restart_best_effort(live_set, last_live or set(), all_ok, reset)
 
@@ -168,7 +170,7 @@ class Failover:
             except ApiError as e:
                 if e.code == "HA_OPERATION_WOULD_BREAK_FAILOVER_PLAN":
                     log.error("restart refused by overcommit protection: pool marked overcommitted, retrying")
-                    self.manager.planning.mark_overcommitted()
+                    self.manager.planning.mark_overcommitted(self._live_set)
                     try:
                         vm_api.start_vm(self.manager.daemon, vm, on, paused=False, force=True)
                         return True

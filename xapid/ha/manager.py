@@ -15,18 +15,22 @@ import threading
 import time
 import uuid as uuidlib
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from xapid.api.host import update_allowed_operations
+from xapid.api.message import create_message
 from xapid.api.vdi import create_vdi
 from xapid.errors import ApiError, internal
 from xapid.ha import conf, stack
 from xapid.ha.failover import Failover
 from xapid.ha.localdb import LocalDb
 from xapid.ha.monitor import Monitor
+from xapid.ha.planning import Planning
 from xapid.ha.scripts import ClusterStackRunner, ScriptError
+from xapid.hw.processes import kill_all
 from xapid.storage import sm_of
 from xapid.store import Transaction, new_ref
 
@@ -59,10 +63,32 @@ class HaManager:
         )
         self.local = LocalDb(daemon.state_dir)
         self._op_lock = threading.Lock()
+        self._port_lock = threading.Lock()
+        self._join_aborted = threading.Event()
+        self._port_for: tuple[str, int] = ("", 0)
         self.monitor = Monitor(self)
         self.failover = Failover(self)
-        self.planning = _InterimPlanning(self)
+        self.planning = Planning(daemon)
         daemon.hw.on_power_change(self._on_power_change)
+        # Hosts going down cleanly: the master counts them dead until their xapi starts again.
+        self.shutting_down: set[str] = set()
+        # Hosts their user disabled since their xapi started (xapi_host_helpers user_requested_host_disable).
+        self.user_disabled: set[str] = set()
+        self._lifecycle_lock = threading.Lock()
+        self._starting: set[str] = set()
+        self._threads: set[threading.Thread] = set()
+        self._stopping = threading.Event()
+        daemon.hw.on_boot(self._on_boot)
+
+    def _on_boot(self, host_uuid: str) -> None:
+        """The emulated hardware booted a host (in a thread of its own): xapi starts on it."""
+        ref = self.store.by_uuid("host", host_uuid)
+        if ref is None:
+            return
+        try:
+            self.host_started(ref, system_boot=True)
+        except ApiError as e:
+            log.error("xapi start-up failed", host=host_uuid, error=str(e))
 
     def _on_power_change(self, host_uuid: str, old: str, new: str) -> None:
         """A host without power, or frozen, runs no monitor (its xapi is gone)."""
@@ -114,6 +140,29 @@ class HaManager:
         with ThreadPoolExecutor(max_workers=len(hosts), thread_name_prefix="ha-host") as pool:
             futures = [(h, pool.submit(fn, h)) for h in hosts]
             return [(h, f.exception()) for h, f in futures]
+
+    def _join_all(self, hosts: list[str], master: str, master_done: threading.Event,
+                  master_ok: threading.Event) -> BaseException | None:
+        """Join every host at once; on the first failure the other joins are cut short; that failure.
+
+        With real xhad the other hosts would wait out EnableJoinTimeout for the missing one and fail
+        too; the enable fails either way, with the first host's error, so xapid does not wait.
+        """
+        first: BaseException | None = None
+        self._join_aborted.clear()
+        with ThreadPoolExecutor(max_workers=len(hosts), thread_name_prefix="ha-join") as pool:
+            futures = {pool.submit(self._join, h, master, master_done, master_ok): h for h in hosts}
+            for future in as_completed(futures):
+                error = future.exception()
+                if error is not None and first is None:
+                    first = error
+                    log.warning("a host failed to join; cutting the other joins short",
+                                host=self.host_uuid(futures[future]), error=str(error))
+                    self._join_aborted.set()
+                    master_done.set()
+                    for h in hosts:
+                        self.runner.cancel(self.host_uuid(h))
+        return first
 
     # -- the pool operation gate (ha.md 4.1 step 1) ------------------------------------------------------
 
@@ -228,7 +277,7 @@ class HaManager:
             statefile_path = str(
                 self.daemon.disks.vdi_path(tx.get("SR", sr)["uuid"], tx.get("VDI", statefile)["uuid"])
             )
-        self.update_plan()
+        self.planning.update_pool_status()
         generation = str(uuidlib.uuid4())
         self._write_conf(master, generation, base_t, statefile_path)
         self.run(master, "ha_set_pool_state", "init")
@@ -247,10 +296,9 @@ class HaManager:
             tasks.progress(task, len(hosts) / steps)
             tasks.check_cancelled(task)
             master_done, master_ok = threading.Event(), threading.Event()
-            results = self.in_parallel(hosts, lambda h: self._join(h, master, master_done, master_ok))
-            failures = [e for _h, e in results if e is not None]
-            if failures:
-                raise failures[0]
+            first = self._join_all(hosts, master, master_done, master_ok)
+            if first is not None:
+                raise first
             tasks.progress(task, 2 * len(hosts) / steps)
             tasks.check_cancelled(task)
             with self.store.transaction() as tx:
@@ -262,7 +310,8 @@ class HaManager:
             log.warning("HA enable failed in the per-host stage; disabling")
             self._internal_disable(rollback=True)
             raise
-        self.monitor.start()
+        for h in hosts:
+            self._monitor_start(h)
         log.info("HA enabled", stack=chosen, hosts=len(hosts))
 
     def _assert_statefile_sr(self, tx: Transaction, sr: str, chosen: str) -> None:
@@ -318,6 +367,13 @@ class HaManager:
             },
         )
 
+    def _udp_port(self, generation: str) -> int:
+        """The heartbeat port of the pool for this HA generation: one port, free on every host address."""
+        with self._port_lock:
+            if self._port_for[0] != generation:
+                self._port_for = (generation, conf.free_udp_port([h["address"] for _r, h in self.hosts()]))
+            return self._port_for[1]
+
     def _write_conf(self, host: str, generation: str, base_t: object, statefile_path: str) -> None:
         host_rec = self.store.get("host", host)
         assert host_rec is not None
@@ -346,6 +402,7 @@ class HaManager:
                 "XapiRestartAttempts": cfg["ha_xapi_restart_attempts"],
                 "XapiRestartTimeout": cfg["ha_xapi_restart_timeout"],
             },
+            udp_port=self._udp_port(generation),
         )
         conf.write(self.local.conf_path(host_rec["uuid"]), text)
 
@@ -390,15 +447,19 @@ class HaManager:
         master_uuid = self.host_uuid(master)
         deadline = time.monotonic() + self.daemon.config["ha-script-timeout"]
         while True:
+            if self._join_aborted.is_set():
+                raise internal("HA enable aborted: another host failed to join")
             live = self.query(host)
-            entry = live.hosts.get(master_uuid)
-            if entry is None:
-                raise internal("the master is missing from the liveset during HA enable")
-            if live.status == "Online" and entry.master and entry.liveness:
-                return
-            if live.status == "Online" and (not entry.liveness or entry.statefile_corrupted
-                                            or not entry.statefile_access or entry.excluded):
-                raise internal("existing master failed during HA enable")
+            # xapi_ha.ml join_liveset looks at the master's entry only once the liveset is Online;
+            # a Starting liveset (which may not list the master yet) means "look again".
+            if live.status == "Online":
+                entry = live.hosts.get(master_uuid)
+                if entry is None:
+                    raise internal("the master is missing from the liveset during HA enable")
+                if entry.master and entry.liveness:
+                    return
+                if not entry.liveness or entry.statefile_corrupted or not entry.statefile_access or entry.excluded:
+                    raise internal("existing master failed during HA enable")
             if time.monotonic() > deadline:
                 raise internal("timed out waiting for the master to appear in the liveset")
             time.sleep(0.5)
@@ -414,6 +475,7 @@ class HaManager:
                 raise ApiError("HA_HOST_CANNOT_ACCESS_STATEFILE") from e
             raise
         self.local.set(self.host_uuid(host), **{"ha.armed": True, "ha.disable_failover_decisions": False})
+        self._leave_emergency(host)
 
     def _claim_master(self, host: str) -> None:
         """The master takes the master lock at the end of its join, or the enable fails."""
@@ -460,6 +522,7 @@ class HaManager:
             pool["ha_enabled"] = value
             if plan_zero:
                 pool["ha_plan_exists_for"] = 0
+            self._allowed(pool)
             for vdi in pool["ha_statefiles"]:
                 if tx.find("VDI", vdi) is not None:
                     tx.update(
@@ -481,7 +544,7 @@ class HaManager:
         if self._master_has_statefile(master):
             try:
                 self.run(master, "ha_set_pool_state", "invalid")
-                self.monitor.stop()
+                self._monitor_stop()
                 self._set_enabled(False, plan_zero=True)
                 # Every daemon now reads the invalid pool state and exits; xapi waits for that via the
                 # statefile on each host.  Stopping each daemon gives the same end state without polling.
@@ -491,7 +554,7 @@ class HaManager:
         for h in hosts:
             self.local.set(self.host_uuid(h), **{"ha.disable_failover_decisions": True})
         self._set_enabled(False)
-        self.monitor.stop()
+        self._monitor_stop()
         self.in_parallel(hosts, lambda h: self.try_run(h, "ha_disarm_fencing", ok=(MTC_DAEMON_NOT_PRESENT,)))
         return self._stop_all(hosts)
 
@@ -525,149 +588,408 @@ class HaManager:
                 f"HA disabled, but the heartbeat daemon could not be stopped on: {', '.join(left)}"
             )
 
-    # -- emergency disable, boot, shutdown -------------------------------------------------------------
+    # -- per-host state, emulated hardware ---------------------------------------------------------------
 
-    def emergency_disable(self, host: str, soft: bool) -> None:
-        """``host.emergency_ha_disable`` (ha.md 4.6): this host only; the pool database is untouched."""
+    def power(self, host: str) -> str:
+        """The host's power state: on, off, fenced or hung (hw-contract.md)."""
+        return str(self.daemon.hw.power(self.host_uuid(host)))
+
+    def is_running(self, host: str) -> bool:
+        """True iff the host is powered on and not hung: its xapi would answer."""
+        return bool(self.daemon.hw.is_running(self.host_uuid(host)))
+
+    def armed(self, host: str) -> bool:
+        return bool(self.local.get(self.host_uuid(host), "ha.armed", False))
+
+    def emergency_error(self, host: str) -> ApiError | None:
+        """The error this host's API answers with while it is in emergency mode (ha.md 4.8), else None."""
+        error = self.local.get(self.host_uuid(host), "ha.emergency_error")
+        return ApiError(*error) if error else None
+
+    def starting(self, host: str) -> bool:
+        """True while the host's xapi start-up (:meth:`host_started`) runs."""
+        with self._lifecycle_lock:
+            return host in self._starting
+
+    def _enter_emergency(self, host: str, code: str, cause: BaseException) -> None:
         uuid = self.host_uuid(host)
-        if not self.local.get(uuid, "ha.armed", False):
-            if soft:
+        if self.local.get(uuid, "ha.emergency_error") != [code]:
+            log.error("host enters emergency mode", host=uuid, error=code, cause=str(cause))
+            self.local.set(uuid, **{"ha.emergency_error": [code]})
+
+    def _leave_emergency(self, host: str) -> None:
+        uuid = self.host_uuid(host)
+        if self.local.get(uuid, "ha.emergency_error"):
+            log.info("host leaves emergency mode", host=uuid)
+            self.local.set(uuid, **{"ha.emergency_error": None})
+
+    def _monitor_start(self, host: str) -> None:
+        self.monitor.start(host)
+
+    def _monitor_stop(self, host: str | None = None) -> None:
+        self.monitor.stop(host)
+
+    def _master_failure(self, host: str) -> None:
+        """The master-failure procedure of ha.md 4.9 for ``host`` (xapi_ha.ml on_master_failure)."""
+        failover = getattr(self, "failover", None)
+        procedure = getattr(failover, "master_failure", None)
+        if procedure is None:
+            log.warning("no master-failure procedure available; the host stays as it is", host=self.host_uuid(host))
+            return
+        procedure(host)
+
+    def _failover_decisions_ok(self, host: str) -> bool:
+        return not self.local.get(self.host_uuid(host), "ha.disable_failover_decisions", False)
+
+    def mark_dead(self, tx: Transaction, host: str) -> None:
+        """``host_metrics.live := false`` inside ``tx`` (no message: the host is known to go down)."""
+        metrics = tx.read("host_metrics", tx.get("host", host)["metrics"])
+        if metrics is not None and metrics["live"]:
+            tx.update("host_metrics", tx.get("host", host)["metrics"], live=False)
+
+    # -- xapi start-up of one host (ha.md 4.8) -------------------------------------------------------------
+
+    def host_started(self, host: str, system_boot: bool = True) -> None:
+        """The xapi start-up of ``host``; returns once it is done or given up.
+
+        Called for every powered-on host at daemon start (``system_boot`` false: only xapi restarted)
+        and by the emulated hardware after a boot (``system_boot`` true).  An armed host starts its
+        heartbeat daemon, retrying every ``ha-boot-retry-delay`` seconds in emergency mode
+        (xapi_ha.ml on_server_restart); its ``ha.armed`` is then reconciled with ``pool.ha_enabled``
+        (xapi.ml resynchronise_ha_state); ``HA_HOST_WAS_FENCED`` is raised after a boot that no clean
+        shutdown preceded (xapi_host_crashdump.ml); last the host enables itself unless something
+        keeps it disabled (xapi_host_helpers.ml consider_enabling_host).
+        """
+        uuid = self.host_uuid(host)
+        with self._lifecycle_lock:
+            if host in self._starting:
+                log.info("xapi start-up already running on this host", host=uuid)
                 return
-            raise ApiError("HA_NOT_ENABLED")
-        self.try_run(host, "ha_disarm_fencing", ok=(MTC_DAEMON_NOT_PRESENT,))
+            self._starting.add(host)
+            # Pool.hello from the restarted host: the master may count it live again.
+            self.shutting_down.discard(host)
+            self.user_disabled.discard(host)
+        try:
+            log.info("xapi start-up", host=uuid, system_boot=system_boot)
+            self._leave_emergency(host)  # a new xapi process: emergency mode is found again, or not
+            clean = bool(self.local.get(uuid, "host_restarted_cleanly", False))
+            if system_boot:
+                self.local.set(uuid, host_restarted_cleanly=False)
+            self._hello(host)
+            if self.armed(host) and not self._start_ha(host):
+                if self._stopping.is_set():
+                    return
+            self._resynchronise(host)
+            pool = self.pool()
+            if system_boot and pool["ha_enabled"] and not clean:
+                create_message(self.store, "HA_HOST_WAS_FENCED", 4, "Host", uuid, "")
+            if self.emergency_error(host) is None:
+                self.consider_enabling_host(host, system_boot)
+        finally:
+            with self._lifecycle_lock:
+                self._starting.discard(host)
+
+    def _hello(self, host: str) -> None:
+        """What ``Pool.hello`` and the start-up do to the pool database for a host that came up."""
+        with self.store.transaction() as tx:
+            h = tx.get("host", host)
+            dom0 = tx.read("VM", h["control_domain"])
+            if dom0 is not None and dom0["power_state"] != "Running":
+                tx.update("VM", h["control_domain"], power_state="Running", resident_on=host)
+            if not tx.get("pool", self.daemon.pool_ref())["ha_enabled"]:
+                # Without HA, XenAPI heartbeats drive liveness: a host that says hello is live.
+                metrics = tx.read("host_metrics", h["metrics"])
+                if metrics is not None and not metrics["live"]:
+                    tx.update("host_metrics", h["metrics"], live=True)
+
+    def _start_ha(self, host: str) -> bool:
+        """The armed branch of the start-up; True once the heartbeat runs and the monitor started."""
+        uuid = self.host_uuid(host)
+        delay = float(self.daemon.config["ha-boot-retry-delay"])
+        vanished = 0
+        while True:
+            if self._stopping.is_set():
+                return False
+            if not self.armed(host):
+                log.warning("HA start-up aborted: the host was disarmed (emergency_ha_disable)", host=uuid)
+                return False
+            if not self.is_running(host):
+                log.warning("HA start-up aborted: the host is not running", host=uuid)
+                return False
+            try:
+                try:
+                    self.run(host, "ha_start_daemon")
+                except ScriptError as e:
+                    if e.exit_code != MTC_DAEMON_PRESENT:
+                        raise
+                    # An adopted daemon may have seen an invalid pool state and be on its way out.
+                    self.query(host)
+                    log.info("heartbeat daemon already running; adopted", host=uuid)
+                break
+            except ScriptError as e:
+                if e.exit_code == MTC_DAEMON_NOT_PRESENT and vanished < 3:
+                    vanished += 1
+                    log.info("heartbeat daemon went away right after its start; starting it again", host=uuid)
+                    continue
+                if e.exit_code == MTC_INVALID_POOL_STATE:
+                    log.warning("ha_start_daemon: invalid pool state; disarming this host", host=uuid)
+                    self.local.set(uuid, **{"ha.armed": False})
+                    self._leave_emergency(host)
+                    return False
+                if e.exit_code == MTC_CAN_NOT_ACCESS_STATEFILE:
+                    if not self.pool()["ha_enabled"]:
+                        log.info("statefile unreachable and HA is off pool-wide; disarming", host=uuid)
+                        self.local.set(uuid, **{"ha.armed": False})
+                        self._leave_emergency(host)
+                        return False
+                    self._enter_emergency(host, "HA_HOST_CANNOT_ACCESS_STATEFILE", e)
+                else:
+                    self._enter_emergency(host, "HA_HEARTBEAT_DAEMON_STARTUP_FAILED", e)
+            except ApiError as e:
+                self._enter_emergency(host, "HA_HEARTBEAT_DAEMON_STARTUP_FAILED", e)
+            if self._stopping.wait(delay):
+                return False
+        self._leave_emergency(host)
         if host == self.daemon.master_ref():
-            self.monitor.stop()
-        self.try_run(host, "ha_stop_daemon")
-        self.try_run(host, "ha_set_excluded")
-        if not soft:
+            if self._failover_decisions_ok(host) and self._propose(host):
+                log.info("ha_propose_master succeeded; continuing as master", host=uuid)
+            else:
+                log.warning("the master could not take the HA master lock at start-up", host=uuid)
+                self._master_failure(host)
+        self._monitor_start(host)
+        return True
+
+    def _resynchronise(self, host: str) -> None:
+        """``ha.armed`` against ``pool.ha_enabled`` (xapi.ml resynchronise_ha_state)."""
+        uuid = self.host_uuid(host)
+        master = self.daemon.master_ref()
+        if host != master and not self.armed(host) and self.pool()["ha_enabled"]:
+            # The master's own start-up may be about to switch HA off (a master found disarmed): a slave
+            # decides after it, as a real slave only reaches this point once it can talk to its master.
+            deadline = time.monotonic() + float(self.daemon.config["ha-start-daemon-timeout"])
+            while self.starting(master) and time.monotonic() < deadline and not self._stopping.is_set():
+                time.sleep(0.05)
+        armed = self.armed(host)
+        enabled = bool(self.pool()["ha_enabled"])
+        if armed and not enabled:
+            log.info("HA was disabled on the pool while this host was away; disarming it", host=uuid)
+            self._monitor_stop(host)
+            self.try_run(host, "ha_stop_daemon")
             self.local.set(uuid, **{"ha.armed": False})
+        elif enabled and not armed:
+            if host == self.daemon.master_ref():
+                log.warning("HA is enabled but the master is disarmed; disabling HA on the pool", host=uuid)
+                self._set_enabled(False)
+                self._ensure_fully_off()
+            else:
+                log.warning("HA is enabled but this slave is disarmed: emergency mode", host=uuid)
+                self._enter_emergency(host, "HA_POOL_IS_ENABLED_BUT_HOST_IS_DISABLED",
+                                      internal("host disarmed while pool HA is on"))
+
+    def consider_enabling_host(self, host: str, system_boot: bool) -> None:
+        """Set ``host.enabled`` unless something keeps the host disabled (xapi_host_helpers.ml).
+
+        A host stays disabled if its user disabled it since its xapi started, if it is armed and a PBD
+        is unplugged, if ``host_auto_enable`` is false in its local db, or (outside a boot) if a clean
+        shutdown was under way (``host_disabled_until_reboot``).  A boot clears that flag.
+        """
+        uuid = self.host_uuid(host)
+        if host in self.user_disabled:
+            return
+        if self.armed(host) and not all(
+            (p := self.store.get("PBD", pbd)) is not None and p["currently_attached"]
+            for pbd in self.store.referrers("PBD", "host", host)
+        ):
+            log.info("a PBD is unplugged and HA is armed: the host stays disabled", host=uuid)
+            return
+        local = self.local.read(uuid)
+        if system_boot:
+            if local.get("host_disabled_until_reboot"):
+                self.local.set(uuid, host_disabled_until_reboot=False)
+        elif local.get("host_disabled_until_reboot"):
+            log.info("a clean shutdown was under way: the host stays disabled until it reboots", host=uuid)
+            return
+        if not local.get("host_auto_enable", True):
+            log.info("host_auto_enable is false: the host stays disabled until host.enable", host=uuid)
+            return
+        with self.store.transaction() as tx:
+            if not tx.get("host", host)["enabled"]:
+                log.info("host enabled", host=uuid)
+                tx.update("host", host, enabled=True)
+                update_allowed_operations(tx, host)
+        if self.pool()["ha_enabled"]:
+            self.planning.update_pool_status()
+
+    # -- daemon start and stop -----------------------------------------------------------------------------
 
     def start(self) -> None:
-        """xapi start-up (ha.md 4.8): re-arm armed hosts, reconcile with ``pool.ha_enabled``."""
-        pool = self.pool()
-        master = self.daemon.master_ref()
-        armed = [h for h, rec in self.hosts() if self.local.get(rec["uuid"], "ha.armed", False)]
-        if not pool["ha_enabled"]:
-            for h in armed:
-                self.try_run(h, "ha_stop_daemon")
-                self.local.set(self.host_uuid(h), **{"ha.armed": False})
-            return
-        if master not in armed:
-            log.warning("HA enabled but the master is not armed; marking HA disabled")
-            self._set_enabled(False)
-            return
+        """Daemon start-up: reconcile what a crash left, then start every powered-on host's xapi.
 
-        def rearm(h: str) -> None:
-            try:
-                self.run(h, "ha_start_daemon")
-            except ScriptError as e:
-                if e.exit_code == MTC_DAEMON_PRESENT:
-                    return
-                if e.exit_code == MTC_INVALID_POOL_STATE:
-                    self.local.set(self.host_uuid(h), **{"ha.armed": False})
-                    return
-                log.error(
-                    "HA heartbeat could not start at boot (emergency mode in xapi)",
-                    host=self.host_uuid(h),
-                    error=str(e),
-                )
-            except ApiError as e:
-                log.error("HA heartbeat could not start at boot", host=self.host_uuid(h), error=str(e))
+        Operations of calls that no longer run are dropped (xapi cancels every task at start); every
+        host is disabled until its start-up enables it (ha.md 4.8).  With HA off, every heartbeat
+        daemon of every host is stopped and every host disarmed; with HA on, each armed host adopts
+        or restarts its heartbeat (:meth:`host_started`, on a thread per host, so that a host stuck
+        in emergency mode never holds the daemon back).
+        """
+        self._stopping.clear()
+        self.runner.reap_orphans()
+        self._reconcile_operations()
+        with self.store.transaction() as tx:
+            for href, h in tx.items("host"):
+                if h["enabled"]:
+                    tx.update("host", href, enabled=False)
+                update_allowed_operations(tx, href)
+        if not self.pool()["ha_enabled"]:
+            self._ensure_fully_off()
+        for host, _rec in self.hosts():
+            if self.power(host) != "on":
+                continue
+            if self.armed(host):
+                self.spawn_start(host, system_boot=False)
+            else:
+                self.host_started(host, system_boot=False)
 
-        self.in_parallel(armed, rearm)
-        if not self._propose(master):
-            log.warning("the master could not take the HA master lock at boot")
-        self.monitor.start()
+    def spawn_start(self, host: str, system_boot: bool) -> threading.Thread:
+        """Run :meth:`host_started` on a thread of its own (joined by :meth:`stop`)."""
+        thread = threading.Thread(target=self._start_thread, args=(host, system_boot),
+                                  name=f"ha-start-{self.host_uuid(host)[:8]}", daemon=True)
+        with self._lifecycle_lock:
+            self._threads = {t for t in self._threads if t.is_alive()}
+            self._threads.add(thread)
+        thread.start()
+        return thread
+
+    def _start_thread(self, host: str, system_boot: bool) -> None:
+        try:
+            self.host_started(host, system_boot)
+        except ApiError as e:
+            log.error("xapi start-up failed", host=self.host_uuid(host), error=str(e))
+
+    def _reconcile_operations(self) -> None:
+        """Drop ``current_operations`` of the pool and hosts: no call of a previous run still runs."""
+        with self.store.transaction() as tx:
+            pool = tx.get("pool", self.daemon.pool_ref())
+            if pool["current_operations"]:
+                log.warning("dropping operations of calls that ended with the previous run",
+                            operations=sorted(pool["current_operations"].values()))
+                pool["current_operations"] = {}
+            self._allowed(pool)
+            for href, h in tx.items("host"):
+                if h["current_operations"]:
+                    tx.update("host", href, current_operations={})
+
+    def _configured(self, host: str) -> bool:
+        """True iff the host was ever given a cluster stack (only then can a heartbeat run for it)."""
+        uuid = self.host_uuid(host)
+        return bool(self.local.get(uuid, "ha_cluster_stack")) and self.local.conf_path(uuid).exists()
+
+    def _ensure_fully_off(self) -> None:
+        """HA off everywhere: every monitor stopped, every heartbeat daemon stopped, every host disarmed."""
+        self._monitor_stop()
+        hosts = [h for h, _rec in self.hosts() if self._configured(h)]
+
+        def off(h: str) -> None:
+            self.try_run(h, "ha_disarm_fencing", ok=(MTC_DAEMON_NOT_PRESENT,))
+            self.try_run(h, "ha_stop_daemon")
+            self.local.set(self.host_uuid(h), **{"ha.armed": False})
+            self._leave_emergency(h)
+
+        self.in_parallel(hosts, off)
+        for h in hosts:
+            # A script of a killed daemon may still be running and start a heartbeat later: with HA off
+            # nothing may run for a host (hw-contract.md: its processes carry XAPID_HOST_DIR).
+            left = kill_all(self.local.host_dir(self.host_uuid(h)))
+            if left:
+                log.warning("killed processes left behind for a host while HA is off", host=self.host_uuid(h),
+                            processes=left)
 
     def stop(self) -> None:
-        """Daemon shutdown: stop the monitor and the heartbeats we started; hosts stay armed."""
-        self.monitor.stop()
+        """Daemon shutdown: end the start-up threads, the monitor and the heartbeats; hosts stay armed."""
+        self._stopping.set()
+        with self._lifecycle_lock:
+            threads = list(self._threads)
+        for thread in threads:
+            thread.join(timeout=self.daemon.config["ha-start-daemon-timeout"] + 5)
+        self._monitor_stop()
         if not self.pool()["ha_enabled"]:
             return
         hosts = [h for h, rec in self.hosts() if self.local.get(rec["uuid"], "ha.armed", False)]
         self.in_parallel(hosts, lambda h: self.try_run(h, "ha_stop_daemon"))
 
-    # -- planning (ha.md 4.10, conservative) ---------------------------------------------------------------
+    # -- emergency disable, clean shutdown (ha.md 4.6, 4.7) --------------------------------------------------
 
-    def _protected(self) -> list[dict[str, Any]]:
-        return [
-            v
-            for _r, v in self.store.items("VM")
-            if v["ha_restart_priority"] == "restart" and not v["is_control_domain"] and not v["is_a_template"]
-        ]
+    def emergency_disable(self, host: str, soft: bool) -> None:
+        """``host.emergency_ha_disable`` (ha.md 4.6): this host only; the pool database is untouched."""
+        uuid = self.host_uuid(host)
+        if not self.armed(host):
+            if soft:
+                return
+            raise ApiError("HA_NOT_ENABLED")
+        log.warning("emergency_ha_disable: HA is switched off on this host only", host=uuid, soft=soft)
+        self.try_run(host, "ha_disarm_fencing", ok=(MTC_DAEMON_NOT_PRESENT,))
+        self._monitor_stop(host)
+        self.try_run(host, "ha_stop_daemon")
+        self.try_run(host, "ha_set_excluded")
+        if not soft:
+            self.local.set(uuid, **{"ha.armed": False})
 
-    def plan_exists(self, n: int, protected: list[dict[str, Any]] | None = None) -> bool:
-        """Whether every protected VM still fits after losing the ``n`` largest hosts.
+    def assert_have_statefile_access(self, host: str) -> None:
+        """With HA on, the host's own liveset must show statefile access, else ``HA_LOST_STATEFILE``."""
+        if not self.pool()["ha_enabled"]:
+            return
+        uuid = self.host_uuid(host)
+        try:
+            me = self.query(host).hosts.get(uuid)
+        except ApiError as e:
+            log.warning("liveset query failed; assuming no statefile access", host=uuid, error=str(e))
+            me = None
+        if me is None or not me.statefile_access or me.statefile_corrupted:
+            raise ApiError("HA_LOST_STATEFILE")
 
-        ``protected`` replaces the VMs whose ``ha_restart_priority`` is ``restart`` (hypothetical plans).
-        """
-        vms = self._protected() if protected is None else protected
-        free = []
-        for _r, h in self.hosts():
-            metrics = self.store.get("host_metrics", h["metrics"])
-            if metrics and metrics["live"] and h["enabled"]:
-                free.append(int(metrics["memory_total"]) - 4 * 1024**3)
-        if n >= len(free):
-            return not vms
-        free.sort()
-        remaining = free[: len(free) - n] if n else free
-        need = sorted((int(v["memory_static_max"]) for v in vms), reverse=True)
-        bins = sorted(remaining, reverse=True)
-        for size in need:
-            for i, room in enumerate(bins):
-                if room >= size:
-                    bins[i] -= size
-                    break
-            else:
-                return False
-        return True
-
-    def compute_max_failures(self, update: bool = False, protected: list[dict[str, Any]] | None = None) -> int:
-        """The most host failures a plan survives; ``protected`` as in :meth:`plan_exists`."""
-        n = len(self.hosts())
-        best = 0
-        for k in range(n + 1):
-            if self.plan_exists(k, protected):
-                best = k
-            else:
-                break
-        if update and self.pool()["ha_enabled"]:
-            with self.store.transaction() as tx:
-                pool = tx.get("pool", self.daemon.pool_ref())
-                pool["ha_overcommitted"] = pool["ha_host_failures_to_tolerate"] > best
-                if pool["ha_plan_exists_for"] != best:
-                    pool["ha_plan_exists_for"] = min(pool["ha_host_failures_to_tolerate"], best)
-        return best
-
-    def update_plan(self) -> None:
-        """Recompute ``ha_plan_exists_for`` and ``ha_overcommitted`` for the tolerated failures."""
+    def begin_shutdown(self, host: str) -> None:
+        """The master counts ``host`` dead from now on, and never live again until it starts up."""
+        with self._lifecycle_lock:
+            self.shutting_down.add(host)
         with self.store.transaction() as tx:
-            pool = tx.get("pool", self.daemon.pool_ref())
-            n = pool["ha_host_failures_to_tolerate"]
-            if self.plan_exists(n):
-                pool.update(ha_overcommitted=False, ha_plan_exists_for=n)
-            else:
-                pool.update(ha_overcommitted=True, ha_plan_exists_for=min(n, self.compute_max_failures()))
+            self.mark_dead(tx, host)
+            update_allowed_operations(tx, host)
 
+    def before_clean_shutdown(self, host: str) -> None:
+        """The HA steps of a clean shutdown or reboot (xapi_ha.ml before_clean_shutdown_or_reboot).
 
+        Checks statefile access (``HA_LOST_STATEFILE``, nothing done), then disarms fencing, stops the
+        host's monitor and heartbeat and sets it excluded.  A failure after the check fences the host
+        through its watchdog (xapi runs ``fence yesreally``) and raises INTERNAL_ERROR.  The host stays
+        armed, so it rejoins when it boots.
+        """
+        if not self.pool()["ha_enabled"]:
+            return
+        self.assert_have_statefile_access(host)
+        uuid = self.host_uuid(host)
+        try:
+            self.run_ok(host, "ha_disarm_fencing", MTC_DAEMON_NOT_PRESENT)
+            self._monitor_stop(host)
+            self.run_ok(host, "ha_stop_daemon", MTC_DAEMON_NOT_PRESENT)
+            self.run(host, "ha_set_excluded")
+        except ApiError as e:
+            log.critical("error past the commit point of a clean shutdown; the host fences itself",
+                         host=uuid, error=str(e))
+            self.fence(host, f"clean shutdown failed after fencing was disarmed: {e}")
+            raise internal(f"host {uuid} failed to leave HA cleanly and was fenced: {e}") from e
+        log.info("host excluded from HA; proceeding to power off", host=uuid)
 
-class _InterimPlanning:
-    """Adapter over the planning methods above until xapid/ha/planning.py lands."""
+    def run_ok(self, host: str, script: str, *ok: int) -> None:
+        """Run ``script``; the exit codes in ``ok`` count as success."""
+        try:
+            self.run(host, script)
+        except ScriptError as e:
+            if e.exit_code not in ok:
+                raise
 
-    def __init__(self, manager: HaManager) -> None:
-        self.m = manager
+    def fence(self, host: str, reason: str) -> None:
+        """Reset ``host`` now, as its watchdog would (xapi runs ``fence yesreally``)."""
+        self.daemon.hw.fence(self.host_uuid(host), reason)
 
-    def update_pool_status(self) -> None:
-        self.m.update_plan()
-
-    def schedule_recomputation(self) -> None:
-        pass
-
-    def recompute_if_due(self) -> None:
-        self.m.update_plan()
-
-    def mark_overcommitted(self) -> None:
-        pass
-
-    def restart_plan(self, vms: list[str], hosts: list[str]) -> tuple[dict[str, str], list[str]]:
-        return {}, list(vms)
+    def prepare_for_poweroff(self, host: str) -> None:
+        """The local-db flags of a clean power-off: no re-enable before the boot; no fence message after it."""
+        self.local.set(self.host_uuid(host), host_disabled_until_reboot=True, host_restarted_cleanly=True)

@@ -183,7 +183,7 @@ class Monitor:
                 m.failover.restart_auto_run_vms(live_set, self._last_live)
             self._last_live = live_set
             self.apply(live, live_set)
-            m.planning.recompute_if_due()
+            m.planning.recompute_if_due(live_set)
 
     def apply(self, live: Liveset, live_set: set[str]) -> None:
         """Write what the liveset says into the pool database (only fields that change)."""

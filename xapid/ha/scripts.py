@@ -71,6 +71,16 @@ _SUPPORTED_SRS_CAP = 64 * 1024
 _READ_CHUNK = 65536
 
 
+def _start_time(pid: int) -> str | None:
+    """Field 22 of ``/proc/<pid>/stat`` (start time in clock ticks): a pid plus this names one process."""
+    try:
+        stat_line = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat_line.rsplit(")", 1)[-1].split()
+    return fields[19] if len(fields) > 19 else None
+
+
 def valid_stack_name(name: str) -> bool:
     """True iff ``name`` can only denote a folder directly below the root.
 
@@ -158,11 +168,31 @@ class ClusterStackRunner:
     ) -> None:
         self.root = Path(root)
         self.state_dir = state_dir
+        # One file per script running now, named by its pid (= its process group): what a daemon
+        # killed mid-script leaves behind is found and ended at the next start (reap_orphans).
+        self.running_dir = state_dir / "run" / "scripts" if state_dir is not None else None
         self.timeout = timeout
         self.start_timeout = start_timeout
         self.stdout_cap = stdout_cap
         self._locks: dict[str, threading.Lock] = {}
+        self._procs: dict[str, subprocess.Popen[bytes]] = {}
         self._locks_guard = threading.Lock()
+
+    def cancel(self, host_uuid: str) -> bool:
+        """Kill the script running for ``host_uuid`` now (its whole process group); False if none runs.
+
+        The interrupted call fails with INTERNAL_ERROR ("killed by SIGKILL").
+        """
+        with self._locks_guard:
+            proc = self._procs.get(host_uuid)
+            if proc is None or proc.poll() is not None:
+                return False
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                return False
+        log.info("ha_script cancelled", host=host_uuid)
+        return True
 
     def _host_lock(self, host_uuid: str) -> threading.Lock:
         """The lock serialising scripts for ``host_uuid``."""
@@ -173,8 +203,9 @@ class ClusterStackRunner:
         """The resolved directory of ``stack``.
 
         Raises UNKNOWN_CLUSTER_STACK if the name is not a plain folder name (checked before
-        any filesystem access), or ``<root>/<stack>`` is not an existing directory whose
-        resolved path lies inside the resolved root.
+        any filesystem access) or ``<root>/<stack>`` is not an existing directory.  The folder
+        may be a symlink (packages install stacks that way): it is resolved wherever it leads,
+        because only the administrator who owns the root can place it there.
         """
         if not valid_stack_name(stack):
             raise ApiError("UNKNOWN_CLUSTER_STACK", stack)
@@ -183,25 +214,45 @@ class ClusterStackRunner:
             path = (root / stack).resolve(strict=True)
         except (OSError, RuntimeError):
             raise ApiError("UNKNOWN_CLUSTER_STACK", stack) from None
-        if path == root or not path.is_relative_to(root) or not path.is_dir():
+        if path == root or not path.is_dir():
             raise ApiError("UNKNOWN_CLUSTER_STACK", stack)
         return path
+
+    def _inside(self, directory: Path, path: Path) -> bool:
+        """True iff resolved ``path`` lies in the resolved root or in the resolved stack folder."""
+        return path.is_relative_to(self.root.resolve()) or path.is_relative_to(directory)
 
     def supported_srs(self, stack: str) -> list[str] | None:
         """SR types listed in ``<root>/<stack>/ha_supported_srs`` (ha.md 1.5), in file order.
 
-        None when the file is absent, unreadable, not a regular file, or resolves outside the
-        root: the stack then places no restriction.  Raises UNKNOWN_CLUSTER_STACK for an
-        unknown stack.
+        None when the file is absent (a dangling symlink included), unreadable, or not a
+        regular file: the stack then places no restriction, as in xapi.  A symlink is followed;
+        one that leads outside both the cluster-stack root and the stack's own folder raises
+        INTERNAL_ERROR naming the link and its target, so that a misplaced link can never lift
+        the restriction silently.  Raises UNKNOWN_CLUSTER_STACK for an unknown stack.
         """
         directory = self.stack_dir(stack)
+        link = directory / "ha_supported_srs"
         try:
-            path = (directory / "ha_supported_srs").resolve(strict=True)
-            if not path.is_relative_to(self.root.resolve()) or not stat.S_ISREG(path.stat().st_mode):
+            path = link.resolve(strict=True)
+        except (OSError, RuntimeError):
+            if link.is_symlink():
+                log.warning("ha_supported_srs is a dangling symlink; no restriction", stack=stack,
+                            path=str(link))
+            return None
+        if not self._inside(directory, path):
+            log.error("ha_supported_srs resolves outside the cluster-stack root", stack=stack,
+                      path=str(link), target=str(path))
+            raise internal(f"{link} resolves outside the cluster-stack root {self.root.resolve()} (to {path}); "
+                           f"refusing to guess which SR types stack {stack} supports")
+        try:
+            if not stat.S_ISREG(path.stat().st_mode):
                 return None
             with path.open("rb") as handle:
                 data = handle.read(_SUPPORTED_SRS_CAP)
-        except (OSError, RuntimeError):
+        except OSError as exc:
+            log.warning("ha_supported_srs cannot be read; no restriction", stack=stack, path=str(path),
+                        error=exc.strerror)
             return None
         return data.decode("utf-8", errors="replace").split()
 
@@ -227,8 +278,8 @@ class ClusterStackRunner:
             mode = path.stat().st_mode
         except (OSError, RuntimeError):
             raise internal(f"{where} does not exist") from None
-        if not path.is_relative_to(self.root.resolve()):
-            raise internal(f"{where} resolves outside the cluster-stack root")
+        if not self._inside(directory, path):
+            raise internal(f"{where} resolves outside the cluster-stack root {self.root.resolve()} (to {path})")
         if not stat.S_ISREG(mode):
             raise internal(f"{where} is not a regular file")
         if not mode & 0o111 or not os.access(path, os.X_OK):
@@ -293,7 +344,16 @@ class ClusterStackRunner:
                 duration = round(time.monotonic() - started, 3)
                 log.info("ha_script", **fields, exit_code=None, duration=duration, error=str(exc))
                 raise internal(f"Cannot run cluster stack script {where}: {exc}") from None
-            stdout, stderr, timed_out = self._communicate(proc, started + timeout)
+            marker = self._mark_running(proc.pid)
+            with self._locks_guard:
+                self._procs[host_uuid] = proc
+            try:
+                stdout, stderr, timed_out = self._communicate(proc, started + timeout)
+            finally:
+                with self._locks_guard:
+                    self._procs.pop(host_uuid, None)
+                if marker is not None:
+                    marker.unlink(missing_ok=True)
             duration = time.monotonic() - started
         code = proc.returncode
         log.info("ha_script", **fields, exit_code=code, duration=round(duration, 3), timed_out=timed_out)
@@ -316,6 +376,49 @@ class ClusterStackRunner:
         if code in MTC_CODES:
             raise ScriptError(stack, script, host_uuid, code, stdout.text())
         raise internal(f"Unrecognised MTC exit code {code} from {stack}/{script} on host {host_uuid}")
+
+    def _mark_running(self, pid: int) -> Path | None:
+        if self.running_dir is None:
+            return None
+        start = _start_time(pid)
+        if start is None:
+            return None
+        try:
+            self.running_dir.mkdir(parents=True, exist_ok=True)
+            marker = self.running_dir / str(pid)
+            marker.write_text(start)
+        except OSError as exc:
+            log.warning("cannot record a running script", pid=pid, error=str(exc))
+            return None
+        return marker
+
+    def reap_orphans(self) -> list[int]:
+        """Kill the scripts a previous run of the daemon left running (their whole process group).
+
+        A daemon killed while a script ran leaves that script behind; it could still act later (start
+        a heartbeat, write a pool state) behind the back of the new run.  Daemons the scripts started
+        in sessions of their own are not touched.  Returns the pids killed.
+        """
+        if self.running_dir is None or not self.running_dir.is_dir():
+            return []
+        killed = []
+        for marker in self.running_dir.iterdir():
+            try:
+                pid = int(marker.name)
+                recorded = marker.read_text()
+            except (ValueError, OSError):
+                marker.unlink(missing_ok=True)
+                continue
+            if _start_time(pid) == recorded:
+                try:
+                    os.killpg(pid, signal.SIGKILL)
+                    killed.append(pid)
+                except (ProcessLookupError, PermissionError):
+                    pass
+            marker.unlink(missing_ok=True)
+        if killed:
+            log.warning("killed cluster-stack scripts a previous run left behind", pids=killed)
+        return killed
 
     def _communicate(
         self, proc: subprocess.Popen[bytes], deadline: float

@@ -177,8 +177,11 @@ def vm_record(name: str, memory_gib: int) -> dict[str, Any]:
             "platform": {}, "PCI_bus": "", "other_config": {}, "recommendations": ""}
 
 
+HaPoolFactory = Callable[..., HaPool]
+
+
 @pytest.fixture
-def ha_pool_factory(xapid_factory: Any) -> Callable[..., HaPool]:
+def ha_pool_factory(xapid_factory: Any) -> HaPoolFactory:
     """``ha_pool_factory(hosts=3, **conf)``: a daemon with HA enabled on the shared SR, T = 10."""
 
     def make(hosts: int = 3, timeout: int = 10, **conf: str) -> HaPool:
@@ -195,6 +198,6 @@ def ha_pool_factory(xapid_factory: Any) -> Callable[..., HaPool]:
 
 
 @pytest.fixture
-def ha_pool(ha_pool_factory: Callable[..., HaPool]) -> HaPool:
+def ha_pool(ha_pool_factory: HaPoolFactory) -> HaPool:
     """A 3-host pool with HA on (T = 10, monitor every 0.5 s, fenced hosts reboot after 1 s)."""
     return ha_pool_factory()

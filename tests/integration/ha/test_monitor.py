@@ -62,6 +62,8 @@ def test_restart_with_ha_enabled_rearms_every_host(xapid: Xapid, api: Any) -> No
     assert x.pool.get_ha_enabled(pool) is True
     wait_for(lambda: all(heartbeat_pid(xapid, u) for u in uuids), what="every heartbeat restarted")
     hosts = x.host.get_all()
+    # A host enables itself at the end of its start-up (ha.md 4.8); before that it may still retry.
+    wait_for(lambda: all(x.host.get_enabled(h) for h in hosts), what="every host's start-up done")
     kill_heartbeat(xapid, uuids[2])
     wait_for(lambda: not live(x, hosts[2]), what="monitor running after restart")
     x.pool.disable_ha()

@@ -117,6 +117,31 @@ def test_supported_srs_file_restricts_heartbeat_sr(xapid_factory: Any, stack_roo
     x.pool.disable_ha()
 
 
+def test_symlinked_supported_srs_and_scripts_work_and_an_escaping_link_is_refused(
+        xapid_factory: Any, stack_root: Path, tmp_path: Path) -> None:
+    """ha-gaps bug 4: links are followed; one leading outside the root is an INTERNAL_ERROR naming it,
+    never "no file" (which would lift the restriction)."""
+    xhad = stack_root / "xhad"
+    (stack_root / "types").write_text("lvmoiscsi\n")
+    (xhad / "ha_supported_srs").symlink_to(stack_root / "types")
+    (xhad / "ha_query_liveset").unlink()  # the melio shim runs xhad's engine as well
+    (xhad / "ha_query_liveset").symlink_to(stack_root / "melio" / "ha_query_liveset")
+    d = xapid_factory(stack_root=stack_root)
+    x = d.session().xenapi
+    pool = x.pool.get_all()[0]
+    assert failure(x.pool.enable_ha, [nfs_sr(x)], {}) == ["INCOMPATIBLE_STATEFILE_SR", "lvmoiscsi"]
+    iscsi = create_shared(x, "lvmoiscsi", label="iSCSI")
+    x.pool.enable_ha([iscsi], {"timeout": "10"})
+    x.pool.disable_ha()
+    (tmp_path / "elsewhere").write_text("nfs\n")
+    (xhad / "ha_supported_srs").unlink()
+    (xhad / "ha_supported_srs").symlink_to(tmp_path / "elsewhere")
+    details = failure(x.pool.enable_ha, [nfs_sr(x)], {})
+    assert details[0] == "INTERNAL_ERROR"
+    assert str(xhad / "ha_supported_srs") in details[1] and "outside the cluster-stack root" in details[1]
+    assert x.pool.get_ha_enabled(pool) is False
+
+
 def test_bad_timeout_is_refused_before_any_script(api: Any) -> None:
     pool = api.pool.get_all()[0]
     details = failure(api.pool.enable_ha, [], {"timeout": "5"})

@@ -107,7 +107,7 @@ def client_loop(x: Xapid, sh: Shared, who: str, vm_template: dict[str, Any], sr:
                 ok, state = sh.call(who, "VM.get_power_state", api.VM.get_power_state, vm)
                 if ok and state == "Halted":
                     sh.call(who, "VM.start", api.VM.start, vm, False, False,
-                            allowed=frozenset({"HOST_OFFLINE"}))
+                            allowed=frozenset({"HOST_OFFLINE", "NO_HOSTS_AVAILABLE"}))
                 elif ok:
                     sh.call(who, "VM.hard_shutdown", api.VM.hard_shutdown, vm)
             elif op < 0.90:

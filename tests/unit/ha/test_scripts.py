@@ -85,6 +85,7 @@ tr '\\0' '\\n' < /proc/$$/environ
         "PATH": f"{os.environ['PATH']}:{stack_dir}",
         "XHAD_CONF": str(conf_path),
         "XAPI_HOST_UUID": HOST,
+        "XAPID_HOST_DIR": str(conf_path.parent),  # marks the host's processes (xapid/hw)
     }
 
 
@@ -388,35 +389,67 @@ def test_invalid_stack_names_never_touch_the_filesystem(
     assert not marker.exists()
 
 
-def test_missing_or_escaping_stack_is_unknown(
-    runner: ClusterStackRunner, stack_root: Path, tmp_path: Path
-) -> None:
+def test_missing_stack_is_unknown(runner: ClusterStackRunner, stack_root: Path, tmp_path: Path) -> None:
     (stack_root / "plainfile").write_text("")
-    outside = tmp_path / "outside"
-    outside.mkdir()
-    (stack_root / "link").symlink_to(outside)
-    for name in ("absent", "plainfile", "link"):
+    (stack_root / "dangling").symlink_to(tmp_path / "nothing")
+    for name in ("absent", "plainfile", "dangling"):
         assert api_error(runner.stack_dir, name).description == ["UNKNOWN_CLUSTER_STACK", name]
     (stack_root / "real").mkdir()
     assert runner.stack_dir("real") == (stack_root / "real").resolve()
 
 
+def test_stack_folder_symlinked_elsewhere_works_as_packages_install_it(
+    runner: ClusterStackRunner, make_script: MakeScript, stack_root: Path, tmp_path: Path, conf_path: Path
+) -> None:
+    """A package ships its stack in its own folder and links it into the root: scripts and
+    ha_supported_srs inside that folder (symlinked among themselves too) are used."""
+    package = tmp_path / "opt" / "pkg-stack"
+    make_script("pkg-stack", "ha_query_liveset", "#!/bin/sh\necho packaged\n", root=tmp_path / "opt")
+    (package / "bin").mkdir()
+    real = make_script("bin", "start", "#!/bin/sh\necho started\n", root=package)
+    (package / "ha_start_daemon").symlink_to(real)
+    (package / "types").write_text("pkgsr\n")
+    (package / "ha_supported_srs").symlink_to(package / "types")
+    (stack_root / "pkg").symlink_to(package)
+    assert runner.stack_dir("pkg") == package.resolve()
+    assert runner.run("pkg", "ha_query_liveset", HOST, conf_path).stdout == "packaged\n"
+    assert runner.run("pkg", "ha_start_daemon", HOST, conf_path).stdout == "started\n"
+    assert runner.supported_srs("pkg") == ["pkgsr"]
+
+
 def test_supported_srs(runner: ClusterStackRunner, stack_root: Path, tmp_path: Path) -> None:
-    for name in ("absent", "listed", "spaced", "empty", "dir", "escape"):
+    for name in ("absent", "listed", "spaced", "empty", "dir", "linked", "dangling"):
         (stack_root / name).mkdir()
     (stack_root / "listed" / "ha_supported_srs").write_text("foosr\nbarsr\n")
     (stack_root / "spaced" / "ha_supported_srs").write_text("  a\t b\n\n c ")
     (stack_root / "empty" / "ha_supported_srs").write_text("")
     (stack_root / "dir" / "ha_supported_srs").mkdir()
-    (tmp_path / "srs").write_text("stolen\n")
-    (stack_root / "escape" / "ha_supported_srs").symlink_to(tmp_path / "srs")
+    (stack_root / "linked" / "ha_supported_srs").symlink_to(stack_root / "listed" / "ha_supported_srs")
+    (stack_root / "dangling" / "ha_supported_srs").symlink_to(tmp_path / "nothing")
     assert runner.supported_srs("absent") is None
     assert runner.supported_srs("listed") == ["foosr", "barsr"]
     assert runner.supported_srs("spaced") == ["a", "b", "c"]
     assert runner.supported_srs("empty") == []
     assert runner.supported_srs("dir") is None
-    assert runner.supported_srs("escape") is None
+    assert runner.supported_srs("linked") == ["foosr", "barsr"]
+    assert runner.supported_srs("dangling") is None
     assert api_error(runner.supported_srs, "nope").code == "UNKNOWN_CLUSTER_STACK"
+
+
+def test_supported_srs_leading_outside_the_root_is_refused_loudly(
+    runner: ClusterStackRunner, stack_root: Path, tmp_path: Path
+) -> None:
+    """ha-gaps bug 4: such a link used to read as "no file", which lifted the restriction."""
+    (stack_root / "escape").mkdir()
+    (tmp_path / "srs").write_text("stolen\n")
+    (stack_root / "escape" / "ha_supported_srs").symlink_to(tmp_path / "srs")
+    with capture_logs() as logs:
+        error = api_error(runner.supported_srs, "escape")
+    assert error.code == "INTERNAL_ERROR"
+    message = error.params[0]
+    assert str(stack_root / "escape" / "ha_supported_srs") in message and str(tmp_path / "srs") in message
+    assert "outside the cluster-stack root" in message
+    assert [e["log_level"] for e in logs] == ["error"]
 
 
 def _overlap_log(
