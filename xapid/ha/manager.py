@@ -676,13 +676,12 @@ class HaManager:
             if system_boot:
                 self.local.set(uuid, host_restarted_cleanly=False)
             self._hello(host)
+            if system_boot and self.pool()["ha_enabled"] and not clean:
+                create_message(self.store, "HA_HOST_WAS_FENCED", 4, "Host", uuid, "")
             if self.armed(host) and not self._start_ha(host):
                 if self._stopping.is_set():
                     return
             self._resynchronise(host)
-            pool = self.pool()
-            if system_boot and pool["ha_enabled"] and not clean:
-                create_message(self.store, "HA_HOST_WAS_FENCED", 4, "Host", uuid, "")
             if self.emergency_error(host) is None:
                 self.consider_enabling_host(host, system_boot)
         finally:
