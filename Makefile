@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# Tests mostly wait on timers (HA detection, fencing): more workers than cores keeps make test short.
+TEST_WORKERS ?= 4
 
 .PHONY: run test lint clean
 
@@ -24,7 +26,7 @@ lint: $(STAMP)
 
 ## test: lint, then unit and integration tests against real daemons
 test: $(STAMP) lint
-	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile tests
 
 .PHONY: bench bench-smoke
 
