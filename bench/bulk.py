@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from xapid import operations
 from xapid import schema as schema_mod
 from xapid.schema import NULL_REF
 from xapid.store import Store, new_ref
@@ -65,6 +66,7 @@ def add_vms(state_dir: Path, vms: int | None = None, objects: int | None = None,
         raise ValueError("give exactly one of vms and objects")
     started = time.perf_counter()
     store = Store(schema_mod.load(), state_dir / "xapid.db")
+    operations.install(store)  # the VMs get their allowed_operations as VM.create gives them
     try:
         if not store.refs("pool"):
             raise RuntimeError(f"{state_dir}: no seeded pool (start the daemon on it once first)")

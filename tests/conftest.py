@@ -32,6 +32,7 @@ TEST_CONF = {
     "ha-start-daemon-timeout": "30",
     "ha-disable-retry-delay": "0.2",
     "ha-boot-retry-delay": "0.3",
+    "guest-agent-delay": "0.2",
 }
 
 

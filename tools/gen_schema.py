@@ -21,6 +21,12 @@ CLASSES = [
     "session", "pool", "host", "host_metrics", "host_cpu", "SR", "SM", "PBD",
     "VDI", "VBD", "VM", "VM_metrics", "VM_guest_metrics", "network", "PIF",
     "PIF_metrics", "VIF", "task", "message", "Cluster", "Cluster_host",
+    # Served so that every class a client enumerates answers (records xapid creates or none).
+    "VBD_metrics", "VIF_metrics", "console", "VM_appliance", "role", "VLAN", "Bond", "tunnel",
+    "network_sriov", "PCI", "PGPU", "GPU_group", "VGPU", "VGPU_type", "PUSB", "USB_group", "VUSB",
+    "VTPM", "host_crashdump", "host_patch", "pool_patch", "pool_update", "crashdump", "subject",
+    "secret", "blob", "Feature", "Certificate", "Repository", "Observer", "DR_task", "SDN_controller",
+    "VMPP", "VMSS", "VM_group", "PVS_site", "PVS_server", "PVS_proxy", "PVS_cache_storage",
 ]
 
 # Classes that real xapi exposes get_all / get_all_records for (wire.md 4.1).
@@ -56,6 +62,22 @@ RELATIONS = {
     ("host", "resident_VMs"): "VM.resident_on", ("host", "host_CPUs"): "host_cpu.host",
     ("VM", "snapshots"): "VM.snapshot_of", ("VM", "children"): "VM.parent",
     ("VDI", "snapshots"): "VDI.snapshot_of", ("Cluster", "cluster_hosts"): "Cluster_host.cluster",
+    ("VM", "consoles"): "console.VM", ("VM_appliance", "VMs"): "VM.appliance",
+    ("VM", "VTPMs"): "VTPM.VM", ("VM", "VGPUs"): "VGPU.VM", ("VM", "VUSBs"): "VUSB.VM",
+    ("VM", "crash_dumps"): "crashdump.VM", ("VDI", "crash_dumps"): "crashdump.VDI",
+    ("host", "crashdumps"): "host_crashdump.host", ("host", "patches"): "host_patch.host",
+    ("host", "PCIs"): "PCI.host", ("host", "PGPUs"): "PGPU.host", ("host", "PUSBs"): "PUSB.host",
+    ("PIF", "VLAN_slave_of"): "VLAN.tagged_PIF", ("PIF", "bond_master_of"): "Bond.master",
+    ("Bond", "slaves"): "PIF.bond_slave_of", ("PIF", "tunnel_access_PIF_of"): "tunnel.access_PIF",
+    ("PIF", "tunnel_transport_PIF_of"): "tunnel.transport_PIF",
+    ("PIF", "sriov_physical_PIF_of"): "network_sriov.physical_PIF",
+    ("PIF", "sriov_logical_PIF_of"): "network_sriov.logical_PIF",
+    ("VMPP", "VMs"): "VM.protection_policy", ("VMSS", "VMs"): "VM.snapshot_schedule",
+    ("GPU_group", "PGPUs"): "PGPU.GPU_group", ("GPU_group", "VGPUs"): "VGPU.GPU_group",
+    ("PGPU", "resident_VGPUs"): "VGPU.resident_on", ("VGPU_type", "VGPUs"): "VGPU.type",
+    ("USB_group", "PUSBs"): "PUSB.USB_group", ("USB_group", "VUSBs"): "VUSB.USB_group",
+    ("PVS_site", "servers"): "PVS_server.site", ("PVS_site", "proxies"): "PVS_proxy.site",
+    ("PVS_site", "cache_storage"): "PVS_cache_storage.site",
     ("session", "tasks"): "task.session",
 }
 
@@ -75,6 +97,7 @@ CONSTANTS = {
     "Constants.default_ssh_enabled_timeout": 0,
     "Constants.default_console_idle_timeout": 0,
     "Constants.default_usb_speed": -1.0,
+    "Int64.zero": 0,
     "Constants.default_token_timeout_s": 20.0,
     "Constants.default_token_timeout_coefficient_s": 1.0,
 }
@@ -112,7 +135,7 @@ def scalar(tok: str) -> Any:
     if kind == "String":
         return rest
     if kind == "Int":
-        return CONSTANTS.get(rest, None) if rest.startswith("Constants") else int(rest.rstrip("L"))
+        return CONSTANTS.get(rest, None) if rest.startswith(("Constants", "Int64")) else int(rest.rstrip("L"))
     if kind == "Bool":
         return rest == "true"
     if kind == "Float":
@@ -201,13 +224,17 @@ def main() -> None:
     for name in CLASSES:
         c = model["classes"][name]
         fields = []
+        seen: set[str] = set()
         internal = []
         for f in c["fields"]:
+            if f["name"] in seen:  # the dumps repeat a few renamed fields
+                continue
             if f["internal_only"]:
                 if (name, f["name"]) in INTERNAL_FIELDS:
                     internal.append({"name": f["name"], "type": f["type"], "qualifier": QUALIFIERS[f["qualifier"]],
                                      "default": "OpaqueRef:NULL" if f["type"].endswith(" ref") else None})
                 continue
+            seen.add(f["name"])
             has, value = default_of(f["default"], f["type"])
             entry: dict[str, Any] = {
                 "name": f["name"],

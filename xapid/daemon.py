@@ -8,8 +8,9 @@ from pathlib import Path
 
 import structlog
 
+from xapid import operations, statefiles, templates
 from xapid import schema as schema_mod
-from xapid import statefiles
+from xapid.api import role as role_api
 from xapid.auth import Sessions, Users
 from xapid.collector import Collector
 from xapid.config import Config, validate_runtime
@@ -19,6 +20,7 @@ from xapid.events import Events
 from xapid.ha.manager import HaManager
 from xapid.hw import Hardware
 from xapid.hw.faults import FaultService
+from xapid.hw.guest import GuestAgents
 from xapid.liveness import HostLiveness
 from xapid.seed import seed
 from xapid.statefiles import ensure_private_dir
@@ -56,6 +58,9 @@ class Daemon:
             seed(self.store, self.disks, hosts)
             log.info("seeded demo pool", hosts=hosts)
         reconcile(self.store, self.disks)  # before serving: files no record owns (crash leftovers)
+        templates.ensure(self.store)
+        role_api.ensure(self.store)
+        operations.install(self.store)
         self.users = Users(self.state_dir / "users.json")
         if not self.users.users:
             self._create_root()
@@ -69,6 +74,7 @@ class Daemon:
         self.hw = Hardware(self.state_dir, float(config["fence-reboot-delay"]))
         self.hw.attach([h["uuid"] for _r, h in self.store.items("host")])
         self.faults = FaultService(self)
+        self.guests = GuestAgents(self)
         self.liveness = HostLiveness(self)
         self.ha = HaManager(self)
         self.console = HardwareFeed(self)
@@ -100,6 +106,7 @@ class Daemon:
         self.collector.start()
 
     def stop(self) -> None:
+        self.guests.stop()
         self.collector.stop()
         self.console.stop()
         self.hw.prepare_stop()

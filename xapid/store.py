@@ -75,6 +75,9 @@ class Store:
         # Called under the store lock after every commit with (generation, changes), each change
         # being (cls, ref, op, old, new) with op "add", "mod" or "del"; the event system subscribes here.
         self.listeners: list[Callable[[int, list[Change]], None]] = []
+        # Called with the transaction just before it commits (derived fields such as allowed_operations
+        # are brought up to date there, inside the same commit).
+        self.pre_commit: list[Callable[[Transaction], None]] = []
         self._db: sqlite3.Connection | None = None
         if path is not None:
             self._open(path)
@@ -317,7 +320,26 @@ class Transaction:
         return out
 
     def referrers(self, src_cls: str, src_field: str, target: str) -> list[str]:
-        return [r for r, rec in self.items(src_cls) if rec.get(src_field) == target]
+        """Refs of ``src_cls`` objects whose ``src_field`` names ``target`` as this transaction sees them."""
+        if (src_cls, src_field) not in self.store._inverse:
+            return [r for r, rec in self.items(src_cls) if rec.get(src_field) == target]
+        refs = set(self.store.referrers(src_cls, src_field, target))
+        for key in self._order:
+            if key[0] == src_cls:
+                rec = self._changes[key]
+                if rec is not None and rec.get(src_field) == target:
+                    refs.add(key[1])
+                else:
+                    refs.discard(key[1])
+        return sorted(refs)
+
+    def touched(self, classes: tuple[str, ...]) -> dict[str, list[str]]:
+        """Refs of the live objects of ``classes`` this transaction created, changed or took for writing."""
+        out: dict[str, list[str]] = {}
+        for cls, ref in self._order:
+            if cls in classes and self._changes[(cls, ref)] is not None:
+                out.setdefault(cls, []).append(ref)
+        return out
 
     def by_uuid(self, cls: str, uuid: str) -> str | None:
         for (c, r) in self._order:
@@ -354,6 +376,8 @@ class Transaction:
             self._order.append((cls, ref))
 
     def _commit(self) -> None:
+        for hook in self.store.pre_commit:
+            hook(self)
         changed: dict[tuple[str, str], Record | None] = {}
         for key in self._order:
             new = self._changes[key]

@@ -61,6 +61,25 @@ class Call:
 
 def load_all() -> dict[str, Handler]:
     """Import every behaviour module so their handlers register; return the table."""
-    from xapid.api import event, host, message, pbd, pool, session, sr, task, vdi, vm  # noqa: F401
+    from xapid.api import (  # noqa: F401
+        event,
+        host,
+        message,
+        network,
+        pbd,
+        pool,
+        role,
+        session,
+        sr,
+        task,
+        vbd,
+        vdi,
+        vif,
+        vm,
+        vm_appliance,
+        vm_config,
+        vm_copy,
+        vm_migrate,
+    )
 
     return HANDLERS

@@ -30,12 +30,19 @@ def in_use(tx: Transaction, pbd: str) -> None:
             vrec = tx.read("VDI", vdi)
             if vrec is not None and vrec["SR"] == rec["SR"]:
                 raise ApiError("HA_IS_ENABLED")
-    for vdi in tx.referrers("VDI", "SR", rec["SR"]):
-        for vbd in tx.referrers("VBD", "VDI", vdi):
+    # xapi_pbd.ml get_active_vdis_by_pbd: every non-metadata VDI of the SR attached to a VM resident on the host.
+    active: list[str] = []
+    for vm in tx.referrers("VM", "resident_on", rec["host"]):
+        for vbd in tx.referrers("VBD", "VM", vm):
             vbd_rec = tx.read("VBD", vbd)
-            vm = tx.read("VM", vbd_rec["VM"]) if vbd_rec else None
-            if vm and vm["power_state"] != "Halted" and vm["resident_on"] == rec["host"]:
-                raise ApiError("VDI_IN_USE", vdi, "unplug")
+            if vbd_rec is None or vbd_rec["empty"] or not vbd_rec["currently_attached"]:
+                continue
+            vdi = tx.read("VDI", vbd_rec["VDI"])
+            if vdi is not None and vdi["SR"] == rec["SR"] and vdi["type"] != "metadata" \
+                    and vbd_rec["VDI"] not in active:
+                active.append(vbd_rec["VDI"])
+    if active:
+        raise ApiError("VDI_IN_USE", *active)
 
 
 @handler("PBD.create")

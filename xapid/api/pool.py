@@ -57,3 +57,12 @@ def ha_compute_vm_failover_plan(call: Call, failed_hosts: list[str],
 def ha_prevent_restarts_for(call: Call, seconds: int) -> None:
     """Suspend the master's restart logic for ``seconds`` (< 1 lifts it); works with HA off too (xapi_pool.ml)."""
     call.daemon.ha.monitor.prevent_restarts_for(seconds)
+
+
+@handler("pool.get_license_state")
+def get_license_state(call: Call, self: str) -> dict[str, str]:
+    """The pool's edition (its hosts') and when its licence expires (xapi_pool_license.ml)."""
+    if call.store.get("pool", self) is None:
+        raise ApiError("HANDLE_INVALID", "pool", self)
+    editions = {rec["edition"] for _r, rec in call.store.items("host")}
+    return {"edition": min(editions) if editions else "xcp-ng", "expiry": "never"}

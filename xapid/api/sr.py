@@ -68,6 +68,14 @@ def _remove(call: Call, tx: Transaction, sr: str) -> str:
         for field in ("default_SR", "suspend_image_SR", "crash_dump_SR"):
             if prec[field] == sr:
                 tx.update("pool", ref, **{field: NULL_REF})
+    # No dangling references to the SR (xapi_sr.ml destroy/forget).
+    for ref, hrec in tx.items("host"):
+        for field in ("suspend_image_sr", "crash_dump_sr", "local_cache_sr"):
+            if hrec[field] == sr:
+                tx.update("host", ref, **{field: NULL_REF})
+    for ref, vrec in tx.items("VM"):
+        if vrec["suspend_SR"] == sr:
+            tx.update("VM", ref, suspend_SR=NULL_REF)
     tx.delete("SR", sr)
     return str(rec["uuid"])
 

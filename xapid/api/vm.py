@@ -12,13 +12,15 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
-from xapid import generic
+from xapid import generic, operations
 from xapid.api import Call, handler
+from xapid.api.vdi import account, create_vdi, file_of, remove_vdi
 from xapid.errors import ApiError
 from xapid.ha import planner
 from xapid.ha.planning import RESTART_PRIORITIES, host_record, vm_record
+from xapid.hw.guest import remove_metrics
 from xapid.schema import NULL_REF
-from xapid.store import Transaction
+from xapid.store import Transaction, new_uuid
 from xapid.timeutil import now_iso
 
 if TYPE_CHECKING:
@@ -28,17 +30,8 @@ __all__ = ["RESTART_PRIORITIES", "reset_vm_to_halted", "start_vm"]
 
 
 def _vm(tx: Transaction, vm: str, operation: str) -> dict[str, Any]:
-    rec = tx.get("VM", vm)
-    if rec["is_a_template"]:
-        raise ApiError("VM_IS_TEMPLATE", vm, operation)
-    if rec["is_control_domain"]:
-        raise ApiError("OPERATION_NOT_ALLOWED", "This operation is not allowed on the control domain")
-    return rec
-
-
-def _expect(vm: str, rec: dict[str, Any], *states: str) -> None:
-    if rec["power_state"] not in states:
-        raise ApiError("VM_BAD_POWER_STATE", vm, ";".join(s.lower() for s in states), rec["power_state"].lower())
+    """The VM's record, after xapi's ``assert_operation_valid`` for ``operation`` (xapi_vm_lifecycle.ml)."""
+    return operations.assert_vm(tx, vm, operation)
 
 
 def _ha_enabled(daemon: Daemon) -> bool:
@@ -128,15 +121,90 @@ def _choose_host(daemon: Daemon, tx: Transaction, vm: str, rec: dict[str, Any]) 
     raise ApiError("NO_HOSTS_AVAILABLE")
 
 
-def _run_on(tx: Transaction, vm: str, rec: dict[str, Any], host: str) -> None:
+def domain_type(rec: dict[str, Any]) -> str:
+    """The type of domain the VM boots as (``unspecified``: HVM if it has an HVM boot policy)."""
+    if rec["domain_type"] != "unspecified":
+        return str(rec["domain_type"])
+    return "hvm" if rec["HVM_boot_policy"] else "pv"
+
+
+def device_name(userdevice: str) -> str:
+    """The device a VBD gets when attached: ``xvda`` for userdevice 0 (as xenopsd names it)."""
+    n = int(userdevice) if userdevice.isdigit() else disk_number(userdevice)
+    if n is None:
+        return userdevice
+    letters = ""
+    n += 1
+    while n:
+        n, r = divmod(n - 1, 26)
+        letters = chr(ord("a") + r) + letters
+    return f"xvd{letters}"
+
+
+def disk_number(device: str) -> int | None:
+    """The disk index a device name or number designates (``Device_number.of_string``), or None."""
+    if device.isdigit():
+        return int(device)
+    for prefix in ("xvd", "hd", "sd"):
+        if device.startswith(prefix):
+            letters = device[len(prefix):].rstrip("0123456789")
+            if letters and letters.isalpha() and letters.islower():
+                n = 0
+                for ch in letters:
+                    n = n * 26 + (ord(ch) - ord("a") + 1)
+                return n - 1
+    return None
+
+
+def attach_devices(tx: Transaction, vm: str) -> None:
+    """A starting (or resuming) domain attaches its VBDs (``device`` from ``userdevice``) and VIFs."""
+    for vbd in tx.referrers("VBD", "VM", vm):
+        rec = tx.get("VBD", vbd)
+        rec.update(currently_attached=True, device=device_name(str(rec["userdevice"])))
+    for vif in tx.referrers("VIF", "VM", vm):
+        tx.update("VIF", vif, currently_attached=True)
+
+
+def console_location(tx: Transaction, host: str, console_uuid: str) -> str:
+    """Where a console is served: the host's address, as xapi's ``https://<address>/console?uuid=``."""
+    address = (tx.read("host", host) or {}).get("address", "127.0.0.1")
+    return f"https://{address}/console?uuid={console_uuid}"
+
+
+def open_console(tx: Transaction, vm: str, rec: dict[str, Any], host: str) -> None:
+    """One console per running domain: RFB for HVM guests, a text console for PV ones."""
+    consoles = tx.referrers("console", "VM", vm)
+    if consoles:
+        for console in consoles:
+            c = tx.get("console", console)
+            c["location"] = console_location(tx, host, c["uuid"])
+        return
+    uuid = new_uuid()
+    tx.create("console", {"uuid": uuid, "VM": vm, "protocol": "rfb" if domain_type(rec) == "hvm" else "vt100",
+                          "location": console_location(tx, host, uuid), "other_config": {}})
+
+
+def close_consoles(tx: Transaction, vm: str) -> None:
+    for console in tx.referrers("console", "VM", vm):
+        tx.delete("console", console)
+
+
+def _run_on(tx: Transaction, vm: str, rec: dict[str, Any], host: str, daemon: Daemon | None = None) -> None:
     domid = max([r["domid"] for _ref, r in tx.items("VM")] + [0]) + 1
     rec.update(power_state="Running", resident_on=host, domid=domid, scheduled_to_be_resident_on=NULL_REF)
     if rec["ha_restart_priority"] == "restart":
         rec["ha_always_run"] = True
     metrics = tx.find("VM_metrics", rec["metrics"])
     if metrics is not None:
-        metrics.update(start_time=now_iso(), last_updated=now_iso(), state=["running"])
+        metrics.update(start_time=now_iso(), last_updated=now_iso(), state=["running"],
+                       current_domain_type=domain_type(rec), hvm=domain_type(rec) == "hvm",
+                       VCPUs_number=int(rec["VCPUs_at_startup"]))
+    attach_devices(tx, vm)
+    remove_metrics(tx, vm, rec)
+    open_console(tx, vm, rec, host)
     account_host(tx, host, vm)
+    if daemon is not None:
+        daemon.guests.booted(vm, rec)
 
 
 def start_vm(daemon: Daemon, vm_ref: str, host_ref: str | None, paused: bool = False, force: bool = False) -> str:
@@ -151,7 +219,6 @@ def start_vm(daemon: Daemon, vm_ref: str, host_ref: str | None, paused: bool = F
     """
     with daemon.store.transaction() as tx:
         rec = _vm(tx, vm_ref, "start" if host_ref is None else "start_on")
-        _expect(vm_ref, rec, "Halted")
         if host_ref is None:
             host = _choose_host(daemon, tx, vm_ref, rec)
         else:
@@ -160,7 +227,7 @@ def start_vm(daemon: Daemon, vm_ref: str, host_ref: str | None, paused: bool = F
             if error is not None:
                 raise error
         daemon.ha.planning.assert_vm_start_preserves_plan(vm_ref, host)
-        _run_on(tx, vm_ref, rec, host)
+        _run_on(tx, vm_ref, rec, host, daemon)
         if paused:
             rec["power_state"] = "Paused"
         delay = max(0, int(rec["start_delay"]))
@@ -184,6 +251,8 @@ def _to_halted(tx: Transaction, vm: str, rec: dict[str, Any]) -> str:
     metrics = tx.find("VM_metrics", rec["metrics"])
     if metrics is not None:
         metrics.update(state=[], last_updated=now_iso())
+    remove_metrics(tx, vm, rec)
+    close_consoles(tx, vm)
     if host != NULL_REF:
         account_host(tx, host, vm)
     return host
@@ -220,23 +289,23 @@ def create(call: Call, args: dict[str, Any]) -> str:
                                            "VCPUs_number": values.get("VCPUs_at_startup", 0),
                                            "install_time": now_iso(), "last_updated": now_iso()})
         values.update(metrics=metrics, power_state="Halted", domid=-1, resident_on=NULL_REF)
+        values["other_config"] = dict(values.get("other_config", {}))
+        values["other_config"].setdefault("mac_seed", new_uuid())  # xapi_vm.ml create: VIF MACs derive from it
         return tx.create("VM", values)
 
 
 @handler("VM.destroy")
 def destroy(call: Call, self: str) -> None:
     with call.store.transaction() as tx:
-        rec = tx.get("VM", self)
-        if rec["is_control_domain"]:
-            raise ApiError("OPERATION_NOT_ALLOWED", "This operation is not allowed on the control domain")
-        if rec["power_state"] != "Halted":
-            raise ApiError("VM_BAD_POWER_STATE", self, "halted", rec["power_state"].lower())
+        rec = _vm(tx, self, "destroy")
         for vbd in tx.referrers("VBD", "VM", self):
             tx.delete("VBD", vbd)
         for vif in tx.referrers("VIF", "VM", self):
             tx.delete("VIF", vif)
         if tx.read("VM_metrics", rec["metrics"]) is not None:
             tx.delete("VM_metrics", rec["metrics"])
+        remove_metrics(tx, self, rec)
+        close_consoles(tx, self)
         tx.delete("VM", self)
 
 
@@ -250,50 +319,52 @@ def start_on(call: Call, vm: str, host: str, start_paused: bool, force: bool) ->
     start_vm(call.daemon, vm, host, start_paused, force)
 
 
-def _shutdown(call: Call, vm: str, operation: str, *states: str) -> None:
+def _shutdown(call: Call, vm: str, operation: str) -> None:
     with call.store.transaction() as tx:
         rec = _vm(tx, vm, operation)
-        _expect(vm, rec, *states)
         _halt(tx, vm, rec)
+        suspend_vdi = rec["suspend_VDI"]
+        rec["suspend_VDI"] = NULL_REF
+        files = _drop_suspend_image(tx, suspend_vdi)
+    if files is not None:
+        call.daemon.disks.remove_vdi(*files)
     if _ha_enabled(call.daemon):
         call.daemon.ha.planning.update_pool_status()
 
 
 @handler("VM.clean_shutdown", "VM.shutdown")
 def clean_shutdown(call: Call, vm: str) -> None:
-    _shutdown(call, vm, "clean_shutdown", "Running")
+    _shutdown(call, vm, "clean_shutdown")
 
 
 @handler("VM.hard_shutdown")
 def hard_shutdown(call: Call, vm: str) -> None:
-    _shutdown(call, vm, "hard_shutdown", "Running", "Paused", "Suspended")
+    _shutdown(call, vm, "hard_shutdown")
 
 
-def _reboot(call: Call, vm: str, operation: str, *states: str) -> None:
+def _reboot(call: Call, vm: str, operation: str) -> None:
     # xapi reserves no memory for a reboot (message_forwarding.ml, CA-31903); the shares are redone.
     with call.store.transaction() as tx:
         rec = _vm(tx, vm, operation)
-        _expect(vm, rec, *states)
-        _run_on(tx, vm, rec, rec["resident_on"])
+        _run_on(tx, vm, rec, rec["resident_on"], call.daemon)
     if _ha_enabled(call.daemon):
         call.daemon.ha.planning.update_pool_status()
 
 
 @handler("VM.clean_reboot")
 def clean_reboot(call: Call, vm: str) -> None:
-    _reboot(call, vm, "clean_reboot", "Running")
+    _reboot(call, vm, "clean_reboot")
 
 
 @handler("VM.hard_reboot")
 def hard_reboot(call: Call, vm: str) -> None:
-    _reboot(call, vm, "hard_reboot", "Running", "Paused")
+    _reboot(call, vm, "hard_reboot")
 
 
 @handler("VM.pause")
 def pause(call: Call, vm: str) -> None:
     with call.store.transaction() as tx:
         rec = _vm(tx, vm, "pause")
-        _expect(vm, rec, "Running")
         rec["power_state"] = "Paused"
 
 
@@ -301,7 +372,6 @@ def pause(call: Call, vm: str) -> None:
 def unpause(call: Call, vm: str) -> None:
     with call.store.transaction() as tx:
         rec = _vm(tx, vm, "unpause")
-        _expect(vm, rec, "Paused")
         rec["power_state"] = "Running"
 
 
@@ -344,3 +414,103 @@ def power_state_reset(call: Call, vm: str) -> None:
         _to_halted(tx, vm, rec)
     if _ha_enabled(call.daemon):
         call.daemon.ha.planning.update_pool_status()
+
+
+# -- suspend and resume (xapi_vm.ml, xapi_xenops.ml) ---------------------------------------------------------
+
+SUSPEND_HEADER = 4096
+
+
+def suspend_sr(tx: Transaction, vm: str, rec: dict[str, Any]) -> str:
+    """Where the memory image goes (``Helpers.choose_suspend_sr``): the VM's ``suspend_SR``, the pool's
+    ``suspend_image_SR``, the host's ``suspend_image_sr``, else ``VM_NO_SUSPEND_SR``."""
+    pool = tx.read("pool", tx.refs("pool")[0]) or {}
+    host = tx.read("host", rec["resident_on"]) if rec["resident_on"] != NULL_REF else None
+    candidates = (rec["suspend_SR"], pool.get("suspend_image_SR", NULL_REF),
+                  (host or {}).get("suspend_image_sr", NULL_REF))
+    for sr in candidates:
+        if sr != NULL_REF and tx.read("SR", sr) is not None:
+            return str(sr)
+    raise ApiError("VM_NO_SUSPEND_SR", vm)
+
+
+def write_memory_image(daemon: Daemon, tx: Transaction, vm: str, rec: dict[str, Any], sr: str, label: str) -> str:
+    """A ``suspend`` VDI on ``sr`` as big as the VM's memory, holding a small image header (a real file)."""
+    size = int(rec["memory_static_max"]) + SUSPEND_HEADER
+    ref = create_vdi(daemon.disks, tx, {"SR": sr, "virtual_size": size, "type": "suspend", "name_label": label,
+                                        "name_description": label, "other_config": {"vm": rec["uuid"]}})
+    vdi = tx.get("VDI", ref)
+    sr_uuid = tx.get("SR", sr)["uuid"]
+    header = f"xapid memory image of VM {rec['uuid']} domid {rec['domid']} at {now_iso()}\n".encode()
+    try:
+        daemon.disks.write_at(sr_uuid, file_of(vdi), 0, header.ljust(SUSPEND_HEADER, b"\0"))
+    except OSError as e:
+        raise ApiError("VM_CHECKPOINT_SUSPEND_FAILED", vm) from e
+    vdi["physical_utilisation"] = daemon.disks.allocated(sr_uuid, file_of(vdi))
+    account(tx, sr)
+    return ref
+
+
+def _drop_suspend_image(tx: Transaction, vdi: str) -> tuple[str, str] | None:
+    """Delete the suspend VDI record inside ``tx``; return its file for removal after the commit."""
+    if vdi == NULL_REF or tx.read("VDI", vdi) is None:
+        return None
+    return remove_vdi(tx, vdi)
+
+
+@handler("VM.suspend")
+def suspend(call: Call, vm: str) -> None:
+    """Running -> Suspended: the memory image is written to a new suspend VDI, the host's memory is
+    given back and the VM stops being HA-protected (``ha_always_run`` false, as xapi)."""
+    with call.store.transaction() as tx:
+        rec = _vm(tx, vm, "suspend")
+        sr = suspend_sr(tx, vm, rec)
+        image = write_memory_image(call.daemon, tx, vm, rec, sr, "Suspend image")
+        host = str(rec["resident_on"])
+        rec.update(power_state="Suspended", suspend_VDI=image, resident_on=NULL_REF, domid=-1,
+                   scheduled_to_be_resident_on=NULL_REF, ha_always_run=False)
+        close_consoles(tx, vm)
+        metrics = tx.find("VM_metrics", rec["metrics"])
+        if metrics is not None:
+            metrics.update(state=[], last_updated=now_iso())
+        account_host(tx, host, vm)
+    if _ha_enabled(call.daemon):
+        call.daemon.ha.planning.update_pool_status()
+
+
+def resume_vm(daemon: Daemon, vm: str, host_ref: str | None, paused: bool) -> str:
+    """Suspended -> Running on ``host_ref`` (None: chosen as for a start) with the same memory accounting
+    and HA plan guard as :func:`start_vm`; the suspend VDI is destroyed.  Returns the host."""
+    with daemon.store.transaction() as tx:
+        rec = _vm(tx, vm, "resume" if host_ref is None else "resume_on")
+        if host_ref is None:
+            host = _choose_host(daemon, tx, vm, rec)
+        else:
+            host = host_ref
+            error = _can_run_on(tx, host) or _memory_error(tx, vm, rec, host)
+            if error is not None:
+                raise error
+        daemon.ha.planning.assert_vm_start_preserves_plan(vm, host)
+        image = rec["suspend_VDI"]
+        _run_on(tx, vm, rec, host, daemon)
+        if paused:
+            rec["power_state"] = "Paused"
+        rec["suspend_VDI"] = NULL_REF
+        files = _drop_suspend_image(tx, image)
+    if files is not None:
+        daemon.disks.remove_vdi(*files)
+    if _ha_enabled(daemon):
+        daemon.ha.planning.update_pool_status()
+    return host
+
+
+@handler("VM.resume")
+def resume(call: Call, vm: str, start_paused: bool, force: bool) -> None:
+    resume_vm(call.daemon, vm, None, start_paused)
+
+
+@handler("VM.resume_on")
+def resume_on(call: Call, vm: str, host: str, start_paused: bool, force: bool) -> None:
+    if call.store.get("host", host) is None:
+        raise ApiError("HANDLE_INVALID", "host", host)
+    resume_vm(call.daemon, vm, host, start_paused)

@@ -563,13 +563,16 @@ def vdi_create(ctx: Context, args: Args) -> None:
 VM_OP_KEYS = ("vm", "uuid", "force", "multiple", "minimal", "on", "paused")
 
 
-def select_vms(ctx: Context, args: Args) -> list[str]:
-    """The VMs a vm-* operation acts on: ``uuid=``, ``vm=<name or uuid>`` and field selectors."""
+def select_vms(ctx: Context, args: Args, skip: tuple[str, ...] = (), templates: bool = False) -> list[str]:
+    """The VMs a vm-* operation acts on: ``uuid=``, ``vm=<name or uuid>`` and field selectors (the
+    command's own parameters ``skip`` excluded; ``templates``: templates and snapshots may match too)."""
     uuid = args.get("uuid")
     if uuid is not None:
         return [ctx.db.ref_of("VM", uuid)]
     view = ctx.classes["vm"]
-    filters = _filters(view, Args([(k, v) for k, v in args.pairs if k not in VM_OP_KEYS]), ())
+    if templates:
+        view = CliClass(view.name, view.cdef, view.default_columns, {})
+    filters = _filters(view, Args([(k, v) for k, v in args.pairs if k not in VM_OP_KEYS + skip]), ())
     name = args.get("vm")
     refs = [ref for ref, rec in select(ctx, view, filters)
             if name is None or name in (rec.get("uuid"), rec.get("name_label"))]
@@ -840,7 +843,9 @@ def registry(classes: dict[str, CliClass]) -> dict[str, Command]:
     for view in classes.values():
         for command in class_commands(view):
             table[command.name] = command
-    for command in named_commands():
+    from .xe_vm_commands import vm_surface_commands
+
+    for command in [*named_commands(), *vm_surface_commands()]:
         table[command.name] = command
     table["help"] = Command("help", _help(table), (), ("<command>",), "Displays help on xe commands.",
                             local=True, bare=True)

@@ -1,0 +1,79 @@
+"""The VM/VBD/VDI operation tables on an in-memory store (xapi_vm_lifecycle.ml, xapi_vbd_helpers.ml, xapi_vdi.ml)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from xapid import operations
+from xapid import schema as schema_mod
+from xapid.schema import NULL_REF
+from xapid.store import Store
+
+
+@pytest.fixture
+def store() -> Store:
+    s = Store(schema_mod.load(), None)
+    operations.install(s)
+    with s.transaction() as tx:
+        tx.create("pool", {"name_label": "p"})
+        tx.create("SM", {"type": "ext", "features": {"VDI_CREATE": 1, "VDI_DELETE": 1, "VDI_CLONE": 1,
+                                                      "VDI_SNAPSHOT": 1, "VDI_RESIZE": 1}})
+    return s
+
+
+def vm(store: Store, **values: Any) -> str:
+    with store.transaction() as tx:
+        base = {"name_label": "v", "power_state": "Halted", "HVM_boot_policy": "BIOS order", "domid": -1}
+        return tx.create("VM", {**base, **values})
+
+
+def test_power_states_of_operations_are_xapis() -> None:
+    rec: dict[str, Any] = {"is_control_domain": False, "is_a_snapshot": False}
+    assert operations.allowed_power_states(rec, "destroy") == ("Halted", "Suspended")
+    assert operations.allowed_power_states(rec, "hard_shutdown") == ("Paused", "Suspended", "Running")
+    assert operations.allowed_power_states(rec, "clone") == ("Halted",)
+    assert operations.allowed_power_states({**rec, "is_a_snapshot": True}, "clone") == ("Halted", "Suspended")
+    assert operations.allowed_power_states({**rec, "is_control_domain": True}, "changing_VCPUs") == (
+        "Halted", "Running")
+
+
+def test_concurrency_groups() -> None:
+    assert operations._concurrently_ok("copy", ["clone"])
+    assert operations._concurrently_ok("checkpoint", ["snapshot"])
+    assert not operations._concurrently_ok("start", ["clone"])
+    assert operations._concurrently_ok("hard_shutdown", ["clean_shutdown"])
+    assert not operations._concurrently_ok("hard_shutdown", ["hard_shutdown"])
+    assert operations._concurrently_ok("clean_shutdown", ["migrate_send"])
+
+
+def test_lists_are_recomputed_in_the_commit_that_changes_the_state(store: Store) -> None:
+    ref = vm(store)
+    assert "start" in store.get("VM", ref)["allowed_operations"]
+    with store.transaction() as tx:
+        tx.update("VM", ref, power_state="Running", domid=3, current_operations={"t1": "clone"})
+    allowed = store.get("VM", ref)["allowed_operations"]
+    assert "start" not in allowed and "hard_shutdown" in allowed
+
+
+def test_busy_vm_refuses_with_other_operation_in_progress(store: Store) -> None:
+    ref = vm(store, current_operations={"OpaqueRef:task": "clone"})
+    with store.transaction() as tx, pytest.raises(Exception) as info:
+        operations.assert_vm(tx, ref, "start")
+    assert info.value.args == ("OTHER_OPERATION_IN_PROGRESS", "VM", ref, "clone", "OpaqueRef:task")
+
+
+def test_vdi_attached_to_a_running_vm(store: Store) -> None:
+    with store.transaction() as tx:
+        sr = tx.create("SR", {"type": "ext"})
+        tx.create("PBD", {"SR": sr, "currently_attached": True, "host": NULL_REF})
+        vdi = tx.create("VDI", {"SR": sr, "type": "user", "managed": True})
+    ref = vm(store, power_state="Running", domid=4)
+    with store.transaction() as tx:
+        tx.create("VBD", {"VM": ref, "VDI": vdi, "currently_attached": True, "type": "Disk", "mode": "RW",
+                          "userdevice": "0"})
+    allowed = store.get("VDI", vdi)["allowed_operations"]
+    assert {"clone", "snapshot"} <= set(allowed) and not {"destroy", "resize", "copy"} & set(allowed)
+    with store.transaction() as tx:
+        assert operations.vdi_error(tx, vdi, tx.get("VDI", vdi), "destroy").args == ("VDI_IN_USE", vdi, "destroy")
