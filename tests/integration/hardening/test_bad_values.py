@@ -139,18 +139,19 @@ def test_int64_overflow_and_non_numbers_are_internal_error(client: Client, objec
 
 def test_int64_extremes_are_accepted_over_both_protocols(client: Client, objects: dict[str, str]) -> None:
     vm = objects["vm"]
-    before = client.json("VM.get_memory_static_max", client.json_session, vm)
+    # An int field no rule constrains (memory fields obey xapi's memory constraints).
+    before = client.json("VM.get_user_version", client.json_session, vm)
     for value in (INT64_MAX, -(2**63)):
-        assert client.json("VM.set_memory_static_max", client.json_session, vm, value) == ""
-        assert client.xml("VM.get_memory_static_max", client.xml_session, vm) == str(value)
-        assert client.xml("VM.set_memory_static_max", client.xml_session, vm, str(value)) == ""
-        assert client.json("VM.get_memory_static_max", client.json_session, vm) == value
+        assert client.json("VM.set_user_version", client.json_session, vm, value) == ""
+        assert client.xml("VM.get_user_version", client.xml_session, vm) == str(value)
+        assert client.xml("VM.set_user_version", client.xml_session, vm, str(value)) == ""
+        assert client.json("VM.get_user_version", client.json_session, vm) == value
     # A JSON number beyond int64, and one beyond even a double, are type errors too.
-    over = client.json("VM.set_memory_static_max", client.json_session, vm, INT64_MAX + 1)
+    over = client.json("VM.set_user_version", client.json_session, vm, INT64_MAX + 1)
     assert isinstance(over, Failure) and over.details[0] == "INTERNAL_ERROR"
     beyond_double = client.json("task.set_progress", client.json_session, NULL_REF, 10**400)
     assert isinstance(beyond_double, Failure) and beyond_double.details[0] == "INTERNAL_ERROR"
-    client.json("VM.set_memory_static_max", client.json_session, vm, before)
+    client.json("VM.set_user_version", client.json_session, vm, before)
 
 
 def test_negative_sizes_and_counts_are_invalid_value(client: Client, objects: dict[str, str]) -> None:
