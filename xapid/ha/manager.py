@@ -30,7 +30,6 @@ from xapid.ha.localdb import LocalDb
 from xapid.ha.monitor import Monitor
 from xapid.ha.planning import Planning
 from xapid.ha.scripts import ClusterStackRunner, ScriptError
-from xapid.hw.processes import kill_all
 from xapid.storage import sm_of
 from xapid.store import Transaction, new_ref
 
@@ -897,7 +896,7 @@ class HaManager:
         for h in hosts:
             # A script of a killed daemon may still be running and start a heartbeat later: with HA off
             # nothing may run for a host (hw-contract.md: its processes carry XAPID_HOST_DIR).
-            left = kill_all(self.local.host_dir(self.host_uuid(h)))
+            left = self.daemon.hw.end_processes(self.host_uuid(h))
             if left:
                 log.warning("killed processes left behind for a host while HA is off", host=self.host_uuid(h),
                             processes=left)
