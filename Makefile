@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# Tests mostly wait on timers (HA detection, fencing): more workers than cores keeps make test short.
+TEST_WORKERS ?= 4
 
 .PHONY: run test lint clean
 
@@ -15,6 +17,7 @@ $(STAMP): pyproject.toml
 ## run: start the daemon in the foreground at http://127.0.0.1:8080/ with state in ./var
 run: $(STAMP)
 	@echo "xapid: serving http://127.0.0.1:8080/ ; the root password is in ./var/root-password"
+	@echo "xapid: pool console at http://127.0.0.1:8080/console (log in as root with that password)"
 	$(BIN)/xapid serve --state-dir ./var --listen 127.0.0.1:8080
 
 ## lint: ruff over the whole tree
@@ -23,7 +26,7 @@ lint: $(STAMP)
 
 ## test: lint, then unit and integration tests against real daemons
 test: $(STAMP) lint
-	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile tests
 
 .PHONY: bench bench-smoke
 

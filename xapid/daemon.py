@@ -14,6 +14,7 @@ from xapid.api import role as role_api
 from xapid.auth import Sessions, Users
 from xapid.collector import Collector
 from xapid.config import Config, validate_runtime
+from xapid.console.feed import HardwareFeed
 from xapid.dispatch import Dispatcher
 from xapid.events import Events
 from xapid.ha.manager import HaManager
@@ -76,6 +77,7 @@ class Daemon:
         self.guests = GuestAgents(self)
         self.liveness = HostLiveness(self)
         self.ha = HaManager(self)
+        self.console = HardwareFeed(self)
         # Everything loaded so far lives as long as the daemon: keep the cyclic GC from rescanning a
         # large store's records on every full collection (write latency must not grow with size).
         gc.collect()
@@ -106,6 +108,7 @@ class Daemon:
     def stop(self) -> None:
         self.guests.stop()
         self.collector.stop()
+        self.console.stop()
         self.hw.prepare_stop()
         self.ha.stop()
         self.liveness.stop()

@@ -55,6 +55,7 @@ from typing import Any
 
 import structlog
 
+from xapid import console
 from xapid.auth import short_ref
 from xapid.config import Config, ConfigError
 from xapid.daemon import Daemon
@@ -156,6 +157,7 @@ class Request:
     body: bytes = b""
     close: bool = False  # the answer ends the connection (asked for, or HTTP/1.0 by default)
     local: bool = False  # arrived on the Unix socket
+    query: str = ""  # the target's query string, without "?"
 
     def header(self, name: str, default: str = "") -> str:
         values = self.headers.get(name)
@@ -424,6 +426,7 @@ class Listener:
             Route("POST", "/", ApiServer.xmlrpc),
             Route("POST", "/jsonrpc", ApiServer.jsonrpc),
             Route("OPTIONS", "/", ApiServer.options),
+            Route("GET", "/", ApiServer.console_get),
         ]
 
     def close(self) -> None:
@@ -447,6 +450,10 @@ class XapiServer(Listener):
     def server_address(self) -> tuple[str, int]:
         host, port = self.sock.getsockname()[:2]
         return host, port
+
+    def routes(self) -> list[Route]:
+        # The authenticated form of `xapid fault` (the console's); the Unix socket keeps its own.
+        return [*super().routes(), Route("POST", FAULT_PATH, ApiServer.console_fault, exact=True)]
 
 
 class UnixXapiServer(Listener):
@@ -715,8 +722,9 @@ class ApiServer:
         path = target
         if "://" in target:  # absolute form
             path = "/" + target.split("://", 1)[1].partition("/")[2]
-        path = path.split("?", 1)[0].split("#", 1)[0] or "/"
-        request = Request(method, path, version, headers, close=close, local=listener.local)
+        path, _, query = path.split("#", 1)[0].partition("?")
+        path = path or "/"
+        request = Request(method, path, version, headers, close=close, local=listener.local, query=query)
         route = find_route(routes, method, path)
         return request, route, self._framing(request, route)
 
@@ -863,6 +871,15 @@ class ApiServer:
             ("Access-Control-Allow-Origin", "*"),
             ("Access-Control-Allow-Headers", f"{requested}, X-Requested-With".lstrip(", ")),
             ("Access-Control-Allow-Methods", "PUT")])
+
+    def console_get(self, request: Request) -> Response:
+        """GET: the pool console's pages, files and hardware feed (xapid/console), else 404."""
+        return console.serve_get(self.daemon, request)
+
+    def console_fault(self, request: Request) -> Response:
+        """``POST /xapid/fault`` over TCP: a pool-admin session's fault (xapid/console)."""
+        with self.calls:
+            return console.serve_fault(self.daemon, request)
 
     def fault(self, request: Request) -> Response:
         """``xapid fault`` requests (Unix socket only, see :class:`UnixXapiServer`)."""

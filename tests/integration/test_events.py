@@ -190,3 +190,18 @@ def test_example_client_prints_ha_changes(xapid: Xapid, api: Any) -> None:
         if proc.poll() is None:
             proc.kill()
     assert "ha_enabled=True" in out and "ha_enabled=False" in out
+
+
+def test_stopping_answers_blocked_event_calls_at_once(xapid: Xapid, api: Any) -> None:
+    """A client blocked in event.from (the console, Xen Orchestra) does not hold a SIGTERM for its timeout."""
+    token = api.event_from(["pool"], "", 0.0)["token"]
+    answers: list[Any] = []
+    blocked = threading.Thread(target=lambda: answers.append(api.event_from(["pool"], token, 60.0)), daemon=True)
+    blocked.start()
+    time.sleep(0.5)
+    started = time.monotonic()
+    assert xapid.stop() == 0
+    took = time.monotonic() - started
+    blocked.join(5)
+    assert took < 10, f"stopping took {took:.1f} s"
+    assert answers and answers[0]["events"] == []

@@ -67,8 +67,11 @@ def test_the_longest_prefix_wins_and_exact_routes_match_only_themselves() -> Non
     assert find_route(routes, "POST", "/").handler is ApiServer.xmlrpc  # type: ignore[union-attr]
     assert find_route(routes, "POST", "/RPC2").handler is ApiServer.xmlrpc  # type: ignore[union-attr]
     assert find_route(routes, "POST", "/jsonrpc").handler is ApiServer.jsonrpc  # type: ignore[union-attr]
-    assert find_route(routes, "POST", "/xapid/fault").handler is ApiServer.xmlrpc  # type: ignore[union-attr]
-    assert find_route(routes, "GET", "/") is None
+    # Over TCP the fault endpoint is the console's authenticated form; every GET goes to the console.
+    assert find_route(routes, "POST", "/xapid/fault").handler is ApiServer.console_fault  # type: ignore[union-attr]
+    assert find_route(routes, "POST", "/xapid/fault/x").handler is ApiServer.xmlrpc  # type: ignore[union-attr]
+    assert find_route(routes, "GET", "/console/static/x.js").handler is ApiServer.console_get  # type: ignore
+    assert find_route(routes, "PUT", "/") is None
     local = object.__new__(UnixXapiServer).routes()
     assert find_route(local, "POST", "/xapid/fault").handler is ApiServer.fault  # type: ignore[union-attr]
     assert find_route(local, "POST", "/xapid/fault/x").handler is ApiServer.xmlrpc  # type: ignore[union-attr]

@@ -104,7 +104,7 @@ def serve(args: argparse.Namespace) -> int:
     server.start()
     url_file = daemon.state_dir / "url"
     statefiles.write_atomic(url_file, (url + "\n").encode(), mode=0o644)
-    log.info("xapid ready", url=url, state_dir=str(daemon.state_dir),
+    log.info("xapid ready", url=url, console=url + "console", state_dir=str(daemon.state_dir),
              root_password_file=str(daemon.state_dir / "root-password"))
     stop.wait()
     log.info("stopping")

@@ -30,7 +30,6 @@ from xapid.ha.localdb import LocalDb
 from xapid.ha.monitor import Monitor
 from xapid.ha.planning import Planning
 from xapid.ha.scripts import ClusterStackRunner, ScriptError
-from xapid.hw.processes import kill_all
 from xapid.storage import sm_of
 from xapid.store import Transaction, new_ref
 
@@ -676,13 +675,12 @@ class HaManager:
             if system_boot:
                 self.local.set(uuid, host_restarted_cleanly=False)
             self._hello(host)
+            if system_boot and self.pool()["ha_enabled"] and not clean:
+                create_message(self.store, "HA_HOST_WAS_FENCED", 4, "Host", uuid, "")
             if self.armed(host) and not self._start_ha(host):
                 if self._stopping.is_set():
                     return
             self._resynchronise(host)
-            pool = self.pool()
-            if system_boot and pool["ha_enabled"] and not clean:
-                create_message(self.store, "HA_HOST_WAS_FENCED", 4, "Host", uuid, "")
             if self.emergency_error(host) is None:
                 self.consider_enabling_host(host, system_boot)
         finally:
@@ -898,7 +896,7 @@ class HaManager:
         for h in hosts:
             # A script of a killed daemon may still be running and start a heartbeat later: with HA off
             # nothing may run for a host (hw-contract.md: its processes carry XAPID_HOST_DIR).
-            left = kill_all(self.local.host_dir(self.host_uuid(h)))
+            left = self.daemon.hw.end_processes(self.host_uuid(h))
             if left:
                 log.warning("killed processes left behind for a host while HA is off", host=self.host_uuid(h),
                             processes=left)

@@ -99,7 +99,7 @@ class Hardware:
         with self._lock:
             uuids = list(self._state)
         for uuid in uuids:
-            left = kill_all(self.host_dir(uuid))
+            left = self.end_processes(uuid)
             if left:
                 log.warning("killed processes a host still ran at daemon stop", host=uuid, processes=left)
 
@@ -152,6 +152,10 @@ class Hardware:
                 except Exception:  # noqa: BLE001 - one listener must not stop the others
                     log.exception("power listener failed", host=uuid)
         return old
+
+    def end_processes(self, uuid: str) -> int:
+        """Kill whatever the host still runs, without changing its power state; how many processes."""
+        return kill_all(self.host_dir(uuid))
 
     def crash(self, uuid: str, reason: str = "power cut") -> None:
         """Cut the power: every process of the host dies at once; it stays off until :meth:`boot`."""

@@ -15,6 +15,8 @@ from __future__ import annotations
 import http.client
 import json
 import socket
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +30,9 @@ FABRIC_FAULTS = {"partition": "network partitions", "statefile-loss": "loss of t
                  "statefile-restore": "loss of the heartbeat SR"}
 
 
+FaultListener = Callable[[dict[str, Any], list[str], float], None]
+
+
 class FaultError(Exception):
     """A fault request that cannot be carried out; the message says why (exit status 2)."""
 
@@ -37,6 +42,14 @@ class FaultService:
 
     def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
+        self._listeners: list[FaultListener] = []
+
+    def on_fault(self, listener: FaultListener) -> None:
+        """Call ``listener(request, lines, started)`` after every fault carried out (not ``status``).
+
+        ``started`` is the wall-clock time the fault began: the power changes it caused come after it.
+        """
+        self._listeners.append(listener)
 
     def handle(self, body: bytes) -> dict[str, Any]:
         """Answer one request body; never raises."""
@@ -44,7 +57,12 @@ class FaultService:
             request = json.loads(body.decode("utf-8"))
             if not isinstance(request, dict):
                 raise FaultError("the request must be a JSON object")
-            return {"ok": True, "lines": self.apply(request)}
+            started = time.time()
+            lines = self.apply(request)
+            if request.get("verb") != "status":
+                for listener in self._listeners:
+                    listener(request, lines, started)
+            return {"ok": True, "lines": lines}
         except FaultError as e:
             return {"ok": False, "error": str(e)}
         except (ValueError, UnicodeDecodeError) as e:
@@ -165,25 +183,30 @@ class FaultService:
         rec = self.daemon.store.get("host", ref) if ref else None
         return str(rec["name_label"]) if rec else uuid
 
-    def status(self) -> list[str]:
-        """One line per host: power, network group, statefile access, armed, live as the pool sees it."""
+    def host_status(self) -> list[dict[str, Any]]:
+        """Per host: uuid, name, power, network group, statefile (ok/lost), armed, live as the pool sees it."""
         hw = self.daemon.hw
         folders: list[str] = []
         try:
             folders = self._heartbeat_sr_folders()
         except FaultError:
             pass
-        lines = []
+        out = []
         for _ref, h in self._hosts():
             uuid = h["uuid"]
             metrics = self.daemon.store.get("host_metrics", h["metrics"])
             blocked = set(hw.fabric.blocked(uuid))
-            statefile = "lost" if folders and blocked & set(folders) else "ok"
-            armed = bool(self.daemon.ha.local.get(uuid, "ha.armed", False))
-            live = bool(metrics and metrics["live"])
-            lines.append(f"{h['name_label']} {uuid} power={hw.power(uuid)} network={hw.fabric.group(uuid)} "
-                         f"statefile={statefile} armed={str(armed).lower()} live={str(live).lower()}")
-        return lines
+            out.append({"uuid": uuid, "name": h["name_label"], "power": hw.power(uuid),
+                        "network": hw.fabric.group(uuid),
+                        "statefile": "lost" if folders and blocked & set(folders) else "ok",
+                        "armed": bool(self.daemon.ha.local.get(uuid, "ha.armed", False)),
+                        "live": bool(metrics and metrics["live"])})
+        return out
+
+    def status(self) -> list[str]:
+        """One line per host: power, network group, statefile access, armed, live as the pool sees it."""
+        return [f"{h['name']} {h['uuid']} power={h['power']} network={h['network']} statefile={h['statefile']} "
+                f"armed={str(h['armed']).lower()} live={str(h['live']).lower()}" for h in self.host_status()]
 
 
 class _UnixConnection(http.client.HTTPConnection):

@@ -84,12 +84,12 @@ def test_restart_groups_follow_vm_order(ha_pool: HaPool) -> None:
     first = p.vm("first", "restart", on="host2", order=1, start_delay=2)
     last = p.vm("last", "restart", on="host2", order=-1)
     p.fault.crash("host2")
-    wait_for(lambda: all(p.where(v)[0] == "Running" for v in (late, first, last)), timeout=FAILOVER,
-             what="all three restarted")
+    wait_for(lambda: all(p.where(v)[0] == "Running" and p.where(v)[1] != "host2" for v in (late, first, last)),
+             timeout=FAILOVER, what="all three restarted")
 
     def started(vm: str) -> float:
         stamp = x.VM_metrics.get_start_time(x.VM.get_metrics(vm))
         return time.mktime(time.strptime(str(stamp)[:17], "%Y%m%dT%H:%M:%S"))
 
-    # Groups start one after another: order 1, then 5, then the negative order last.
-    assert started(first) <= started(late) <= started(last)
+    # Groups start one after another: order 1 (then its 2 s start_delay), then 5, then the negative order last.
+    assert started(first) + 2 <= started(late) <= started(last)

@@ -23,6 +23,15 @@ def failure(fn: Any, *args: Any) -> list[str]:
     return list(e.value.details)
 
 
+def error_of(fn: Any, *args: Any) -> list[str] | None:
+    """The call's error, or None if it succeeded (for polling a state that is still arriving)."""
+    try:
+        fn(*args)
+    except XenAPI.Failure as e:
+        return list(e.details)
+    return None
+
+
 def status(p: HaPool, name: str) -> dict[str, str]:
     """``xapid fault status`` of host ``name`` as a dict (power, network, statefile, armed, live)."""
     for line in p.fault.status():
@@ -204,11 +213,12 @@ def test_boot_in_emergency_mode_until_the_heartbeat_starts(ha_pool: HaPool) -> N
     wait_for(lambda: not p.live("host3"), timeout=BOOT, what="host3 declared dead")
     p.fault.boot("host3")
     wait_for(lambda: scripts_run(p.xapid, uuid).count("ha_start_daemon") >= 3, what="retries")
-    assert failure(x.host.enable, p.hosts["host3"]) == ["HA_HOST_CANNOT_ACCESS_STATEFILE"]
+    wait_for(lambda: error_of(x.host.enable, p.hosts["host3"]) == ["HA_HOST_CANNOT_ACCESS_STATEFILE"],
+             what="emergency mode")
     assert not p.live("host3")
     assert status(p, "host3")["armed"] == "true"
     point.write_text("exit 42\n")
-    wait_for(lambda: failure(x.host.disable, p.hosts["host3"]) == ["HA_HEARTBEAT_DAEMON_STARTUP_FAILED"],
+    wait_for(lambda: error_of(x.host.disable, p.hosts["host3"]) == ["HA_HEARTBEAT_DAEMON_STARTUP_FAILED"],
              what="the other emergency error")
     point.unlink()
     wait_for(lambda: rejoined(p, "host3"), timeout=BOOT, what="host3 to rejoin")
@@ -235,7 +245,7 @@ def test_invalid_pool_state_at_boot_disarms_the_host(ha_pool: HaPool) -> None:
     wait_for(lambda: not p.live("host2"), timeout=BOOT, what="host2 declared dead")
     p.fault.boot("host2")
     wait_for(lambda: status(p, "host2")["armed"] == "false", what="host2 disarmed")
-    wait_for(lambda: failure(x.host.enable, p.hosts["host2"]) == ["HA_POOL_IS_ENABLED_BUT_HOST_IS_DISABLED"],
+    wait_for(lambda: error_of(x.host.enable, p.hosts["host2"]) == ["HA_POOL_IS_ENABLED_BUT_HOST_IS_DISABLED"],
              what="emergency mode")
     assert x.pool.get_ha_enabled(p.pool) is True
     # The way back: HA off, restart the host (its xapi leaves emergency mode), HA on again.

@@ -138,8 +138,8 @@ def test_int64_overflow_and_non_numbers_are_internal_error(client: Client, objec
 
 
 def test_int64_extremes_are_accepted_over_both_protocols(client: Client, objects: dict[str, str]) -> None:
-    # VM.user_version is a plain int field (the memory setters check xapi's memory constraints).
     vm = objects["vm"]
+    # An int field no rule constrains (memory fields obey xapi's memory constraints).
     before = client.json("VM.get_user_version", client.json_session, vm)
     for value in (INT64_MAX, -(2**63)):
         assert client.json("VM.set_user_version", client.json_session, vm, value) == ""

@@ -9,6 +9,7 @@ exception text]``).
 
 from __future__ import annotations
 
+import gc
 import time
 
 import pytest
@@ -31,11 +32,16 @@ def refusal(expr: str) -> list[str]:
 
 
 def best_of(n: int, fn: object) -> float:
+    """The fastest of ``n`` runs, with the cyclic collector off (its passes grow with what is alive)."""
     times = []
-    for _ in range(n):
-        start = time.perf_counter()
-        fn()  # type: ignore[operator]
-        times.append(time.perf_counter() - start)
+    gc.disable()
+    try:
+        for _ in range(n):
+            start = time.perf_counter()
+            fn()  # type: ignore[operator]
+            times.append(time.perf_counter() - start)
+    finally:
+        gc.enable()
     return min(times)
 
 
@@ -53,8 +59,13 @@ def test_tokenizing_is_linear_in_the_length() -> None:
     small = " and ".join([TERM] * 2000)
     big = " and ".join([TERM] * 8000)
     assert len(big) < MAX_LENGTH
-    ratio = best_of(3, lambda: parse(big)) / best_of(3, lambda: parse(small))
-    assert ratio < 8, ratio
+    # Interleaved, so that both sizes see the same machine load; the old scan gave about 64 here.
+    small_times, big_times = [], []
+    for _ in range(7):
+        small_times.append(best_of(1, lambda: parse(small)))
+        big_times.append(best_of(1, lambda: parse(big)))
+    ratio = min(big_times) / min(small_times)
+    assert ratio < 10, ratio
 
 
 def test_an_expression_over_the_limit_is_refused_at_once_with_a_short_echo() -> None:
@@ -73,9 +84,10 @@ def test_an_expression_over_the_limit_is_refused_at_once_with_a_short_echo() -> 
     "(" * 120_000,                 # unclosed groups
 ])
 def test_worst_case_rejections_within_the_limit_are_fast(expr: str) -> None:
-    start = time.perf_counter()
+    # CPU time, not wall time: parallel test workers on 2 cores must not make this flaky.
+    start = time.process_time()
     refusal(expr)
-    assert time.perf_counter() - start < 1.0
+    assert time.process_time() - start < 1.0
 
 
 @pytest.mark.parametrize(("expr", "reason"), [
