@@ -580,9 +580,20 @@ def refresh(tx: Transaction) -> None:
 
 def install(store: Store) -> None:
     """Keep allowed_operations current on every commit of ``store``, and fill them in where a store
-    written by an older xapid (or the benchmark's bulk path) left them empty."""
+    written by an older xapid (or the benchmark's bulk path) left them empty.
+
+    Tasks live in memory only, so at start no operation can still be running: ``current_operations``
+    left by a daemon killed in the middle of a copy or migration are cleared (xapi cancels them at
+    start-up the same way), and the objects get their lists back.
+    """
     if refresh not in store.pre_commit:
         store.pre_commit.append(refresh)
+    busy = [(cls, ref) for cls in ("VM", "VBD", "VIF", "VDI") for ref, rec in store.items(cls)
+            if rec["current_operations"]]
+    if busy:
+        with store.transaction() as tx:
+            for cls, ref in busy:
+                tx.update(cls, ref, current_operations={})
     stale = [(cls, ref) for cls in ("VM", "VBD", "VIF", "VDI") for ref, rec in store.items(cls)
              if not rec["allowed_operations"]]
     for start in range(0, len(stale), 5000):

@@ -77,3 +77,15 @@ def test_vdi_attached_to_a_running_vm(store: Store) -> None:
     assert {"clone", "snapshot"} <= set(allowed) and not {"destroy", "resize", "copy"} & set(allowed)
     with store.transaction() as tx:
         assert operations.vdi_error(tx, vdi, tx.get("VDI", vdi), "destroy").args == ("VDI_IN_USE", vdi, "destroy")
+
+
+def test_operations_left_by_a_killed_daemon_are_cleared_at_start() -> None:
+    """Tasks do not survive a restart, so neither do the operations they were running."""
+    s = Store(schema_mod.load(), None)
+    with s.transaction() as tx:
+        tx.create("pool", {"name_label": "p"})
+        ref = tx.create("VM", {"name_label": "v", "power_state": "Halted", "HVM_boot_policy": "BIOS order",
+                               "domid": -1, "current_operations": {"OpaqueRef:gone": "clone"}})
+    operations.install(s)
+    rec = s.get("VM", ref)
+    assert rec["current_operations"] == {} and "start" in rec["allowed_operations"]
