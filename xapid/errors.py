@@ -125,6 +125,7 @@ CATALOGUE: dict[str, tuple[str, ...]] = {
     "SR_NO_PBDS": ("sr",),
     "NETWORK_CONTAINS_PIF": ("pifs",),
     "NETWORK_CONTAINS_VIF": ("vifs",),
+    "XENAPI_MISSING_PLUGIN": ("name",),
 }
 
 # Human descriptions for the xe client (wire.md 8.6).

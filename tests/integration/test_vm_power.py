@@ -152,3 +152,14 @@ def test_pbd_unplug_reports_every_vdi_in_use(shared_api: Any) -> None:
     assert err[0] == "VDI_IN_USE" and mine <= set(err[1:]) and len(err[1:]) == len(set(err[1:]))
     assert all(api.VDI.get_SR(v) == default_sr(api) for v in err[1:])
     assert api.PBD.get_currently_attached(pbd)
+
+
+def test_host_free_memory_and_plugins(shared_api: Any, vm_args: Any) -> None:
+    api = shared_api
+    host = api.host.get_all()[2]
+    before = int(api.host.compute_free_memory(host))
+    vm = api.VM.create(vm_args("occupant"))
+    api.VM.start_on(vm, host, False, False)
+    assert int(api.host.compute_free_memory(host)) == before - int(api.VM.get_memory_dynamic_min(vm))
+    assert failure(api.host.call_plugin, host, "nope.py", "main", {}) == ["XENAPI_MISSING_PLUGIN", "nope.py"]
+    api.VM.hard_shutdown(vm)

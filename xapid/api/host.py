@@ -420,3 +420,31 @@ def get_management_interface(call: Call, host: str) -> str:
             return pif
     raise ApiError("INTERNAL_ERROR", "host has no management interface")
 
+
+
+# -- calls clients make of any host (xapi_host.ml, xapi_plugins.ml) ---------------------------------------
+
+
+@handler("host.compute_free_memory")
+def compute_free_memory(call: Call, host: str) -> int:
+    """Free memory with every resident VM ballooned down (``host_compute_free_memory_with_maximum_compression``)."""
+    _host(call, host)
+    return _free_memory(call, host)
+
+
+@handler("host.compute_memory_overhead")
+def compute_memory_overhead(call: Call, host: str) -> int:
+    return int(_host(call, host)["memory_overhead"] or 0)
+
+
+@handler("host.call_plugin")
+def call_plugin(call: Call, host: str, plugin: str, fn: str, args: dict[str, str]) -> str:
+    """The emulated hosts ship no dom0 plugins: ``XENAPI_MISSING_PLUGIN [plugin]``, as xapi for an unknown one."""
+    _host(call, host)
+    raise ApiError("XENAPI_MISSING_PLUGIN", plugin)
+
+
+@handler("host.has_extension")
+def has_extension(call: Call, host: str, name: str) -> bool:
+    _host(call, host)
+    return False
