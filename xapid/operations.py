@@ -531,6 +531,58 @@ def assert_vdi(tx: Transaction, ref: str, op: str) -> Record:
     return rec
 
 
+# -- SR (xapi_sr_operations.ml) ----------------------------------------------------------------------------
+
+SR_OPERATIONS = ("scan", "destroy", "forget", "plug", "unplug", "update", "vdi_create", "vdi_introduce",
+                 "vdi_destroy", "vdi_resize", "vdi_clone", "vdi_snapshot", "vdi_mirror", "vdi_enable_cbt",
+                 "vdi_disable_cbt", "vdi_data_destroy", "vdi_list_changed_blocks", "vdi_set_on_boot",
+                 "vdi_blocked", "vdi_copy", "vdi_force_unlock", "vdi_forget", "vdi_generate_config",
+                 "vdi_resize_online", "vdi_update", "vdi_revert", "pbd_create", "pbd_destroy")
+_SR_SM_FEATURE = {"vdi_create": "VDI_CREATE", "vdi_destroy": "VDI_DELETE", "vdi_resize": "VDI_RESIZE",
+                  "vdi_introduce": "VDI_INTRODUCE", "vdi_mirror": "VDI_MIRROR", "vdi_enable_cbt": "VDI_CONFIGURE_CBT",
+                  "vdi_disable_cbt": "VDI_CONFIGURE_CBT", "vdi_data_destroy": "VDI_CONFIGURE_CBT",
+                  "vdi_list_changed_blocks": "VDI_CONFIGURE_CBT", "vdi_set_on_boot": "VDI_RESET_ON_BOOT",
+                  "update": "SR_UPDATE", "vdi_revert": "VDI_REVERT", "vdi_snapshot": "VDI_SNAPSHOT"}
+# Never advertised: removed from the datamodel (vdi_resize_online) or internal.
+_SR_UNOFFERED = frozenset({"vdi_resize_online", "vdi_blocked", "vdi_force_unlock"})
+
+
+def sr_errors(tx: Transaction, ref: str, rec: Record) -> Errors:
+    """``valid_operations`` of an SR: what its driver supports, no destroy/forget while attached,
+    no destroy without PBDs or with managed VDIs, one non-parallel operation at a time."""
+    table: Errors = dict.fromkeys(SR_OPERATIONS)
+
+    def refuse(error: ApiError, ops: Iterable[str]) -> None:
+        for op in ops:
+            if table[op] is None:
+                table[op] = error
+
+    features = sm_features(tx, rec["type"])
+    refuse(ApiError("SR_OPERATION_NOT_SUPPORTED", ref),
+           [op for op, feature in _SR_SM_FEATURE.items() if feature not in features])
+    pbds = [p for pbd in tx.referrers("PBD", "SR", ref) if (p := tx.read("PBD", pbd)) is not None]
+    if any(p["currently_attached"] for p in pbds):
+        refuse(ApiError("SR_HAS_PBD", ref), ["destroy", "forget"])
+    if not pbds:
+        refuse(ApiError("SR_NO_PBDS", ref), ["destroy"])
+    if any((v := tx.read("VDI", vdi)) is not None and v["managed"] and v["type"] != "rrd"
+           for vdi in tx.referrers("VDI", "SR", ref)):
+        refuse(ApiError("SR_NOT_EMPTY"), ["destroy"])
+    current = sorted(rec["current_operations"].items(), key=lambda item: item[1])
+    if current:
+        op_ref, op = current[0]
+        refuse(ApiError("OTHER_OPERATION_IN_PROGRESS", "SR", ref, op, op_ref),
+               [o for o in SR_OPERATIONS if o != "plug"])
+        other = next(((r, o) for r, o in current if o != "plug"), None)
+        if other is not None:
+            refuse(ApiError("OTHER_OPERATION_IN_PROGRESS", "SR", ref, other[1], other[0]), ["plug"])
+    return table
+
+
+def sr_allowed(tx: Transaction, ref: str, rec: Record) -> list[str]:
+    return [op for op, e in sr_errors(tx, ref, rec).items() if e is None and op not in _SR_UNOFFERED]
+
+
 # -- keeping the lists current -------------------------------------------------------------------------------
 
 
@@ -543,7 +595,7 @@ def _set(tx: Transaction, cls: str, ref: str, allowed: list[str]) -> None:
 def refresh(tx: Transaction) -> None:
     """Recompute the allowed operations of what ``tx`` touched and what depends on it (pre-commit hook)."""
     # Writers of a VM's metrics or guest metrics touch the VM too (tx.get), so these four suffice.
-    touched = tx.touched(("VM", "VBD", "VIF", "VDI"))
+    touched = tx.touched(("VM", "VBD", "VIF", "VDI", "SR", "PBD"))
     vms: set[str] = set(touched.get("VM", ()))
     vbds: set[str] = set(touched.get("VBD", ()))
     vifs: set[str] = set(touched.get("VIF", ()))
@@ -557,6 +609,12 @@ def refresh(tx: Transaction) -> None:
     for vm in vms:
         vbds.update(tx.referrers("VBD", "VM", vm))
         vifs.update(tx.referrers("VIF", "VM", vm))
+    srs: set[str] = set(touched.get("SR", ()))
+    for cls in ("PBD", "VDI"):
+        for ref in touched.get(cls, ()):
+            rec = tx.read(cls, ref)
+            if rec is not None and rec["SR"] != NULL_REF:
+                srs.add(rec["SR"])
     for vdi in list(vdis):
         vbds.update(tx.referrers("VBD", "VDI", vdi))
     ops = tx.schema.enums["vm_operations"]
@@ -576,6 +634,16 @@ def refresh(tx: Transaction) -> None:
         rec = tx.read("VDI", vdi)
         if rec is not None:
             _set(tx, "VDI", vdi, vdi_allowed(tx, vdi, rec))
+    for sr in srs:
+        rec = tx.read("SR", sr)
+        if rec is not None:
+            _set(tx, "SR", sr, sr_allowed(tx, sr, rec))
+
+
+def sr_allowed_committed(store: Store, ref: str, rec: Record) -> list[str]:
+    """An SR's list as its committed state gives it (start-up: lists written by older xapids are replaced)."""
+    with store.transaction() as tx:
+        return sr_allowed(tx, ref, rec)
 
 
 def install(store: Store) -> None:
@@ -596,6 +664,8 @@ def install(store: Store) -> None:
                 tx.update(cls, ref, current_operations={})
     stale = [(cls, ref) for cls in ("VM", "VBD", "VIF", "VDI") for ref, rec in store.items(cls)
              if not rec["allowed_operations"]]
+    stale += [("SR", ref) for ref, rec in store.items("SR")
+              if rec["allowed_operations"] != sr_allowed_committed(store, ref, rec)]
     for start in range(0, len(stale), 5000):
         with store.transaction() as tx:
             for cls, ref in stale[start:start + 5000]:

@@ -101,3 +101,19 @@ def test_network_with_an_attached_vif_cannot_be_destroyed(shared_api: Any) -> No
     api.VM.hard_shutdown(vm)
     api.network.destroy(network)
     assert vif not in api.VIF.get_all()
+
+
+def test_sr_allowed_operations_follow_its_driver_and_pbds(shared_api: Any) -> None:
+    """xapi_sr_operations.ml: driver features decide the vdi_* operations; destroy and forget wait for unplug."""
+    api = shared_api
+    host = api.host.get_all()[0]
+    sr = api.SR.create(host, {"device": "/dev/sdz"}, "0", "ops", "", "ext", "user", False, {})
+    allowed = set(api.SR.get_allowed_operations(sr))
+    assert {"vdi_create", "vdi_destroy", "vdi_snapshot", "vdi_resize", "plug", "unplug", "scan"} <= allowed
+    assert not {"destroy", "forget", "vdi_mirror", "vdi_enable_cbt"} & allowed
+    iso = api.SR.create(host, {"location": "/srv/ops-iso"}, "0", "ops iso", "", "iso", "iso", False, {})
+    assert not {"vdi_snapshot", "vdi_resize"} & set(api.SR.get_allowed_operations(iso))
+    (pbd,) = api.SR.get_PBDs(sr)
+    api.PBD.unplug(pbd)
+    assert {"destroy", "forget"} <= set(api.SR.get_allowed_operations(sr))
+    api.SR.destroy(sr)
