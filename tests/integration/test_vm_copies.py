@@ -198,3 +198,26 @@ def test_copy_to_an_iso_sr_is_refused(shared_api: Any) -> None:
     vm = install(api, "Other install media", "no iso copy")
     assert failure(api.VM.copy, vm, "x", iso) == ["OPERATION_NOT_ALLOWED", "Cannot copy a VM's disks to an ISO SR"]
     assert len(api.VM.get_by_name_label("x")) == 0
+
+
+def test_a_daemon_killed_during_a_copy_restarts_consistent(xapid: Any) -> None:
+    """SIGKILL while VM.copy writes its disks: after the restart the source is usable (no stale
+    current_operations), the copy exists whole or not at all, and no file is left that no VDI owns."""
+    api = xapid.session().xenapi
+    vm = install(api, "Other install media", "big")
+    (disk,) = disks_of(api, vm)
+    with open(vdi_file(xapid.state_dir, api, disk), "r+b") as f:
+        for i in range(64):
+            f.seek(i * 64 * MIB)
+            f.write(os.urandom(4 * MIB))
+    api.Async.VM.copy(vm, "big copy", default_sr(api))
+    xapid.kill()
+    xapid.start()
+    api = xapid.session().xenapi
+    assert api.VM.get_current_operations(vm) == {} and "start" in api.VM.get_allowed_operations(vm)
+    for copy in api.VM.get_by_name_label("big copy"):
+        (copied,) = disks_of(api, copy)
+        assert os.path.getsize(vdi_file(xapid.state_dir, api, copied)) == 32 * GIB
+    owned = {vdi_file(xapid.state_dir, api, v).name for v in api.VDI.get_all()}
+    for sr_dir in (xapid.state_dir / "sr").iterdir():
+        assert {p.name for p in sr_dir.iterdir()} <= owned
