@@ -163,3 +163,19 @@ def test_host_free_memory_and_plugins(shared_api: Any, vm_args: Any) -> None:
     assert int(api.host.compute_free_memory(host)) == before - int(api.VM.get_memory_dynamic_min(vm))
     assert failure(api.host.call_plugin, host, "nope.py", "main", {}) == ["XENAPI_MISSING_PLUGIN", "nope.py"]
     api.VM.hard_shutdown(vm)
+
+
+def test_start_needs_the_vms_storage_on_the_host(shared_api: Any) -> None:
+    """assert_can_boot_here: a VM whose disk is on host1's local SR only starts there."""
+    api = shared_api
+    hosts = api.host.get_all()
+    local = next(s for s in api.SR.get_all() if api.SR.get_type(s) == "ext"
+                 and api.PBD.get_host(api.SR.get_PBDs(s)[0]) == hosts[0])
+    vm = install(api, "Other install media", "pinned", local)
+    (disk,) = [api.VBD.get_VDI(b) for b in api.VM.get_VBDs(vm)]
+    assert failure(api.VM.start_on, vm, hosts[1], False, False) == ["VM_REQUIRES_SR", vm, local]
+    assert api.VM.get_possible_hosts(vm) == [hosts[0]]
+    api.VM.set_affinity(vm, hosts[1])
+    api.VM.start(vm, False, False)                      # the affinity host cannot see it: the master can
+    assert api.VM.get_resident_on(vm) == hosts[0] and disk
+    api.VM.hard_shutdown(vm)

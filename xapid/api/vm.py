@@ -103,6 +103,27 @@ def _can_run_on(tx: Transaction, host: str) -> ApiError | None:
     return None
 
 
+def devices_error(tx: Transaction, vm: str, host: str) -> ApiError | None:
+    """``assert_can_see_SRs``/``assert_can_see_networks``: every disk's SR attached on ``host`` and every
+    NIC's network present there (a network without PIFs is internal and present everywhere)."""
+    for vbd in tx.referrers("VBD", "VM", vm):
+        vbd_rec = tx.read("VBD", vbd)
+        if vbd_rec is None or vbd_rec["empty"] or vbd_rec["VDI"] == NULL_REF:
+            continue
+        vdi = tx.read("VDI", vbd_rec["VDI"])
+        if vdi is None:
+            continue
+        if not any((p := tx.read("PBD", pbd)) is not None and p["host"] == host and p["currently_attached"]
+                   for pbd in tx.referrers("PBD", "SR", vdi["SR"])):
+            return ApiError("VM_REQUIRES_SR", vm, vdi["SR"])
+    for vif in tx.referrers("VIF", "VM", vm):
+        network = (tx.read("VIF", vif) or {}).get("network", NULL_REF)
+        pifs = [p for pif in tx.referrers("PIF", "network", network) if (p := tx.read("PIF", pif)) is not None]
+        if pifs and not any(p["host"] == host and p["currently_attached"] for p in pifs):
+            return ApiError("VM_REQUIRES_NETWORK", vm, network)
+    return None
+
+
 def _memory_error(tx: Transaction, vm: str, rec: dict[str, Any], host: str) -> ApiError | None:
     needed = vm_record(vm, rec).start_memory()
     available = free_for_start(tx, host, vm)
@@ -116,7 +137,8 @@ def _choose_host(daemon: Daemon, tx: Transaction, vm: str, rec: dict[str, Any]) 
     for host in dict.fromkeys(candidates):
         if tx.read("host", host) is None:
             continue
-        if _can_run_on(tx, host) is None and _memory_error(tx, vm, rec, host) is None:
+        if _can_run_on(tx, host) is None and devices_error(tx, vm, host) is None \
+                and _memory_error(tx, vm, rec, host) is None:
             return host
     raise ApiError("NO_HOSTS_AVAILABLE")
 
@@ -211,7 +233,8 @@ def start_vm(daemon: Daemon, vm_ref: str, host_ref: str | None, paused: bool = F
     """``VM.start`` (``host_ref`` None: the host is chosen) or ``VM.start_on``; returns the host.
 
     Raises what the handlers raise: VM_IS_TEMPLATE, VM_BAD_POWER_STATE, HANDLE_INVALID,
-    HOST_OFFLINE / HOST_DISABLED / HOST_NOT_ENOUGH_FREE_MEMORY (``start_on``), NO_HOSTS_AVAILABLE
+    HOST_OFFLINE / HOST_DISABLED / VM_REQUIRES_SR / VM_REQUIRES_NETWORK / HOST_NOT_ENOUGH_FREE_MEMORY
+    (``start_on``; ``start`` only picks hosts that pass them), NO_HOSTS_AVAILABLE
     (``start``), HA_OPERATION_WOULD_BREAK_FAILOVER_PLAN.  ``force`` skips no check here (xapi's
     flag only overrides CPU-compatibility checks xapid does not model).  After the start the
     HA planning status is brought up to date, then the call sleeps ``VM.start_delay`` seconds,
@@ -223,7 +246,7 @@ def start_vm(daemon: Daemon, vm_ref: str, host_ref: str | None, paused: bool = F
             host = _choose_host(daemon, tx, vm_ref, rec)
         else:
             host = host_ref
-            error = _can_run_on(tx, host) or _memory_error(tx, vm_ref, rec, host)
+            error = _can_run_on(tx, host) or devices_error(tx, vm_ref, host) or _memory_error(tx, vm_ref, rec, host)
             if error is not None:
                 raise error
         daemon.ha.planning.assert_vm_start_preserves_plan(vm_ref, host)
@@ -487,7 +510,7 @@ def resume_vm(daemon: Daemon, vm: str, host_ref: str | None, paused: bool) -> st
             host = _choose_host(daemon, tx, vm, rec)
         else:
             host = host_ref
-            error = _can_run_on(tx, host) or _memory_error(tx, vm, rec, host)
+            error = _can_run_on(tx, host) or devices_error(tx, vm, host) or _memory_error(tx, vm, rec, host)
             if error is not None:
                 raise error
         daemon.ha.planning.assert_vm_start_preserves_plan(vm, host)

@@ -13,7 +13,7 @@ from typing import Any
 from xapid import operations
 from xapid.api import Call, handler
 from xapid.api import vdi as vdi_api
-from xapid.api.vm import _ha_enabled, account_host, free_for_start, open_console
+from xapid.api.vm import _ha_enabled, account_host, devices_error, free_for_start, open_console
 from xapid.api.vm_copy import vm_operation
 from xapid.errors import ApiError
 from xapid.ha.planning import vm_record
@@ -34,21 +34,9 @@ def boot_error(tx: Transaction, vm: str, host: str, memory: bool = True) -> ApiE
     local = rec["power_state"] == "Running" and rec["resident_on"] == host
     if not rec["is_control_domain"] and not local and not h["enabled"]:
         return ApiError("HOST_DISABLED", host)
-    for vbd in tx.referrers("VBD", "VM", vm):
-        vbd_rec = tx.read("VBD", vbd)
-        if vbd_rec is None or vbd_rec["empty"] or vbd_rec["VDI"] == NULL_REF:
-            continue
-        vdi = tx.read("VDI", vbd_rec["VDI"])
-        if vdi is None:
-            continue
-        if not any((p := tx.read("PBD", pbd)) is not None and p["host"] == host and p["currently_attached"]
-                   for pbd in tx.referrers("PBD", "SR", vdi["SR"])):
-            return ApiError("VM_REQUIRES_SR", vm, vdi["SR"])
-    for vif in tx.referrers("VIF", "VM", vm):
-        network = (tx.read("VIF", vif) or {}).get("network", NULL_REF)
-        pifs = [p for pif in tx.referrers("PIF", "network", network) if (p := tx.read("PIF", pif)) is not None]
-        if pifs and not any(p["host"] == host and p["currently_attached"] for p in pifs):
-            return ApiError("VM_REQUIRES_NETWORK", vm, network)
+    error = devices_error(tx, vm, host)
+    if error is not None:
+        return error
     if memory and not local:
         needed = vm_record(vm, rec).start_memory()
         available = free_for_start(tx, host, vm)
