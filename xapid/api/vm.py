@@ -321,6 +321,8 @@ def create(call: Call, args: dict[str, Any]) -> str:
 def destroy(call: Call, self: str) -> None:
     with call.store.transaction() as tx:
         rec = _vm(tx, self, "destroy")
+        for child in tx.referrers("VM", "parent", self):  # xapi_vm.ml destroy: the children are rebased
+            tx.update("VM", child, parent=rec["parent"])
         for vbd in tx.referrers("VBD", "VM", self):
             tx.delete("VBD", vbd)
         for vif in tx.referrers("VIF", "VM", self):
