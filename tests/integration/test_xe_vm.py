@@ -74,15 +74,18 @@ def test_xe_power_cycle_snapshot_suspend_migrate(xe: Xe, shared_api: Any) -> Non
     assert uuid in xe.ok("snapshot-list", f"uuid={snap}", "params=snapshot-of", "--minimal")
     xe.ok("vm-suspend", f"uuid={uuid}")
     assert xe.get("vm", uuid, "power-state") == "suspended"
-    xe.ok("vm-resume", f"uuid={uuid}", "on=host2")
-    assert api.host.get_name_label(api.VM.get_resident_on(vm)) == "host2"
+    # The ISO SR is on the first host only, so the VM may resume there and nowhere else.
+    iso_host = api.host.get_name_label(host)
+    other = next(api.host.get_name_label(h) for h in api.host.get_all() if h != host)
+    assert "VM_REQUIRES_SR" in xe.fail("vm-resume", f"uuid={uuid}", f"on={other}")
+    xe.ok("vm-resume", f"uuid={uuid}", f"on={iso_host}")
+    assert api.host.get_name_label(api.VM.get_resident_on(vm)) == iso_host
     wait_for(lambda: "pool_migrate" in api.VM.get_allowed_operations(vm), what="pool_migrate")
-    err = xe.fail("vm-migrate", f"uuid={uuid}", "host=host3", "live=true")   # the ISO SR is on host1 only
-    assert "VM_REQUIRES_SR" in err
+    assert "VM_REQUIRES_SR" in xe.fail("vm-migrate", f"uuid={uuid}", f"host={other}", "live=true")
     xe.ok("vm-cd-eject", f"uuid={uuid}")
     assert api.VBD.get_VDI(api.VBD.get_by_uuid(cd)) == NULL
-    xe.ok("vm-migrate", f"uuid={uuid}", "host=host3", "live=true")
-    assert api.host.get_name_label(api.VM.get_resident_on(vm)) == "host3"
+    xe.ok("vm-migrate", f"uuid={uuid}", f"host={other}", "live=true")
+    assert api.host.get_name_label(api.VM.get_resident_on(vm)) == other
     disk_uuid = api.VBD.get_uuid(disk)
     xe.ok("vbd-unplug", f"uuid={disk_uuid}")
     assert xe.get("vbd", disk_uuid, "currently-attached") == "false"
