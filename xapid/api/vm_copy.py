@@ -17,8 +17,9 @@ from typing import Any
 from xapid import operations
 from xapid.api import Call, handler
 from xapid.api import vdi as vdi_api
+from xapid.api.vbd import create as vbd_create
 from xapid.api.vif import gen_mac
-from xapid.api.vm import _ha_enabled, _to_halted, write_memory_image
+from xapid.api.vm import _ha_enabled, _to_halted, suspend_sr, write_memory_image
 from xapid.errors import ApiError
 from xapid.schema import EPOCH, NULL_REF
 from xapid.store import Transaction, new_ref, new_uuid
@@ -184,7 +185,7 @@ def make_copy(call: Call, vm: str, op: str, new_name: str, sr: str | None = None
                     "current_domain_type": metrics_src.get("current_domain_type", "unspecified")})
                 values["metrics"] = metrics
                 if op == "checkpoint" and state in ("Running", "Paused"):
-                    sr_for_image = _checkpoint_sr(tx, vm, src)
+                    sr_for_image = suspend_sr(tx, vm, src)
                     suspend_vdi = write_memory_image(call.daemon, tx, vm, src, sr_for_image, "Suspend image")
                 values["suspend_VDI"] = suspend_vdi
                 new_vm = tx.create("VM", values)
@@ -196,12 +197,6 @@ def make_copy(call: Call, vm: str, op: str, new_name: str, sr: str | None = None
         except BaseException:
             _destroy_vdis(call, made + suspend_files)
             raise
-
-
-def _checkpoint_sr(tx: Transaction, vm: str, src: dict[str, Any]) -> str:
-    from xapid.api.vm import suspend_sr
-
-    return suspend_sr(tx, vm, src)
 
 
 @handler("VM.clone")
@@ -324,8 +319,6 @@ def provision(call: Call, vm: str) -> None:
     uuid the XML names (``UUID_INVALID [sr, uuid]`` otherwise, an empty uuid included, as xapi), then
     remove the install keys.  The XML and its SRs are checked before anything changes; disks made
     before a later failure are destroyed."""
-    from xapid.api.vbd import create as vbd_create
-
     with call.store.transaction() as tx:
         operations.assert_vm(tx, vm, "provision")
         text = tx.get("VM", vm)["other_config"].get("disks")
