@@ -691,6 +691,8 @@ class HaManager:
             self._hello(host)
             if system_boot and self.pool()["ha_enabled"] and not clean:
                 create_message(self.store, "HA_HOST_WAS_FENCED", 4, "Host", uuid, "")
+            # xapi_cluster_host.ml resync_host: a clustered host's corosync comes back before HA does.
+            self.daemon.clusterd.resync_host(host)
             if self.armed(host) and not self._start_ha(host):
                 if self._stopping.is_set():
                     return

@@ -148,6 +148,17 @@ class ClusterNetwork:
             index = self._hosts.get(uuid)
             return None if index is None else self.netns_of(index)
 
+    def index_of(self, uuid: str) -> int | None:
+        """Host ``uuid``'s index in the cluster network (its address is ``address(index)``), or None."""
+        with self._lock:
+            return self._hosts.get(uuid)
+
+    def address_of(self, uuid: str) -> str:
+        index = self.index_of(uuid)
+        if index is None:
+            raise NetnsError(f"host {uuid} has no namespace")
+        return address(index)
+
     def leftovers(self) -> list[str]:
         """Namespaces with this daemon's prefix that exist now (for reclaim and for tests)."""
         try:

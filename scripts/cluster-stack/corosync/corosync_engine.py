@@ -72,6 +72,9 @@ AGENT_FLAG = "--agent"
 ENGINE_FILE = os.path.abspath(__file__)
 AGENT_PID = "corosync-agent.pid"
 COROSYNC_PID = "corosync.pid"
+# A clustered pool's corosync (xapid's emulated xapi-clusterd runs it): HA adopts it, never stops it.
+CLUSTER_PID = "clusterd-corosync.pid"
+ADOPT_FLAG = "--adopt"
 SUBDIR = "corosync"
 VIEW = "view.json"
 BLOCK = 4096
@@ -131,8 +134,8 @@ def agent_pid(conf: xe.Conf) -> int | None:
     return pid if AGENT_FLAG.encode() in args and os.fsencode(conf.path) in args else None
 
 
-def corosync_pid(hostdir: str) -> int | None:
-    pid = read_pid(os.path.join(hostdir, COROSYNC_PID))
+def corosync_pid(hostdir: str, name: str = COROSYNC_PID) -> int | None:
+    pid = read_pid(os.path.join(hostdir, name))
     if pid is None or not _alive(pid):
         return None
     args = _cmdline(pid)
@@ -221,14 +224,14 @@ def token_ms(conf: xe.Conf) -> int:
     return max(MIN_TOKEN, conf.heartbeat_timeout * 1000 // 20)
 
 
-def render_corosync_conf(conf: xe.Conf, addresses: dict[str, str], token: int, logfile: str,
+def render_corosync_conf(conf: xe.Conf, nodes: dict[str, tuple[int, str]], token: int, logfile: str,
                          state_dir: str, name: str = "xapid") -> str:
-    """corosync.conf for the hosts of ``conf`` (nodeid = position + 1)."""
+    """corosync.conf for the hosts of ``conf`` (``nodes``: uuid -> (node id, address))."""
     interval = max(100, token // 5)
     timeout = max(400, token // 2)
-    nodes = "".join(
-        f"    node {{\n        name: n{i + 1}\n        nodeid: {i + 1}\n        ring0_addr: {addresses[h]}\n    }}\n"
-        for i, h in enumerate(conf.hosts))
+    nodelist = "".join(
+        f"    node {{\n        name: n{n}\n        nodeid: {n}\n        ring0_addr: {a}\n    }}\n"
+        for n, a in sorted(nodes[h] for h in conf.hosts))
     return f"""# Written by the xapid corosync stack for host {conf.local}; do not edit.
 totem {{
     version: 2
@@ -262,7 +265,7 @@ system {{
     sched_rr: no
 }}
 nodelist {{
-{nodes}}}
+{nodelist}}}
 """
 
 
@@ -281,14 +284,25 @@ def requirements() -> str | None:
     return None
 
 
-def addresses_from_hw(conf: xe.Conf) -> dict[str, str]:
+def layout(conf: xe.Conf) -> dict[str, tuple[int, str]]:
+    """host uuid -> (corosync node id, address) from ``$XAPID_HW_DIR/netns.json`` (node id = index + 1)."""
     path = os.path.join(os.environ.get("XAPID_HW_DIR", ""), "netns.json")
     try:
         with open(path) as handle:
             hosts = json.load(handle)["hosts"]
-        return {h: str(hosts[h]["address"]) for h in conf.hosts}
+        return {h: (int(hosts[h]["index"]) + 1, str(hosts[h]["address"])) for h in conf.hosts}
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise Exit(xe.EXIT_INVALID_ENVIRONMENT, f"no cluster-network address for every host in {path}: {exc}") from None
+
+
+def node_ids(conf: xe.Conf) -> list[int]:
+    """The corosync node id of each host of the conf, in conf order (as ha_start_daemon recorded them)."""
+    try:
+        with open(os.path.join(conf.hostdir, SUBDIR, "nodes.json")) as handle:
+            ids = json.load(handle)
+        return [int(ids[h]) for h in conf.hosts]
+    except (OSError, ValueError, KeyError, TypeError):
+        return [i + 1 for i in range(len(conf.hosts))]
 
 
 # --------------------------------------------------------------------------- the agent
@@ -340,8 +354,9 @@ class Quorum:
 class Agent:
     """The per-host process: corosync's parent, the watchdog's petter, the view's writer."""
 
-    def __init__(self, conf: xe.Conf) -> None:
+    def __init__(self, conf: xe.Conf, adopted: int | None = None) -> None:
         self.conf = conf
+        self.adopted = adopted
         self.dir = subdir(conf.hostdir)
         self.watchdog = xe.watchdog_path(conf)
         self.status = "Starting"
@@ -375,6 +390,11 @@ class Agent:
         log.close()
         xe.write_atomic(os.path.join(self.conf.hostdir, COROSYNC_PID), f"{self.corosync.pid}\n")
         _log(f"corosync {self.corosync.pid} started")
+
+    def corosync_alive(self) -> bool:
+        if self.adopted is not None:
+            return _alive(self.adopted)
+        return self.corosync is not None and self.corosync.poll() is None
 
     def write_view(self) -> None:
         view = {"pid": os.getpid(), "status": self.status, "quorate": self.quorate, "members": self.members,
@@ -422,7 +442,7 @@ class Agent:
             return False
 
     def stop_corosync(self) -> None:
-        if self.corosync is None:
+        if self.corosync is None:  # an adopted corosync belongs to the clustered pool
             return
         if self.corosync.poll() is None:
             self.corosync.terminate()
@@ -449,12 +469,13 @@ class Agent:
     def run(self) -> int:
         signal.signal(signal.SIGTERM, lambda *_: setattr(self, "stopping", True))
         signal.signal(signal.SIGUSR1, lambda *_: setattr(self, "disarm_requested", True))
-        self.private_mounts()
-        self.start_corosync()
+        if self.adopted is None:
+            self.private_mounts()
+            self.start_corosync()
         quorum = Quorum()
         deadline = time.monotonic() + 15
         while not quorum.connect():
-            if self.stopping or self.corosync is None or self.corosync.poll() is not None:
+            if self.stopping or not self.corosync_alive():
                 self.leave("corosync ended before it served quorum")
                 return xe.EXIT_SYSTEM_ERROR
             if time.monotonic() > deadline:
@@ -494,12 +515,13 @@ class Agent:
                 last_view = now
 
 
-def agent_main(conf_path: str) -> int:
+def agent_main(conf_path: str, adopted: int | None = None) -> int:
     conf = xe.read_conf(conf_path)
     xe.write_atomic(os.path.join(conf.hostdir, AGENT_PID), f"{os.getpid()}\n")
-    _log(f"agent for host {conf.local} in namespace {os.environ.get('XAPID_NETNS')}")
+    _log(f"agent for host {conf.local} in namespace {os.environ.get('XAPID_NETNS')}"
+         + (f", adopting the clustered pool's corosync {adopted}" if adopted else ""))
     try:
-        return Agent(conf).run()
+        return Agent(conf, adopted).run()
     except Exit as exc:
         _log(exc.message)
         return exc.code
@@ -553,18 +575,25 @@ def start_daemon(conf: xe.Conf) -> int:
         _signal(stale, signal.SIGKILL)
     directory = subdir(conf.hostdir)
     os.makedirs(os.path.join(directory, "state"), exist_ok=True)
+    nodes = layout(conf)
+    xe.write_atomic(os.path.join(directory, "nodes.json"), json.dumps({h: n for h, (n, _a) in nodes.items()}))
     xe.write_atomic(os.path.join(directory, "corosync.conf"), render_corosync_conf(
-        conf, addresses_from_hw(conf), token_ms(conf), os.path.join(directory, "corosync.log"),
-        os.path.join(directory, "state")))
+        conf, nodes, token_ms(conf), os.path.join(directory, "corosync.log"), os.path.join(directory, "state")))
     for name in (VIEW,):
         try:
             os.unlink(os.path.join(directory, name))
         except FileNotFoundError:
             pass
+    agent = [sys.executable or "python3", "-S", ENGINE_FILE, AGENT_FLAG, conf.path]
+    cluster = corosync_pid(conf.hostdir, CLUSTER_PID)
+    if cluster is not None:
+        # The clustered pool's corosync runs already: follow it inside its own namespaces.
+        argv = ["nsenter", "-t", str(cluster), "-m", "-n", *agent, ADOPT_FLAG, str(cluster)]
+    else:
+        argv = ["ip", "netns", "exec", os.environ["XAPID_NETNS"], *agent]
     with open(os.path.join(directory, "agent.log"), "ab") as log:
         proc = subprocess.Popen(
-            ["ip", "netns", "exec", os.environ["XAPID_NETNS"], sys.executable or "python3", "-S", ENGINE_FILE,
-             AGENT_FLAG, conf.path],
+            argv,
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=directory,
             start_new_session=True, close_fds=True)
     limit = conf.join_timeout if joining else conf.boot_join_timeout
@@ -649,9 +678,8 @@ def liveness(conf: xe.Conf, view: dict, doc: dict | None, now: float) -> list[bo
     left = {int(k): float(v) for k, v in (view.get("left") or {}).items()}
     hosts = (doc or {}).get("hosts", {})
     out = []
-    for i, host in enumerate(conf.hosts):
+    for host, node in zip(conf.hosts, node_ids(conf), strict=True):
         entry = hosts.get(host, {})
-        node = i + 1
         if entry.get("excluded"):
             out.append(False)
         elif node in members:
@@ -672,7 +700,8 @@ def query_liveset(conf: xe.Conf) -> int:
     live = liveness(conf, view, doc, now)
     holder = (doc or {}).get("master")
     hosts = (doc or {}).get("hosts", {})
-    members = [conf.hosts[n - 1] for n in view.get("members", []) if 0 < n <= len(conf.hosts)]
+    by_node = dict(zip(node_ids(conf), conf.hosts, strict=True))
+    members = [by_node[n] for n in view.get("members", []) if n in by_node]
 
     def flag(value: bool) -> str:
         return "TRUE" if value else "FALSE"
@@ -789,5 +818,7 @@ def main(script: str, argv: list[str]) -> int:
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == AGENT_FLAG:
         sys.exit(xe._guarded(agent_main, os.path.abspath(sys.argv[2])))
+    if len(sys.argv) == 5 and sys.argv[1] == AGENT_FLAG and sys.argv[3] == ADOPT_FLAG and sys.argv[4].isdigit():
+        sys.exit(xe._guarded(agent_main, os.path.abspath(sys.argv[2]), int(sys.argv[4])))
     print(f"usage: {sys.argv[0]} {AGENT_FLAG} <xhad.conf>", file=sys.stderr)
     sys.exit(xe.EXIT_INVALID_PARAMETER)
