@@ -190,8 +190,9 @@ class Clusterd:
                 return
             conf = self._write_conf(uuid, members, cluster)
             d = self._dir(uuid)
-            for stale in (d / "run").iterdir():
-                stale.unlink(missing_ok=True)
+            # A fresh private /run: a stale /run/corosync.pid would stop corosync.
+            shutil.rmtree(d / "run", ignore_errors=True)
+            (d / "run").mkdir()
             netns = self.daemon.hw.netns.host_netns(uuid)
             assert netns is not None
             env = {**os.environ, "XAPID_HOST_DIR": str(self.daemon.hw.host_dir(uuid))}
@@ -333,5 +334,5 @@ class Clusterd:
                 continue
             try:
                 self.start(str(host["uuid"]), self.members(rec["cluster"]), cluster, wait=False)
-            except ApiError as exc:
+            except (ApiError, OSError) as exc:
                 log.error("cannot start the cluster node at xapi start-up", host=host["uuid"], error=str(exc))

@@ -274,7 +274,7 @@ def requirements() -> str | None:
     if os.geteuid() != 0:
         return "the corosync stack needs root (network namespaces, mounts)"
     for tool, package in (("corosync", "corosync"), ("ip", "iproute2"), ("mount", "mount")):
-        if shutil.which(tool) is None and not os.path.exists(f"/usr/sbin/{tool}"):
+        if shutil.which(tool) is None:
             return f"the corosync stack needs {tool} (package {package})"
     if ctypes.util.find_library("quorum") is None:
         return "the corosync stack needs libquorum (package libquorum5, installed with corosync)"
@@ -685,7 +685,8 @@ def liveness(conf: xe.Conf, view: dict, doc: dict | None, now: float) -> list[bo
         elif node in members:
             out.append(True)
         else:
-            out.append(node in left and not entry.get("stopped") and now - left[node] < conf.watchdog_timeout + LEFT_GRACE)
+            recent = node in left and now - left[node] < conf.watchdog_timeout + LEFT_GRACE
+            out.append(recent and not entry.get("stopped"))
     return out
 
 

@@ -8,92 +8,30 @@ otherwise (and failed under XAPID_CI=1, see tests/conftest.py).
 
 from __future__ import annotations
 
-import os
-import shutil
-import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 import XenAPI
 
-from tests.conftest import Xapid
+from tests.integration.corosync_kit import (
+    Tracker,
+    corosync_processes,
+    leftovers,
+    named,
+    needs_corosync,
+    ocfs2_sr,
+)
+from tests.integration.corosync_kit import power as fault_power
 from tests.integration.ha.conftest import HaPool, wait_for
 from xapid.hw.faults import FaultClient
-from xapid.hw.netns import prefix_for
 
-MISSING = ("needs root" if os.geteuid() != 0 else
-           "needs the corosync package (apt-get install corosync)" if shutil.which("corosync") is None else
-           "needs iproute2 (ip netns)" if shutil.which("ip") is None else None)
-pytestmark = pytest.mark.skipif(MISSING is not None, reason=f"corosync stack: {MISSING}")
+pytestmark = needs_corosync
 
 # T = 10: a dead node leaves corosync's membership within about 1 s, its watchdog (10 s) fences it,
 # the others count it dead 1.5 s after that; then the monitor restarts its VMs.
 FAILOVER = 40.0
-
-
-def corosync_processes(state_dir: Path) -> list[int]:
-    """Live processes (corosync or its agent) whose environment names a host folder of ``state_dir``."""
-    needle = f"XAPID_HOST_DIR={state_dir}/hosts/".encode()
-    out = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            env = Path(f"/proc/{name}/environ").read_bytes()
-            stat = Path(f"/proc/{name}/stat").read_bytes()
-        except OSError:
-            continue
-        if needle in env and stat.rsplit(b")", 1)[-1].split()[0] not in (b"Z", b"X"):
-            out.append(int(name))
-    return out
-
-
-def leftovers(state_dir: Path, pids: set[int]) -> dict[str, list[str]]:
-    """What a pool may never leave behind: namespaces of this state dir, its processes, their /dev/shm."""
-    prefix = prefix_for(state_dir)
-    shm = [n for n in os.listdir("/dev/shm") if any(n.startswith(f"qb-{p}-") or f"-{p}-" in n for p in pids)]
-    netns = sorted(n for n in (os.listdir("/run/netns") if os.path.isdir("/run/netns") else [])
-                   if n.startswith(prefix))
-    return {k: v for k, v in {"netns": netns, "processes": [str(p) for p in corosync_processes(state_dir)],
-                              "shm": shm}.items() if v}
-
-
-class Tracker:
-    """Remembers every corosync pid seen, to look for their /dev/shm entries at the end."""
-
-    def __init__(self) -> None:
-        self.pids: set[int] = set()
-        self.daemons: list[Xapid] = []
-
-    def seen(self, d: Xapid) -> list[int]:
-        pids = corosync_processes(d.state_dir)
-        self.pids |= set(pids)
-        return pids
-
-
-@pytest.fixture
-def tracker(xapid_factory: Any) -> Iterator[Tracker]:
-    """Stops every daemon it tracks, then fails the test if anything of its pools is left."""
-    t = Tracker()
-    yield t
-    problems = {}
-    for d in t.daemons:
-        t.seen(d)
-        d.stop()
-        left = leftovers(d.state_dir, t.pids)
-        if left:
-            problems[str(d.state_dir)] = left
-    assert not problems, f"left behind after the daemon stopped: {problems}"
-
-
 PoolFactory = Callable[..., HaPool]
-
-
-def ocfs2_sr(x: Any) -> str:
-    master = x.pool.get_master(x.pool.get_all()[0])
-    return str(x.SR.create(master, {}, str(2 * 1024**4), "OCFS2", "", "ocfs2", "user", True, {}))
 
 
 @pytest.fixture
@@ -116,11 +54,7 @@ def corosync_pool(xapid_factory: Any, tracker: Tracker) -> PoolFactory:
 
 
 def power(p: HaPool) -> dict[str, str]:
-    out = {}
-    for line in p.fault.status():
-        name, _uuid, fields = line.split(" ", 2)
-        out[name] = dict(f.split("=", 1) for f in fields.split())["power"]
-    return out
+    return fault_power(p.fault)
 
 
 def all_live(p: HaPool) -> bool:
@@ -134,9 +68,7 @@ def test_ocfs2_heartbeat_sr_chooses_corosync_and_forms_a_quorate_liveset(corosyn
     assert p.api.pool.get_ha_cluster_stack(p.pool) == "corosync"
     assert p.api.pool.get_ha_enabled(p.pool) is True
     assert all_live(p)
-    pids = tracker.seen(p.xapid)
-    names = sorted(Path(f"/proc/{pid}/comm").read_text().strip() for pid in pids)
-    assert names.count("corosync") == 3
+    assert len(named(tracker.seen(p.xapid), "corosync")) == 3
     # Each corosync sees all three members and quorum, by its own account.
     for uuid in (p.uuid(n) for n in p.hosts):
         log = (p.xapid.state_dir / "hosts" / uuid / "corosync" / "agent.log").read_text()
@@ -224,4 +156,3 @@ def test_daemon_killed_then_restarted_reclaims_everything(corosync_pool: PoolFac
         what="the pool to come back with HA")
     now = tracker.seen(p.xapid)
     assert not set(before) & set(now)  # the old nodes were reclaimed, new ones started
-    time.sleep(0.1)
