@@ -61,10 +61,14 @@ def namespaces(state_dir: Path) -> list[str]:
 
 
 def leftovers(state_dir: Path, pids: set[int]) -> dict[str, list[str]]:
-    """What a pool may never leave behind: namespaces of this state dir, its processes, their /dev/shm."""
+    """What a pool may never leave behind: namespaces of this state dir, its processes, their /dev/shm
+    entries, mounts (namespace files, private /run) visible from here."""
     shm = [n for n in os.listdir("/dev/shm") if any(n.startswith(f"qb-{p}-") or f"-{p}-" in n for p in pids)]
+    prefix = prefix_for(state_dir)
+    mounts = [line for line in Path("/proc/self/mountinfo").read_text().splitlines()
+              if f"/{prefix}" in line or str(state_dir) in line]
     found = {"netns": namespaces(state_dir), "processes": [str(p) for p in corosync_processes(state_dir)],
-             "shm": shm}
+             "shm": shm, "mounts": mounts}
     return {k: v for k, v in found.items() if v}
 
 

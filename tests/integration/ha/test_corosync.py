@@ -28,7 +28,7 @@ from xapid.hw.faults import FaultClient
 
 pytestmark = needs_corosync
 
-# T = 10: a dead node leaves corosync's membership within about 1 s, its watchdog (10 s) fences it,
+# T = 10: a dead node leaves corosync's membership within about 1 s, its watchdog (5 s) fences it,
 # the others count it dead 1.5 s after that; then the monitor restarts its VMs.
 FAILOVER = 40.0
 PoolFactory = Callable[..., HaPool]
