@@ -17,20 +17,21 @@ Per host
 corosync.conf
     One node per host of xhad.conf; node id = the host's cluster-network index + 1 and address,
     both from ``$XAPID_HW_DIR/netns.json`` (recorded in ``corosync/nodes.json``), so that a
-    clustered pool's corosync (same ids) can be adopted.  ``token`` = HeartbeatTimeout * 1000 / 20 ms (at least 200;
-    T = 10 gives 500 ms), consensus 1.2 * token (corosync's default), so a dead node leaves
-    the membership after about 2.2 * token = T / 9: well inside HeartbeatTimeout.  The knet
-    ping timers are set explicitly (interval token / 5, at least 100 ms; timeout at least
-    400 ms): derived automatically they flap below token 500.  votequorum with
-    ``auto_tie_breaker: 1``: an exact half containing the lowest node id (the host with the
-    lowest cluster-network index, normally the first) stays quorate, as xhad's tie-break; every other minority loses quorum.
+    clustered pool's corosync (same ids) can be adopted.  ``token`` = HeartbeatTimeout * 1000 /
+    20 ms (at least 200; T = 10 gives 500 ms), consensus 1.2 * token (corosync's default), so a
+    dead node leaves the membership after about 2.2 * token = T / 9: well inside
+    HeartbeatTimeout.  The knet ping timers are set explicitly (interval token / 5, at least
+    100 ms; timeout at least 400 ms): derived automatically they flap below token 500.
+    votequorum with ``auto_tie_breaker: 1``: an exact half containing the lowest node id (the
+    host with the lowest cluster-network index, normally the first) stays quorate, as xhad's
+    tie-break; every other minority loses quorum.
 
 Fencing (as sbd with a watchdog)
     Once quorate the agent arms the host's watchdog (``arm W``, W = HeartbeatWatchdogTimeout / 2,
     at least 5 s: see :func:`watchdog_seconds`) and re-arms it every 0.25 s while its partition
-    is quorate and fencing is armed.  A host whose partition loses quorum stops petting and is reset by its watchdog W seconds later;
-    so is a host whose agent or corosync dies, or that hangs.  ``ha_disarm_fencing`` and a
-    clean stop send ``disarm``.
+    is quorate and fencing is armed.  A host whose partition loses quorum stops petting and is
+    reset by its watchdog W seconds later; so is a host whose agent or corosync dies, or that
+    hangs.  ``ha_disarm_fencing`` and a clean stop send ``disarm``.
 
 Liveset (``ha_query_liveset``)
     Host i is live iff it is not excluded and either is a member of this host's membership,
