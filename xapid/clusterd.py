@@ -333,6 +333,7 @@ class Clusterd:
             if cluster is None or host is None:
                 continue
             try:
-                self.start(str(host["uuid"]), self.members(rec["cluster"]), cluster, wait=False)
+                # Waiting until it answers lets HA's start-up adopt it rather than start a second corosync.
+                self.start(str(host["uuid"]), self.members(rec["cluster"]), cluster, wait=True)
             except (ApiError, OSError) as exc:
                 log.error("cannot start the cluster node at xapi start-up", host=host["uuid"], error=str(exc))
