@@ -91,6 +91,11 @@ def test_pool_create_is_quorate_follows_a_crash_and_pool_destroy_leaves_nothing(
     assert x.Cluster_host.get_live(victim) is False
     fault.boot("host3")
     wait_for(lambda: cluster_state(x, cluster) == (True, 2, 3, 3), timeout=DETECT, what="host3 back in the cluster")
+    # A partition isolating the master: its own node says it lost quorum (the fields are the master's view).
+    fault.partition(["host1"], ["host2", "host3"])
+    wait_for(lambda: cluster_state(x, cluster) == (False, 2, 1, 3), timeout=DETECT, what="the master inquorate")
+    fault.heal()
+    wait_for(lambda: cluster_state(x, cluster) == (True, 2, 3, 3), timeout=DETECT, what="quorate again after heal")
 
     x.Cluster.pool_destroy(cluster)
     assert x.Cluster.get_all() == [] and x.Cluster_host.get_all() == []
