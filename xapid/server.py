@@ -55,7 +55,7 @@ from typing import Any
 
 import structlog
 
-from xapid import console
+from xapid import console, unixsock
 from xapid.auth import short_ref
 from xapid.config import Config, ConfigError
 from xapid.daemon import Daemon
@@ -470,13 +470,16 @@ class UnixXapiServer(Listener):
             path.unlink()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o177)
+        address, dir_fd = unixsock.alias(path)  # a long state dir's path is bound through its folder
         try:
-            sock.bind(str(path))
+            sock.bind(address)
         except OSError:
             sock.close()
             raise
         finally:
             os.umask(old)
+            if dir_fd is not None:
+                os.close(dir_fd)
         sock.listen(128)
         super().__init__(sock)
         self.path = path
