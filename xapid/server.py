@@ -577,6 +577,11 @@ class ApiServer:
                 self.listeners.remove(listener)
         listener.closed = True
         listener.running.set()  # a frozen host's waiting threads wake up to find it gone
+        try:
+            # Stop listening now: a bare close leaves the socket listening while accept() holds it.
+            listener.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         listener.close()
         if listener.registry is not None:
             listener.registry.cut(busy_too=True)
