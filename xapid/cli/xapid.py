@@ -99,6 +99,7 @@ def serve(args: argparse.Namespace) -> int:
         daemon.store.close()
         print(f"xapid: cannot listen on every host's address: {e.strerror or e}", file=sys.stderr)
         return 2
+    daemon.tls_cert = Path(args.tls_cert) if args.tls_cert else None
     tcp = XapiServer(sock, tls)
     server = ApiServer(daemon, limits)
     server.serve(tcp)
