@@ -35,10 +35,8 @@ def test_a_slave_answers_host_is_slave_to_every_login_arity_and_a_follower_logs_
     slave = host_url(xapid, addr["host2"])
     for extra in ((), ("2.21",), ("2.21", "pytest")):
         assert login_error(slave, xapid.password, *extra) == ["HOST_IS_SLAVE", "127.0.1.1"]
-    # A wrong password on a slave: still HOST_IS_SLAVE, answered at once (no password check there).
-    start = time.monotonic()
+    # A wrong password on a slave: still HOST_IS_SLAVE (a slave never checks the password).
     assert login_error(slave, "wrong") == ["HOST_IS_SLAVE", "127.0.1.1"]
-    assert time.monotonic() - start < 0.15
     s, url = follow_master([slave], xapid.password, xapid.url, time.monotonic() + 10)
     try:
         assert url == host_url(xapid, "127.0.1.1")

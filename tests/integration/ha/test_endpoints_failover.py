@@ -20,7 +20,7 @@ from tests.integration.endpoint_support import (
     login_error,
     refuses,
 )
-from tests.integration.ha.conftest import HaPool, wait_for
+from tests.integration.ha.conftest import HaPool, fist, wait_for
 
 FAILOVER = 40.0  # seconds: T = 10 detection, fencing margin and a start, with room for a loaded machine
 CLASSES = ("pool", "host", "VM", "SR", "VDI", "PBD", "VBD", "network", "PIF", "VIF")
@@ -141,3 +141,26 @@ def test_xo_style_client_survives_a_master_crash(ha_pool: HaPool) -> None:
     assert client.url == host_url(d, master)
     assert client.session is not None
     client.session.xenapi.session.logout()
+
+
+def test_a_host_in_emergency_mode_answers_only_the_emergency_calls_at_its_address(ha_pool: HaPool) -> None:
+    """api_server.ml callback1: a host in emergency mode raises its emergency error to every call
+    but the emergency ones (datamodel.ml emergency_calls)."""
+    p = ha_pool
+    d = p.xapid
+    uuid = p.uuid("host3")
+    url = host_url(d, p.api.host.get_address(p.hosts["host3"]))
+    fist(d, uuid, "ha_start_daemon", "exit 8")  # the statefile is out of reach at every start-up
+    p.fault.crash("host3")
+    wait_for(lambda: not p.live("host3"), timeout=FAILOVER, what="host3 declared dead")
+    p.fault.boot("host3")
+    wait_for(lambda: login_error(url, d.password) == ["HA_HOST_CANNOT_ACCESS_STATEFILE"], timeout=FAILOVER,
+             what="host3 in emergency mode")
+    proxy = XenAPI.xmlrpclib.ServerProxy(url)
+    assert proxy.system.listMethods()["ErrorDescription"] == ["HA_HOST_CANNOT_ACCESS_STATEFILE"]
+    local = proxy.session.slave_local_login_with_password("root", d.password)["Value"]
+    assert proxy.host.is_in_emergency_mode(local) == {"Status": "Success", "Value": True}
+    assert proxy.VM.get_all(local)["ErrorDescription"] == ["HA_HOST_CANNOT_ACCESS_STATEFILE"]
+    assert proxy.host.emergency_ha_disable(local, False)["Status"] == "Success"
+    # The master's address is not in emergency mode.
+    assert login_error(host_url(d, p.api.host.get_address(p.hosts["host1"])), d.password) is None
