@@ -321,15 +321,14 @@ class Sessions:
         local session is valid only on its own host; a pool-database session on a slave's address
         is ``HOST_IS_SLAVE [master address]`` (session_check.ml).
         """
-        host = endpoint if endpoint is not None else self.master()
         holder = self.local_host(ref)
         if holder is not None:
-            if holder != host:
+            if holder != (endpoint if endpoint is not None else self.master()):
                 raise ApiError("SESSION_INVALID", str(ref))
         elif not isinstance(ref, str) or not self.store.exists("session", ref):
             raise ApiError("SESSION_INVALID", ref if isinstance(ref, str) else str(ref))
-        elif host != self.master():
-            raise ApiError("HOST_IS_SLAVE", self.master_address(host))
+        elif endpoint is not None and endpoint != self.master():
+            raise ApiError("HOST_IS_SLAVE", self.master_address(endpoint))
         assert isinstance(ref, str)
         now = time.monotonic()
         # Single dict operations are atomic: no lock on this per-call path.
