@@ -195,6 +195,13 @@ def test_emergency_transition_to_master_then_recover_slaves(xapid: Xapid, api: A
     assert p3.pool.emergency_reset_master(local3, "no-such-name")["ErrorDescription"][0] == "INTERNAL_ERROR"
     assert p3.pool.emergency_reset_master(local3, "127.0.1.1")["Status"] == "Success"
     assert login_error(h3, xapid.password) == ["HOST_IS_SLAVE", "127.0.1.1"]
+    # The old master boots: a slave of the new master.
+    FaultClient(xapid.state_dir).boot("host1")
+    h1 = host_url(xapid, "127.0.1.1")
+    deadline = time.monotonic() + 10
+    while refuses(h1) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert login_error(h1, xapid.password) == ["HOST_IS_SLAVE", "127.0.1.2"]
 
 
 def test_xe_against_a_slave_prints_host_is_slave_and_runs_the_local_commands(xapid: Xapid, tmp_path: Path) -> None:

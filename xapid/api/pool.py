@@ -40,7 +40,9 @@ def transition_master(daemon: Daemon, host: str, followers: list[str] | None = N
     old_address = daemon.master_address()
     local = daemon.ha.local
     for ref, rec in store.items("host"):
-        if ref == host or followers is None or ref in followers:
+        # The old master follows the new one when it comes back (a real one would come back as a
+        # second master with its own database, which one shared database cannot show).
+        if ref in (host, old) or followers is None or ref in followers:
             if local.get(rec["uuid"], MASTER_KEY):
                 local.set(rec["uuid"], **{MASTER_KEY: None})
         elif not local.get(rec["uuid"], MASTER_KEY):
