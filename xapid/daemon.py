@@ -12,6 +12,7 @@ from xapid import operations, statefiles, templates
 from xapid import schema as schema_mod
 from xapid.api import role as role_api
 from xapid.auth import Sessions, Users
+from xapid.clusterd import Clusterd
 from xapid.collector import Collector
 from xapid.config import Config, validate_runtime
 from xapid.console.feed import HardwareFeed
@@ -22,6 +23,7 @@ from xapid.hw import Hardware
 from xapid.hw.faults import FaultService
 from xapid.hw.guest import GuestAgents
 from xapid.liveness import HostLiveness
+from xapid.record_cache import RecordCache
 from xapid.seed import seed
 from xapid.statefiles import ensure_private_dir
 from xapid.storage import Disks, load_descriptors, reconcile, sync_sm_table
@@ -73,12 +75,14 @@ class Daemon:
         self.tasks = Tasks(self)
         self.collector = Collector(self)
         self.dispatcher = Dispatcher(self)
+        self.records = RecordCache(self.store, self.encoder, int(config["record-cache-size"]) * 1024 * 1024)
         self.hw = Hardware(self.state_dir, float(config["fence-reboot-delay"]))
         self.hw.attach([h["uuid"] for _r, h in self.store.items("host")])
         self.hw.on_power_change(self._on_power_change)
         self.faults = FaultService(self)
         self.guests = GuestAgents(self)
         self.liveness = HostLiveness(self)
+        self.clusterd = Clusterd(self)
         self.ha = HaManager(self)
         self.console = HardwareFeed(self)
         # Everything loaded so far lives as long as the daemon: keep the cyclic GC from rescanning a
@@ -132,6 +136,7 @@ class Daemon:
     def start(self) -> None:
         """Services that run in the background (watchdogs, the HA re-arm and monitors, garbage collection)."""
         self.hw.start()
+        self.clusterd.start_watcher()
         self.ha.start()
         self.collector.start()
 
@@ -141,6 +146,7 @@ class Daemon:
         self.console.stop()
         self.hw.prepare_stop()
         self.ha.stop()
+        self.clusterd.stop_all()
         self.liveness.stop()
         self.hw.stop()
         self.tasks.wait_all(10.0)
