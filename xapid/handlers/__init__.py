@@ -1,0 +1,1 @@
+"""xapi's HTTP handlers beside the RPC endpoint (issue 14)."""
