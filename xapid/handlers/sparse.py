@@ -55,7 +55,7 @@ class SparseWriter:
     def write_at(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data)
         if _is_zero(view):
-            self._clear(offset, len(view))
+            self.clear(offset, len(view))
             return
         run = 0  # start of the pending data run within view
         pos = 0
@@ -65,7 +65,7 @@ class SparseWriter:
             if _is_zero(view[pos:end]):
                 if run < pos:
                     self._write(offset + run, view[run:pos])
-                self._clear(offset + pos, end - pos)
+                self.clear(offset + pos, end - pos)
                 run = end
             pos = end
         if run < n:
@@ -77,7 +77,7 @@ class SparseWriter:
             done += os.pwrite(self.fd, view[done:], offset + done)
         self.written += len(view)
 
-    def _clear(self, offset: int, length: int) -> None:
+    def clear(self, offset: int, length: int) -> None:
         """Make ``length`` bytes at ``offset`` read as zeros without allocating them."""
         try:
             start = os.lseek(self.fd, offset, os.SEEK_DATA)
