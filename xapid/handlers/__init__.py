@@ -1,9 +1,9 @@
 """xapi's HTTP handlers beside the RPC endpoint: statistics, disk and VM transfers.
 
 One module per concern: :mod:`.access` (authentication, RBAC, tasks: shared by all), :mod:`.rrd`
-(performance statistics), :mod:`.disks` (raw and VHD disk transfers), :mod:`.vms` (XVA VM export and
-import; formats in :mod:`.vhd`, :mod:`.xva`, :mod:`.sparse`).  :func:`routes` is the one place their routes are gathered for
-:meth:`xapid.server.Listener.routes`.
+(performance statistics), :mod:`.disks` (raw and VHD disk transfers), :mod:`.vms` (XVA VM export
+and import; formats in :mod:`.vhd`, :mod:`.xva`, :mod:`.sparse`).  :func:`routes` is the one place
+their routes are gathered for :meth:`xapid.server.Listener.routes`.
 """
 
 from __future__ import annotations
