@@ -1,0 +1,368 @@
+"""Disk and VM import/export over HTTP (issue 14): ``/import_raw_vdi``, ``/export_raw_vdi``, ``/export``,
+``/import`` (xapi's import_raw_vdi.ml, export_raw_vdi.ml, export.ml, import.ml), through plain HTTP and
+the SDK against a real daemon."""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import struct
+import subprocess
+import sys
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+import requests
+
+from tests.conftest import REPO, Xapid
+from tests.integration.vmkit import GIB, MIB, NULL, default_sr, new_vbd, new_vdi, new_vif, vdi_file, wait_for
+
+def pieces(size: int) -> dict[int, bytes]:
+    """Data at a few offsets of a ``size``-byte disk: the first sector, odd offsets, the very end."""
+    return {0: b"boot sector", 5 * MIB + 17: b"x" * 70000, size // 3 * 2: os.urandom(MIB), size - 5: b"tail!"}
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def sparse_image(path: Path, size: int, pieces: dict[int, bytes]) -> Path:
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for offset, data in pieces.items():
+            f.seek(offset)
+            f.write(data)
+    return path
+
+
+def chunks(path: Path, piece: int = 4 * MIB) -> Iterator[bytes]:
+    with open(path, "rb") as f:
+        while data := f.read(piece):
+            yield data
+
+
+def same_bytes(a: Path, b: Path) -> bool:
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        while True:
+            x, y = fa.read(8 * MIB), fb.read(8 * MIB)
+            if x != y:
+                return False
+            if not x:
+                return True
+
+
+def task(api: Any, label: str = "transfer") -> str:
+    return str(api.task.create(label, ""))
+
+
+def finished(api: Any, t: str) -> dict[str, Any]:
+    wait_for(lambda: api.task.get_status(t) != "pending", 10, "the task to end")
+    return dict(api.task.get_record(t))
+
+
+def session_of(d: Xapid) -> tuple[Any, str]:
+    s = d.session()
+    return s.xenapi, s._session  # type: ignore[attr-defined]
+
+
+# -- raw disks ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [pytest.param(GIB, marks=pytest.mark.slow), 256 * MIB], ids=["1GiB", "256MiB"])
+def test_raw_round_trip_of_a_sparse_disk_keeps_bytes_and_holes_in_bounded_memory(xapid: Xapid, tmp_path: Path,
+                                                                                 size: int) -> None:
+    api, session = session_of(xapid)
+    vdi = new_vdi(api, default_sr(api), size)
+    source = sparse_image(tmp_path / "in.raw", size, pieces(size))
+    pid = xapid.proc.pid  # type: ignore[union-attr]
+    before = rss_kib(pid)
+    t = task(api)
+    r = requests.put(f"{xapid.url}import_raw_vdi", params={"session_id": session, "vdi": vdi, "task_id": t},
+                     data=chunks(source), timeout=120)  # a generator: sent chunked
+    assert r.status_code == 200, r.text
+    rec = finished(api, t)
+    assert rec["status"] == "success" and rec["progress"] == 1.0 and vdi in rec["result"]
+    target = vdi_file(xapid.state_dir, api, vdi)
+    assert same_bytes(source, target)
+    assert target.stat().st_blocks * 512 < 8 * MIB  # holes stayed holes
+    assert int(api.VDI.get_physical_utilisation(vdi)) < 8 * MIB
+    assert api.VDI.get_current_operations(vdi) == {}
+    out = tmp_path / "out.raw"
+    with requests.get(f"{xapid.url}export_raw_vdi", params={"session_id": session, "vdi": vdi}, stream=True,
+                      timeout=120) as r:
+        assert r.status_code == 200 and int(r.headers["content-length"]) == size
+        assert r.headers["content-type"] == "application/octet-stream"
+        with open(out, "wb") as f:
+            for piece in r.iter_content(4 * MIB):
+                f.write(piece)
+    assert same_bytes(source, out)
+    assert rss_kib(pid) - before < 64 * 1024, f"the daemon grew by more than 64 MiB for a {size} byte transfer"
+
+
+def test_raw_import_by_content_length_and_export_by_uuid(xapid: Xapid) -> None:
+    api, session = session_of(xapid)
+    vdi = new_vdi(api, default_sr(api), 16 * MIB)
+    body = b"\0" * MIB + b"data" * 1000 + b"\0" * (3 * MIB)
+    r = requests.put(f"{xapid.url}import_raw_vdi?session_id={session}&vdi={api.VDI.get_uuid(vdi)}&format=raw",
+                     data=body, timeout=30)
+    assert r.status_code == 200
+    got = requests.get(f"{xapid.url}export_raw_vdi", params={"session_id": session, "vdi": vdi}, timeout=30)
+    assert got.content == body.ljust(16 * MIB, b"\0")
+    assert vdi_file(xapid.state_dir, api, vdi).stat().st_blocks * 512 <= 256 * 1024
+
+
+def test_vhd_import_and_export(xapid: Xapid, tmp_path: Path) -> None:
+    from xapid.handlers import vhd  # the format module, used here only to build a VHD independently checked
+
+    api, session = session_of(xapid)
+    size = 40 * MIB
+    image = bytearray(size)
+    image[3 * MIB:3 * MIB + 5] = b"hello"
+    image[30 * MIB:31 * MIB] = os.urandom(MIB)
+    blocks = vhd.allocated_blocks([(3 * MIB, 5), (30 * MIB, MIB)], size)
+    stream = b"".join(vhd.export_stream(size, blocks, lambda o, n: bytes(image[o:o + n])))
+    vdi = new_vdi(api, default_sr(api), size)
+    r = requests.put(f"{xapid.url}import_raw_vdi", params={"session_id": session, "vdi": vdi, "format": "vhd"},
+                     data=stream, timeout=30)
+    assert r.status_code == 200, r.text
+    assert vdi_file(xapid.state_dir, api, vdi).read_bytes() == bytes(image)
+    got = requests.get(f"{xapid.url}export_raw_vdi", params={"session_id": session, "vdi": vdi, "format": "vhd"},
+                       timeout=30)
+    assert got.status_code == 200 and got.headers["content-type"] == "application/vhd"
+    vhd_out = got.content
+    assert vhd_out[:8] == b"conectix" and vhd_out[-512:] == vhd_out[:512]
+    entries = struct.unpack_from(">I", vhd_out, 512 + 28)[0]
+    bat = struct.unpack_from(f">{entries}I", vhd_out, 1536)
+    assert [i for i, s in enumerate(bat) if s != 0xFFFFFFFF] == blocks  # only the allocated blocks
+    too_big = b"".join(vhd.export_stream(size * 2, [0], lambda o, n: b"\1" * n))
+    t = task(api)
+    r = requests.put(f"{xapid.url}import_raw_vdi", params={"session_id": session, "vdi": vdi, "format": "vhd",
+                                                           "task_id": t}, data=too_big, timeout=30)
+    assert r.status_code == 500
+    assert finished(api, t)["error_info"] == ["VDI_TOO_SMALL", vdi, str(size * 2)]
+
+
+def test_bad_session_wrong_vdi_unknown_format_and_oversized_body(xapid: Xapid) -> None:
+    api, session = session_of(xapid)
+    vdi = new_vdi(api, default_sr(api), MIB)
+    r = requests.put(f"{xapid.url}import_raw_vdi", params={"session_id": "OpaqueRef:nope", "vdi": vdi},
+                     data=b"x", timeout=10)
+    assert r.status_code == 401 and "WWW-Authenticate" in r.headers
+    r = requests.get(f"{xapid.url}export_raw_vdi", params={"vdi": vdi}, timeout=10)
+    assert r.status_code == 401
+    t = task(api)
+    r = requests.get(f"{xapid.url}export_raw_vdi", params={"session_id": session, "vdi": "no-such-uuid",
+                                                           "task_id": t}, timeout=10)
+    assert r.status_code == 500 and finished(api, t)["error_info"] == ["UUID_INVALID", "VDI", "no-such-uuid"]
+    t = task(api)
+    r = requests.get(f"{xapid.url}export_raw_vdi", params={"session_id": session, "vdi": vdi, "format": "qcow3",
+                                                           "task_id": t}, timeout=10)
+    assert r.status_code == 404 and finished(api, t)["error_info"] == ["INTERNAL_ERROR", "Unknown format qcow3"]
+    t = task(api)
+    r = requests.put(f"{xapid.url}import_raw_vdi", params={"session_id": session, "vdi": vdi, "task_id": t},
+                     data=b"y" * (MIB + 1), timeout=10)
+    assert r.status_code == 400
+    assert finished(api, t)["error_info"] == ["VDI_TOO_SMALL", vdi, str(MIB + 1)]
+    assert vdi_file(xapid.state_dir, api, vdi).stat().st_blocks == 0  # nothing was written
+    t = task(api)
+
+    def oversized() -> Iterator[bytes]:
+        yield b"z" * MIB
+        yield b"z" * 10
+
+    r = requests.put(f"{xapid.url}import_raw_vdi", params={"session_id": session, "vdi": vdi, "task_id": t},
+                     data=oversized(), timeout=10)  # chunked: found while reading
+    assert r.status_code == 500 and finished(api, t)["error_info"][0] == "VDI_TOO_SMALL"
+    assert api.VDI.get_current_operations(vdi) == {}
+
+
+def test_read_only_users_may_not_import_and_read_only_vdis_refuse_writes(xapid: Xapid) -> None:
+    api, session = session_of(xapid)
+    vdi = new_vdi(api, default_sr(api), MIB)
+    done = subprocess.run([sys.executable, "-m", "xapid.cli.xapid", "passwd", "--state-dir", str(xapid.state_dir),
+                           "--role", "read-only", "auditor"], input="ro-Secret-1\n", text=True, capture_output=True,
+                          timeout=60, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    r = requests.put(f"{xapid.url}import_raw_vdi", params={"vdi": vdi}, auth=("auditor", "ro-Secret-1"),
+                     data=b"x" * 10, timeout=10)
+    assert r.status_code == 403  # http/put_import_raw_vdi is _R_VM_ADMIN, as in xapi's datamodel
+    r = requests.put(f"{xapid.url}import", auth=("auditor", "ro-Secret-1"), data=b"x" * 10, timeout=10)
+    assert r.status_code == 403
+    assert vdi_file(xapid.state_dir, api, vdi).stat().st_blocks == 0
+    r = requests.put(f"{xapid.url}import_raw_vdi", params={"vdi": vdi}, auth=("root", xapid.password),
+                     data=b"x" * 10, timeout=10)  # basic auth works for those allowed
+    assert r.status_code == 200
+    ro = api.VDI.create({"name_label": "ro", "name_description": "", "SR": default_sr(api), "virtual_size": str(MIB),
+                         "type": "user", "sharable": False, "read_only": True, "other_config": {},
+                         "xenstore_data": {}, "sm_config": {}, "tags": []})
+    t = task(api)
+    r = requests.put(f"{xapid.url}import_raw_vdi", params={"session_id": session, "vdi": ro, "task_id": t},
+                     data=b"x" * 10, timeout=10)
+    assert r.status_code == 500 and finished(api, t)["error_info"] == ["VDI_READONLY", ro]
+
+
+def test_disconnect_mid_upload_fails_the_task_and_clears_the_operation(xapid: Xapid) -> None:
+    api, session = session_of(xapid)
+    vdi = new_vdi(api, default_sr(api), 64 * MIB)
+    t = task(api)
+    url = urlsplit(xapid.url)
+    with socket.create_connection((url.hostname, url.port), timeout=5) as s:
+        s.sendall((f"PUT /import_raw_vdi?session_id={session}&vdi={vdi}&task_id={t} HTTP/1.1\r\n"
+                   f"host: x\r\ncontent-length: {64 * MIB}\r\n\r\n").encode() + b"q" * (3 * MIB))
+        wait_for(lambda: api.VDI.get_current_operations(vdi), 10, "the VDI to be marked")
+        assert list(api.VDI.get_current_operations(vdi).values()) == ["blocked"]
+    rec = finished(api, t)
+    assert rec["status"] == "failure" and rec["error_info"][0] == "CLIENT_ERROR"
+    wait_for(lambda: api.VDI.get_current_operations(vdi) == {}, 10, "the operation to clear")
+
+
+# -- VMs ---------------------------------------------------------------------------------------------------
+
+
+def make_vm(api: Any, name: str = "exported") -> tuple[str, list[str]]:
+    vm = api.VM.create({"name_label": name, "name_description": "to be exported", "user_version": "1",
+                        "is_a_template": False, "affinity": NULL, "memory_static_max": str(2 * GIB),
+                        "memory_dynamic_max": str(GIB), "memory_dynamic_min": str(GIB // 2),
+                        "memory_static_min": str(GIB // 4), "VCPUs_params": {}, "VCPUs_max": "4",
+                        "VCPUs_at_startup": "2", "actions_after_shutdown": "destroy",
+                        "actions_after_reboot": "restart", "actions_after_crash": "restart",
+                        "PV_bootloader": "", "PV_kernel": "", "PV_ramdisk": "", "PV_args": "console=hvc0",
+                        "PV_bootloader_args": "", "PV_legacy_args": "", "HVM_boot_policy": "BIOS order",
+                        "HVM_boot_params": {"order": "cd"}, "platform": {"acpi": "1"}, "PCI_bus": "",
+                        "other_config": {"purpose": "test"}, "recommendations": "", "tags": ["a"]})
+    sr = default_sr(api)
+    disks = [new_vdi(api, sr, 40 * MIB, "system"), new_vdi(api, sr, 8 * MIB, "data")]
+    for i, vdi in enumerate(disks):
+        new_vbd(api, vm, vdi, str(i), bootable=i == 0)
+    new_vif(api, vm, "0")
+    return vm, disks
+
+
+VM_FIELDS = ("name_label", "name_description", "memory_static_max", "memory_dynamic_max", "memory_dynamic_min",
+             "memory_static_min", "VCPUs_max", "VCPUs_at_startup", "PV_args", "HVM_boot_policy", "HVM_boot_params",
+             "platform", "tags", "actions_after_crash", "user_version", "is_a_template")
+
+
+def test_xva_export_import_round_trip_keeps_metadata_and_bytes(xapid: Xapid, tmp_path: Path) -> None:
+    api, session = session_of(xapid)
+    vm, disks = make_vm(api)
+    sparse_image(vdi_file(xapid.state_dir, api, disks[0]), 40 * MIB, {0: b"MBR", 33 * MIB + 1: b"z" * 5000})
+    sparse_image(vdi_file(xapid.state_dir, api, disks[1]), 8 * MIB, {7 * MIB: b"data disk"})
+    xva_path = tmp_path / "vm.xva"
+    t = task(api)
+    with requests.get(f"{xapid.url}export", params={"session_id": session, "uuid": api.VM.get_uuid(vm),
+                                                    "task_id": t}, stream=True, timeout=30) as r:
+        assert r.status_code == 200 and "export.xva" in r.headers["content-disposition"]
+        with open(xva_path, "wb") as f:
+            for piece in r.iter_content(MIB):
+                f.write(piece)
+    assert finished(api, t)["status"] == "success"
+    assert api.VM.get_current_operations(vm) == {}
+    with tarfile.open(xva_path) as tar:  # a real XVA's layout
+        names = tar.getnames()
+        assert names[0] == "ova.xml"
+        ova = tar.extractfile("ova.xml").read()  # type: ignore[union-attr]
+    assert b"<name>export_vsn</name>" in ova and b"<name>objects</name>" in ova
+    disk_dirs = sorted({n.split("/")[0] for n in names[1:]})
+    assert len(disk_dirs) == 2 and all(d.startswith("Ref:") for d in disk_dirs)
+    assert all(n.endswith(".checksum") or n.split("/")[1].isdigit() for n in names[1:])
+    chunk_names = [n for n in names[1:] if not n.endswith(".checksum")]
+    assert len(chunk_names) == 5  # only the first, the last and the data chunks travel: 0, 33, 39 and 0, 7
+    assert xva_path.stat().st_size < 6 * MIB
+    t = task(api)
+    with open(xva_path, "rb") as f:
+        r = requests.put(f"{xapid.url}import", params={"session_id": session, "task_id": t,
+                                                       "sr_id": default_sr(api)}, data=f, timeout=30)
+    assert r.status_code == 200, r.text
+    rec = finished(api, t)
+    assert rec["status"] == "success", rec["error_info"]
+    new_vms = [v for v in api.VM.get_all() if f"<value>{v}</value>" in rec["result"]]
+    assert len(new_vms) == 1 and new_vms[0] != vm
+    new = new_vms[0]
+    old_rec, new_rec = api.VM.get_record(vm), api.VM.get_record(new)
+    assert {k: old_rec[k] for k in VM_FIELDS} == {k: new_rec[k] for k in VM_FIELDS}
+    assert new_rec["power_state"] == "Halted" and new_rec["current_operations"] == {}
+    assert new_rec["uuid"] != old_rec["uuid"]
+    assert new_rec["other_config"]["purpose"] == "test"
+    new_disks = sorted((api.VBD.get_userdevice(b), api.VBD.get_VDI(b)) for b in new_rec["VBDs"])
+    for (_dev, new_vdi_ref), old_vdi in zip(new_disks, disks, strict=True):
+        assert api.VDI.get_virtual_size(new_vdi_ref) == api.VDI.get_virtual_size(old_vdi)
+        assert api.VDI.get_name_label(new_vdi_ref) == api.VDI.get_name_label(old_vdi)
+        assert same_bytes(vdi_file(xapid.state_dir, api, old_vdi), vdi_file(xapid.state_dir, api, new_vdi_ref))
+        assert vdi_file(xapid.state_dir, api, new_vdi_ref).stat().st_blocks * 512 < 2 * MIB
+    vifs = new_rec["VIFs"]
+    assert len(vifs) == 1 and api.VIF.get_network(vifs[0]) == api.VIF.get_network(old_rec["VIFs"][0])
+    assert api.VBD.get_bootable([b for b in new_rec["VBDs"] if api.VBD.get_userdevice(b) == "0"][0])
+
+
+def test_xva_import_restore_keeps_uuid_and_a_truncated_archive_leaves_nothing(xapid: Xapid, tmp_path: Path) -> None:
+    api, session = session_of(xapid)
+    vm, disks = make_vm(api, "restored")
+    sparse_image(vdi_file(xapid.state_dir, api, disks[0]), 40 * MIB, {20 * MIB: b"r" * MIB})
+    data = requests.get(f"{xapid.url}export", params={"session_id": session, "ref": vm}, timeout=30).content
+    uuid = api.VM.get_uuid(vm)
+    vms_before, vdis_before = set(api.VM.get_all()), set(api.VDI.get_all())
+    t = task(api)
+    r = requests.put(f"{xapid.url}import", params={"session_id": session, "task_id": t}, data=data[:len(data) // 2],
+                     timeout=30)
+    rec = finished(api, t)
+    assert rec["status"] == "failure" and rec["error_info"] == ["IMPORT_ERROR_PREMATURE_EOF"]
+    assert set(api.VM.get_all()) == vms_before and set(api.VDI.get_all()) == vdis_before
+    del r
+    t = task(api)
+    r = requests.put(f"{xapid.url}import", params={"session_id": session, "task_id": t, "restore": "true"},
+                     data=data, timeout=30)
+    assert finished(api, t)["error_info"] == ["DUPLICATE_VM", vm]
+    api.VM.destroy(vm)
+    t = task(api)
+    r = requests.put(f"{xapid.url}import", params={"session_id": session, "task_id": t, "restore": "true"},
+                     data=data, timeout=30)
+    assert r.status_code == 200 and finished(api, t)["status"] == "success"
+    assert api.VM.get_by_uuid(uuid)
+
+
+def test_a_client_gone_mid_import_leaves_no_vm_or_vdi(xapid: Xapid) -> None:
+    api, session = session_of(xapid)
+    vm, disks = make_vm(api, "half")
+    sparse_image(vdi_file(xapid.state_dir, api, disks[0]), 40 * MIB, {i * MIB: b"d" * MIB for i in range(0, 40, 2)})
+    data = requests.get(f"{xapid.url}export", params={"session_id": session, "ref": vm}, timeout=30).content
+    vms_before, vdis_before = set(api.VM.get_all()), set(api.VDI.get_all())
+    t = task(api)
+    url = urlsplit(xapid.url)
+    with socket.create_connection((url.hostname, url.port), timeout=5) as s:
+        s.sendall((f"PUT /import?session_id={session}&task_id={t} HTTP/1.1\r\nhost: x\r\n"
+                   f"content-length: {len(data)}\r\n\r\n").encode() + data[:len(data) // 2])
+        wait_for(lambda: set(api.VM.get_all()) - vms_before, 10, "the new VM")
+        new = (set(api.VM.get_all()) - vms_before).pop()
+        assert list(api.VM.get_current_operations(new).values()) == ["import"]
+    rec = finished(api, t)
+    assert rec["status"] == "failure" and rec["error_info"] == ["IMPORT_ERROR_PREMATURE_EOF"]
+    assert set(api.VM.get_all()) == vms_before and set(api.VDI.get_all()) == vdis_before
+    sr_dir = vdi_file(xapid.state_dir, api, disks[0]).parent
+    assert sorted(p.name for p in sr_dir.iterdir()) == sorted(f"{api.VDI.get_location(v)}.img" for v in vdis_before
+                                                              if api.VDI.get_SR(v) == default_sr(api))
+
+
+def test_xva_import_refuses_what_is_not_an_xva_and_an_export_of_a_running_vm(xapid: Xapid) -> None:
+    api, session = session_of(xapid)
+    t = task(api)
+    member = tarfile.TarInfo("notes.txt")
+    member.size = 3
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        tar.addfile(member, io.BytesIO(b"abc"))
+    requests.put(f"{xapid.url}import", params={"session_id": session, "task_id": t}, data=buf.getvalue(), timeout=10)
+    assert finished(api, t)["error_info"] == ["IMPORT_ERROR_UNEXPECTED_FILE", "ova.xml", "notes.txt"]
+    vm, _disks = make_vm(api, "runner")
+    api.VM.start(vm, False, False)
+    t = task(api)
+    r = requests.get(f"{xapid.url}export", params={"session_id": session, "ref": vm, "task_id": t}, timeout=10)
+    assert r.status_code == 500 and finished(api, t)["error_info"][0] == "VM_BAD_POWER_STATE"
