@@ -22,6 +22,7 @@ import requests
 from tests.conftest import REPO, Xapid
 from tests.integration.vmkit import GIB, MIB, NULL, default_sr, new_vbd, new_vdi, new_vif, vdi_file, wait_for
 
+
 def pieces(size: int) -> dict[int, bytes]:
     """Data at a few offsets of a ``size``-byte disk: the first sector, odd offsets, the very end."""
     return {0: b"boot sector", 5 * MIB + 17: b"x" * 70000, size // 3 * 2: os.urandom(MIB), size - 5: b"tail!"}
