@@ -843,9 +843,10 @@ def registry(classes: dict[str, CliClass]) -> dict[str, Command]:
     for view in classes.values():
         for command in class_commands(view):
             table[command.name] = command
+    from .xe_transfer import transfer_commands
     from .xe_vm_commands import vm_surface_commands
 
-    for command in [*named_commands(), *vm_surface_commands()]:
+    for command in [*named_commands(), *vm_surface_commands(), *transfer_commands()]:
         table[command.name] = command
     table["help"] = Command("help", _help(table), (), ("<command>",), "Displays help on xe commands.",
                             local=True, bare=True)
