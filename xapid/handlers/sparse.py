@@ -13,12 +13,12 @@ import bisect
 import ctypes
 import ctypes.util
 import errno
+import functools
 import os
 
 from xapid.storage import data_extents
 
 GRAIN = 64 * 1024
-ZERO = bytes(1 << 21)
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 
@@ -40,8 +40,18 @@ def punch_hole(fd: int, offset: int, length: int) -> bool:
     raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
 
 
-def _is_zero(view: memoryview) -> bool:
-    return view == ZERO[:len(view)] if len(view) <= len(ZERO) else not any(view)
+@functools.lru_cache(maxsize=16)
+def zeros(n: int) -> bytes:
+    """``n`` zero bytes, shared (the common sizes are made once)."""
+    return bytes(n)
+
+
+def _is_zero(data: bytes | bytearray, start: int, end: int) -> bool:
+    # A bytes comparison is a memcmp; comparing memoryviews goes item by item (100 times slower).
+    # Most data grains have a non-zero first or last byte: no copy for those.
+    if data[start] or data[end - 1]:
+        return False
+    return data[start:end] == zeros(end - start)
 
 
 class SparseWriter:
@@ -52,21 +62,23 @@ class SparseWriter:
         self.written = 0  # bytes really written (data)
         self._punch = True
 
-    def write_at(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+    def write_at(self, offset: int, data: bytes | bytearray) -> None:
+        """Write ``data`` at ``offset``: its all-zero grains become holes, the rest is written."""
         view = memoryview(data)
-        if _is_zero(view):
-            self.clear(offset, len(view))
-            return
-        run = 0  # start of the pending data run within view
+        run = 0  # start of the pending data run
         pos = 0
-        n = len(view)
+        n = len(data)
         while pos < n:
             end = min(pos + GRAIN, n)
-            if _is_zero(view[pos:end]):
+            if _is_zero(data, pos, end):
                 if run < pos:
                     self._write(offset + run, view[run:pos])
-                self.clear(offset + pos, end - pos)
-                run = end
+                zero_end = end
+                while zero_end < n and _is_zero(data, zero_end, min(zero_end + GRAIN, n)):
+                    zero_end = min(zero_end + GRAIN, n)
+                self.clear(offset + pos, zero_end - pos)
+                run = pos = zero_end
+                continue
             pos = end
         if run < n:
             self._write(offset + run, view[run:n])
@@ -90,7 +102,8 @@ class SparseWriter:
         if self._punch and punch_hole(self.fd, offset, length):
             return
         self._punch = False
-        self._write(offset, memoryview(ZERO)[:length] if length <= len(ZERO) else memoryview(bytes(length)))
+        for at in range(offset, offset + length, 1 << 20):
+            self._write(at, memoryview(zeros(min(1 << 20, offset + length - at))))
 
 
 class SparseReader:
@@ -111,6 +124,6 @@ class SparseReader:
         """``length`` bytes at ``offset`` (zeros past the end of the file)."""
         length = max(0, min(length, self.size - offset))
         if not self.has_data(offset, length):
-            return ZERO[:length] if length <= len(ZERO) else bytes(length)
+            return zeros(length)
         data = os.pread(self.fd, length, offset)
         return data if len(data) == length else data.ljust(length, b"\0")

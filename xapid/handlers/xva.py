@@ -190,13 +190,13 @@ def disk_members(prefix: str, size: int, read_at: Callable[[int, int], bytes],
                  mtime: int | None = None) -> Iterator[bytes]:
     """The tar members of one disk: its chunks (all-zero ones left out, but the first and the last)
     each with its ``.checksum``.  ``read_at(offset, n)`` reads the disk; it may skip holes cheaply by
-    returning :data:`ZERO` slices."""
+    returning shared zero buffers."""
     count = (size + CHUNK - 1) // CHUNK
     for n in range(count):
         offset = n * CHUNK
         length = min(CHUNK, size - offset)
         data = read_at(offset, length)
-        if n not in (0, count - 1) and data == ZERO[:length]:
+        if n not in (0, count - 1) and data == (ZERO if length == CHUNK else bytes(length)):
             continue
         name = f"{prefix}/{n:08d}"
         csum = hashlib.sha1(data).hexdigest().encode()
