@@ -225,8 +225,10 @@ def _accept(header: str) -> list[tuple[int, str | None, str | None]] | None:
     return out
 
 
-def prefers_json(access: Access) -> bool:
-    accepted = _accept(access.request.header("accept")) if access.request.header("accept") else None
+def prefers_json(accept: str, query: str) -> bool:
+    """``client_prefers_json``: the Accept header's choice between JSON and XML (``*/*`` picks JSON,
+    the first of xapi's list), else whether the query has a ``json`` parameter."""
+    accepted = _accept(accept) if accept else None
     if accepted:
         for q in sorted({q for q, _t, _s in accepted}, reverse=True):
             best = [(t, s) for qq, t, s in accepted if qq == q]
@@ -234,7 +236,11 @@ def prefers_json(access: Access) -> bool:
                 ty, subty = mime.split("/")
                 if any(t is None or (t == ty and (s is None or s == subty)) for t, s in best):
                     return mime == MIME_JSON
-    return "json" in parse_qs(access.request.query, keep_blank_values=True)
+    return "json" in parse_qs(query, keep_blank_values=True)
+
+
+def _json(access: Access) -> bool:
+    return prefers_json(access.request.header("accept"), access.request.query)
 
 
 # -- the handlers ----------------------------------------------------------------------------------------
@@ -298,7 +304,7 @@ def rrd_updates(access: Access) -> Response:
         result = updates(objects, start, interval, cf)
     except NoRRA:
         return internal_error("Rrd.No_RRA_Available")
-    as_json = prefers_json(access)
+    as_json = _json(access)
     return _answer(xport_json(result) if as_json else xport_xml(result), as_json)
 
 
@@ -306,7 +312,7 @@ def host_rrd(access: Access) -> Response:
     rrd = access.daemon.metrics.host_rrd(served_host(access))
     if rrd is None:
         return not_found()
-    as_json = prefers_json(access)
+    as_json = _json(access)
     return _answer(rrd_json(rrd) if as_json else rrd_xml(rrd), as_json, close=True)
 
 
@@ -319,7 +325,7 @@ def vm_rrd(access: Access) -> Response:
     rrd = daemon.metrics.vm_rrd(ref) if ref is not None else None
     if rrd is None:
         return not_found()
-    as_json = prefers_json(access)
+    as_json = _json(access)
     return _answer(rrd_json(rrd) if as_json else rrd_xml(rrd), as_json, close=True)
 
 
