@@ -45,6 +45,7 @@ class Daemon:
     def __init__(self, config: Config, state_dir: Path, hosts: int = 3) -> None:
         validate_runtime(config)
         self.config = config
+        self.tls_cert: Path | None = None  # the certificate HTTPS is served with (host.get_server_certificate)
         # Refused before anything is written; later, a symbolic link or a foreign file met at start-up
         # is UnsafePath.  Both are ConfigErrors: start-up stops with their message and exit status 2.
         self.state_dir = ensure_private_dir(state_dir)

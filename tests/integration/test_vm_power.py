@@ -179,3 +179,23 @@ def test_start_needs_the_vms_storage_on_the_host(shared_api: Any) -> None:
     api.VM.start(vm, False, False)                      # the affinity host cannot see it: the master can
     assert api.VM.get_resident_on(vm) == hosts[0] and disk
     api.VM.hard_shutdown(vm)
+
+
+def test_each_host_has_its_own_lasting_server_certificate(shared_api: Any, tmp_path: Any) -> None:
+    """host.get_server_certificate (certificates.ml): a real PEM certificate per host, the same on every call."""
+    import ssl
+    import subprocess
+
+    hosts = shared_api.host.get_all()
+    pems = [shared_api.host.get_server_certificate(h) for h in hosts]
+    assert len(set(pems)) == len(hosts)
+    assert pems[0] == shared_api.host.get_server_certificate(hosts[0])
+    for host, pem in zip(hosts, pems, strict=True):
+        assert pem.startswith("-----BEGIN CERTIFICATE-----") and "PRIVATE KEY" not in pem
+        ssl.PEM_cert_to_DER_cert(pem)
+        path = tmp_path / "c.pem"
+        path.write_text(pem)
+        subject = subprocess.run(["openssl", "x509", "-noout", "-subject", "-in", str(path)],
+                                 capture_output=True, text=True, timeout=30).stdout
+        assert shared_api.host.get_hostname(host) in subject
+    assert failure(shared_api.host.get_server_certificate, NULL) == ["HANDLE_INVALID", "host", NULL]

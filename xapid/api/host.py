@@ -16,6 +16,7 @@ import structlog
 
 from xapid.api import Call, handler
 from xapid.api import vm as vm_api
+from xapid.certificates import server_certificate
 from xapid.errors import ApiError
 from xapid.ha.failover import is_protected
 from xapid.ha.planning import vm_record
@@ -449,6 +450,15 @@ def call_plugin(call: Call, host: str, plugin: str, fn: str, args: dict[str, str
 def has_extension(call: Call, host: str, name: str) -> bool:
     _host(call, host)
     return False
+
+
+@handler("host.get_server_certificate")
+def get_server_certificate(call: Call, host: str) -> str:
+    """The PEM certificate the host serves TLS with (``certificates.ml``); see :mod:`xapid.certificates`."""
+    rec = _host(call, host)
+    daemon = call.daemon
+    return server_certificate(daemon.hw.host_dir(rec["uuid"]), str(rec["hostname"] or rec["name_label"]),
+                              daemon.tls_cert)
 
 
 # -- performance data sources (xapi_host.ml get/record/query/forget_data_source*) ----------------------------

@@ -87,6 +87,7 @@ def serve(args: argparse.Namespace) -> int:
             log.warning("listening on a non-loopback address", address=host)
     except ValueError:
         log.warning("listening on a host name, not a loopback address", address=host)
+    daemon.tls_cert = Path(args.tls_cert) if args.tls_cert else None
     tcp = XapiServer(sock, tls)
     server = ApiServer(daemon, limits)
     server.serve(tcp)

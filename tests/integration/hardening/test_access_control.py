@@ -192,6 +192,13 @@ def test_tls_with_the_sdk_over_https(daemon: Xapid, tmp_path: Path) -> None:
         host, port = address(d.url)
         served = ssl.get_server_certificate((host, port))
         assert ssl.PEM_cert_to_DER_cert(served) == ssl.PEM_cert_to_DER_cert(cert.read_text())
+        # host.get_server_certificate answers that certificate, without the key (xapi's certificates.ml).
+        s2 = XenAPI.Session(d.url, ignore_ssl=True)
+        s2.login_with_password("root", d.password)
+        answered = s2.xenapi.host.get_server_certificate(s2.xenapi.host.get_all()[0])
+        s2.xenapi.session.logout()
+        assert "PRIVATE KEY" not in answered
+        assert ssl.PEM_cert_to_DER_cert(answered) == ssl.PEM_cert_to_DER_cert(cert.read_text())
         with pytest.raises(requests.exceptions.ConnectionError):
             requests.post(f"http://{host}:{port}/", data=b"<methodCall/>", timeout=5)
         # A verifying client refuses the self-signed certificate.
