@@ -28,6 +28,7 @@ DEFAULTS: dict[str, tuple[str, Any, str]] = {
     "cluster-stack-root": ("path", "../scripts/cluster-stack",
                            "folder with one sub-folder per cluster stack (xapi: /usr/libexec/xapi/cluster-stack)"),
     "cluster-stack-default": ("str", "xhad", "stack used when no attached SR demands one"),
+    "metrics-seed": ("int", 0, "seed of the emulated performance statistics (xapid/hw/metrics.py)"),
     "sm-dir": ("path", "sm.d", "folder of storage driver descriptors (one JSON file per driver)"),
     "ha-monitor-interval": ("float", 20.0, "seconds between liveset queries while HA is enabled"),
     "ha-script-timeout": ("float", 60.0, "seconds a cluster-stack script may run"),

@@ -21,6 +21,7 @@ from xapid.ha.manager import HaManager
 from xapid.hw import Hardware
 from xapid.hw.faults import FaultService
 from xapid.hw.guest import GuestAgents
+from xapid.hw.metrics import Metrics
 from xapid.liveness import HostLiveness
 from xapid.seed import seed
 from xapid.statefiles import ensure_private_dir
@@ -76,6 +77,7 @@ class Daemon:
         self.hw.attach([h["uuid"] for _r, h in self.store.items("host")])
         self.faults = FaultService(self)
         self.guests = GuestAgents(self)
+        self.metrics = Metrics(self, int(config["metrics-seed"]))
         self.liveness = HostLiveness(self)
         self.ha = HaManager(self)
         self.console = HardwareFeed(self)

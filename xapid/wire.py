@@ -291,6 +291,8 @@ class Encoder:
                 self._xml(v, ty.value, out)
                 out.append("</member>")
             out.append("</struct></value>")
+        elif kind == "record" and ty is not None and ty.name not in self.schema.classes:
+            self._dyn(value, out)  # a struct type that is no class (data_source): its values say their types
         elif kind == "record":
             assert ty is not None
             layout = self._layout(ty.name)
@@ -358,7 +360,7 @@ class Encoder:
             return [self.json(v, ty.elem) for v in value]
         if kind == "map":
             return {_key(k): self.json(v, ty.value) for k, v in value.items()}
-        if kind == "record":
+        if kind == "record" and ty.name in self.schema.classes:
             fields = self.schema.classes[ty.name].fields
             return {k: self.json(v, fields[k].type if k in fields else None) for k, v in value.items()}
         if isinstance(value, Typed):
