@@ -151,6 +151,18 @@ def test_vhd_import_and_export(xapid: Xapid, tmp_path: Path) -> None:
     assert finished(api, t)["error_info"] == ["VDI_TOO_SMALL", vdi, str(size * 2)]
 
 
+def test_bodies_over_max_upload_size_are_refused_from_their_length(xapid_factory: Any) -> None:
+    d = xapid_factory(**{"max-upload-size": str(MIB)})
+    api, session = session_of(d)
+    vdi = new_vdi(api, default_sr(api), 4 * MIB)
+    r = requests.put(f"{d.url}import_raw_vdi", params={"session_id": session, "vdi": vdi}, data=b"v" * (MIB + 1),
+                     timeout=10)
+    assert r.status_code == 413
+    r = requests.put(f"{d.url}import_raw_vdi", params={"session_id": session, "vdi": vdi}, data=b"v" * MIB,
+                     timeout=10)
+    assert r.status_code == 200
+
+
 def test_bad_session_wrong_vdi_unknown_format_and_oversized_body(xapid: Xapid) -> None:
     api, session = session_of(xapid)
     vdi = new_vdi(api, default_sr(api), MIB)
@@ -220,6 +232,13 @@ def test_disconnect_mid_upload_fails_the_task_and_clears_the_operation(xapid: Xa
                    f"host: x\r\ncontent-length: {64 * MIB}\r\n\r\n").encode() + b"q" * (3 * MIB))
         wait_for(lambda: api.VDI.get_current_operations(vdi), 10, "the VDI to be marked")
         assert list(api.VDI.get_current_operations(vdi).values()) == ["blocked"]
+        t2 = task(api)
+        r = requests.put(f"{xapid.url}import_raw_vdi", params={"session_id": session, "vdi": vdi, "task_id": t2},
+                         data=b"w", timeout=10)  # one writer at a time
+        assert r.status_code == 500 and finished(api, t2)["error_info"][:3] == ["OTHER_OPERATION_IN_PROGRESS", "VDI",
+                                                                                 vdi]
+        r = requests.get(f"{xapid.url}export_raw_vdi", params={"session_id": session, "vdi": vdi}, timeout=10)
+        assert r.status_code == 500  # nor a reader while it is written
     rec = finished(api, t)
     assert rec["status"] == "failure" and rec["error_info"][0] == "CLIENT_ERROR"
     wait_for(lambda: api.VDI.get_current_operations(vdi) == {}, 10, "the operation to clear")
@@ -272,6 +291,24 @@ def test_xva_export_import_round_trip_keeps_metadata_and_bytes(xapid: Xapid, tmp
         assert names[0] == "ova.xml"
         ova = tar.extractfile("ova.xml").read()  # type: ignore[union-attr]
     assert b"<name>export_vsn</name>" in ova and b"<name>objects</name>" in ova
+    from xapid.handlers.xva import parse_ova_xml
+
+    _version, objects = parse_ova_xml(ova)
+    assert sorted({o["class"] for o in objects}) == ["SR", "VBD", "VDI", "VIF", "VM", "VM_metrics", "network"]
+    ids = {o["id"] for o in objects}
+
+    def refs_in(value: Any) -> Iterator[str]:
+        if isinstance(value, str) and value.startswith(("OpaqueRef:", "Ref:")):
+            yield value
+        elif isinstance(value, dict):
+            for v in value.values():
+                yield from refs_in(v)
+        elif isinstance(value, list):
+            for v in value:
+                yield from refs_in(v)
+
+    dangling = {r for o in objects for r in refs_in(o["snapshot"]) if r != NULL and r not in ids}
+    assert not dangling  # xapi's export.ml check_references: only export ids or the null ref
     disk_dirs = sorted({n.split("/")[0] for n in names[1:]})
     assert len(disk_dirs) == 2 and all(d.startswith("Ref:") for d in disk_dirs)
     assert all(n.endswith(".checksum") or n.split("/")[1].isdigit() for n in names[1:])
