@@ -11,6 +11,7 @@ import struct
 import subprocess
 import sys
 import tarfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -151,6 +152,27 @@ def test_vhd_import_and_export(xapid: Xapid, tmp_path: Path) -> None:
     assert finished(api, t)["error_info"] == ["VDI_TOO_SMALL", vdi, str(size * 2)]
 
 
+def test_a_cancelled_task_stops_the_upload_and_clears_the_operation(xapid: Xapid) -> None:
+    api, session = session_of(xapid)
+    vdi = new_vdi(api, default_sr(api), 256 * MIB)
+    t = task(api)
+    url = urlsplit(xapid.url)
+    with socket.create_connection((url.hostname, url.port), timeout=5) as s:
+        s.sendall((f"PUT /import_raw_vdi?session_id={session}&vdi={vdi}&task_id={t} HTTP/1.1\r\n"
+                   f"host: x\r\ncontent-length: {256 * MIB}\r\n\r\n").encode())
+        wait_for(lambda: api.VDI.get_current_operations(vdi), 10, "the VDI to be marked")
+        api.task.cancel(t)
+        deadline = time.monotonic() + 20
+        try:
+            while api.task.get_status(t) == "pending" and time.monotonic() < deadline:
+                s.sendall(b"c" * MIB)
+                time.sleep(0.05)
+        except OSError:
+            pass  # the server ended the connection
+    assert finished(api, t)["status"] == "cancelled"
+    wait_for(lambda: api.VDI.get_current_operations(vdi) == {}, 10, "the operation to clear")
+
+
 def test_bodies_over_max_upload_size_are_refused_from_their_length(xapid_factory: Any) -> None:
     d = xapid_factory(**{"max-upload-size": str(MIB)})
     api, session = session_of(d)
@@ -274,6 +296,10 @@ VM_FIELDS = ("name_label", "name_description", "memory_static_max", "memory_dyna
 def test_xva_export_import_round_trip_keeps_metadata_and_bytes(xapid: Xapid, tmp_path: Path) -> None:
     api, session = session_of(xapid)
     vm, disks = make_vm(api)
+    host = api.pool.get_master(api.pool.get_all()[0])
+    iso_sr = api.SR.create(host, {"location": "/srv/isos"}, "0", "ISOs", "", "iso", "iso", False, {})
+    iso = new_vdi(api, iso_sr, 300 * MIB, "install.iso")
+    new_vbd(api, vm, iso, "3", vbd_type="CD", mode="RO")
     sparse_image(vdi_file(xapid.state_dir, api, disks[0]), 40 * MIB, {0: b"MBR", 33 * MIB + 1: b"z" * 5000})
     sparse_image(vdi_file(xapid.state_dir, api, disks[1]), 8 * MIB, {7 * MIB: b"data disk"})
     xva_path = tmp_path / "vm.xva"
@@ -310,7 +336,7 @@ def test_xva_export_import_round_trip_keeps_metadata_and_bytes(xapid: Xapid, tmp
     dangling = {r for o in objects for r in refs_in(o["snapshot"]) if r != NULL and r not in ids}
     assert not dangling  # xapi's export.ml check_references: only export ids or the null ref
     disk_dirs = sorted({n.split("/")[0] for n in names[1:]})
-    assert len(disk_dirs) == 2 and all(d.startswith("Ref:") for d in disk_dirs)
+    assert len(disk_dirs) == 2 and all(d.startswith("Ref:") for d in disk_dirs)  # not the CD
     assert all(n.endswith(".checksum") or n.split("/")[1].isdigit() for n in names[1:])
     chunk_names = [n for n in names[1:] if not n.endswith(".checksum")]
     assert len(chunk_names) == 5  # only the first, the last and the data chunks travel: 0, 33, 39 and 0, 7
@@ -330,7 +356,9 @@ def test_xva_export_import_round_trip_keeps_metadata_and_bytes(xapid: Xapid, tmp
     assert new_rec["power_state"] == "Halted" and new_rec["current_operations"] == {}
     assert new_rec["uuid"] != old_rec["uuid"]
     assert new_rec["other_config"]["purpose"] == "test"
-    new_disks = sorted((api.VBD.get_userdevice(b), api.VBD.get_VDI(b)) for b in new_rec["VBDs"])
+    cds = [b for b in new_rec["VBDs"] if api.VBD.get_type(b) == "CD"]
+    assert [api.VBD.get_VDI(b) for b in cds] == [iso]  # the ISO is here: the CD keeps it, never streamed
+    new_disks = sorted((api.VBD.get_userdevice(b), api.VBD.get_VDI(b)) for b in new_rec["VBDs"] if b not in cds)
     for (_dev, new_vdi_ref), old_vdi in zip(new_disks, disks, strict=True):
         assert api.VDI.get_virtual_size(new_vdi_ref) == api.VDI.get_virtual_size(old_vdi)
         assert api.VDI.get_name_label(new_vdi_ref) == api.VDI.get_name_label(old_vdi)
