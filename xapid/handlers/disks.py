@@ -5,6 +5,10 @@
   VHD); any other format is 404 and fails the task with ``INTERNAL_ERROR ["Unknown format x"]``, as
   xapi.  ``PUT /import_raw_vdi?sr_id=`` without ``vdi`` creates ``Imported VDI`` of the body's size
   (raw only), as xapi.
+* ``chunked`` (present, whatever its value, as xapi reads it) takes a raw body in vhd-tool's chunked
+  format: pieces each led by a 12-byte little-endian header (offset u64, length u32) and written at
+  their offset, ended by an all-zero header; with ``format=vhd`` it is 404, as xapi ("Cannot handle
+  chunked VHD").
 * Import bodies come by ``content-length`` or chunked, up to ``max-upload-size``, and are written as
   they arrive: zero runs are never written (holes stay holes, old data under them is punched out).
   A raw body or a VHD larger than the VDI's ``virtual_size`` is ``VDI_TOO_SMALL [vdi, size]``
@@ -22,6 +26,7 @@
 from __future__ import annotations
 
 import os
+import struct
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -150,19 +155,24 @@ def content_length(access: Access) -> int | None:
 def import_raw_vdi(access: Access) -> Response:
     """``PUT /import_raw_vdi``: write the body into the VDI (see the module docstring)."""
     fmt = format_of(access)
+    pieces = access.param("chunked") is not None
+    if pieces and fmt != "raw":
+        raise Refusal(not_found(), ["INTERNAL_ERROR", "Cannot handle chunked VHD"])
     vdi = vdi_of(access)
     length = content_length(access)
     if vdi is None:
         vdi = _new_vdi(access, fmt, length)
     with vdi_operation(access, vdi, "blocked", writing=True) as size:
-        if fmt == "raw" and length is not None and length > size:
+        if fmt == "raw" and not pieces and length is not None and length > size:
             raise Refusal(bad_request(f"the body ({length} bytes) is larger than the VDI ({size} bytes)"),
                           ["VDI_TOO_SMALL", vdi, str(length)])
         access.progress(0.0)
         fd = os.open(vdi_file(access, vdi), os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
             writer = sparse.SparseWriter(fd)
-            if fmt == "raw":
+            if pieces:
+                _receive_pieces(access, writer, vdi, size)
+            elif fmt == "raw":
                 _receive_raw(access, writer, vdi, size, length)
             else:
                 _receive_vhd(access, writer, vdi, size)
@@ -218,6 +228,40 @@ def _receive_raw(access: Access, writer: sparse.SparseWriter, vdi: str, size: in
         writer.write_at(offset, data)
         offset += len(data)
         progress(offset)
+
+
+PIECE_HEADER = struct.Struct("<QI")  # vhd-tool's chunked.ml: offset, length, little-endian
+
+
+def _receive_pieces(access: Access, writer: sparse.SparseWriter, vdi: str, size: int) -> None:
+    reader = access.request.reader
+    assert reader is not None
+
+    def exact(n: int) -> bytes:
+        parts, left = [], n
+        while left:
+            data = reader.read(min(left, PIECE))
+            if not data:
+                raise ApiError("CLIENT_ERROR", "the chunked stream ended before its last chunk")
+            parts.append(data)
+            left -= len(data)
+        return b"".join(parts)
+
+    progress = Progress(access, size)
+    while True:
+        offset, length = PIECE_HEADER.unpack(exact(PIECE_HEADER.size))
+        if offset == 0 and length == 0:
+            break
+        if offset + length > size:
+            raise ApiError("VDI_TOO_SMALL", vdi, str(offset + length))
+        done = 0
+        while done < length:
+            data = exact(min(PIECE, length - done))
+            writer.write_at(offset + done, data)
+            done += len(data)
+        progress(offset + length)
+    while reader.read(PIECE):
+        pass
 
 
 def _receive_vhd(access: Access, writer: sparse.SparseWriter, vdi: str, size: int) -> None:

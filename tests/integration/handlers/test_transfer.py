@@ -121,6 +121,22 @@ def test_raw_import_by_content_length_and_export_by_uuid(xapid: Xapid) -> None:
     assert vdi_file(xapid.state_dir, api, vdi).stat().st_blocks * 512 <= 256 * 1024
 
 
+def test_raw_import_in_vhd_tools_chunked_format(xapid: Xapid) -> None:
+    api, session = session_of(xapid)
+    vdi = new_vdi(api, default_sr(api), 16 * MIB)
+    body = b"".join([struct.pack("<QI", 3 * MIB, 5), b"hello", struct.pack("<QI", 9 * MIB, 4), b"abcd",
+                     struct.pack("<QI", 0, 0)])
+    r = requests.put(f"{xapid.url}import_raw_vdi", params={"session_id": session, "vdi": vdi, "chunked": ""},
+                     data=body, timeout=10)
+    assert r.status_code == 200
+    data = vdi_file(xapid.state_dir, api, vdi).read_bytes()
+    assert data[3 * MIB:3 * MIB + 5] == b"hello" and data[9 * MIB:9 * MIB + 4] == b"abcd"
+    assert data.count(0) == 16 * MIB - 9
+    r = requests.put(f"{xapid.url}import_raw_vdi", params={"session_id": session, "vdi": vdi, "chunked": "",
+                                                           "format": "vhd"}, data=body, timeout=10)
+    assert r.status_code == 404
+
+
 def test_vhd_import_and_export(xapid: Xapid, tmp_path: Path) -> None:
     from xapid.handlers import vhd  # the format module, used here only to build a VHD independently checked
 
