@@ -175,13 +175,15 @@ def _outcome(ctx: Context, task: str, client_error: str) -> str:
 
 def vm_export(ctx: Context, args: Args) -> None:
     filename = args.require("filename")
-    if args.get("compress") not in (None, "false"):
-        raise XeError("Operation failed. Error: compressed exports are not supported by xapid")
+    compress = (args.get("compress") or "false").lower()
+    if compress not in ("false", "true", "gzip"):
+        raise XeError(f"Operation failed. Error: unsupported compression {compress} (xapid writes gzip only)")
     vms = select_vms(ctx, args, ("filename", "compress", "preserve-power-state", "include-snapshots",
                                  "metadata", "excluded-device-types"), templates=True)
     for n, vm in enumerate(vms, 1):
         name = filename if n == 1 else f"{filename}{n}"
-        transfer(ctx, "GET", "/export", {"ref": vm}, name, "Export of VM")
+        query = {"ref": vm, **({"use_compression": "true"} if compress != "false" else {})}
+        transfer(ctx, "GET", "/export", query, name, "Export of VM")
         ctx.out.write("Export succeeded\n")
 
 

@@ -8,6 +8,9 @@ reference rewritten to an export-local ``Ref:N`` (or the null ref) and the runti
 (halted, nothing attached, no operations, no snapshot links); then each disk (non-CD, not on an
 ISO SR) in the chunks of the XVA format.  Nothing is held whole: one 1 MiB chunk at a time.
 
+``use_compression=true`` (or ``gzip``) gzips the stream, as xapi; an import sniffs gzip by itself.
+``zstd`` is not supported either way.
+
 Import (``sr_id=`` or ``sr_uuid=``, else the pool's default SR; ``restore=true`` keeps the VM's
 uuid, MAC seed and MACs; ``force=true`` ignores checksum failures and keeps what was made when the
 import fails, as xapi): the first member must be ``ova.xml`` (``IMPORT_ERROR_UNEXPECTED_FILE``),
@@ -90,10 +93,14 @@ def export_vm(access: Access) -> Response:
     vm = vm_of(access)
     with access.daemon.store.transaction() as tx:
         operations.assert_vm(tx, vm, "export")  # refused before the 200; marked while it streams
+    compression = (access.param("use_compression") or "").lower()
+    if compression == "zstd":
+        raise ApiError("INTERNAL_ERROR", "zstd compression is not supported")
     headers = [("cache-control", "no-cache, no-store"), *([("task-id", access.task)] if access.task else []),
                ("content-disposition", 'attachment; filename="export.xva"')]
+    stream = _export_stream(access, vm)
     return Response(200, b"", "application/octet-stream", close=True, headers=headers,
-                    stream=_export_stream(access, vm))
+                    stream=xva.gzip_stream(stream) if compression in ("true", "gzip") else stream)
 
 
 def _export_stream(access: Access, vm: str) -> Iterator[bytes]:
@@ -254,12 +261,12 @@ def import_vm(access: Access) -> Response:
     reader = access.request.reader
     assert reader is not None
     access.progress(0.0)
-    tar = xva.TarReader(reader.read)
     made = Import()
     if access.task:
         made.key = access.task
     try:
         try:
+            tar = xva.TarReader(xva.opened(reader.read))
             first = tar.next()
             if first is None or first[0] != xva.OVA_XML:
                 raise xva.XvaError("IMPORT_ERROR_UNEXPECTED_FILE", xva.OVA_XML, first[0] if first else "")

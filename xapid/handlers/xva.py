@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import tarfile
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -117,6 +118,74 @@ class TarReader:
         if self._pad:
             self.exact(self._pad)
             self._pad = 0
+
+
+# -- compression (xapi's use_compression=true|gzip; zstd is not read or written here) ---------------
+
+
+GZIP_MAGIC = b"\x1f\x8b"
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+
+def gzip_stream(pieces: Iterator[bytes], level: int = 6) -> Iterator[bytes]:
+    """``pieces`` gzip-compressed as they come (closing the result closes ``pieces``)."""
+    packer = zlib.compressobj(level, zlib.DEFLATED, 31)
+    try:
+        for piece in pieces:
+            out = packer.compress(piece)
+            if out:
+                yield out
+        yield packer.flush()
+    finally:
+        close = getattr(pieces, "close", None)
+        if close is not None:
+            close()
+
+
+def opened(read: Callable[[int], bytes]) -> Callable[[int], bytes]:
+    """``read`` as a plain tar stream: a gzip-compressed one (xapi's ``with_open_archive`` sniffs
+    the first block) is decompressed as it is read, at most ``n`` bytes of output per call."""
+    first = b""
+    while len(first) < len(ZSTD_MAGIC):
+        data = read(CHUNK)
+        if not data:
+            break
+        first += data
+    if first.startswith(ZSTD_MAGIC):
+        raise XvaError("IMPORT_ERROR", "zstd-compressed archives are not supported")
+    if not first.startswith(GZIP_MAGIC):
+        pending = [first]
+
+        def plain(n: int) -> bytes:
+            if pending:
+                data = pending.pop()
+                if len(data) > n:
+                    pending.append(data[n:])
+                    data = data[:n]
+                if data:
+                    return data
+            return read(n)
+
+        return plain
+    unpacker = zlib.decompressobj(47)  # a gzip or zlib header, found by itself
+    state = {"raw": first}
+
+    def gunzip(n: int) -> bytes:
+        while True:
+            raw = unpacker.unconsumed_tail or state["raw"] or (b"" if unpacker.eof else read(CHUNK))
+            state["raw"] = b""
+            if not raw:
+                return b""  # the end (or a truncated stream: the tar reader sees it end early)
+            try:
+                out = unpacker.decompress(raw, n)
+            except zlib.error as e:
+                raise XvaError("IMPORT_ERROR", f"bad gzip data: {e}") from None
+            if out:
+                return out
+            if unpacker.eof:
+                return b""
+
+    return gunzip
 
 
 # -- ova.xml ------------------------------------------------------------------------------------------

@@ -29,6 +29,11 @@ def test_xe_vm_export_then_vm_import_makes_the_same_vm(xapid: Xapid, api: Any, t
     new_vdis = {api.VBD.get_userdevice(b): api.VBD.get_VDI(b) for b in new_rec["VBDs"]}
     assert same_bytes(vdi_file(xapid.state_dir, api, disks[0]), vdi_file(xapid.state_dir, api, new_vdis["0"]))
     assert api.task.get_all() == [] or all(api.task.get_name_label(t) != "VM import" for t in api.task.get_all())
+    packed = tmp_path / "vm.xva.gz"
+    xe.ok("vm-export", f"uuid={api.VM.get_uuid(vm)}", f"filename={packed}", "compress=true")
+    assert packed.read_bytes()[:2] == b"\x1f\x8b" and packed.stat().st_size < out.stat().st_size
+    again = api.VM.get_by_uuid(xe.ok("vm-import", f"filename={packed}").strip())
+    assert api.VM.get_name_label(again) == "xe-exported"
     bad = tmp_path / "bad.xva"
     bad.write_bytes(b"\0" * 1024)
     assert "IMPORT_ERROR" in xe.fail("vm-import", f"filename={bad}")

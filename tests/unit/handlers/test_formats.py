@@ -197,3 +197,29 @@ def test_sparse_writer_skips_zeros_and_punches_old_data(tmp_path: Path) -> None:
     finally:
         os.close(fd)
     assert os.stat(path).st_blocks * 512 <= 2 * sparse.GRAIN
+
+
+def test_xva_gzip_stream_is_read_back_transparently_and_plain_streams_pass_through() -> None:
+    import gzip
+
+    image = disk(3 * MIB, {MIB + 1: os.urandom(5000)})
+    members = [xva.tar_file("ova.xml", b"<value/>"), *xva.disk_members("Ref:0", 3 * MIB, lambda o, n: image[o:o + n]),
+               xva.END]
+    packed = b"".join(xva.gzip_stream(iter(members)))
+    assert gzip.decompress(packed) == b"".join(members)  # a real gzip file
+    for stream in (packed, b"".join(members)):
+        tar = xva.TarReader(xva.opened(reader_of(stream)))
+        assert tar.next() == ("ova.xml", 8)
+        back = bytearray(3 * MIB)
+
+        def write_at(offset: int, data: bytes, back: bytearray = back) -> None:
+            back[offset:offset + len(data)] = data
+
+        xva.read_disk(tar, "Ref:0", 3 * MIB, write_at)
+        assert bytes(back) == image
+    with pytest.raises(xva.XvaError, match="zstd"):
+        xva.opened(reader_of(xva.ZSTD_MAGIC + b"\0" * 100))
+    truncated = xva.TarReader(xva.opened(reader_of(packed[:len(packed) // 2])))
+    truncated.next()
+    with pytest.raises(EOFError):
+        xva.read_disk(truncated, "Ref:0", 3 * MIB, lambda o, d: None)
