@@ -93,6 +93,10 @@ def export_vm(access: Access) -> Response:
     vm = vm_of(access)
     with access.daemon.store.transaction() as tx:
         operations.assert_vm(tx, vm, "export")  # refused before the 200; marked while it streams
+        for vbd in tx.referrers("VBD", "VM", vm):
+            vbd_rec = tx.get("VBD", vbd)
+            if vbd_rec["type"] != "CD" and tx.read("VDI", vbd_rec["VDI"]) is not None:
+                operations.assert_vdi(tx, vbd_rec["VDI"], "copy")  # not while a disk is being written
     compression = (access.param("use_compression") or "").lower()
     if compression == "zstd":
         raise ApiError("INTERNAL_ERROR", "zstd compression is not supported")
@@ -277,6 +281,11 @@ def import_vm(access: Access) -> Response:
             if theirs > _xapi_version(access):
                 raise ApiError("IMPORT_INCOMPATIBLE_VERSION")
             _create(access, sr, objects, restore, made)
+            if access.task:  # import.ml: the signal to a GUI that it may remap networks now
+                with access.daemon.store.transaction() as tx:
+                    rec = tx.find("task", access.task)
+                    if rec is not None:
+                        rec["other_config"] = {**rec["other_config"], "object_creation": "complete"}
             _receive_disks(access, tar, made, force)
             while reader.read(1 << 20):  # the end blocks and any record padding
                 pass

@@ -364,6 +364,7 @@ def test_xva_export_import_round_trip_keeps_metadata_and_bytes(xapid: Xapid, tmp
     assert r.status_code == 200, r.text
     rec = finished(api, t)
     assert rec["status"] == "success", rec["error_info"]
+    assert rec["other_config"]["object_creation"] == "complete"
     new_vms = [v for v in api.VM.get_all() if f"<value>{v}</value>" in rec["result"]]
     assert len(new_vms) == 1 and new_vms[0] != vm
     new = new_vms[0]
@@ -397,6 +398,31 @@ def test_xva_export_import_round_trip_keeps_metadata_and_bytes(xapid: Xapid, tmp
         b = api.VBD.get_record(next(v for v in new_rec["VBDs"] if api.VBD.get_userdevice(v) == a["userdevice"]))
         assert {k for k in a if a[k] != b[k]} <= {"uuid", "VM", "VDI"}
     assert api.VBD.get_bootable([b for b in new_rec["VBDs"] if api.VBD.get_userdevice(b) == "0"][0])
+
+
+@pytest.mark.slow
+def test_xva_round_trip_of_a_1gib_sparse_disk_in_bounded_memory(xapid: Xapid, tmp_path: Path) -> None:
+    api, session = session_of(xapid)
+    vm = make_vm(api, "big")[0]
+    big = new_vdi(api, default_sr(api), GIB, "big")
+    new_vbd(api, vm, big, "2")
+    source = sparse_image(vdi_file(xapid.state_dir, api, big), GIB, pieces(GIB))
+    pid = xapid.proc.pid  # type: ignore[union-attr]
+    before = rss_kib(pid)
+    xva_path = tmp_path / "big.xva"
+    with requests.get(f"{xapid.url}export", params={"session_id": session, "ref": vm}, stream=True,
+                      timeout=120) as r, open(xva_path, "wb") as f:
+        for piece in r.iter_content(4 * MIB):
+            f.write(piece)
+    t = task(api)
+    with open(xva_path, "rb") as f:
+        r = requests.put(f"{xapid.url}import", params={"session_id": session, "task_id": t}, data=f, timeout=120)
+    assert r.status_code == 200 and finished(api, t)["status"] == "success"
+    assert rss_kib(pid) - before < 64 * 1024
+    new = next(v for v in api.VM.get_all() if v in api.task.get_result(t))
+    copy = next(api.VBD.get_VDI(b) for b in api.VM.get_VBDs(new) if api.VBD.get_userdevice(b) == "2")
+    assert same_bytes(source, vdi_file(xapid.state_dir, api, copy))
+    assert vdi_file(xapid.state_dir, api, copy).stat().st_blocks * 512 < 8 * MIB
 
 
 def test_xva_import_restore_keeps_uuid_and_a_truncated_archive_leaves_nothing(xapid: Xapid, tmp_path: Path) -> None:
