@@ -285,3 +285,27 @@ def test_statistics_stop_when_the_host_crashes(xapid: Xapid, api: Any) -> None:
     assert crashed_at - 6 < last <= crashed_at < time.time() - 5  # ...stops at the crash
     wait_for(lambda: fault(xapid.state_dir, "boot", "host2").returncode == 0, what="boot")
     assert json.dumps(legend())  # the pool address answers again with what runs
+
+
+def test_the_xml_walks_as_the_public_parse_rrd_example_walks_it(pool: dict[str, Any]) -> None:
+    """xen-api's scripts/examples/python/parse_rrd.py indexes DOM children directly: no whitespace nodes,
+    ``<xport>`` first, then ``<meta>`` and ``<data>``, ``<entry>`` per legend column, ``<t>`` then ``<v>``s."""
+    from xml.dom import minidom
+
+    doc = minidom.parseString(get(pool, "/rrd_updates", start=-20, host="true", cf="AVERAGE", interval=5).content)
+    xport_node = doc.firstChild
+    assert xport_node is not None and xport_node.nodeName == "xport"
+    meta, data = xport_node.childNodes
+    assert (meta.nodeName, data.nodeName) == ("meta", "data")
+    columns = int(meta.getElementsByTagName("columns")[0].firstChild.toxml())
+    legend = meta.getElementsByTagName("legend")[0]
+    assert [n.nodeName for n in legend.childNodes] == ["entry"] * columns
+    for entry in legend.childNodes:
+        cf, kind, _uuid, _name = entry.firstChild.toxml().split(":")
+        assert cf == "AVERAGE" and kind in ("host", "vm")
+    rows = int(meta.getElementsByTagName("rows")[0].firstChild.toxml())
+    assert len(data.childNodes) == rows
+    for row in data.childNodes:
+        assert [n.nodeName for n in row.childNodes] == ["t"] + ["v"] * columns
+        int(row.childNodes[0].firstChild.toxml())
+        [float(v.firstChild.toxml()) for v in row.childNodes[1:]]
