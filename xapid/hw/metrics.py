@@ -96,6 +96,21 @@ class Wave:
         return 0.0 if x < 0.0 else 1.0 if x > 1.0 else x
 
 
+def memo(fn: Callable[[int], float]) -> Callable[[int], float]:
+    """``fn`` remembering its values (a host's columns read each other's values at the same times)."""
+    seen: dict[int, float] = {}
+
+    def cached(t: int) -> float:
+        v = seen.get(t)
+        if v is None:
+            if len(seen) > 50_000:
+                seen.clear()
+            v = seen[t] = fn(t)
+        return v
+
+    return cached
+
+
 # -- data sources -------------------------------------------------------------------------------------
 
 
@@ -252,15 +267,9 @@ class Generator:
         vms = [(vm.start, vm.vcpus, self.vm_cpu(vm), float(vm.memory),
                 [self._traffic(vm.uuid, f"vif_{d}_{w}", 2e5, 2e6, 2) for d in vm.vifs for w in ("rx", "tx")])
                for vm in host.vms]
-        memo: dict[int, float] = {}
-
+        @memo
         def load(t: int) -> float:
-            v = memo.get(t)
-            if v is None:
-                if len(memo) > 50_000:
-                    memo.clear()
-                v = memo[t] = sum(n * cpu(t) for start, n, cpu, _m, _x in vms if t >= start)
-            return v
+            return sum(n * cpu(t) for start, n, cpu, _m, _x in vms if t >= start)
 
         n = max(1, host.cpus)
         cpus = []
@@ -268,6 +277,7 @@ class Generator:
         for i in range(n):
             level = self.wave(host.uuid, f"cpu{i}").level
 
+            @memo  # cpu_avg reads every cpu at the times their own columns were read
             def cpu(t: int, level: Callable[[int], float] = level) -> float:
                 x = level(t)
                 return min(1.0, 0.02 + 0.03 * x + load(t) / n * (0.8 + 0.4 * x))
@@ -298,6 +308,7 @@ class Generator:
                 guests = vif_sums[k] if idx == 0 else []
                 guest_starts = [s for s, *_r, x in vms for _ in x[k::2]] if idx == 0 else []
 
+                @memo  # pif_aggr_* reads it again
                 def rate(t: int, base: Callable[[int], float] = base, guests: Sequence[Callable[[int], float]] = guests,
                          guest_starts: Sequence[float] = guest_starts) -> float:
                     return base(t) + sum(g(t) for g, s in zip(guests, guest_starts, strict=True) if t >= s)
