@@ -374,6 +374,8 @@ class RRD:
         first = self.starts.get(src.ds.name, 0)
         if rra.pdp == 1:
             return src.value(end) if end >= first and self.known(end) else NAN
+        if end < first:
+            return NAN  # the whole row is before the source was recorded (not cached: most rows of a new VM)
         key = (src.ds.name, rra.pdp, end)
         hit = self.cache.get(key)
         if hit is None:
