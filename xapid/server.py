@@ -230,7 +230,7 @@ class BodyReader:
         self.done = length == 0
 
     def read(self, n: int = 1 << 20) -> bytes:
-        """Up to ``n`` bytes of the body (b"" at its end)."""
+        """Up to ``n`` bytes of the body as they arrive (b"" at its end)."""
         if self.done:
             return b""
         try:
@@ -238,14 +238,13 @@ class BodyReader:
                 if not self._next_chunk():
                     return b""
             assert self._left is not None
-            want = min(n, self._left)
-            data = self._conn.read(want, time.monotonic() + self._idle)
+            data = self._conn.read_some(min(n, self._left), time.monotonic() + self._idle)
         except (Closed, Deadline) as e:
             raise ClientGone("the client stopped sending the body") from e
         except Refused as e:
             raise ClientGone(str(e)) from e
-        self._left -= want
-        self.received += want
+        self._left -= len(data)
+        self.received += len(data)
         if self.received > self._cap:
             raise ClientGone(f"request body over {self._cap} bytes")
         if not self._left:
@@ -401,6 +400,14 @@ class Conn:
             have += got
         view.release()
         return out  # type: ignore[return-value]  # a bytearray: every reader of bodies takes one
+
+    def read_some(self, n: int, deadline: float) -> bytes:
+        """Between 1 and ``n`` bytes: what is buffered, else what one receive brings."""
+        if not self.buf:
+            self._fill(deadline)
+        data = bytes(memoryview(self.buf)[:n])
+        del self.buf[:n]
+        return data
 
     def send(self, data: bytes, seconds: float) -> bool:
         """Send everything within ``seconds`` in total; False if the client did not take it."""

@@ -15,11 +15,13 @@ splitmix64 over a BLAKE2b digest of ``(seed, uuid, name)``.  Metrics are scaled 
   ``memory_target`` = ``memory_target`` (bytes); ``memory_internal_free`` = memory x (0.25 + 0.5 level)
   (KiB); ``vif_<device>_rx/tx`` = peak x level^2 (B/s, peak 0.2..2.2 MB/s); ``vbd_<device>_read/write``
   = peak x level^3 (B/s, peak 2..22 MB/s), ``vbd_<device>_iops_read/write`` = that / 4 KiB x 1..4.
-* Host (load follows what runs): ``load(t)`` = the sum of ``cpu_usage x VCPUs`` over the VMs resident
-  on it that had started by ``t``; ``cpu<i>`` = min(1, 0.02 + 0.03 level_i + load / pCPUs x
-  (0.8 + 0.4 level_i)), ``cpu_avg`` their mean, ``loadavg`` = load + 0.1 + 0.2 level,
-  ``memory_free_kib`` = total - the memory of those VMs, ``pif_<device>_rx/tx`` = the VMs' VIF traffic
-  plus 1..5 KB/s, ``running_vcpus``, ``running_domains`` the count.
+* Host (load follows what runs): ``load(t)`` = the sum of ``cpu_usage x VCPUs`` over the VMs that
+  ran on it at ``t`` (from their start or arrival; stops and migrations are remembered while xapid
+  runs, the last 64 per host, so a restart of xapid forgets the VMs that had stopped before it);
+  ``cpu<i>`` = min(1, 0.02 + 0.03 level_i + load / pCPUs x (0.8 + 0.4 level_i)), ``cpu_avg`` their
+  mean, ``loadavg`` = load + 0.1 + 0.2 level, ``memory_free_kib`` = total - the memory of those VMs,
+  ``pif_<device>_rx/tx`` = the VMs' VIF traffic plus 1..5 KB/s, ``running_vcpus``,
+  ``running_domains`` the count.
 
 **Archives** (``rrdd_shared.ml`` timescales, ``rrdd_monitor.ml create_rras``): step 5 s; 120 rows of
 1 step (AVERAGE, xff 0.5), 120 of 12 (1 min), 168 of 720 (1 h), 366 of 17280 (1 day).  Host RRDs
@@ -44,6 +46,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from xapid.daemon import Daemon
+    from xapid.store import Change, Record
 
 STEP = 5
 # (rows, steps per row): rrdd_shared.ml ``timescales``.
@@ -55,6 +58,8 @@ INF = float("inf")
 _MASK = (1 << 64) - 1
 _TWO_PI = 2 * math.pi
 MIN_MAX_KEY = "create_min_max_in_new_VM_RRDs"  # Xapi_globs, in pool.other_config
+RUNNING = ("Running", "Paused")
+PAST_RUNS = 64  # stopped VMs remembered per host (in memory)
 
 
 def _mix(x: int) -> int:
@@ -94,6 +99,21 @@ class Wave:
         x = (0.5 + 0.22 * math.sin(_TWO_PI * t / 86400 + self.p0) + 0.12 * math.sin(self.w1 * t + self.p1)
              + 0.06 * math.sin(self.w2 * t + self.p2) + 0.10 * (unit(self.key, t // STEP) - 0.5))
         return 0.0 if x < 0.0 else 1.0 if x > 1.0 else x
+
+
+def memo(fn: Callable[[int], float]) -> Callable[[int], float]:
+    """``fn`` remembering its values (a host's columns read each other's values at the same times)."""
+    seen: dict[int, float] = {}
+
+    def cached(t: int) -> float:
+        v = seen.get(t)
+        if v is None:
+            if len(seen) > 50_000:
+                seen.clear()
+            v = seen[t] = fn(t)
+        return v
+
+    return cached
 
 
 # -- data sources -------------------------------------------------------------------------------------
@@ -147,11 +167,15 @@ class VmProfile:
     target: int
     vifs: tuple[str, ...]
     vbds: tuple[str, ...]
-    start: float  # epoch seconds
+    start: float  # epoch seconds: its start (in a host's profile: when it came to that host)
     host: str  # resident host's uuid
+    stop: float = INF  # in a host's profile: when it stopped running there (INF: it still runs)
 
     def fingerprint(self) -> tuple[object, ...]:
-        return (self.vcpus, self.memory, self.target, self.vifs, self.vbds, self.start)
+        return (self.vcpus, self.memory, self.target, self.vifs, self.vbds, self.start, self.stop)
+
+    def runs(self, t: float) -> bool:
+        return self.start <= t < self.stop
 
 
 @dataclass
@@ -249,18 +273,12 @@ class Generator:
 
     def host_sources(self, host: HostProfile) -> list[Source]:
         """Every data source of ``host``; its load is what its resident VMs do."""
-        vms = [(vm.start, vm.vcpus, self.vm_cpu(vm), float(vm.memory),
+        vms = [(vm.runs, vm.vcpus, self.vm_cpu(vm), float(vm.memory),
                 [self._traffic(vm.uuid, f"vif_{d}_{w}", 2e5, 2e6, 2) for d in vm.vifs for w in ("rx", "tx")])
                for vm in host.vms]
-        memo: dict[int, float] = {}
-
+        @memo
         def load(t: int) -> float:
-            v = memo.get(t)
-            if v is None:
-                if len(memo) > 50_000:
-                    memo.clear()
-                v = memo[t] = sum(n * cpu(t) for start, n, cpu, _m, _x in vms if t >= start)
-            return v
+            return sum(n * cpu(t) for runs, n, cpu, _m, _x in vms if runs(t))
 
         n = max(1, host.cpus)
         cpus = []
@@ -268,6 +286,7 @@ class Generator:
         for i in range(n):
             level = self.wave(host.uuid, f"cpu{i}").level
 
+            @memo  # cpu_avg reads every cpu at the times their own columns were read
             def cpu(t: int, level: Callable[[int], float] = level) -> float:
                 x = level(t)
                 return min(1.0, 0.02 + 0.03 * x + load(t) / n * (0.8 + 0.4 * x))
@@ -284,23 +303,24 @@ class Generator:
         out.append(Source(DataSource("memory_total_kib", "Total amount of memory in the host", "KiB", min=0.0),
                           lambda t: total))
         out.append(Source(DataSource("memory_free_kib", "Total amount of free memory", "KiB", min=0.0),
-                          lambda t: max(0.0, total - sum(m for start, _n, _c, m, _x in vms if t >= start) / 1024)))
+                          lambda t: max(0.0, total - sum(m for runs, _n, _c, m, _x in vms if runs(t)) / 1024)))
         out.append(Source(DataSource("memory_reclaimed", "Host memory reclaimed by squeezed", "B"), lambda t: 0.0))
         out.append(Source(DataSource("memory_reclaimed_max", "Host memory that could be reclaimed by squeezed", "B"),
                           lambda t: 0.0))
         vif_sums = [sum((x[k::2] for *_r, x in vms), []) for k in (0, 1)]
-        starts = [start for start, *_r in vms]
+        spans = [runs for runs, *_r in vms]
         pif_rates: dict[str, list[Callable[[int], float]]] = {"rx": [], "tx": []}
         for idx, dev in enumerate(host.pifs):
             for k, (way, text) in enumerate((("rx", "received"), ("tx", "sent"))):
                 base = self._traffic(host.uuid, f"pif_{dev}_{way}", 1e3, 4e3, 1)
                 # every VM's traffic is carried by the host's first PIF
                 guests = vif_sums[k] if idx == 0 else []
-                guest_starts = [s for s, *_r, x in vms for _ in x[k::2]] if idx == 0 else []
+                guest_spans = [runs for runs, *_r, x in vms for _ in x[k::2]] if idx == 0 else []
 
+                @memo  # pif_aggr_* reads it again
                 def rate(t: int, base: Callable[[int], float] = base, guests: Sequence[Callable[[int], float]] = guests,
-                         guest_starts: Sequence[float] = guest_starts) -> float:
-                    return base(t) + sum(g(t) for g, s in zip(guests, guest_starts, strict=True) if t >= s)
+                         guest_spans: Sequence[Callable[[float], bool]] = guest_spans) -> float:
+                    return base(t) + sum(g(t) for g, runs in zip(guests, guest_spans, strict=True) if runs(t))
 
                 pif_rates[way].append(rate)
                 out.append(Source(DataSource(f"pif_{dev}_{way}", f"Bytes per second {text} on physical interface {dev}",
@@ -310,11 +330,11 @@ class Generator:
             out.append(Source(DataSource(f"pif_aggr_{way}", f"Bytes per second {text} on all physical interfaces",
                                          "B/s", "DERIVE", 0.0),
                               lambda t, rates=rates: sum(r(t) for r in rates)))
-        vcpus = [(vm.start, vm.vcpus) for vm in host.vms]
+        vcpus = [(vm.runs, vm.vcpus) for vm in host.vms]
         out.append(Source(DataSource("running_vcpus", "The total number of running vCPUs per host", "count", min=0.0),
-                          lambda t: float(sum(c for s, c in vcpus if t >= s))))
+                          lambda t: float(sum(c for runs, c in vcpus if runs(t)))))
         out.append(Source(DataSource("running_domains", "The total number of running domains per host", "count",
-                                     min=0.0), lambda t: float(sum(1 for s in starts if t >= s))))
+                                     min=0.0), lambda t: float(sum(1 for runs in spans if runs(t)))))
         xm = self.wave(host.uuid, "xapi_memory").level
         out.append(Source(DataSource("xapi_memory_usage_kib", "Total memory allocated used by xapi daemon", "KiB",
                                      min=0.0), lambda t: math.floor(180_000 + 40_000 * xm(t))))
@@ -354,6 +374,8 @@ class RRD:
         first = self.starts.get(src.ds.name, 0)
         if rra.pdp == 1:
             return src.value(end) if end >= first and self.known(end) else NAN
+        if end < first:
+            return NAN  # the whole row is before the source was recorded (not cached: most rows of a new VM)
         key = (src.ds.name, rra.pdp, end)
         hit = self.cache.get(key)
         if hit is None:
@@ -401,11 +423,16 @@ class Metrics:
         self._owners: dict[str, _Owner] = {}
         # Per host uuid: [(from, to | None)] spans during which it was not powered on.
         self._down: dict[str, list[tuple[float, float | None]]] = {}
+        # Per host uuid: VMs that ran there and stopped (or left); per VM ref: (host uuid, since) of its
+        # current stay when it came by a start or a migration while xapid ran.
+        self._past: dict[str, list[VmProfile]] = {}
+        self._arrivals: dict[str, tuple[str, float]] = {}
         now = time.time()
         for _ref, rec in daemon.store.items("host"):
             if not daemon.hw.is_running(rec["uuid"]):
                 self._down[rec["uuid"]] = [(now, None)]
         daemon.hw.on_power_change(self._power)
+        daemon.store.listeners.append(self._on_commit)
 
     def _power(self, uuid: str, old: str, new: str) -> None:
         now = time.time()
@@ -434,14 +461,18 @@ class Metrics:
 
     def vm_profile(self, vm_ref: str) -> VmProfile | None:
         """The profile of a running or paused VM with a resident host, else None."""
+        rec = self.daemon.store.get("VM", vm_ref)
+        if rec is None:
+            return None
+        return self._profile_of(vm_ref, rec, self.daemon.store.get("VM_metrics", rec["metrics"]))
+
+    def _profile_of(self, vm_ref: str, rec: Record, metrics: Record | None) -> VmProfile | None:
         store = self.daemon.store
-        rec = store.get("VM", vm_ref)
-        if rec is None or rec["power_state"] not in ("Running", "Paused"):
+        if rec["power_state"] not in RUNNING:
             return None
         host = store.get("host", rec["resident_on"])
         if host is None:
             return None
-        metrics = store.get("VM_metrics", rec["metrics"])
         vcpus = int(metrics["VCPUs_number"]) if metrics and metrics["VCPUs_number"] else int(rec["VCPUs_at_startup"])
         memory = int(metrics["memory_actual"]) if metrics and metrics["memory_actual"] else int(
             rec["memory_dynamic_max"])
@@ -456,7 +487,38 @@ class Metrics:
     def resident_vms(self, host_ref: str) -> list[str]:
         store = self.daemon.store
         return [ref for ref in store.referrers("VM", "resident_on", host_ref)
-                if (store.get("VM", ref) or {}).get("power_state") in ("Running", "Paused")]
+                if (store.get("VM", ref) or {}).get("power_state") in RUNNING]
+
+    def _on_commit(self, _gen: int, changes: list[Change]) -> None:
+        """Remember when VMs stop running on a host, or come to one, so a host's history keeps what ran.
+
+        Called under the store lock after every commit: only VM changes are looked at.
+        """
+        now = time.time()
+        old_metrics = {ref: old for cls, ref, _op, old, _new in changes if cls == "VM_metrics" and old is not None}
+        for cls, ref, _op, old, new in changes:
+            if cls != "VM" or old is None or old.get("is_a_template"):
+                continue
+            was = old.get("power_state") in RUNNING
+            still = new is not None and new.get("power_state") in RUNNING
+            moved = still and new is not None and new.get("resident_on") != old.get("resident_on")
+            if was and (not still or moved):
+                metrics = old_metrics.get(old["metrics"]) or self.daemon.store.get("VM_metrics", old["metrics"])
+                profile = self._profile_of(ref, old, metrics)
+                if profile is not None:
+                    with self._lock:
+                        came = self._arrivals.pop(ref, None)
+                        if came is not None and came[0] == profile.host:
+                            profile.start = max(profile.start, came[1])
+                        profile.stop = now
+                        runs = self._past.setdefault(profile.host, [])
+                        runs.append(profile)
+                        del runs[:-PAST_RUNS]
+            if still and new is not None and (not was or moved):
+                host = self.daemon.store.get("host", new["resident_on"])
+                if host is not None:
+                    with self._lock:
+                        self._arrivals[ref] = (host["uuid"], now)
 
     def host_profile(self, host_ref: str) -> HostProfile | None:
         store = self.daemon.store
@@ -470,9 +532,19 @@ class Metrics:
             cpus = 1
         pif_recs = (store.get("PIF", r) for r in store.referrers("PIF", "host", host_ref))
         pifs = sorted(str(p["device"]) for p in pif_recs if p is not None)
-        vms = tuple(p for p in (self.vm_profile(r) for r in self.resident_vms(host_ref)) if p is not None)
+        vms: list[VmProfile] = []
+        for ref in self.resident_vms(host_ref):
+            p = self.vm_profile(ref)
+            if p is not None:
+                with self._lock:
+                    came = self._arrivals.get(ref)
+                if came is not None and came[0] == p.host:
+                    p.start = max(p.start, came[1])  # it migrated here: from then on
+                vms.append(p)
+        with self._lock:
+            vms.extend(self._past.get(rec["uuid"], ()))
         total = int(metrics["memory_total"]) if metrics else 0
-        return HostProfile(rec["uuid"], max(1, cpus), total, tuple(pifs), vms)
+        return HostProfile(rec["uuid"], max(1, cpus), total, tuple(pifs), tuple(vms))
 
     # -- RRDs ---------------------------------------------------------------------------------------------
 

@@ -285,3 +285,83 @@ def test_statistics_stop_when_the_host_crashes(xapid: Xapid, api: Any) -> None:
     assert crashed_at - 6 < last <= crashed_at < time.time() - 5  # ...stops at the crash
     wait_for(lambda: fault(xapid.state_dir, "boot", "host2").returncode == 0, what="boot")
     assert json.dumps(legend())  # the pool address answers again with what runs
+
+
+def test_the_xml_walks_as_the_public_parse_rrd_example_walks_it(pool: dict[str, Any]) -> None:
+    """xen-api's scripts/examples/python/parse_rrd.py indexes DOM children directly: no whitespace nodes,
+    ``<xport>`` first, then ``<meta>`` and ``<data>``, ``<entry>`` per legend column, ``<t>`` then ``<v>``s."""
+    from xml.dom import minidom
+
+    doc = minidom.parseString(get(pool, "/rrd_updates", start=-20, host="true", cf="AVERAGE", interval=5).content)
+    xport_node = doc.firstChild
+    assert xport_node is not None and xport_node.nodeName == "xport"
+    meta, data = xport_node.childNodes
+    assert (meta.nodeName, data.nodeName) == ("meta", "data")
+    columns = int(meta.getElementsByTagName("columns")[0].firstChild.toxml())
+    legend = meta.getElementsByTagName("legend")[0]
+    assert [n.nodeName for n in legend.childNodes] == ["entry"] * columns
+    for entry in legend.childNodes:
+        cf, kind, _uuid, _name = entry.firstChild.toxml().split(":")
+        assert cf == "AVERAGE" and kind in ("host", "vm")
+    rows = int(meta.getElementsByTagName("rows")[0].firstChild.toxml())
+    assert len(data.childNodes) == rows
+    for row in data.childNodes:
+        assert [n.nodeName for n in row.childNodes] == ["t"] + ["v"] * columns
+        int(row.childNodes[0].firstChild.toxml())
+        [float(v.firstChild.toxml()) for v in row.childNodes[1:]]
+
+
+def test_values_move_and_are_reproducible(pool: dict[str, Any]) -> None:
+    """Rows of the same instant read twice are equal (a pure function of seed, object, time); they differ
+    from row to row."""
+    first = xport(get(pool, "/rrd_updates", start=-300, host="true", cf="AVERAGE").text)
+    time.sleep(1)
+    second = xport(get(pool, "/rrd_updates", start=-300, host="true", cf="AVERAGE").text)
+    assert first[1] == second[1]
+    earlier = dict(first[2])
+    shared = [(values, earlier[t]) for t, values in second[2] if t in earlier]
+    assert len(shared) > 50
+    assert all(a == b or (math.isnan(a) and math.isnan(b)) for values, old in shared for a, b in zip(values, old,
+                                                                                                      strict=True))
+    cpu = first[1].index(next(e for e in first[1] if e.endswith(":cpu_avg")))
+    assert len({values[cpu] for _t, values in first[2]}) > 10
+
+
+def test_a_hosts_load_follows_what_runs_on_it(pool: dict[str, Any]) -> None:
+    api = pool["api"]
+    host3 = api.host.get_by_name_label("host3")[0]
+    before = api.host.query_data_source(host3, "running_vcpus")
+    free_before = api.host.query_data_source(host3, "memory_free_kib")
+    vm = install(api, "Debian Bookworm 12", "busy")
+    api.VM.set_VCPUs_max(vm, "4")
+    api.VM.set_VCPUs_at_startup(vm, "4")
+    api.VM.start_on(vm, host3, False, False)
+    try:
+        wait_for(lambda: api.host.query_data_source(host3, "running_vcpus") == before + 4, what="the VM's vCPUs")
+        memory = int(api.VM_metrics.get_memory_actual(api.VM.get_metrics(vm)))
+        assert api.host.query_data_source(host3, "memory_free_kib") == free_before - memory / 1024
+    finally:
+        api.VM.hard_shutdown(vm)
+    wait_for(lambda: api.host.query_data_source(host3, "running_vcpus") == before, what="the next step")
+
+
+def test_a_hosts_history_keeps_a_vm_that_stopped(xapid: Xapid, api: Any) -> None:
+    master = api.pool.get_master(api.pool.get_all()[0])
+    base = api.host.query_data_source(master, "running_vcpus")
+    vm = install(api, "Debian Bookworm 12", "brief")
+    api.VM.start_on(vm, master, False, False)
+    vcpus = int(api.VM_metrics.get_VCPUs_number(api.VM.get_metrics(vm)))
+    wait_for(lambda: api.host.query_data_source(master, "running_vcpus") == base + vcpus, what="the VM's vCPUs")
+    api.VM.hard_shutdown(vm)
+    assert api.host.query_data_source(master, "running_vcpus") in (base, base + vcpus)  # this 5 s step may have it
+    wait_for(lambda: api.host.query_data_source(master, "running_vcpus") == base, what="the next step")
+    session = xapid.session()
+    try:
+        r = requests.get(xapid.url.rstrip("/") + "/rrd_updates", timeout=TIMEOUT, headers={"Accept": "text/xml"},
+                         params={"session_id": session._session, "start": -60, "host": "true"})
+        _f, legend, rows = xport(r.text)
+        col = legend.index(f"AVERAGE:host:{api.host.get_uuid(master)}:running_vcpus")
+        seen = [values[col] for _t, values in rows]
+        assert seen[0] == base and base + vcpus in seen  # the past still has the VM
+    finally:
+        session.xenapi.session.logout()

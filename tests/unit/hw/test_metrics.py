@@ -134,3 +134,11 @@ def test_values_are_unknown_before_the_start_and_while_the_host_was_down() -> No
     times = [t for t, _v in (rrd.row(fine, i) for i in range(120))]
     assert times == [T0 + 600 - STEP * i for i in range(120)]
     assert rrd.latest("cpu0") == rrd.cdp(cpu, fine, T0 + 600)
+
+
+def test_a_stopped_vm_counts_only_while_it_ran() -> None:
+    gen = Generator(3)
+    gone = vm("gone", start=T0, vcpus=2)
+    gone.stop = T0 + 600
+    h = by_name(gen.host_sources(host((gone,))))
+    assert [h["running_vcpus"].value(t) for t in (T0 - 5, T0, T0 + 595, T0 + 600)] == [0, 2, 2, 0]
