@@ -1079,7 +1079,12 @@ class ApiServer:
         start = time.monotonic()
         session = params[0] if params and isinstance(params[0], str) and params[0].startswith("OpaqueRef:") else None
         try:
-            reply = self.daemon.dispatcher.dispatch(method, params, local=local)
+            try:
+                reply = self.daemon.dispatcher.dispatch(method, params, local=local)
+            finally:
+                # Whatever the answer shows (even a failure) may have been read from changes other
+                # calls committed but have not yet written: it leaves once they are on disk.
+                self.daemon.store.wait_durable()
             result: tuple[Reply | None, list[str] | None] = (reply, None)
             code = "Success"
         except ApiError as e:

@@ -1,11 +1,22 @@
 """The persisted object store: one row per object in SQLite, every record in memory.
 
 Reads are served from memory.  Writes go through :meth:`Store.transaction`:
-a transaction works on copies, and at commit writes only the rows it changed
-to SQLite (WAL, ``synchronous=FULL``) in one SQLite transaction, then swaps the
-new records into memory.  A call that fails leaves nothing behind; a commit
-that returned is durable, so a reply sent after it survives SIGKILL.  The cost
-of a write depends on the rows it touches, never on the size of the store.
+a transaction works on copies; at commit, under the store lock, it swaps the
+changed records into memory and queues their rows; then, outside the lock, it
+waits until its rows are durable (WAL, ``synchronous=FULL``).  The rows of
+every transaction that committed meanwhile are written by one thread in one
+SQLite transaction with one fsync (group commit), so concurrent writers share
+the fsync and no reader or writer waits on the lock for someone else's disk.
+A call that fails leaves nothing behind; a transaction that returned is
+durable, and so is everything any reply shows: the server's reply boundary
+waits (:meth:`Store.wait_durable`) until the state a reply may have read is on
+disk, so a reply sent survives SIGKILL.  The cost of a write depends on the
+rows it touches, never on the size of the store.
+
+If a write to disk fails the store is *broken*: the memory holds changes the
+disk does not, so every later wait and transaction fails with
+``INTERNAL_ERROR`` and the daemon must be restarted (it then loads the last
+durable state).
 
 Classes whose schema says ``persist: false`` (session, task, message) live
 only in memory, as in xapi.
@@ -29,6 +40,7 @@ from xapid.schema import NULL_REF, Schema
 
 Record = dict[str, Any]
 Change = tuple[str, str, str, Record | None, Record | None]
+Row = tuple[str, str, str | None, bool]  # ref, cls, JSON data (None: delete), existed before
 
 FORMAT_VERSION = 1
 
@@ -72,6 +84,14 @@ class Store:
             name: {f.name: f.initial() for f in c.stored_fields()} for name, c in schema.classes.items()
         }
         self.generation = 0
+        # Group commit: rows queued by commits (under self.lock), written by whoever holds _flush_lock.
+        # Lock order: self.lock may be held when taking _flush_lock, so the flusher never takes self.lock.
+        self._pending: list[Row] = []
+        self._pending_top = 0  # the generation the queued rows bring the disk to
+        self._pending_lock = threading.Lock()
+        self._flush_lock = threading.Lock()
+        self._durable = 0  # every generation up to this one is on disk (or needed nothing written)
+        self._broken: str | None = None
         # Called under the store lock after every commit with (generation, changes), each change
         # being (cls, ref, op, old, new) with op "add", "mod" or "del"; the event system subscribes here.
         self.listeners: list[Callable[[int, list[Change]], None]] = []
@@ -142,10 +162,16 @@ class Store:
         return json.dumps(slim, separators=(",", ":"))
 
     def close(self) -> None:
+        """Write what is queued, then close the database."""
         with self.lock:
-            if self._db is not None:
-                self._db.close()
-                self._db = None
+            try:
+                self.wait_durable()
+            except ApiError:
+                pass  # broken: what is on disk is what the next start loads
+            with self._flush_lock:
+                if self._db is not None:
+                    self._db.close()
+                    self._db = None
 
     # -- memory ----------------------------------------------------------------------------------
 
@@ -211,6 +237,7 @@ class Store:
         with self.lock:
             before = self.generation
             self.generation += 1
+            self._queue(self.generation, [])
             for listener in self.listeners:
                 rec = self._tables[cls].get(ref)
                 listener(self.generation, [(cls, ref, "mod", rec, rec)])
@@ -237,28 +264,63 @@ class Store:
 
     @contextmanager
     def transaction(self) -> Iterator[Transaction]:
-        """Run a block of changes atomically; nothing is visible or durable unless it completes."""
+        """Run a block of changes atomically; nothing is visible unless it completes, and it has
+        returned only once its changes are durable."""
         with self.lock:
+            if self._broken is not None:
+                raise internal(self._broken)
             tx = Transaction(self)
             yield tx
-            tx._commit()
+            gen = tx._commit()
+        # A transaction that changed nothing still read state others may not have written yet.
+        self.wait_durable(gen or None)
 
-    def _write(self, changes: dict[tuple[str, str], Record | None]) -> None:
-        rows = [(cls, ref, rec) for (cls, ref), rec in changes.items() if self.schema.classes[cls].persist]
-        if self._db is None or not rows:
+    def wait_durable(self, gen: int | None = None) -> None:
+        """Return once every change up to generation ``gen`` (default: the current one) is on disk.
+
+        The first waiter writes every queued row in one SQLite transaction; those who queued
+        meanwhile find their rows written when their turn comes.  Raises ``INTERNAL_ERROR`` if the
+        store is broken (a write failed).
+        """
+        target = self.generation if gen is None else gen
+        if self._durable >= target and self._broken is None:
             return
+        with self._flush_lock:
+            if self._broken is not None:
+                raise internal(self._broken)
+            if self._durable >= target:
+                return
+            with self._pending_lock:
+                rows, self._pending = self._pending, []
+                top = self._pending_top
+            if rows:
+                try:
+                    self._write(rows)
+                except ApiError as e:
+                    self._broken = f"the store is broken, restart the daemon: {e.description[-1]}"
+                    raise
+            self._durable = max(self._durable, top)
+
+    def _queue(self, gen: int, rows: list[Row]) -> None:
+        """Queue the rows of generation ``gen`` (called under self.lock, generations in order)."""
+        with self._pending_lock:
+            self._pending.extend(rows)
+            self._pending_top = gen
+
+    def _write(self, rows: list[Row]) -> None:
         db = self._db
+        if db is None or not rows:
+            return
         try:
             db.execute("BEGIN IMMEDIATE")
-            for cls, ref, rec in rows:
-                if rec is None:
+            for ref, cls, data, existed in rows:
+                if data is None:
                     db.execute("DELETE FROM objects WHERE ref = ?", (ref,))
-                elif self.get(cls, ref) is not None:  # still the committed state: the row exists
+                elif existed:
                     # An UPDATE in place writes a fraction of the WAL frames INSERT OR REPLACE does.
-                    db.execute("UPDATE objects SET data = ? WHERE ref = ?", (self._row(cls, rec), ref))
+                    db.execute("UPDATE objects SET data = ? WHERE ref = ?", (data, ref))
                 else:
-                    db.execute("INSERT INTO objects (ref, cls, data) VALUES (?, ?, ?)",
-                               (ref, cls, self._row(cls, rec)))
+                    db.execute("INSERT INTO objects (ref, cls, data) VALUES (?, ?, ?)", (ref, cls, data))
             db.execute("COMMIT")
         except sqlite3.Error as e:
             try:
@@ -375,26 +437,34 @@ class Transaction:
         if (cls, ref) not in self._order:
             self._order.append((cls, ref))
 
-    def _commit(self) -> None:
-        for hook in self.store.pre_commit:
+    def _commit(self) -> int:
+        """Install the changes and queue their rows (under the store lock); return the new
+        generation, or 0 when nothing changed."""
+        store = self.store
+        for hook in store.pre_commit:
             hook(self)
         changed: dict[tuple[str, str], Record | None] = {}
         for key in self._order:
             new = self._changes[key]
-            old = self.store.get(*key)
+            old = store.get(*key)
             if new is None and old is None:
                 continue
             if new is not None and old is not None and new == old:
                 continue
             changed[key] = new
         if not changed:
-            return
-        self.store._write(changed)
+            return 0
+        rows: list[Row] = []
         ops: list[Change] = []
         for (cls, ref), new in changed.items():
-            old = self.store.get(cls, ref)
+            old = store.get(cls, ref)
+            if self.schema.classes[cls].persist and store._db is not None:
+                rows.append((ref, cls, None if new is None else store._row(cls, new), old is not None))
             ops.append((cls, ref, "del" if new is None else "add" if old is None else "mod", old, new))
-            self.store._install(cls, ref, old, new)
-        self.store.generation += 1
-        for listener in self.store.listeners:
-            listener(self.store.generation, ops)
+        for cls, ref, _op, old, new in ops:
+            store._install(cls, ref, old, new)
+        store.generation += 1
+        store._queue(store.generation, rows)
+        for listener in store.listeners:
+            listener(store.generation, ops)
+        return store.generation

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sqlite3
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -253,3 +255,109 @@ def test_damaged_rows_are_store_corrupt(schema: Schema, db: Path, sql: str, matc
     con.close()
     with pytest.raises(StoreCorrupt, match=match):
         Store(schema, db)
+
+
+# -- group commit ------------------------------------------------------------------------------------
+
+
+class CountingStore(Store):
+    """A store that counts its SQLite transactions and makes each one as slow as a real fsync."""
+
+    def __init__(self, schema: Schema, path: Path, delay: float) -> None:
+        self.batches: list[int] = []
+        self.delay = delay
+        super().__init__(schema, path)
+
+    def _write(self, rows: list) -> None:  # type: ignore[type-arg]
+        time.sleep(self.delay)
+        super()._write(rows)
+        self.batches.append(len(rows))
+
+
+def test_concurrent_writers_share_one_disk_write(schema: Schema, db: Path) -> None:
+    store = CountingStore(schema, db, delay=0.05)
+    refs = [make_sr(store, f"sr{i}") for i in range(16)]
+    store.batches.clear()
+    start = threading.Barrier(16)
+
+    def rename(i: int) -> None:
+        start.wait()
+        with store.transaction() as tx:
+            tx.update("SR", refs[i], name_label=f"renamed{i}")
+
+    threads = [threading.Thread(target=rename, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sum(store.batches) == 16
+    assert len(store.batches) < 8, store.batches  # one fsync each would be 16
+    other = Store(schema, db)  # no clean close of `store`: what a SIGKILL would leave
+    names = sorted(other.get("SR", r)["name_label"] for r in refs)  # type: ignore[index]
+    assert names == sorted(f"renamed{i}" for i in range(16))
+    other.close()
+    store.close()
+
+
+def test_a_transaction_returns_only_once_durable(schema: Schema, db: Path) -> None:
+    store = CountingStore(schema, db, delay=0.02)
+    ref = make_sr(store, "before")
+    seen: list[str] = []
+
+    def write() -> None:
+        with store.transaction() as tx:
+            tx.update("SR", ref, name_label="after")
+        other = Store(schema, db)
+        seen.append(other.get("SR", ref)["name_label"])  # type: ignore[index]
+        other.close()
+
+    threads = [threading.Thread(target=write) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert seen == ["after"] * 4
+    store.close()
+
+
+def test_readers_wait_for_what_they_may_have_seen(schema: Schema, db: Path) -> None:
+    """A change is in memory before it is on disk; wait_durable is what a reply waits for."""
+    store = CountingStore(schema, db, delay=0.3)
+    ref = make_sr(store, "before")
+
+    def write() -> None:
+        with store.transaction() as tx:
+            tx.update("SR", ref, name_label="after")
+
+    t = threading.Thread(target=write)
+    t.start()
+    deadline = time.monotonic() + 5
+    while store.get("SR", ref)["name_label"] != "after" and time.monotonic() < deadline:  # type: ignore[index]
+        time.sleep(0.005)
+    # Visible in memory while its fsync runs; a reader that saw it waits until it is on disk.
+    store.wait_durable()
+    other = Store(schema, db)
+    assert other.get("SR", ref)["name_label"] == "after"  # type: ignore[index]
+    other.close()
+    t.join()
+    store.close()
+
+
+def test_a_failed_disk_write_breaks_the_store(schema: Schema, db: Path) -> None:
+    store = Store(schema, db)
+    ref = make_sr(store, "kept")
+    assert store._db is not None
+    store._db.execute("CREATE TRIGGER no_updates BEFORE UPDATE ON objects BEGIN SELECT RAISE(FAIL, 'disk'); END")
+    with pytest.raises(ApiError) as e:
+        with store.transaction() as tx:
+            tx.update("SR", ref, name_label="lost")
+    assert e.value.code == "INTERNAL_ERROR"
+    # Memory and disk now differ: the store refuses everything until a restart loads the disk.
+    with pytest.raises(ApiError):
+        store.wait_durable()
+    with pytest.raises(ApiError):
+        make_sr(store, "refused")
+    store.close()
+    again = Store(schema, db)
+    assert [again.get("SR", r)["name_label"] for r in again.refs("SR")] == ["kept"]  # type: ignore[index]
+    again.close()
