@@ -71,6 +71,7 @@ DEFAULTS: dict[str, tuple[str, Any, str]] = {
     "max-waiting-calls": ("int", 256, "most event.from/event.next calls parked at once"),
     "max-waiting-calls-per-user": ("int", 64, "most parked event.from/event.next calls of one user"),
     "shutdown-timeout": ("float", 5.0, "seconds a stop waits for calls in progress"),
+    "record-cache-size": ("int", 64, "MiB of encoded records kept for get_record/get_all_records (0: none)"),
     "guest-agent-delay": ("float", 5.0,
                           "seconds after a start or resume before a guest's agent reports VM_guest_metrics"),
 }
@@ -78,7 +79,7 @@ DEFAULTS: dict[str, tuple[str, Any, str]] = {
 
 # Keys whose value has a floor (a zero collection interval would spin; a limit below it keeps nothing).
 MINIMUM: dict[str, float] = {
-    "gc-interval": 0.01, "task-limit-per-user": 0, "message_limit": 0, "session-limit": 1,
+    "gc-interval": 0.01, "task-limit-per-user": 0, "record-cache-size": 0, "message_limit": 0, "session-limit": 1,
     "completed_task_timeout": 0, "pending_task_timeout": 0,
 }
 

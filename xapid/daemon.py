@@ -23,6 +23,7 @@ from xapid.hw.faults import FaultService
 from xapid.hw.guest import GuestAgents
 from xapid.hw.metrics import Metrics
 from xapid.liveness import HostLiveness
+from xapid.record_cache import RecordCache
 from xapid.seed import seed
 from xapid.statefiles import ensure_private_dir
 from xapid.storage import Disks, load_descriptors, reconcile, sync_sm_table
@@ -73,6 +74,7 @@ class Daemon:
         self.tasks = Tasks(self)
         self.collector = Collector(self)
         self.dispatcher = Dispatcher(self)
+        self.records = RecordCache(self.store, self.encoder, int(config["record-cache-size"]) * 1024 * 1024)
         self.hw = Hardware(self.state_dir, float(config["fence-reboot-delay"]))
         self.hw.attach([h["uuid"] for _r, h in self.store.items("host")])
         self.faults = FaultService(self)

@@ -14,6 +14,7 @@ from typing import Any
 from xapid import query
 from xapid.api import Call
 from xapid.errors import ApiError
+from xapid.record_cache import Encoded
 from xapid.schema import NULL_REF, ClassDef, Field, Type
 from xapid.store import Record, Transaction
 
@@ -32,11 +33,11 @@ def check_refs(tx: Transaction, fields: dict[str, Field], values: Record) -> Non
 
 
 def get_record(cdef: ClassDef) -> Impl:
-    def impl(call: Call, ref: str) -> Record:
+    def impl(call: Call, ref: str) -> Encoded:
         rec = call.store.get(cdef.name, ref)
         if rec is None:
             raise ApiError("HANDLE_INVALID", cdef.name, ref)
-        return call.store.render(cdef.name, ref, rec)
+        return call.daemon.records.encoded(cdef.name, ref, rec)
 
     return impl
 
@@ -66,17 +67,18 @@ def get_all(cdef: ClassDef) -> Impl:
 
 
 def get_all_records(cdef: ClassDef) -> Impl:
-    def impl(call: Call) -> dict[str, Record]:
-        return {r: call.store.render(cdef.name, r, rec) for r, rec in call.store.items(cdef.name)}
+    def impl(call: Call) -> dict[str, Encoded]:
+        encoded = call.daemon.records.encoded
+        return {r: encoded(cdef.name, r, rec) for r, rec in call.store.items(cdef.name)}
 
     return impl
 
 
-def matching(call: Call, cdef: ClassDef, expr: str) -> dict[str, Record]:
+def matching(call: Call, cdef: ClassDef, expr: str) -> dict[str, Encoded]:
     """Records of ``cdef`` for which the filter expression holds (only matches are rendered)."""
     node = query.parse(expr)
     store = call.store
-    out: dict[str, Record] = {}
+    out: dict[str, Encoded] = {}
     for ref, rec in store.items(cdef.name):
 
         def row(column: str, ref: str = ref, rec: Record = rec) -> str:
@@ -90,12 +92,12 @@ def matching(call: Call, cdef: ClassDef, expr: str) -> dict[str, Record]:
             return query.db_string(value, f.type)
 
         if query.evaluate(node, row):
-            out[ref] = store.render(cdef.name, ref, rec)
+            out[ref] = call.daemon.records.encoded(cdef.name, ref, rec)
     return out
 
 
 def get_all_records_where(cdef: ClassDef) -> Impl:
-    def impl(call: Call, expr: str) -> dict[str, Record]:
+    def impl(call: Call, expr: str) -> dict[str, Encoded]:
         return matching(call, cdef, expr)
 
     return impl

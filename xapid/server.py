@@ -230,7 +230,7 @@ class BodyReader:
         self.done = length == 0
 
     def read(self, n: int = 1 << 20) -> bytes:
-        """Up to ``n`` bytes of the body as they arrive (b"" at its end)."""
+        """Up to ``n`` bytes of the body (``n`` unless the body ends or the client stops; b"" at the end)."""
         if self.done:
             return b""
         try:
@@ -238,7 +238,7 @@ class BodyReader:
                 if not self._next_chunk():
                     return b""
             assert self._left is not None
-            data = self._conn.read_some(min(n, self._left), time.monotonic() + self._idle)
+            data = self._conn.read_upto(min(n, self._left), self._idle)
         except (Closed, Deadline) as e:
             raise ClientGone("the client stopped sending the body") from e
         except Refused as e:
@@ -401,13 +401,38 @@ class Conn:
         view.release()
         return out  # type: ignore[return-value]  # a bytearray: every reader of bodies takes one
 
-    def read_some(self, n: int, deadline: float) -> bytes:
-        """Between 1 and ``n`` bytes: what is buffered, else what one receive brings."""
-        if not self.buf:
-            self._fill(deadline)
-        data = bytes(memoryview(self.buf)[:n])
-        del self.buf[:n]
-        return data
+    def read_upto(self, n: int, idle: float) -> bytes:
+        """``n`` bytes, or fewer if the client closes or stays silent ``idle`` seconds after sending some
+        (:class:`Closed` / :class:`Deadline` when it sent none).  Each receive waits ``idle`` afresh."""
+        if len(self.buf) >= n:
+            data = bytes(memoryview(self.buf)[:n])
+            del self.buf[:n]
+            return data
+        out = bytearray(n)
+        have = len(self.buf)
+        out[:have] = self.buf
+        self.buf.clear()
+        view = memoryview(out)
+        try:
+            while have < n:
+                self.sock.settimeout(idle)
+                try:
+                    got = self.sock.recv_into(view[have:], n - have)
+                except TimeoutError:
+                    raise Deadline from None
+                except (OSError, ssl.SSLError):
+                    raise Closed from None
+                if not got:
+                    raise Closed
+                have += got
+        except (Closed, Deadline):
+            if not have:
+                raise
+        finally:
+            view.release()
+        if have < n:
+            del out[have:]
+        return out  # type: ignore[return-value]  # a bytearray, as read() gives
 
     def send(self, data: bytes, seconds: float) -> bool:
         """Send everything within ``seconds`` in total; False if the client did not take it."""

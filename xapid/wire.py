@@ -251,6 +251,19 @@ def format_double(x: float) -> str:
     return "%.16g" % x
 
 
+class Preencoded:
+    """A value whose wire forms are made elsewhere (:class:`xapid.record_cache.Encoded`): the
+    encoders splice :meth:`xml` and :meth:`json` where they would encode it."""
+
+    __slots__ = ()
+
+    def xml(self) -> str:
+        raise NotImplementedError
+
+    def json(self) -> str:
+        raise NotImplementedError
+
+
 class Encoder:
     """Type-directed XML-RPC value encoder bound to a schema (for records)."""
 
@@ -291,6 +304,8 @@ class Encoder:
                 self._xml(v, ty.value, out)
                 out.append("</member>")
             out.append("</struct></value>")
+        elif isinstance(value, Preencoded):
+            out.append(value.xml())
         elif kind == "record" and ty is not None and ty.name not in self.schema.classes:
             self._dyn(value, out)  # a struct type that is no class (data_source): its values say their types
         elif kind == "record":
@@ -360,6 +375,8 @@ class Encoder:
             return [self.json(v, ty.elem) for v in value]
         if kind == "map":
             return {_key(k): self.json(v, ty.value) for k, v in value.items()}
+        if isinstance(value, Preencoded):
+            return value  # spliced by json_success
         if kind == "record" and ty.name in self.schema.classes:
             fields = self.schema.classes[ty.name].fields
             return {k: self.json(v, fields[k].type if k in fields else None) for k, v in value.items()}
@@ -411,12 +428,22 @@ def xml_bare(value_xml: str) -> bytes:
     return (XML_HEAD + value_xml + XML_TAIL).encode("utf-8")
 
 
-def _dumps(doc: Any) -> bytes:
-    """Strict JSON (never a bare ``NaN``/``Infinity``, whatever the value holds)."""
+def dumps_value(value: Any) -> str:
+    """Strict JSON text (never a bare ``NaN``/``Infinity``, whatever the value holds), with
+    :class:`Preencoded` records (alone, or as the values of a map) spliced in."""
+    if isinstance(value, Preencoded):
+        return value.json()
+    if isinstance(value, dict) and value and isinstance(next(iter(value.values())), Preencoded):
+        return "{" + ", ".join(json.dumps(_key(k)) + ": " + dumps_value(v) for k, v in value.items()) + "}"
     try:
-        return json.dumps(doc, allow_nan=False).encode("utf-8")
+        return json.dumps(value, allow_nan=False)
     except ValueError:
-        return json.dumps(_finite(doc), allow_nan=False).encode("utf-8")
+        return json.dumps(_finite(value), allow_nan=False)
+
+
+def _dumps(doc: dict[str, Any]) -> bytes:
+    """A JSON-RPC envelope: its members in order, each value through :func:`dumps_value`."""
+    return ("{" + ", ".join(json.dumps(k) + ": " + dumps_value(v) for k, v in doc.items()) + "}").encode("utf-8")
 
 
 def _finite(v: Any) -> Any:

@@ -192,7 +192,7 @@ class Access:
     def call(self, method: str = "") -> Call:
         """A :class:`~xapid.api.Call` for API behaviour run on behalf of this request."""
         return Call(self.daemon, method or PERMISSION_PREFIX + self.action, self.session, task=self.task,
-                    local=self.request.local)
+                    local=self.request.local, endpoint=getattr(self.request, "endpoint", None))
 
     def progress(self, fraction: float) -> None:
         """Move the task's ``progress`` (0..1; a no-op without ``task_id``)."""
