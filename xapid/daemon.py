@@ -18,6 +18,7 @@ from xapid.console.feed import HardwareFeed
 from xapid.dispatch import Dispatcher
 from xapid.events import Events
 from xapid.ha.manager import HaManager
+from xapid.handlers import leftovers
 from xapid.hw import Hardware
 from xapid.hw.faults import FaultService
 from xapid.hw.guest import GuestAgents
@@ -63,6 +64,7 @@ class Daemon:
         reconcile(self.store, self.disks)  # before serving: files no record owns (crash leftovers)
         templates.ensure(self.store)
         role_api.ensure(self.store)
+        leftovers.discard(self.store, self.disks)  # VMs a killed daemon was importing: before ops are cleared
         operations.install(self.store)
         self.users = Users(self.state_dir / "users.json")
         if not self.users.users:

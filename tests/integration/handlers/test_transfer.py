@@ -476,6 +476,26 @@ def test_a_client_gone_mid_import_leaves_no_vm_or_vdi(xapid: Xapid) -> None:
                                                               if api.VDI.get_SR(v) == default_sr(api))
 
 
+def test_a_daemon_killed_mid_import_restarts_without_the_half_made_vm(xapid: Xapid) -> None:
+    api, session = session_of(xapid)
+    vm, disks = make_vm(api, "killed")
+    sparse_image(vdi_file(xapid.state_dir, api, disks[0]), 40 * MIB, {i * MIB: b"k" * MIB for i in range(0, 40, 2)})
+    data = requests.get(f"{xapid.url}export", params={"session_id": session, "ref": vm}, timeout=30).content
+    vms_before, vdis_before = set(api.VM.get_all()), set(api.VDI.get_all())
+    files_before = sorted(p.name for p in vdi_file(xapid.state_dir, api, disks[0]).parent.iterdir())
+    url = urlsplit(xapid.url)
+    with socket.create_connection((url.hostname, url.port), timeout=5) as s:
+        s.sendall((f"PUT /import?session_id={session} HTTP/1.1\r\nhost: x\r\n"
+                   f"content-length: {len(data)}\r\n\r\n").encode() + data[:len(data) // 2])
+        wait_for(lambda: set(api.VM.get_all()) - vms_before, 10, "the new VM")
+        xapid.kill()
+    xapid.start()
+    api, _session = session_of(xapid)
+    assert set(api.VM.get_all()) == vms_before and set(api.VDI.get_all()) == vdis_before
+    assert sorted(p.name for p in vdi_file(xapid.state_dir, api, disks[0]).parent.iterdir()) == files_before
+    assert all(api.VM.get_current_operations(v) == {} for v in vms_before)
+
+
 def test_xva_import_refuses_what_is_not_an_xva_and_an_export_of_a_running_vm(xapid: Xapid) -> None:
     api, session = session_of(xapid)
     t = task(api)
