@@ -160,8 +160,23 @@ def import_raw_vdi(access: Access) -> Response:
         raise Refusal(not_found(), ["INTERNAL_ERROR", "Cannot handle chunked VHD"])
     vdi = vdi_of(access)
     length = content_length(access)
+    made = vdi is None
     if vdi is None:
         vdi = _new_vdi(access, fmt, length)
+    try:
+        _write_vdi(access, vdi, fmt, pieces, length)
+    except BaseException:
+        if made:  # the VDI made for this import goes with it
+            with access.daemon.store.transaction() as tx:
+                files = vdi_api.remove_vdi(tx, vdi) if tx.read("VDI", vdi) is not None else None
+            if files is not None:
+                access.daemon.disks.remove_vdi(*files)
+        raise
+    access.result(vdi, VDI_REF)
+    return Response(200, b"", "application/octet-stream", close=True, headers=_headers(access))
+
+
+def _write_vdi(access: Access, vdi: str, fmt: str, pieces: bool, length: int | None) -> None:
     with vdi_operation(access, vdi, "blocked", writing=True) as size:
         if fmt == "raw" and not pieces and length is not None and length > size:
             raise Refusal(bad_request(f"the body ({length} bytes) is larger than the VDI ({size} bytes)"),
@@ -183,8 +198,6 @@ def import_raw_vdi(access: Access) -> Response:
             raise ApiError("VDI_IO_ERROR", f"Device I/O errors: {e.strerror}") from None
         finally:
             os.close(fd)
-    access.result(vdi, VDI_REF)
-    return Response(200, b"", "application/octet-stream", close=True, headers=_headers(access))
 
 
 def _headers(access: Access) -> list[tuple[str, str]]:

@@ -121,6 +121,31 @@ def test_raw_import_by_content_length_and_export_by_uuid(xapid: Xapid) -> None:
     assert vdi_file(xapid.state_dir, api, vdi).stat().st_blocks * 512 <= 256 * 1024
 
 
+def test_raw_import_into_an_sr_makes_a_vdi_and_a_failed_one_leaves_none(xapid: Xapid) -> None:
+    api, session = session_of(xapid)
+    sr = default_sr(api)
+    before = set(api.VDI.get_all())
+    t = task(api)
+    r = requests.put(f"{xapid.url}import_raw_vdi", params={"session_id": session, "sr_id": sr, "task_id": t},
+                     data=b"m" * (3 * MIB), timeout=10)
+    assert r.status_code == 200
+    (vdi,) = set(api.VDI.get_all()) - before
+    assert vdi in finished(api, t)["result"]
+    assert (api.VDI.get_name_label(vdi), api.VDI.get_virtual_size(vdi)) == ("Imported VDI", str(3 * MIB))
+    assert vdi_file(xapid.state_dir, api, vdi).read_bytes() == b"m" * (3 * MIB)
+    before = set(api.VDI.get_all())
+    files = set(vdi_file(xapid.state_dir, api, vdi).parent.iterdir())
+    t = task(api)
+    url = urlsplit(xapid.url)
+    with socket.create_connection((url.hostname, url.port), timeout=5) as s:
+        s.sendall((f"PUT /import_raw_vdi?session_id={session}&sr_uuid={api.SR.get_uuid(sr)}&task_id={t} HTTP/1.1"
+                   f"\r\nhost: x\r\ncontent-length: {8 * MIB}\r\n\r\n").encode() + b"h" * MIB)
+        wait_for(lambda: set(api.VDI.get_all()) - before, 10, "the new VDI")
+    assert finished(api, t)["status"] == "failure"
+    assert set(api.VDI.get_all()) == before
+    assert set(vdi_file(xapid.state_dir, api, vdi).parent.iterdir()) == files
+
+
 def test_raw_import_in_vhd_tools_chunked_format(xapid: Xapid) -> None:
     api, session = session_of(xapid)
     vdi = new_vdi(api, default_sr(api), 16 * MIB)
