@@ -59,7 +59,8 @@ DEFAULTS: dict[str, tuple[str, Any, str]] = {
     # The connection side (xapid/server.py).  xapi: Constants.http_limit_max_rpc_size = 300 KiB
     # (ocaml/xapi-consts/constants.ml), conn_limit_tcp = 800, header_total_timeout_tcp = 60 s.
     "max-request-size": ("int", 300 * 1024, "largest RPC request body accepted, in bytes (xapi: 300 KiB)"),
-    "max-upload-size": ("int", 2 * 1024**4, "largest body of an HTTP data handler (none yet), in bytes"),
+    "max-upload-size": ("int", 1024**5, "largest body of PUT /import and /import_raw_vdi, in bytes (1 PiB: what "
+                                         "Xen Orchestra announces for a stream of unknown length)"),
     "max-header-size": ("int", 8192, "largest request line plus headers, in bytes"),
     "max-connections": ("int", 512, "most open connections per listener"),
     "max-connections-per-ip": ("int", 128, "most open connections from one client address"),

@@ -25,6 +25,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import struct
 import time
@@ -45,15 +46,23 @@ if TYPE_CHECKING:
     from pathlib import Path
 
 PIECE = 1 << 20  # bytes read or sent at a time
+# Xen Orchestra's content-length for a stream of unknown length: it sends the data, then closes
+# without waiting for an answer (xen-api putResource).  Such a body ends where the client closes.
+UNKNOWN_LENGTH = 1024**5
 PROGRESS_EVERY = 0.5  # seconds between task progress updates
 FORMATS = {"raw": "application/octet-stream", "vhd": "application/vhd"}
 VDI_REF = Type("ref", "VDI")
 
 
+def with_slash(r: Route) -> list[Route]:
+    """``r`` and its alias with a trailing slash (Xen Orchestra asks for ``/import/``; xapi matches by prefix)."""
+    return [r, dataclasses.replace(r, prefix=r.prefix + "/")]
+
+
 def routes() -> list[Route]:
     return [
-        route("put_import_raw_vdi", import_raw_vdi, stream=True, body_cap="max_upload_size"),
-        route("get_export_raw_vdi", export_raw_vdi),
+        *with_slash(route("put_import_raw_vdi", import_raw_vdi, stream=True, body_cap="max_upload_size")),
+        *with_slash(route("get_export_raw_vdi", export_raw_vdi)),
     ]
 
 
@@ -145,8 +154,26 @@ class Progress:
 
 
 def content_length(access: Access) -> int | None:
+    """The body's announced length; None when it is unknown (chunked, or Xen Orchestra's 1 PiB)."""
     value = access.request.header("content-length")
-    return int(value) if value.isdigit() else None
+    return int(value) if value.isdigit() and int(value) != UNKNOWN_LENGTH else None
+
+
+def until_close(access: Access) -> bool:
+    """Whether the body ends where the client closes (Xen Orchestra's :data:`UNKNOWN_LENGTH`)."""
+    return access.request.header("content-length") == str(UNKNOWN_LENGTH)
+
+
+def read_piece(access: Access, n: int = PIECE) -> bytes:
+    """Up to ``n`` bytes of the body, b"" at its end (a client closing a body of unknown length ends it)."""
+    reader = access.request.reader
+    assert reader is not None
+    try:
+        return reader.read(n)
+    except ClientGone:
+        if until_close(access):
+            return b""
+        raise
 
 
 # -- import -------------------------------------------------------------------------------------------
@@ -228,12 +255,10 @@ def _new_vdi(access: Access, fmt: str, length: int | None) -> str:
 
 
 def _receive_raw(access: Access, writer: sparse.SparseWriter, vdi: str, size: int, length: int | None) -> None:
-    reader = access.request.reader
-    assert reader is not None
     progress = Progress(access, length if length is not None else size)
     offset = 0
     while True:
-        data = reader.read(PIECE)
+        data = read_piece(access)
         if not data:
             break
         if offset + len(data) > size:
@@ -247,13 +272,10 @@ PIECE_HEADER = struct.Struct("<QI")  # vhd-tool's chunked.ml: offset, length, li
 
 
 def _receive_pieces(access: Access, writer: sparse.SparseWriter, vdi: str, size: int) -> None:
-    reader = access.request.reader
-    assert reader is not None
-
     def exact(n: int) -> bytes:
         parts, left = [], n
         while left:
-            data = reader.read(min(left, PIECE))
+            data = read_piece(access, min(left, PIECE))
             if not data:
                 raise ApiError("CLIENT_ERROR", "the chunked stream ended before its last chunk")
             parts.append(data)
@@ -273,14 +295,12 @@ def _receive_pieces(access: Access, writer: sparse.SparseWriter, vdi: str, size:
             writer.write_at(offset + done, data)
             done += len(data)
         progress(offset + length)
-    while reader.read(PIECE):
-        pass
 
 
 def _receive_vhd(access: Access, writer: sparse.SparseWriter, vdi: str, size: int) -> None:
     reader = access.request.reader
     assert reader is not None
-    stream = vhd.VhdReader(reader.read)
+    stream = vhd.VhdReader(lambda n: read_piece(access, n))
     try:
         disk_size = stream.read_header()
         if disk_size > size:
@@ -298,8 +318,11 @@ def _receive_vhd(access: Access, writer: sparse.SparseWriter, vdi: str, size: in
             progress(offset)
         if cursor < disk_size:
             writer.clear(cursor, disk_size - cursor)
-        while reader.read(PIECE):  # the closing footer
-            pass
+        try:
+            while reader.read(PIECE):  # the closing footer
+                pass
+        except ClientGone:
+            pass  # every block is in: a client closing now (Xen Orchestra does) loses nothing
     except vhd.VhdError as e:
         raise ApiError("VDI_IO_ERROR", f"not an importable VHD: {e}") from None
     except EOFError:

@@ -40,7 +40,7 @@ from xapid.api.vm_copy import vm_operation
 from xapid.errors import ApiError
 from xapid.handlers import sparse, xva
 from xapid.handlers.access import Access, Refusal, bad_request, route
-from xapid.handlers.disks import PROGRESS_EVERY, vdi_file
+from xapid.handlers.disks import PROGRESS_EVERY, read_piece, vdi_file, with_slash
 from xapid.schema import NULL_REF, Type
 from xapid.server import ClientGone, Response, Route
 from xapid.store import Record, Transaction, new_ref, new_uuid
@@ -56,8 +56,8 @@ VDI_FIELDS = ("name_label", "name_description", "type", "sharable", "read_only",
 
 def routes() -> list[Route]:
     return [
-        route("get_export", export_vm),
-        route("put_import", import_vm, stream=True, body_cap="max_upload_size"),
+        *with_slash(route("get_export", export_vm)),
+        *with_slash(route("put_import", import_vm, stream=True, body_cap="max_upload_size")),
     ]
 
 
@@ -270,7 +270,7 @@ def import_vm(access: Access) -> Response:
         made.key = access.task
     try:
         try:
-            tar = xva.TarReader(xva.opened(reader.read))
+            tar = xva.TarReader(xva.opened(lambda n: read_piece(access, n)))
             first = tar.next()
             if first is None or first[0] != xva.OVA_XML:
                 raise xva.XvaError("IMPORT_ERROR_UNEXPECTED_FILE", xva.OVA_XML, first[0] if first else "")
@@ -287,8 +287,7 @@ def import_vm(access: Access) -> Response:
                     if rec is not None:
                         rec["other_config"] = {**rec["other_config"], "object_creation": "complete"}
             _receive_disks(access, tar, made, force)
-            while reader.read(1 << 20):  # the end blocks and any record padding
-                pass
+            # Nothing is read after the last disk (import.ml neither): Xen Orchestra closes then.
         except xva.XvaError as e:
             raise ApiError(e.code, *e.params) from None
         except (ClientGone, EOFError):

@@ -521,6 +521,41 @@ def test_a_daemon_killed_mid_import_restarts_without_the_half_made_vm(xapid: Xap
     assert all(api.VM.get_current_operations(v) == {} for v in vms_before)
 
 
+def xo_put(d: Xapid, target: str, data: bytes) -> None:
+    """Xen Orchestra's putResource for a stream of unknown length: 1 PiB announced, the data, then a
+    close without waiting for the answer (xen-api's index.mjs)."""
+    url = urlsplit(d.url)
+    with socket.create_connection((url.hostname, url.port), timeout=5) as s:
+        s.sendall((f"PUT {target} HTTP/1.1\r\nhost: x\r\ncontent-length: 1125899906842624\r\n\r\n").encode()
+                  + data)
+
+
+def test_xen_orchestra_style_uploads_of_unknown_length_succeed(xapid: Xapid) -> None:
+    from xapid.handlers import vhd
+
+    api, session = session_of(xapid)
+    vm, disks = make_vm(api, "from-xo")
+    sparse_image(vdi_file(xapid.state_dir, api, disks[0]), 40 * MIB, {9 * MIB: b"xo" * 1000})
+    data = requests.get(f"{xapid.url}export/", params={"session_id": session, "ref": vm}, timeout=30).content
+    t = task(api)
+    xo_put(xapid, f"/import/?session_id={session}&task_id={t}&sr_id={default_sr(api)}", data)
+    rec = finished(api, t)
+    assert rec["status"] == "success", rec["error_info"]
+    new = next(v for v in api.VM.get_all() if v in rec["result"])
+    assert api.VM.get_name_label(new) == "from-xo"
+    raw = new_vdi(api, default_sr(api), 8 * MIB)
+    t = task(api)
+    xo_put(xapid, f"/import_raw_vdi/?session_id={session}&task_id={t}&vdi={raw}", b"r" * (3 * MIB))
+    assert finished(api, t)["status"] == "success"
+    assert vdi_file(xapid.state_dir, api, raw).read_bytes() == (b"r" * (3 * MIB)).ljust(8 * MIB, b"\0")
+    image = bytes(4 * MIB) + b"v" * MIB + bytes(3 * MIB)
+    stream = b"".join(vhd.export_stream(8 * MIB, [2], lambda o, n: image[o:o + n]))
+    t = task(api)
+    xo_put(xapid, f"/import_raw_vdi/?session_id={session}&task_id={t}&vdi={raw}&format=vhd", stream)
+    assert finished(api, t)["status"] == "success"
+    assert vdi_file(xapid.state_dir, api, raw).read_bytes() == image
+
+
 def test_xva_import_refuses_what_is_not_an_xva_and_an_export_of_a_running_vm(xapid: Xapid) -> None:
     api, session = session_of(xapid)
     t = task(api)
