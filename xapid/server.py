@@ -29,8 +29,12 @@ How clients are kept from locking each other out:
   :data:`DECODERS` at a time, each bounded by :data:`xapid.wire.MAX_ITEMS`.
 * Framing follows RFC 9112: ``transfer-encoding`` together with
   ``content-length``, several or malformed ``content-length`` values, folded or
-  malformed header lines are 400 and close the connection; a chunked body is
-  refused with 411 (xapi reads request bodies by ``content-length`` only).
+  malformed header lines are 400 and close the connection; a chunked RPC body is
+  refused with 411 (xapi reads request bodies by ``content-length`` only).  Routes
+  with ``stream`` (the data handlers) read theirs as it arrives, chunked too, and a
+  ``PUT`` there without ``content-length`` or ``transfer-encoding`` is read up to
+  the client's close after a 200 head sent first, as xapi's handlers do
+  (:class:`BodyReader`).
 * :meth:`ApiServer.stop` answers every parked call, lets calls in progress
   finish for ``shutdown-timeout`` seconds at most, then closes everything.
 
@@ -52,6 +56,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs
 
 import structlog
 
@@ -99,6 +104,7 @@ REASONS = {100: "Continue", 200: "OK", 400: "Bad Request", 401: "Unauthorised", 
            505: "HTTP Version Not Supported"}
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
 _VERSION = re.compile(r"HTTP/([0-9])\.([0-9])\Z")
+UNTIL_CLOSE = -2  # _framing: a PUT body without framing, up to the client's close
 _LENGTH = re.compile(r"[0-9]{1,19}\Z")
 
 
@@ -160,6 +166,7 @@ class Request:
     local: bool = False  # arrived on the Unix socket
     query: str = ""  # the target's query string, without "?"
     reader: BodyReader | None = None  # the body as it arrives, on routes with ``stream`` (else None)
+    answered: bool = False  # the answer's head is sent already (a body without framing)
     peer: str = ""  # the client's address ("local" on the Unix socket)
 
     def header(self, name: str, default: str = "") -> str:
@@ -214,25 +221,38 @@ class ClientGone(Exception):
 
 
 class BodyReader:
-    """A request body read as it arrives (routes with ``stream``): content-length or chunked.
+    """A request body read as it arrives (routes with ``stream``): content-length or chunked, or,
+    for a ``PUT`` with neither (``until_close``), everything up to the client's close.
 
     Each read waits at most ``idle`` seconds for the client (a transfer may take any time while it
-    moves); a disconnect, a stall or bad chunk framing raises :class:`ClientGone`.
+    moves); a disconnect, a stall or bad chunk framing raises :class:`ClientGone`.  A body without
+    framing is xapi's old protocol (xe's ``HttpPut`` of a pipe, the SDK's ``exportimport.py``): the
+    client waits for the answer's head before it sends anything, so ``on_start`` (which sends it) is
+    called before the first read.
     """
 
-    def __init__(self, conn: Conn, length: int | None, idle: float, cap: int) -> None:
+    def __init__(self, conn: Conn, length: int | None, idle: float, cap: int, until_close: bool = False,
+                 on_start: Callable[[], bool] | None = None) -> None:
         self._conn = conn
         self._left = length  # bytes left in the body (content-length) or in the current chunk
-        self._chunked = length is None
+        self._chunked = length is None and not until_close
+        self._until_close = until_close
+        self._on_start = on_start
         self._idle = idle
         self._cap = cap
         self.received = 0
-        self.done = length == 0
+        self.done = length == 0 and not until_close
 
     def read(self, n: int = 1 << 20) -> bytes:
         """Up to ``n`` bytes of the body (``n`` unless the body ends or the client stops; b"" at the end)."""
         if self.done:
             return b""
+        if self._on_start is not None:
+            start, self._on_start = self._on_start, None
+            if not start():
+                raise ClientGone("the client left before the answer's head")
+        if self._until_close:
+            return self._read_to_close(n)
         try:
             if self._chunked and not self._left:
                 if not self._next_chunk():
@@ -252,6 +272,19 @@ class BodyReader:
                 self._line()  # the CRLF after the chunk's data
             else:
                 self.done = True
+        return data
+
+    def _read_to_close(self, n: int) -> bytes:
+        try:
+            data = self._conn.read_upto(n, self._idle)
+        except Closed:
+            self.done = True  # the close ends the body
+            return b""
+        except Deadline as e:
+            raise ClientGone("the client stopped sending the body") from e
+        self.received += len(data)
+        if self.received > self._cap:
+            raise ClientGone(f"request body over {self._cap} bytes")
         return data
 
     def _line(self) -> bytes:
@@ -733,7 +766,11 @@ class ApiServer:
                 try:
                     request, route, length = self._read_head(conn, listener, routes)
                     request.peer = conn.ip
-                    if route is not None and route.stream:
+                    if route is not None and route.stream and length == UNTIL_CLOSE:
+                        request.reader = BodyReader(conn, None, lim.body_timeout, getattr(lim, route.body_cap),
+                                                    until_close=True,
+                                                    on_start=lambda r=request: self._early_head(conn, r))
+                    elif route is not None and route.stream:
                         self._expect(conn, request, length)
                         request.reader = BodyReader(conn, None if length < 0 else length, lim.body_timeout,
                                                     getattr(lim, route.body_cap))
@@ -748,6 +785,9 @@ class ApiServer:
                     response = Response(404, b"<html><body><h1>404 Not Found</h1></body></html>", "text/html")
                 else:
                     response = route.handler(self, request)
+                if request.answered:  # the head went out before the body (BodyReader.on_start)
+                    self._discard(response)
+                    break
                 if request.method == "HEAD":
                     response.body = b""
                     self._discard(response)
@@ -855,6 +895,16 @@ class ApiServer:
         route = find_route(routes, method, path)
         return request, route, self._framing(request, route)
 
+    def _early_head(self, conn: Conn, request: Request) -> bool:
+        """xapi's answer to a PUT without framing, sent before its body is read: 200, ``task-id``,
+        then the connection ends with the body (the outcome is in the task)."""
+        request.answered = True
+        task = parse_qs(request.query).get("task_id", [""])[0]
+        head = ("HTTP/1.1 200 OK\r\nconnection: close\r\ncache-control: no-cache, no-store\r\n"
+                "content-type: application/octet-stream\r\n"
+                + (f"task-id: {task}\r\n" if _TOKEN.match(task.replace(":", "")) else "") + "\r\n")
+        return conn.send(head.encode("latin-1"), self.limits.body_timeout)
+
     def _framing(self, request: Request, route: Route | None) -> int:
         """The body length (RFC 9112 6); anything ambiguous is refused, so nothing can be smuggled."""
         te = request.headers.get("transfer-encoding")
@@ -873,6 +923,8 @@ class ApiServer:
         if cl is None:
             if request.method == "POST":
                 raise Refused(411, "content-length required")
+            if request.method == "PUT" and route is not None and route.stream:
+                return UNTIL_CLOSE  # xapi's handlers read such a body to the close
             return 0
         if len(cl) > 1:
             raise Refused(400, "several content-length headers")

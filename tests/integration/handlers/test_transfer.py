@@ -556,6 +556,39 @@ def test_xen_orchestra_style_uploads_of_unknown_length_succeed(xapid: Xapid) -> 
     assert vdi_file(xapid.state_dir, api, raw).read_bytes() == image
 
 
+def test_exportimport_py_protocol_put_without_length_gets_its_200_first(xapid: Xapid) -> None:
+    """The SDK's scripts/examples/python/exportimport.py: PUT HTTP/1.0 without content-length, wait
+    for "200 OK", send the bytes, close; the outcome is read from the task."""
+    api, session = session_of(xapid)
+    src = new_vdi(api, default_sr(api), 4 * MIB)
+    requests.put(f"{xapid.url}import_raw_vdi", params={"session_id": session, "vdi": src},
+                 data=os.urandom(4 * MIB), timeout=10)
+    dst = api.VDI.create(api.VDI.get_record(src))
+    export_task, import_task = task(api, "export"), task(api, "import")
+    data = requests.get(f"{xapid.url}export_raw_vdi?session_id={session}&vdi={src}&task_id={export_task}",
+                        stream=True, timeout=10)
+    url = urlsplit(xapid.url)
+    with socket.create_connection((url.hostname, url.port), timeout=5) as s:
+        s.sendall(f"PUT /import_raw_vdi?session_id={session}&vdi={dst}&task_id={import_task} HTTP/1.0\r\n"
+                  "Connection:close\r\n\r\n".encode())
+        head = s.recv(1024)
+        assert head.startswith(b"HTTP/1.1 200 OK") and f"task-id: {import_task}".encode() in head
+        for block in data.iter_content(65536):
+            s.sendall(block)
+    assert finished(api, import_task)["status"] == "success"
+    assert finished(api, export_task)["status"] == "success"
+    assert same_bytes(vdi_file(xapid.state_dir, api, src), vdi_file(xapid.state_dir, api, dst))
+    t = task(api)  # an error found while reading lands in the task (the 200 is already out)
+    with socket.create_connection((url.hostname, url.port), timeout=5) as s:
+        s.sendall(f"PUT /import_raw_vdi?session_id={session}&vdi={dst}&task_id={t} HTTP/1.0\r\n\r\n".encode())
+        assert s.recv(1024).startswith(b"HTTP/1.1 200 OK")
+        s.sendall(b"x" * (5 * MIB))
+    assert finished(api, t)["error_info"] == ["VDI_TOO_SMALL", dst, str(5 * MIB)]
+    r = requests.put(f"{xapid.url}import_raw_vdi", params={"session_id": "OpaqueRef:bad", "vdi": dst},
+                     headers={"content-length": None}, data=b"", timeout=10)  # refused before the head
+    assert r.status_code == 401
+
+
 def test_xva_import_refuses_what_is_not_an_xva_and_an_export_of_a_running_vm(xapid: Xapid) -> None:
     api, session = session_of(xapid)
     t = task(api)
