@@ -41,7 +41,7 @@ from xapid.errors import ApiError
 from xapid.handlers import sparse, xva
 from xapid.handlers.access import Access, Refusal, bad_request, route
 from xapid.handlers.disks import PROGRESS_EVERY, read_piece, vdi_file, with_slash
-from xapid.schema import NULL_REF, Type
+from xapid.schema import EPOCH, NULL_REF, Type
 from xapid.server import ClientGone, Response, Route
 from xapid.store import Record, Transaction, new_ref, new_uuid
 from xapid.timeutil import now_iso
@@ -49,7 +49,6 @@ from xapid.timeutil import now_iso
 log = structlog.get_logger("xapid.handlers.vms")
 
 VM_SET = Type("set", elem=Type("ref", "VM"))
-EPOCH = "19700101T00:00:00Z"
 VDI_FIELDS = ("name_label", "name_description", "type", "sharable", "read_only", "other_config", "xenstore_data",
               "virtual_size", "on_boot", "allow_caching", "metadata_of_pool", "tags", "sm_config")
 
