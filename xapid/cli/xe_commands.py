@@ -760,6 +760,8 @@ def host_emergency_ha_disable(ctx: Context, args: Args) -> None:
 
 def named_commands() -> list[Command]:
     """The hand-written commands (wire.md 8.5, ha.md 8)."""
+    from .xe_stats import data_source_commands  # it builds on this module
+
     return [
         Command("sr-create", sr_create, ("name-label", "type"),
                 ("host-uuid", "name-description", "device-config:", "shared", "physical-size", "content-type",
@@ -819,6 +821,7 @@ def named_commands() -> list[Command]:
                 "Reboot the XE host."),
         Command("host-power-on", _host_op("power_on"), (), ("host", "uuid", "multiple", "<field>=<value>"),
                 "Power on the XE host."),
+        *data_source_commands(),
     ]
 
 
