@@ -12,6 +12,7 @@ from xapid import operations, statefiles, templates
 from xapid import schema as schema_mod
 from xapid.api import role as role_api
 from xapid.auth import Sessions, Users
+from xapid.clusterd import Clusterd
 from xapid.collector import Collector
 from xapid.config import Config, validate_runtime
 from xapid.console.feed import HardwareFeed
@@ -83,6 +84,7 @@ class Daemon:
         self.guests = GuestAgents(self)
         self.metrics = Metrics(self, int(config["metrics-seed"]))
         self.liveness = HostLiveness(self)
+        self.clusterd = Clusterd(self)
         self.ha = HaManager(self)
         self.console = HardwareFeed(self)
         # Everything loaded so far lives as long as the daemon: keep the cyclic GC from rescanning a
@@ -109,6 +111,7 @@ class Daemon:
     def start(self) -> None:
         """Services that run in the background (watchdogs, the HA re-arm and monitors, garbage collection)."""
         self.hw.start()
+        self.clusterd.start_watcher()
         self.ha.start()
         self.collector.start()
 
@@ -118,6 +121,7 @@ class Daemon:
         self.console.stop()
         self.hw.prepare_stop()
         self.ha.stop()
+        self.clusterd.stop_all()
         self.liveness.stop()
         self.hw.stop()
         self.tasks.wait_all(10.0)

@@ -62,6 +62,7 @@ class Call:
 def load_all() -> dict[str, Handler]:
     """Import every behaviour module so their handlers register; return the table."""
     from xapid.api import (  # noqa: F401
+        cluster,
         event,
         host,
         message,
