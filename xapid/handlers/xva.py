@@ -30,7 +30,7 @@ from xapid.wire import BadRequest, XDateTime, _decode_value, escape
 CHUNK = 1024 * 1024
 BLOCK = 512
 OVA_XML = "ova.xml"
-MAX_OVA_XML = 64 * 1024 * 1024  # metadata larger than this is refused rather than held
+MAX_OVA_XML = 8 * 1024 * 1024  # metadata larger than this is refused rather than parsed (a VM's is ~50 KiB)
 EXPORT_VSN = 2
 ZERO = bytes(CHUNK)
 

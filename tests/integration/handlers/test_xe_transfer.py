@@ -4,12 +4,13 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import Xapid
+from tests.conftest import REPO, Xapid
 from tests.integration.handlers.test_transfer import VM_FIELDS, make_vm, same_bytes, sparse_image
-from tests.integration.test_xe_support import Xe
+from tests.integration.test_xe_support import Xe, xe_argv0
 from tests.integration.vmkit import MIB, default_sr, new_vdi, vdi_file
 
 
@@ -57,5 +58,10 @@ def test_xe_vdi_import_and_export_raw_and_vhd_with_a_progress_bar(xapid: Xapid, 
     raw = tmp_path / "out.raw"
     xe.ok("vdi-export", f"uuid={api.VDI.get_uuid(other)}", f"filename={raw}")
     assert same_bytes(image, raw)
+    piped = subprocess.run([*xe_argv0(), "-s", "127.0.0.1", "-p", xe.port, "-pwf", str(xe.pwf), "--nossl",
+                            "vdi-import", f"uuid={api.VDI.get_uuid(other)}", "filename=/dev/stdin"],
+                           input=b"p" * (2 * MIB), capture_output=True, timeout=60, cwd=REPO, env=xe.env())
+    assert piped.returncode == 0, piped.stderr  # not a regular file: sent chunked
+    assert vdi_file(xapid.state_dir, api, other).read_bytes()[:2 * MIB + 1] == b"p" * (2 * MIB) + b"\0"
     big = sparse_image(tmp_path / "big.raw", 33 * MIB, {})
     assert "VDI_TOO_SMALL" in xe.fail("vdi-import", f"uuid={uuid}", f"filename={big}")
