@@ -27,6 +27,9 @@ rounds and prints a table; the median figures go to ``--out`` (``bench/results.j
    corosync for 3 and 16 hosts, and the detection floor corosync's token settings imply.  The
    corosync figures need root and the corosync package; without them they are reported as
    unavailable (``meta.unavailable``).
+10. disk transfers: ``PUT /import_raw_vdi`` and ``GET /export_raw_vdi`` of a 1 GiB disk full of
+    data, in MiB/s as a ratio to ``cp`` of the same file on the same disk (plus fsync, as the
+    import does), and the daemon's peak resident memory during them.
 
 Timed calls use a minimal keep-alive HTTP/1.1 client over a raw socket with pre-encoded
 bodies, so the figure is the server's, not the client library's; logins, set-up and the HA
@@ -102,6 +105,9 @@ FIGURES: tuple[str, ...] = (
     "corosync.detect",
     "corosync.failover.vm",
     "corosync.failover.master",
+    "transfer.import_raw",
+    "transfer.export_raw",
+    "transfer.rss",
 )
 COROSYNC_FIGURES = tuple(n for n in FIGURES if n.startswith("corosync."))
 
@@ -130,18 +136,19 @@ class Params:
     planner_vms: int  # running protected VMs, spread over the hosts
     planner_calls: int
     budget: float  # seconds; the largest HA pool runs fewer rounds rather than overrun this
+    transfer_size: int  # bytes of the disk imported and exported
 
 
 FULL = Params(mode="full", rounds=5, duration=1.0, warmup=0.3, clients=(1, 8),
               growth_vms=(100, 10_000, 100_000), latency_calls=200, growth_warmup=3.0, query_calls=5,
               startup_objects=(100, 100_000), startup_rounds=3, ha_hosts=(3, 16, 64), corosync_hosts=(3, 16),
               ha_rounds=3, adapter_calls=20, planner_hosts=64, planner_vms=1000, planner_calls=7,
-              failover_intervals=(20.0, 1.0), budget=540.0)
+              failover_intervals=(20.0, 1.0), budget=540.0, transfer_size=1024**3)
 SMOKE = Params(mode="smoke", rounds=1, duration=0.15, warmup=0.05, clients=(1, 8),
                growth_vms=(40, 150, 400), latency_calls=20, growth_warmup=0.0, query_calls=2,
                startup_objects=(100, 600), startup_rounds=1, ha_hosts=(1, 2, 3), corosync_hosts=(2, 3), ha_rounds=1,
                adapter_calls=2, planner_hosts=3, planner_vms=30, planner_calls=2,
-               failover_intervals=(0.5, 0.5), budget=120.0)
+               failover_intervals=(0.5, 0.5), budget=120.0, transfer_size=16 * 1024**2)
 
 
 # The VM constructor fields without a datamodel default (the rest come from the schema).
@@ -1067,6 +1074,79 @@ class Bench:
                          rounds=[round(t * 1e3, 3) for t in times])
         self.log(f"planner: {hosts} hosts x {vms} protected VMs: {value:.1f} ms, max failures {answer}")
 
+    # 9. disk transfers --------------------------------------------------------------------------
+
+    def transfer_phase(self) -> None:
+        size = self.p.transfer_size
+        mib = size / 1024**2
+        source = self.work / "transfer-source.raw"
+        with open(source, "wb") as f:  # dense data (a sparse file would flatter cp and xapid alike)
+            block = os.urandom(1 << 20)
+            for _ in range(size >> 20):
+                f.write(block)
+        d = Daemon(self.procs, self.work, "transfer", self.conf)
+        d.start()
+        try:
+            x = d.session()
+            api = x.xenapi
+            sr = api.pool.get_default_SR(api.pool.get_all()[0])
+            vdi = api.VDI.create({"name_label": "bench", "name_description": "", "SR": sr, "virtual_size": str(size),
+                                  "type": "user", "sharable": False, "read_only": False, "other_config": {},
+                                  "xenstore_data": {}, "sm_config": {}, "tags": []})
+            rss_before = d.rss_mib()[0]
+            query = f"session_id={x._session}&vdi={vdi}"
+            # Raw sockets and sendfile on the client side, so that the figure is the server's.
+            t0 = time.perf_counter()
+            with socket.create_connection(("127.0.0.1", d.port)) as sock, open(source, "rb") as f:
+                sock.sendall(f"PUT /import_raw_vdi?{query} HTTP/1.1\r\nhost: bench\r\n"
+                             f"content-length: {size}\r\n\r\n".encode())
+                sock.sendfile(f)
+                answer = sock.recv(65536)
+            import_s = time.perf_counter() - t0
+            if not answer.startswith(b"HTTP/1.1 200"):
+                raise BenchError(f"import_raw_vdi answered {answer[:300]!r}")
+            sink = self.work / "transfer-export.raw"
+            t0 = time.perf_counter()
+            got = 0
+            with socket.create_connection(("127.0.0.1", d.port)) as sock, open(sink, "wb") as out:
+                sock.sendall(f"GET /export_raw_vdi?{query} HTTP/1.1\r\nhost: bench\r\n\r\n".encode())
+                buf = bytearray(4 << 20)
+                view = memoryview(buf)
+                while n := sock.recv_into(buf):
+                    out.write(view[:n])
+                    got += n
+                out.flush()
+                os.fsync(out.fileno())
+            export_s = time.perf_counter() - t0
+            if got < size:
+                raise BenchError(f"export_raw_vdi sent {got} bytes of {size}")
+            peak = d.rss_mib()[1]
+            x.xenapi.session.logout()
+        finally:
+            d.stop()
+            shutil.rmtree(d.state_dir, ignore_errors=True)
+        copy = self.work / "transfer-copy.raw"
+        t0 = time.perf_counter()
+        subprocess.run(["cp", str(source), str(copy)], check=True)
+        fd = os.open(copy, os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+        cp_s = time.perf_counter() - t0
+        for path in (source, copy, self.work / "transfer-export.raw"):
+            path.unlink(missing_ok=True)
+        cp_rate = mib / cp_s
+        for name, what, seconds in (("import", "PUT /import_raw_vdi", import_s), ("export", "GET /export_raw_vdi",
+                                                                                 export_s)):
+            rate = mib / seconds
+            self.results.add(f"transfer.{name}_raw", f"{what}, {mib:,.0f} MiB: xapid / cp", rate / cp_rate, "x",
+                             f"{rate:,.0f} vs cp {cp_rate:,.0f} MiB/s", None, mib_per_s=round(rate, 1),
+                             cp_mib_per_s=round(cp_rate, 1), seconds=round(seconds, 3))
+        self.results.add("transfer.rss", f"daemon peak RSS over {mib:,.0f} MiB in and out", peak, "MiB",
+                         f"{peak:.0f} MiB peak ({rss_before:.0f} MiB before)", "<= 256",
+                         before_mib=round(rss_before, 1))
+        self.log(f"transfer: import {mib / import_s:.0f} MiB/s, export {mib / export_s:.0f} MiB/s, "
+                 f"cp {cp_rate:.0f} MiB/s, peak RSS {peak:.0f} MiB")
+
     def run(self) -> None:
         try:
             self.store_phase()
@@ -1074,6 +1154,7 @@ class Bench:
             self.failover_phase()
             self.planner_phase()
             self.corosync_phase()
+            self.transfer_phase()
         finally:
             self.procs.stop_all()
 

@@ -28,6 +28,7 @@ DEFAULTS: dict[str, tuple[str, Any, str]] = {
     "cluster-stack-root": ("path", "../scripts/cluster-stack",
                            "folder with one sub-folder per cluster stack (xapi: /usr/libexec/xapi/cluster-stack)"),
     "cluster-stack-default": ("str", "xhad", "stack used when no attached SR demands one"),
+    "metrics-seed": ("int", 0, "seed of the emulated performance statistics (xapid/hw/metrics.py)"),
     "sm-dir": ("path", "sm.d", "folder of storage driver descriptors (one JSON file per driver)"),
     "ha-monitor-interval": ("float", 20.0, "seconds between liveset queries while HA is enabled"),
     "ha-script-timeout": ("float", 60.0, "seconds a cluster-stack script may run"),
@@ -58,7 +59,8 @@ DEFAULTS: dict[str, tuple[str, Any, str]] = {
     # The connection side (xapid/server.py).  xapi: Constants.http_limit_max_rpc_size = 300 KiB
     # (ocaml/xapi-consts/constants.ml), conn_limit_tcp = 800, header_total_timeout_tcp = 60 s.
     "max-request-size": ("int", 300 * 1024, "largest RPC request body accepted, in bytes (xapi: 300 KiB)"),
-    "max-upload-size": ("int", 2 * 1024**4, "largest body of an HTTP data handler (none yet), in bytes"),
+    "max-upload-size": ("int", 1024**5, "largest body of PUT /import and /import_raw_vdi, in bytes (1 PiB: what "
+                                         "Xen Orchestra announces for a stream of unknown length)"),
     "max-header-size": ("int", 8192, "largest request line plus headers, in bytes"),
     "max-connections": ("int", 512, "most open connections per listener"),
     "max-connections-per-ip": ("int", 128, "most open connections from one client address"),

@@ -19,9 +19,11 @@ from xapid.console.feed import HardwareFeed
 from xapid.dispatch import Dispatcher
 from xapid.events import Events
 from xapid.ha.manager import HaManager
+from xapid.handlers import leftovers
 from xapid.hw import Hardware
 from xapid.hw.faults import FaultService
 from xapid.hw.guest import GuestAgents
+from xapid.hw.metrics import Metrics
 from xapid.liveness import HostLiveness
 from xapid.record_cache import RecordCache
 from xapid.seed import seed
@@ -63,6 +65,7 @@ class Daemon:
         reconcile(self.store, self.disks)  # before serving: files no record owns (crash leftovers)
         templates.ensure(self.store)
         role_api.ensure(self.store)
+        leftovers.discard(self.store, self.disks)  # VMs a killed daemon was importing: before ops are cleared
         operations.install(self.store)
         self.users = Users(self.state_dir / "users.json")
         if not self.users.users:
@@ -81,6 +84,7 @@ class Daemon:
         self.hw.on_power_change(self._on_power_change)
         self.faults = FaultService(self)
         self.guests = GuestAgents(self)
+        self.metrics = Metrics(self, int(config["metrics-seed"]))
         self.liveness = HostLiveness(self)
         self.clusterd = Clusterd(self)
         self.ha = HaManager(self)

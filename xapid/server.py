@@ -29,8 +29,12 @@ How clients are kept from locking each other out:
   :data:`DECODERS` at a time, each bounded by :data:`xapid.wire.MAX_ITEMS`.
 * Framing follows RFC 9112: ``transfer-encoding`` together with
   ``content-length``, several or malformed ``content-length`` values, folded or
-  malformed header lines are 400 and close the connection; a chunked body is
-  refused with 411 (xapi reads request bodies by ``content-length`` only).
+  malformed header lines are 400 and close the connection; a chunked RPC body is
+  refused with 411 (xapi reads request bodies by ``content-length`` only).  Routes
+  with ``stream`` (the data handlers) read theirs as it arrives, chunked too, and a
+  ``PUT`` there without ``content-length`` or ``transfer-encoding`` is read up to
+  the client's close after a 200 head sent first, as xapi's handlers do
+  (:class:`BodyReader`).
 * :meth:`ApiServer.stop` answers every parked call, lets calls in progress
   finish for ``shutdown-timeout`` seconds at most, then closes everything.
 
@@ -48,10 +52,11 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs
 
 import structlog
 
@@ -92,12 +97,14 @@ ACCEPT_POLL = 0.2  # seconds between checks for a stop while accepting
 MAX_HEADER_LINES = 100
 LEADING_EMPTY_LINES = 4  # RFC 9112 2.2: ignore a few empty lines before a request line
 LINGER = 1.0  # seconds an error answer waits for the client's unread bytes before closing
-REASONS = {100: "Continue", 200: "OK", 400: "Bad Request", 404: "Not Found", 408: "Request Timeout",
+REASONS = {100: "Continue", 200: "OK", 400: "Bad Request", 401: "Unauthorised", 403: "Forbidden",
+           404: "Not Found", 406: "Not Acceptable", 408: "Request Timeout",
            411: "Length Required", 413: "Content Too Large", 417: "Expectation Failed",
            431: "Request Header Fields Too Large", 500: "Internal Error", 503: "Service Unavailable",
            505: "HTTP Version Not Supported"}
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
 _VERSION = re.compile(r"HTTP/([0-9])\.([0-9])\Z")
+UNTIL_CLOSE = -2  # _framing: a PUT body without framing, up to the client's close
 _LENGTH = re.compile(r"[0-9]{1,19}\Z")
 
 
@@ -158,6 +165,9 @@ class Request:
     close: bool = False  # the answer ends the connection (asked for, or HTTP/1.0 by default)
     local: bool = False  # arrived on the Unix socket
     query: str = ""  # the target's query string, without "?"
+    reader: BodyReader | None = None  # the body as it arrives, on routes with ``stream`` (else None)
+    answered: bool = False  # the answer's head is sent already (a body without framing)
+    peer: str = ""  # the client's address ("local" on the Unix socket)
     endpoint: str | None = None  # the host whose own address received it (None: the pool's address)
 
     def header(self, name: str, default: str = "") -> str:
@@ -172,6 +182,11 @@ class Response:
     content_type: str = "text/plain"
     close: bool = False
     headers: list[tuple[str, str]] | None = None  # None: xapi's usual no-cache and CORS headers
+    # A body sent piece by piece after ``body`` (never held whole): with ``length`` (the total,
+    # ``body`` included) as content-length, else chunked (HTTP/1.1) or up to the close (HTTP/1.0).
+    # The server closes the iterator when done, also when the client leaves mid-way.
+    stream: Iterable[bytes] | None = None
+    length: int | None = None
 
 
 Handler = Callable[["ApiServer", Request], Response]
@@ -186,6 +201,8 @@ class Route:
     handler: Handler
     exact: bool = False
     body_cap: str = "max_request_size"  # the Limits field bounding its body
+    # The handler reads the body itself through ``request.reader`` (chunked bodies accepted).
+    stream: bool = False
 
 
 def find_route(routes: list[Route], method: str, path: str) -> Route | None:
@@ -198,6 +215,104 @@ def find_route(routes: list[Route], method: str, path: str) -> Route | None:
             if best is None or len(r.prefix) > len(best.prefix):
                 best = r
     return best
+
+
+class ClientGone(Exception):
+    """A streamed request body stopped: the client left, went quiet too long, or broke the framing."""
+
+
+class BodyReader:
+    """A request body read as it arrives (routes with ``stream``): content-length or chunked, or,
+    for a ``PUT`` with neither (``until_close``), everything up to the client's close.
+
+    Each read waits at most ``idle`` seconds for the client (a transfer may take any time while it
+    moves); a disconnect, a stall or bad chunk framing raises :class:`ClientGone`.  A body without
+    framing is xapi's old protocol (xe's ``HttpPut`` of a pipe, the SDK's ``exportimport.py``): the
+    client waits for the answer's head before it sends anything, so ``on_start`` (which sends it) is
+    called before the first read.
+    """
+
+    def __init__(self, conn: Conn, length: int | None, idle: float, cap: int, until_close: bool = False,
+                 on_start: Callable[[], bool] | None = None) -> None:
+        self._conn = conn
+        self._left = length  # bytes left in the body (content-length) or in the current chunk
+        self._chunked = length is None and not until_close
+        self._until_close = until_close
+        self._on_start = on_start
+        self._idle = idle
+        self._cap = cap
+        self.received = 0
+        self.done = length == 0 and not until_close
+
+    def read(self, n: int = 1 << 20) -> bytes:
+        """Up to ``n`` bytes of the body (``n`` unless the body ends or the client stops; b"" at the end)."""
+        if self.done:
+            return b""
+        if self._on_start is not None:
+            start, self._on_start = self._on_start, None
+            if not start():
+                raise ClientGone("the client left before the answer's head")
+        if self._until_close:
+            return self._read_to_close(n)
+        try:
+            if self._chunked and not self._left:
+                if not self._next_chunk():
+                    return b""
+            assert self._left is not None
+            data = self._conn.read_upto(min(n, self._left), self._idle)
+        except (Closed, Deadline) as e:
+            raise ClientGone("the client stopped sending the body") from e
+        except Refused as e:
+            raise ClientGone(str(e)) from e
+        self._left -= len(data)
+        self.received += len(data)
+        if self.received > self._cap:
+            raise ClientGone(f"request body over {self._cap} bytes")
+        if not self._left:
+            if self._chunked:
+                self._line()  # the CRLF after the chunk's data
+            else:
+                self.done = True
+        return data
+
+    def _read_to_close(self, n: int) -> bytes:
+        try:
+            data = self._conn.read_upto(n, self._idle)
+        except Closed:
+            self.done = True  # the close ends the body
+            return b""
+        except Deadline as e:
+            raise ClientGone("the client stopped sending the body") from e
+        self.received += len(data)
+        if self.received > self._cap:
+            raise ClientGone(f"request body over {self._cap} bytes")
+        return data
+
+    def _line(self) -> bytes:
+        return self._conn.readline(time.monotonic() + self._idle, 4096).rstrip(b"\r\n")
+
+    def _next_chunk(self) -> bool:
+        """Read a chunk-size line; at the last chunk read the trailers and return False."""
+        size_text = self._line().split(b";", 1)[0].strip()
+        if not size_text or len(size_text) > 16 or not all(c in b"0123456789abcdefABCDEF" for c in size_text):
+            raise ClientGone("malformed chunk size")
+        size = int(size_text, 16)
+        if size == 0:
+            while self._line():  # trailers, up to the empty line
+                pass
+            self.done = True
+            return False
+        self._left = size
+        return True
+
+    def drain(self, limit: int) -> bool:
+        """Read and drop the rest of the body, at most ``limit`` bytes; whether it ended."""
+        try:
+            while not self.done and limit > 0:
+                limit -= len(self.read(min(limit, 1 << 20))) or 1
+        except ClientGone:
+            return False
+        return self.done
 
 
 # -- connections ---------------------------------------------------------------------------------------
@@ -320,6 +435,39 @@ class Conn:
         view.release()
         return out  # type: ignore[return-value]  # a bytearray: every reader of bodies takes one
 
+    def read_upto(self, n: int, idle: float) -> bytes:
+        """``n`` bytes, or fewer if the client closes or stays silent ``idle`` seconds after sending some
+        (:class:`Closed` / :class:`Deadline` when it sent none).  Each receive waits ``idle`` afresh."""
+        if len(self.buf) >= n:
+            data = bytes(memoryview(self.buf)[:n])
+            del self.buf[:n]
+            return data
+        out = bytearray(n)
+        have = len(self.buf)
+        out[:have] = self.buf
+        self.buf.clear()
+        view = memoryview(out)
+        try:
+            while have < n:
+                self.sock.settimeout(idle)
+                try:
+                    got = self.sock.recv_into(view[have:], n - have)
+                except TimeoutError:
+                    raise Deadline from None
+                except (OSError, ssl.SSLError):
+                    raise Closed from None
+                if not got:
+                    raise Closed
+                have += got
+        except (Closed, Deadline):
+            if not have:
+                raise
+        finally:
+            view.release()
+        if have < n:
+            del out[have:]
+        return out  # type: ignore[return-value]  # a bytearray, as read() gives
+
     def send(self, data: bytes, seconds: float) -> bool:
         """Send everything within ``seconds`` in total; False if the client did not take it."""
         try:
@@ -432,11 +580,14 @@ class Listener:
         self.running.set()
 
     def routes(self) -> list[Route]:
+        from xapid.handlers import routes as handler_routes  # they import this module
+
         return [
             Route("POST", "/", ApiServer.xmlrpc),
             Route("POST", "/jsonrpc", ApiServer.jsonrpc),
             Route("OPTIONS", "/", ApiServer.options),
             Route("GET", "/", ApiServer.console_get),
+            *handler_routes(),  # xapi's HTTP handlers (xapid/handlers)
         ]
 
     def close(self) -> None:
@@ -682,7 +833,17 @@ class ApiServer:
                 conn.set(READING)
                 try:
                     request, route, length = self._read_head(conn, listener, routes)
-                    request.body = self._read_body(conn, request, length)
+                    request.peer = conn.ip
+                    if route is not None and route.stream and length == UNTIL_CLOSE:
+                        request.reader = BodyReader(conn, None, lim.body_timeout, getattr(lim, route.body_cap),
+                                                    until_close=True,
+                                                    on_start=lambda r=request: self._early_head(conn, r))
+                    elif route is not None and route.stream:
+                        self._expect(conn, request, length)
+                        request.reader = BodyReader(conn, None if length < 0 else length, lim.body_timeout,
+                                                    getattr(lim, route.body_cap))
+                    else:
+                        request.body = self._read_body(conn, request, length)
                 except Refused as e:
                     self._answer(conn, Response(e.status, str(e).encode(), close=True))
                     conn.linger(LINGER)
@@ -696,14 +857,20 @@ class ApiServer:
                     response = Response(404, b"<html><body><h1>404 Not Found</h1></body></html>", "text/html")
                 else:
                     response = route.handler(self, request)
+                if request.answered:  # the head went out before the body (BodyReader.on_start)
+                    self._discard(response)
+                    break
                 if request.method == "HEAD":
                     response.body = b""
+                    self._discard(response)
                 response.close = response.close or request.close or self.stopping
-                if not self._answer(conn, response) or response.close:
+                if request.reader is not None and not request.reader.done:
+                    response.close = True  # the unread rest of a streamed body cannot be skipped safely
+                if not self._answer(conn, response, request.version) or response.close:
                     break
                 conn.served += 1
                 idle_until = time.monotonic() + lim.keepalive_timeout
-        except (Closed, Deadline):
+        except (Closed, Deadline, ClientGone):
             pass
         except Exception:  # noqa: BLE001 - one connection's failure must not reach anything else
             log.exception("unexpected exception serving a connection")
@@ -801,6 +968,16 @@ class ApiServer:
         route = find_route(routes, method, path)
         return request, route, self._framing(request, route)
 
+    def _early_head(self, conn: Conn, request: Request) -> bool:
+        """xapi's answer to a PUT without framing, sent before its body is read: 200, ``task-id``,
+        then the connection ends with the body (the outcome is in the task)."""
+        request.answered = True
+        task = parse_qs(request.query).get("task_id", [""])[0]
+        head = ("HTTP/1.1 200 OK\r\nconnection: close\r\ncache-control: no-cache, no-store\r\n"
+                "content-type: application/octet-stream\r\n"
+                + (f"task-id: {task}\r\n" if _TOKEN.match(task.replace(":", "")) else "") + "\r\n")
+        return conn.send(head.encode("latin-1"), self.limits.body_timeout)
+
     def _framing(self, request: Request, route: Route | None) -> int:
         """The body length (RFC 9112 6); anything ambiguous is refused, so nothing can be smuggled."""
         te = request.headers.get("transfer-encoding")
@@ -813,10 +990,14 @@ class ApiServer:
             codings = [c.strip().lower() for v in te for c in v.split(",")]
             if codings[-1] != "chunked":
                 raise Refused(400, "transfer-encoding does not end in chunked")
+            if route is not None and route.stream:
+                return -1  # chunked, read by the handler through request.reader
             raise Refused(411, "chunked request bodies are not accepted: send content-length")
         if cl is None:
             if request.method == "POST":
                 raise Refused(411, "content-length required")
+            if request.method == "PUT" and route is not None and route.stream:
+                return UNTIL_CLOSE  # xapi's handlers read such a body to the close
             return 0
         if len(cl) > 1:
             raise Refused(400, "several content-length headers")
@@ -828,13 +1009,17 @@ class ApiServer:
             raise Refused(413, f"request body too large (at most {cap} bytes)")
         return length
 
-    def _read_body(self, conn: Conn, request: Request, length: int) -> bytes:
+    def _expect(self, conn: Conn, request: Request, length: int) -> None:
+        """Answer ``expect: 100-continue`` (417 for any other expectation)."""
         expect = request.header("expect")
         if expect:
             if expect.lower() != "100-continue" or request.version < (1, 1):
                 raise Refused(417, f"unsupported expectation {expect[:40]!r}")
             if length and not conn.buf and not conn.send(b"HTTP/1.1 100 Continue\r\n\r\n", self.limits.body_timeout):
                 raise Closed
+
+    def _read_body(self, conn: Conn, request: Request, length: int) -> bytes:
+        self._expect(conn, request, length)
         if not length:
             return b""
         try:
@@ -842,8 +1027,19 @@ class ApiServer:
         except Deadline:
             raise Refused(408, f"request body not received within {self.limits.body_timeout:g} s") from None
 
-    def _answer(self, conn: Conn, response: Response) -> bool:
-        """Send ``response`` within ``body-timeout``; False if the client did not take it."""
+    @staticmethod
+    def _discard(response: Response) -> None:
+        """Drop a streamed body unsent, letting its producer clean up."""
+        stream, response.stream, response.length = response.stream, None, None
+        close = getattr(stream, "close", None)
+        if close is not None:
+            close()
+
+    def _answer(self, conn: Conn, response: Response, version: tuple[int, int] = (1, 1)) -> bool:
+        """Send ``response`` within ``body-timeout`` (a stream: each piece within it); False if the
+        client did not take it."""
+        if response.stream is not None:
+            return self._answer_stream(conn, response, version)
         status = response.status
         head = [f"HTTP/1.1 {status} {REASONS.get(status, 'Unknown')}",
                 f"content-type: {response.content_type}", f"content-length: {len(response.body)}",
@@ -858,6 +1054,47 @@ class ApiServer:
         deadline = time.monotonic() + self.limits.body_timeout
         return conn.send(head_bytes, self.limits.body_timeout) and conn.send(
             response.body, max(0.001, deadline - time.monotonic()))
+
+    def _answer_stream(self, conn: Conn, response: Response, version: tuple[int, int]) -> bool:
+        stream = response.stream
+        assert stream is not None
+        length = response.length
+        chunked = length is None and version >= (1, 1)
+        if length is None and not chunked:
+            response.close = True  # HTTP/1.0: the body ends with the connection
+        head = [f"HTTP/1.1 {response.status} {REASONS.get(response.status, 'Unknown')}",
+                f"content-type: {response.content_type}",
+                "transfer-encoding: chunked" if chunked else f"content-length: {length}" if length is not None
+                else "", f"connection: {'close' if response.close else 'keep-alive'}"]
+        extra = response.headers if response.headers is not None else [("cache-control", "no-cache, no-store")]
+        head.extend(f"{k}: {v}" for k, v in extra)
+        timeout = self.limits.body_timeout
+        sent = 0
+        pieces: Iterator[bytes] = iter(stream)
+        try:
+            first = ("\r\n".join(h for h in head if h) + "\r\n\r\n").encode("latin-1")
+            if response.body:
+                first += b"%x\r\n%b\r\n" % (len(response.body), response.body) if chunked else response.body
+            if not conn.send(first, timeout):
+                return False
+            sent = len(response.body)
+            for piece in pieces:
+                if not piece:
+                    continue
+                data = b"%x\r\n%b\r\n" % (len(piece), piece) if chunked else piece
+                if not conn.send(data, timeout):
+                    return False
+                sent += len(piece)
+            if chunked:
+                return conn.send(b"0\r\n\r\n", timeout)
+        except Exception:  # noqa: BLE001 - a producer's failure truncates the answer, nothing more
+            log.exception("unexpected exception producing a streamed answer")
+            return False
+        finally:
+            close = getattr(pieces, "close", None)
+            if close is not None:
+                close()
+        return length is None or sent == length
 
     # -- handlers ---------------------------------------------------------------------------------
 

@@ -265,8 +265,9 @@ def _reflink(src: int, dst: int) -> bool:
     return True
 
 
-def _extents(fd: int, length: int) -> list[tuple[int, int]]:
-    """The (offset, length) data extents of the first ``length`` bytes of ``fd``."""
+def data_extents(fd: int, length: int) -> list[tuple[int, int]]:
+    """The (offset, length) data extents of the first ``length`` bytes of ``fd`` (the whole range
+    where the filesystem cannot tell)."""
     out: list[tuple[int, int]] = []
     pos = 0
     while pos < length:
@@ -286,7 +287,7 @@ def _extents(fd: int, length: int) -> list[tuple[int, int]]:
 
 def _copy_extents(src: int, dst: int, length: int) -> None:
     """Copy the data extents of ``src`` to the same offsets of ``dst`` (in the kernel where it can)."""
-    for offset, size in _extents(src, length):
+    for offset, size in data_extents(src, length):
         done = 0
         while done < size:
             try:

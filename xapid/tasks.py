@@ -173,6 +173,27 @@ class Tasks:
                       finished=now_iso(), allowed_operations=[])
         self._finished_now(task)
 
+    def finish(self, task: str, status: str, result: str = "", error: list[str] | None = None) -> bool:
+        """End a still pending ``task`` (an HTTP handler's forwarded task) with ``status``; whether it did.
+
+        A task already completed (cancelled, say) or destroyed is left as it is.
+        """
+        with self.store.transaction() as tx:
+            rec = tx.find("task", task)
+            if rec is None or rec["status"] != "pending":
+                return False
+            tx.update("task", task, status=status, result=result, error_info=list(error or []), progress=1.0,
+                      finished=now_iso(), allowed_operations=[])
+        self._finished_now(task)
+        return True
+
+    def cancelling(self, task: str) -> bool:
+        """Whether the client asked to cancel ``task`` (or it already ended cancelled)."""
+        if task in self._cancel_requested:
+            return True
+        rec = self.store.get("task", task)
+        return rec is not None and rec["status"] == "cancelled"
+
     def status_set(self, task: str, status: str) -> None:
         """Bookkeeping after ``task.set_status``: a completed status counts as finished, pending does not."""
         if status in COMPLETED:

@@ -306,6 +306,8 @@ class Encoder:
             out.append("</struct></value>")
         elif isinstance(value, Preencoded):
             out.append(value.xml())
+        elif kind == "record" and ty is not None and ty.name not in self.schema.classes:
+            self._dyn(value, out)  # a struct type that is no class (data_source): its values say their types
         elif kind == "record":
             assert ty is not None
             layout = self._layout(ty.name)
@@ -375,7 +377,7 @@ class Encoder:
             return {_key(k): self.json(v, ty.value) for k, v in value.items()}
         if isinstance(value, Preencoded):
             return value  # spliced by json_success
-        if kind == "record":
+        if kind == "record" and ty.name in self.schema.classes:
             fields = self.schema.classes[ty.name].fields
             return {k: self.json(v, fields[k].type if k in fields else None) for k, v in value.items()}
         if isinstance(value, Typed):

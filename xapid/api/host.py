@@ -20,6 +20,7 @@ from xapid.certificates import server_certificate
 from xapid.errors import ApiError
 from xapid.ha.failover import is_protected
 from xapid.ha.planning import vm_record
+from xapid.hw.metrics import data_source_record, invalid_data_source, missing_data_source
 from xapid.schema import NULL_REF
 from xapid.store import Transaction, new_ref
 from xapid.timeutil import now_iso
@@ -458,3 +459,48 @@ def get_server_certificate(call: Call, host: str) -> str:
     daemon = call.daemon
     return server_certificate(daemon.hw.host_dir(rec["uuid"]), str(rec["hostname"] or rec["name_label"]),
                               daemon.tls_cert)
+
+
+# -- performance data sources (xapi_host.ml get/record/query/forget_data_source*) ----------------------------
+# Answered from the emulated metrics (xapid/hw/metrics.py), the same numbers /rrd_updates serves.
+
+
+def _host_metrics(call: Call, host: str) -> tuple[str, list[Any]]:
+    rec = call.store.get("host", host)
+    if rec is None:
+        raise ApiError("HANDLE_INVALID", "host", host)
+    if not call.daemon.hw.is_running(rec["uuid"]):
+        raise ApiError("HOST_OFFLINE", host)  # its rrdd cannot be reached (message_forwarding)
+    found = call.daemon.metrics.host_sources(host)
+    assert found is not None
+    return found
+
+
+@handler("host.get_data_sources")
+def get_data_sources(call: Call, host: str) -> list[dict[str, object]]:
+    uuid, sources = _host_metrics(call, host)
+    return [data_source_record(ds, on) for ds, on in call.daemon.metrics.possible(uuid, sources)]
+
+
+@handler("host.record_data_source")
+def record_data_source(call: Call, host: str, data_source: str) -> None:
+    uuid, sources = _host_metrics(call, host)
+    if not call.daemon.metrics.record(uuid, data_source, sources):
+        raise ApiError("INTERNAL_ERROR", missing_data_source(data_source))
+
+
+@handler("host.query_data_source")
+def query_data_source(call: Call, host: str, data_source: str) -> float:
+    _host_metrics(call, host)
+    rrd = call.daemon.metrics.host_rrd(host)
+    assert rrd is not None
+    try:
+        return rrd.latest(data_source)
+    except KeyError:
+        raise ApiError("INTERNAL_ERROR", invalid_data_source(data_source)) from None
+
+
+@handler("host.forget_data_source_archives")
+def forget_data_source_archives(call: Call, host: str, data_source: str) -> None:
+    uuid, sources = _host_metrics(call, host)
+    call.daemon.metrics.forget(uuid, data_source, sources)

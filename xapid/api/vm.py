@@ -19,6 +19,7 @@ from xapid.errors import ApiError
 from xapid.ha import planner
 from xapid.ha.planning import RESTART_PRIORITIES, host_record, vm_record
 from xapid.hw.guest import remove_metrics
+from xapid.hw.metrics import data_source_record, invalid_data_source, missing_data_source
 from xapid.schema import NULL_REF
 from xapid.store import Transaction, new_uuid
 from xapid.timeutil import now_iso
@@ -539,3 +540,56 @@ def resume_on(call: Call, vm: str, host: str, start_paused: bool, force: bool) -
     if call.store.get("host", host) is None:
         raise ApiError("HANDLE_INVALID", "host", host)
     resume_vm(call.daemon, vm, host, start_paused)
+
+
+# -- performance data sources (xapi_vm.ml, message_forwarding.ml VM.*data_source*) ---------------------------
+# Answered from the emulated metrics (xapid/hw/metrics.py), the same numbers /rrd_updates serves.
+
+
+def _vm_metrics(call: Call, vm: str, must_run: bool) -> tuple[str, list[Any]] | None:
+    """(uuid, sources) of a running VM; None for a halted one (or VM_BAD_POWER_STATE if ``must_run``)."""
+    rec = call.store.get("VM", vm)
+    if rec is None:
+        raise ApiError("HANDLE_INVALID", "VM", vm)
+    if rec["power_state"] not in ("Running", "Paused"):
+        if must_run:
+            raise ApiError("VM_BAD_POWER_STATE", vm, "running", rec["power_state"].lower())
+        return None
+    host = call.store.get("host", rec["resident_on"])
+    if host is not None and not call.daemon.hw.is_running(host["uuid"]):
+        raise ApiError("HOST_OFFLINE", rec["resident_on"])  # the VM's statistics live on its host
+    return call.daemon.metrics.vm_sources(vm)
+
+
+@handler("VM.get_data_sources")
+def get_data_sources(call: Call, self: str) -> list[dict[str, object]]:
+    found = _vm_metrics(call, self, must_run=False)
+    if found is None:
+        return []  # query_possible_vm_dss: no RRD, no sources
+    uuid, sources = found
+    return [data_source_record(ds, on) for ds, on in call.daemon.metrics.possible(uuid, sources)]
+
+
+@handler("VM.record_data_source")
+def record_data_source(call: Call, self: str, data_source: str) -> None:
+    found = _vm_metrics(call, self, must_run=False)
+    if found is None or not call.daemon.metrics.record(found[0], data_source, found[1]):
+        raise ApiError("INTERNAL_ERROR", missing_data_source(data_source))
+
+
+@handler("VM.query_data_source")
+def query_data_source(call: Call, self: str, data_source: str) -> float:
+    _vm_metrics(call, self, must_run=True)
+    rrd = call.daemon.metrics.vm_rrd(self)
+    assert rrd is not None
+    try:
+        return rrd.latest(data_source)
+    except KeyError:
+        raise ApiError("INTERNAL_ERROR", invalid_data_source(data_source)) from None
+
+
+@handler("VM.forget_data_source_archives")
+def forget_data_source_archives(call: Call, self: str, data_source: str) -> None:
+    found = _vm_metrics(call, self, must_run=False)
+    if found is not None:
+        call.daemon.metrics.forget(found[0], data_source, found[1])

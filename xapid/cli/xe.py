@@ -169,6 +169,7 @@ class Connection:
     def __init__(self, url: str) -> None:
         context = ssl._create_unverified_context() if url.startswith("https:") else None
         self._proxy = xmlrpc.client.ServerProxy(url, allow_none=True, context=context)
+        self.url = url  # the file transfers (xe_transfer) talk HTTP to the same place
         self.session: str | None = None
         self.local = False
 

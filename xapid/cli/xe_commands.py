@@ -806,6 +806,8 @@ def host_is_in_emergency_mode(ctx: Context, args: Args) -> None:
 
 def named_commands() -> list[Command]:
     """The hand-written commands (wire.md 8.5, ha.md 8)."""
+    from .xe_stats import data_source_commands  # it builds on this module
+
     return [
         Command("sr-create", sr_create, ("name-label", "type"),
                 ("host-uuid", "name-description", "device-config:", "shared", "physical-size", "content-type",
@@ -877,6 +879,7 @@ def named_commands() -> list[Command]:
                 "Reboot the XE host."),
         Command("host-power-on", _host_op("power_on"), (), ("host", "uuid", "multiple", "<field>=<value>"),
                 "Power on the XE host."),
+        *data_source_commands(),
     ]
 
 
@@ -901,9 +904,10 @@ def registry(classes: dict[str, CliClass]) -> dict[str, Command]:
     for view in classes.values():
         for command in class_commands(view):
             table[command.name] = command
+    from .xe_transfer import transfer_commands
     from .xe_vm_commands import vm_surface_commands
 
-    for command in [*named_commands(), *vm_surface_commands()]:
+    for command in [*named_commands(), *vm_surface_commands(), *transfer_commands()]:
         table[command.name] = command
     table["help"] = Command("help", _help(table), (), ("<command>",), "Displays help on xe commands.",
                             local=True, bare=True)
