@@ -30,7 +30,7 @@ test: $(STAMP) lint
 
 .PHONY: bench bench-smoke
 
-## bench: the benchmark (about 7 minutes on 2 cores): table on stdout, median figures in bench/results.json
+## bench: the benchmark (about 9 minutes on 2 cores; the corosync figures need root): table on stdout, median figures in bench/results.json
 bench: $(STAMP)
 	$(BIN)/python -m bench.run --out bench/results.json
 

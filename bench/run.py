@@ -20,7 +20,13 @@ rounds and prints a table; the median figures go to ``--out`` (``bench/results.j
    script run directly;
 8. HA planning: ``pool.ha_compute_max_host_failures_to_tolerate`` with 64 hosts and 1,000 running
    protected VMs (created and started through the SDK, untimed), each call after a write so that
-   it plans afresh: latency.
+   it plans afresh: latency;
+9. failover with the xhad emulation (a crashed host until the pool counts it dead, until its
+   protected VM runs elsewhere; a crashed master until a new master), and the same figures with
+   the real-corosync stack (OCFS2 heartbeat SR, same pool and VMs), HA enable + disable with
+   corosync for 3 and 16 hosts, and the detection floor corosync's token settings imply.  The
+   corosync figures need root and the corosync package; without them they are reported as
+   unavailable (``meta.unavailable``).
 
 Timed calls use a minimal keep-alive HTTP/1.1 client over a raw socket with pre-encoded
 bodies, so the figure is the server's, not the client library's; logins, set-up and the HA
@@ -88,8 +94,16 @@ FIGURES: tuple[str, ...] = (
     "failover.vm.default",
     "failover.vm.fast",
     "failover.master",
+    "failover.detect",
     "planner.max_failures",
+    "corosync.ha.small",
+    "corosync.ha.medium",
+    "corosync.floor",
+    "corosync.detect",
+    "corosync.failover.vm",
+    "corosync.failover.master",
 )
+COROSYNC_FIGURES = tuple(n for n in FIGURES if n.startswith("corosync."))
 
 
 @dataclass(frozen=True)
@@ -108,6 +122,7 @@ class Params:
     startup_objects: tuple[int, int]  # persisted objects for the two start-up figures
     startup_rounds: int
     ha_hosts: tuple[int, int, int]
+    corosync_hosts: tuple[int, int]
     ha_rounds: int
     adapter_calls: int
     failover_intervals: tuple[float, float]  # ha-monitor-interval of the "default" and "fast" failover runs
@@ -119,12 +134,12 @@ class Params:
 
 FULL = Params(mode="full", rounds=5, duration=1.0, warmup=0.3, clients=(1, 8),
               growth_vms=(100, 10_000, 100_000), latency_calls=200, growth_warmup=3.0, query_calls=5,
-              startup_objects=(100, 100_000), startup_rounds=3, ha_hosts=(3, 16, 64), ha_rounds=3,
-              adapter_calls=20, planner_hosts=64, planner_vms=1000, planner_calls=7,
+              startup_objects=(100, 100_000), startup_rounds=3, ha_hosts=(3, 16, 64), corosync_hosts=(3, 16),
+              ha_rounds=3, adapter_calls=20, planner_hosts=64, planner_vms=1000, planner_calls=7,
               failover_intervals=(20.0, 1.0), budget=540.0)
 SMOKE = Params(mode="smoke", rounds=1, duration=0.15, warmup=0.05, clients=(1, 8),
                growth_vms=(40, 150, 400), latency_calls=20, growth_warmup=0.0, query_calls=2,
-               startup_objects=(100, 600), startup_rounds=1, ha_hosts=(1, 2, 3), ha_rounds=1,
+               startup_objects=(100, 600), startup_rounds=1, ha_hosts=(1, 2, 3), corosync_hosts=(2, 3), ha_rounds=1,
                adapter_calls=2, planner_hosts=3, planner_vms=30, planner_calls=2,
                failover_intervals=(0.5, 0.5), budget=120.0)
 
@@ -167,6 +182,22 @@ class BenchError(Exception):
 
 
 # -- processes ---------------------------------------------------------------------------------
+
+
+def corosync_missing() -> str | None:
+    """Why the corosync figures cannot be measured here, or None."""
+    if os.geteuid() != 0:
+        return "they need root (network namespaces)"
+    for tool in ("corosync", "ip"):
+        if shutil.which(tool) is None:
+            return f"they need {tool} (apt-get install corosync iproute2)"
+    return None
+
+
+def ocfs2_sr(x: Any) -> str:
+    """A shared OCFS2 SR: its driver requires the corosync stack."""
+    master = x.pool.get_master(x.pool.get_all()[0])
+    return str(x.SR.create(master, {}, str(2 * 1024**4), "OCFS2", "", "ocfs2", "user", True, {}))
 
 
 def live_heartbeats(state_dir: Path) -> list[int]:
@@ -436,6 +467,7 @@ class Results:
         self.started = time.time()
         self.t0 = time.perf_counter()
         self.notes: list[str] = []
+        self.unavailable: list[str] = []  # figures this machine cannot measure (see the notes)
         self.load_start = os.getloadavg()
 
     def add(self, name: str, label: str, value: float, unit: str, measured: str, target: str | None = None,
@@ -453,7 +485,8 @@ class Results:
                 "mode": self.params.mode,
                 "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started)),
                 "runtime_s": round(self.elapsed(), 1),
-                "complete": all(n in self.figures for n in FIGURES),
+                "complete": all(n in self.figures or n in self.unavailable for n in FIGURES),
+                "unavailable": self.unavailable,
                 "machine": machine(),
                 # Other work on the machine shows here: the figures are ratios for that reason.
                 "loadavg_1_5_15": {"start": [round(v, 2) for v in self.load_start],
@@ -520,6 +553,7 @@ class Bench:
         self.rng = random.Random(6)
         self.names = 0
         self.large_started = float("nan")
+        self.last_detect = float("nan")  # seconds from the last failover round's crash until the host was dead
 
     def log(self, text: str) -> None:
         print(f"[{self.results.elapsed():6.1f}s] {text}", file=sys.stderr, flush=True)
@@ -857,6 +891,7 @@ class Bench:
         floor_parts = "HeartbeatTimeout 10 s + one monitor interval + a start"
         default_i, fast_i = self.p.failover_intervals
         fast_vm, master_s = self.failover_round(fast_i, measure_master=True)
+        fast_detect = self.last_detect
         default_vm = fast_vm if default_i == fast_i else self.failover_round(default_i, measure_master=False)[0]
         for name, interval, vm_s in (("failover.vm.default", default_i, default_vm),
                                      ("failover.vm.fast", fast_i, fast_vm)):
@@ -868,21 +903,34 @@ class Bench:
         self.results.add("failover.master", f"master failover, T = 10, monitor every {fast_i:g} s", master_s, "s",
                          "crash of the master until a new pool.master answers", None, monitor_interval=fast_i)
         self.log(f"master failover (monitor {fast_i:g} s): {master_s:.2f} s")
+        self.results.add("failover.detect", f"crashed host counted dead, T = 10, monitor every {fast_i:g} s",
+                         fast_detect, "s", "crash until host_metrics.live is false", None,
+                         monitor_interval=fast_i)
+        self.log(f"detection (monitor {fast_i:g} s): {fast_detect:.2f} s")
 
-    def failover_round(self, interval: float, measure_master: bool) -> tuple[float, float | None]:
+    def failover_round(self, interval: float, measure_master: bool, stack: str = "xhad",
+                       one_crash: bool = False) -> tuple[float, float | None]:
+        """(seconds until the protected VM ran elsewhere, seconds until a new master or None).
+
+        Normally a slave crashes, then the master; ``one_crash`` (the smoke mode's corosync round)
+        crashes the master with the protected VM on it and times all three figures from that crash.
+        """
         from tests.integration.ha.conftest import vm_record
         from xapid.hw.faults import FaultClient
 
-        conf = self.work / f"failover-{interval:g}.conf"
+        conf = self.work / f"failover-{stack}-{interval:g}.conf"
         conf.write_text(f"cluster-stack-root = {STACK_ROOT}\nsm-dir = {SM_DIR}\n"
                         f"ha-monitor-interval = {interval}\nfence-reboot-delay = 0\nlogin-failure-delay = 0.2\n")
-        d = Daemon(self.procs, self.work, f"failover-{interval:g}", conf, hosts=3)
+        d = Daemon(self.procs, self.work, f"failover-{stack}-{interval:g}", conf, hosts=3)
         d.start()
         try:
             x = d.session().xenapi
             pool = x.pool.get_all()[0]
             hosts = {x.host.get_name_label(h): h for h in x.host.get_all()}
-            x.pool.enable_ha([x.pool.get_default_SR(pool)], {"timeout": "10"})
+            sr = ocfs2_sr(x) if stack == "corosync" else x.pool.get_default_SR(pool)
+            x.pool.enable_ha([sr], {"timeout": "10"})
+            if x.pool.get_ha_cluster_stack(pool) != stack:
+                raise BenchError(f"failover: HA chose {x.pool.get_ha_cluster_stack(pool)}, not {stack}")
             fault = FaultClient(d.state_dir)
 
             def protected_on(host: str) -> str:
@@ -899,12 +947,31 @@ class Bench:
                     time.sleep(0.05)
                 return time.perf_counter() - t0
 
-            vm = protected_on("host2")
-            fault.crash("host2")
-            vm_s = wait(lambda: x.VM.get_power_state(vm) == "Running" and x.VM.get_resident_on(vm) != hosts["host2"],
-                        "the protected VM's restart")
-            master_s = None
-            if measure_master:
+            victim = "host1" if one_crash else "host2"
+            vm = protected_on(victim)
+            metrics = x.host.get_metrics(hosts[victim])
+            detected: list[float] = []
+            new_master: list[float] = []
+            t0 = time.perf_counter()
+            fault.crash(victim)
+
+            def restarted() -> bool:
+                if not new_master and x.pool.get_master(pool) != hosts["host1"]:
+                    new_master.append(time.perf_counter() - t0)
+                if not detected and not x.host_metrics.get_live(metrics):
+                    detected.append(time.perf_counter() - t0)
+                return bool(detected) and x.VM.get_power_state(vm) == "Running" and (
+                    x.VM.get_resident_on(vm) != hosts[victim])
+
+            vm_s = wait(restarted, "the protected VM's restart")
+            self.last_detect = detected[0]
+            master_s = new_master[0] if one_crash else None
+            if measure_master and not one_crash:
+                if stack == "corosync":
+                    # One survivor of three has no quorum: bring the pool back to three first.
+                    fault.boot("host2")
+                    wait(lambda: all(x.host_metrics.get_live(x.host.get_metrics(h)) for h in hosts.values()),
+                         "host2 to rejoin")
                 fault.crash("host1")
                 master_s = wait(lambda: x.pool.get_master(pool) != hosts["host1"], "a new master")
             return vm_s, master_s
@@ -912,6 +979,62 @@ class Bench:
             d.stop()
             kill_heartbeats(d.state_dir)
             shutil.rmtree(d.state_dir, ignore_errors=True)
+
+    # 9. the corosync stack ------------------------------------------------------------------------
+
+    def corosync_phase(self) -> None:
+        """The failover figures again with real corosync, HA enable + disable, the token floor."""
+        missing = corosync_missing()
+        if missing:
+            self.results.unavailable.extend(COROSYNC_FIGURES)
+            self.results.notes.append(f"corosync figures unavailable: {missing}")
+            self.log(f"corosync: skipped ({missing})")
+            return
+        for name, hosts in zip(("corosync.ha.small", "corosync.ha.medium"), self.p.corosync_hosts, strict=True):
+            d = Daemon(self.procs, self.work, f"corosync-ha-{hosts}", self.conf, hosts=hosts)
+            d.start()
+            enable: list[float] = []
+            disable: list[float] = []
+            try:
+                x = d.session().xenapi
+                sr = ocfs2_sr(x)
+                for _ in range(self.p.ha_rounds):
+                    t0 = time.perf_counter()
+                    x.pool.enable_ha([sr], {"timeout": "10"})
+                    t1 = time.perf_counter()
+                    x.pool.disable_ha()
+                    enable.append(t1 - t0)
+                    disable.append(time.perf_counter() - t1)
+            finally:
+                d.stop()
+                shutil.rmtree(d.state_dir, ignore_errors=True)
+            total = median([a + b for a, b in zip(enable, disable, strict=True)])
+            self.results.add(name, f"HA enable + disable with corosync, {hosts} hosts", total, "s",
+                             f"enable {median(enable):.2f} + disable {median(disable):.2f} s", None, hosts=hosts,
+                             enable_s=round(median(enable), 3), disable_s=round(median(disable), 3),
+                             rounds=len(enable))
+            self.log(f"corosync HA {hosts} hosts: enable {median(enable):.2f} s, disable {median(disable):.2f} s")
+        # corosync_engine.py: token = T * 1000 / 20 ms (T = 10: 500 ms), consensus 1.2 * token.
+        token = max(0.2, 10 / 20)
+        membership = 2.2 * token
+        liveset = membership + 5 + 1.5
+        self.results.add("corosync.floor", "corosync: membership floor (token + consensus), T = 10", membership, "s",
+                         f"token {token * 1000:.0f} ms + consensus {1.2 * token * 1000:.0f} ms; dead in the liveset "
+                         f"after {liveset:g} s (+ watchdog 5 s + 1.5 s)", None, token_ms=token * 1000,
+                         liveset_floor_s=liveset)
+        _default_i, fast_i = self.p.failover_intervals
+        vm_s, master_s = self.failover_round(fast_i, measure_master=True, stack="corosync",
+                                             one_crash=self.p.mode == "smoke")
+        assert master_s is not None
+        self.results.add("corosync.detect", f"corosync: crashed host counted dead, monitor every {fast_i:g} s",
+                         self.last_detect, "s", f"floor {liveset:g} s", None, monitor_interval=fast_i)
+        self.results.add("corosync.failover.vm", f"corosync: protected VM failover, monitor every {fast_i:g} s",
+                         vm_s, "s", "crash until the VM runs elsewhere", None, monitor_interval=fast_i)
+        self.results.add("corosync.failover.master", f"corosync: master failover, monitor every {fast_i:g} s",
+                         master_s, "s", "crash of the master until a new pool.master answers", None,
+                         monitor_interval=fast_i)
+        self.log(f"corosync failover: detect {self.last_detect:.2f} s, VM {vm_s:.2f} s, master {master_s:.2f} s")
+
     # 8. HA planning -----------------------------------------------------------------------------
 
     def planner_phase(self) -> None:
@@ -950,6 +1073,7 @@ class Bench:
             self.ha_phase()
             self.failover_phase()
             self.planner_phase()
+            self.corosync_phase()
         finally:
             self.procs.stop_all()
 

@@ -11,6 +11,14 @@ one hash like a known one (against a dummy record made at start), and the
 failure counters that lengthen the delay live in a table of at most
 :data:`MAX_FAILURE_COUNTERS` entries keyed by a digest of the user name.
 
+Sessions made by ``session.login_with_password`` live in the master's memory (xapi's session
+table is never persisted nor replicated): every master transition and every restart of the
+master's xapi ends them all (:meth:`Sessions.drop_all`).  Local sessions
+(``session.slave_local_login_with_password``) live in one host's xapi only, are valid only on
+that host's own address, and end when that host's xapi does (:meth:`Sessions.drop_local`).  A
+session of the master used on a slave's address is ``HOST_IS_SLAVE [master address]``
+(session_check.ml).
+
 Sessions are capped as in xapi's ``Db_gc_util.timeout_sessions``: at most
 ``session-limit`` per originator (root and nameless logins) or per user name,
 the least recently used idle ones destroyed first; idle sessions are
@@ -27,6 +35,7 @@ import os
 import secrets
 import threading
 import time
+import uuid as uuidlib
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -205,8 +214,10 @@ class Sessions:
 
     def __init__(self, store: Store, users: Users, idle_timeout: float, failure_delay: float,
                  master: Callable[[], str], limit: int = 500, tasks_pending: Callable[[str], bool] | None = None,
-                 ) -> None:
+                 master_address: Callable[[str], str] | None = None) -> None:
         self.store = store
+        self.master_address = master_address or (lambda host: "")
+        self._local: dict[str, tuple[str, str]] = {}  # local session ref -> (holding host, user name)
         self.users = users
         self.idle_timeout = idle_timeout
         self.failure_delay = failure_delay
@@ -226,8 +237,8 @@ class Sessions:
         """xapi's session group: root and nameless logins by originator, everyone else by user name."""
         return ("originator", originator) if name in ("", "root") else ("user", name)
 
-    def login(self, uname: str, pwd: str, originator: str, local: bool = False) -> str:
-        """Create a session; on the local socket any credentials are accepted as root (wire.md 1.3)."""
+    def _authenticate(self, uname: str, pwd: str, local: bool) -> User:
+        """The user, or ``SESSION_AUTHENTICATION_FAILED`` after the failure delay."""
         user = User(uname, "pool-admin", {}) if local else self.users.check(uname, pwd)
         if user is None:
             count = self.failures.failed(uname)
@@ -235,6 +246,49 @@ class Sessions:
             time.sleep(min(self.failure_delay * min(count, 4), 30.0))
             raise ApiError("SESSION_AUTHENTICATION_FAILED", uname, "Authentication failure")
         self.failures.reset(uname)
+        return user
+
+    def local_login(self, uname: str, pwd: str, host: str, local: bool = False) -> str:
+        """A session held by ``host``'s xapi alone (xapi_local_session.ml): not in the pool database,
+        valid only on ``host``'s own address (or the Unix socket, if ``host`` is the master)."""
+        user = self._authenticate(uname, pwd, local)
+        ref = "OpaqueRef:" + str(uuidlib.uuid4())
+        with self._lock:
+            self._local[ref] = (host, user.name)
+            self._last_seen[ref] = time.monotonic()
+            self._roles[ref] = user.role
+        log.info("local session created", host=host, user=user.name, session=short_ref(ref))
+        return ref
+
+    def alive(self, ref: str) -> bool:
+        """Whether ``ref`` is a session that has not ended (of the pool database or local)."""
+        return ref in self._local or self.store.exists("session", ref)
+
+    def local_host(self, ref: object) -> str | None:
+        """The host holding local session ``ref`` (None: not a local session)."""
+        entry = self._local.get(ref) if isinstance(ref, str) else None
+        return entry[0] if entry is not None else None
+
+    def drop_local(self, host: str) -> int:
+        """``host``'s xapi stopped: its local sessions end; how many."""
+        with self._lock:
+            refs = [r for r, (h, _user) in self._local.items() if h == host]
+        for ref in refs:
+            self.logout(ref)
+        return len(refs)
+
+    def drop_all(self) -> int:
+        """The master's xapi restarted (a transition, a crash): every pool-database session ends."""
+        refs = self.store.refs("session")
+        for ref in refs:
+            self.logout(ref)
+        if refs:
+            log.warning("sessions ended: the master's xapi restarted", count=len(refs))
+        return len(refs)
+
+    def login(self, uname: str, pwd: str, originator: str, local: bool = False) -> str:
+        """Create a session; on the local socket any credentials are accepted as root (wire.md 1.3)."""
+        user = self._authenticate(uname, pwd, local)
         stamp = now_iso()
         with self.store.transaction() as tx:
             ref = tx.create("session", {
@@ -259,10 +313,23 @@ class Sessions:
             self.logout(victim)
         return ref
 
-    def check(self, ref: object) -> None:
-        """Raise ``SESSION_INVALID [ref]`` unless ``ref`` is a live session; refresh its idle timer."""
-        if not isinstance(ref, str) or not self.store.exists("session", ref):
+    def check(self, ref: object, endpoint: str | None = None) -> None:
+        """Raise ``SESSION_INVALID [ref]`` unless ``ref`` is a live session valid where the call
+        arrived; refresh its idle timer.
+
+        ``endpoint`` is the host whose own address received the call (None: the master's).  A
+        local session is valid only on its own host; a pool-database session on a slave's address
+        is ``HOST_IS_SLAVE [master address]`` (session_check.ml).
+        """
+        holder = self.local_host(ref)
+        if holder is not None:
+            if holder != (endpoint if endpoint is not None else self.master()):
+                raise ApiError("SESSION_INVALID", str(ref))
+        elif not isinstance(ref, str) or not self.store.exists("session", ref):
             raise ApiError("SESSION_INVALID", ref if isinstance(ref, str) else str(ref))
+        elif endpoint is not None and endpoint != self.master():
+            raise ApiError("HOST_IS_SLAVE", self.master_address(endpoint))
+        assert isinstance(ref, str)
         now = time.monotonic()
         # Single dict operations are atomic: no lock on this per-call path.
         expired = now - self._last_seen.get(ref, 0.0) > self.idle_timeout
@@ -290,6 +357,9 @@ class Sessions:
         return self._roles.get(ref, "read-only")
 
     def user(self, ref: str | None) -> str:
+        local = self._local.get(ref) if ref else None
+        if local is not None:
+            return local[1]
         rec = self.store.get("session", ref) if ref else None
         return rec["auth_user_name"] if rec else ""
 
@@ -304,9 +374,10 @@ class Sessions:
         )
 
     def logout(self, ref: str) -> None:
-        with self.store.transaction() as tx:
-            if tx.find("session", ref) is not None:
-                tx.delete("session", ref)
+        if self._local.pop(ref, None) is None:
+            with self.store.transaction() as tx:
+                if tx.find("session", ref) is not None:
+                    tx.delete("session", ref)
         with self._lock:
             self._last_seen.pop(ref, None)
             self._roles.pop(ref, None)

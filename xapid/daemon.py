@@ -12,6 +12,7 @@ from xapid import operations, statefiles, templates
 from xapid import schema as schema_mod
 from xapid.api import role as role_api
 from xapid.auth import Sessions, Users
+from xapid.clusterd import Clusterd
 from xapid.collector import Collector
 from xapid.config import Config, validate_runtime
 from xapid.console.feed import HardwareFeed
@@ -69,7 +70,8 @@ class Daemon:
             self._create_root()
         self.sessions = Sessions(self.store, self.users, config["session-idle-timeout"],
                                  config["login-failure-delay"], self.master_ref, limit=config["session-limit"],
-                                 tasks_pending=lambda ref: self.tasks.session_busy(ref))
+                                 tasks_pending=lambda ref: self.tasks.session_busy(ref),
+                                 master_address=self.master_address)
         self.events = Events(self.store, self.sessions)
         self.tasks = Tasks(self)
         self.collector = Collector(self)
@@ -77,10 +79,12 @@ class Daemon:
         self.records = RecordCache(self.store, self.encoder, int(config["record-cache-size"]) * 1024 * 1024)
         self.hw = Hardware(self.state_dir, float(config["fence-reboot-delay"]))
         self.hw.attach([h["uuid"] for _r, h in self.store.items("host")])
+        self.hw.on_power_change(self._on_power_change)
         self.faults = FaultService(self)
         self.guests = GuestAgents(self)
         self.metrics = Metrics(self, int(config["metrics-seed"]))
         self.liveness = HostLiveness(self)
+        self.clusterd = Clusterd(self)
         self.ha = HaManager(self)
         self.console = HardwareFeed(self)
         # Everything loaded so far lives as long as the daemon: keep the cyclic GC from rescanning a
@@ -104,9 +108,37 @@ class Daemon:
         assert pool is not None
         return str(pool["master"])
 
+    def master_address(self, host: str | None = None) -> str:
+        """The address of the master as ``host`` knows it (its pool.conf: what it names in
+        ``HOST_IS_SLAVE``); None, or a host that follows the pool's master: the master's ``host.address``.
+
+        A slave left behind by ``pool.emergency_transition_to_master`` still names the old master
+        until ``pool.recover_slaves`` or ``pool.emergency_reset_master`` (``pool_master_address`` in
+        its local database).
+        """
+        master = self.master_ref()
+        if host is not None and host != master:
+            rec = self.store.get("host", host)
+            known = self.ha.local.get(rec["uuid"], "pool_master_address") if rec is not None else None
+            if known:
+                return str(known)
+        return str((self.store.get("host", master) or {}).get("address", ""))
+
+    def _on_power_change(self, host_uuid: str, old: str, new: str) -> None:
+        """A host that loses power loses its xapi, and the sessions that xapi held in memory."""
+        if new not in ("off", "fenced"):
+            return
+        ref = self.store.by_uuid("host", host_uuid)
+        if ref is None:
+            return
+        self.sessions.drop_local(ref)
+        if ref == self.master_ref():
+            self.sessions.drop_all()
+
     def start(self) -> None:
         """Services that run in the background (watchdogs, the HA re-arm and monitors, garbage collection)."""
         self.hw.start()
+        self.clusterd.start_watcher()
         self.ha.start()
         self.collector.start()
 
@@ -116,6 +148,7 @@ class Daemon:
         self.console.stop()
         self.hw.prepare_stop()
         self.ha.stop()
+        self.clusterd.stop_all()
         self.liveness.stop()
         self.hw.stop()
         self.tasks.wait_all(10.0)

@@ -26,6 +26,17 @@ if TYPE_CHECKING:
     from xapid.daemon import Daemon
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+# What a host in emergency mode still answers (datamodel.ml emergency_calls; api_server.ml callback1).
+EMERGENCY_CALLS = frozenset({
+    "pool.emergency_reset_master", "pool.emergency_transition_to_master", "pool.ping_slave",
+    "session.slave_local_login", "session.slave_local_login_with_password", "session.local_logout",
+    "host.propose_new_master", "host.commit_new_master", "host.abort_new_master", "host.local_assert_healthy",
+    "host.signal_networking_change", "host.local_management_reconfigure", "host.ha_xapi_healthcheck",
+    "host.emergency_ha_disable", "host.management_disable", "host.get_system_status_capabilities",
+    "host.is_in_emergency_mode", "host.shutdown_agent", "host.emergency_reset_server_certificate",
+    "host.emergency_disable_tls_verification", "host.emergency_reenable_tls_verification",
+    "host.emergency_clear_mandatory_guidance", "host.update_firewalld_service_status",
+})
 READ_ONLY_ROLES = ("pool-admin", "pool-operator", "vm-power-admin", "vm-admin", "vm-operator", "read-only")
 WRITE_ROLES = ("pool-admin", "pool-operator")
 
@@ -283,8 +294,17 @@ class Dispatcher:
 
     # -- dispatch ------------------------------------------------------------------------------------
 
-    def dispatch(self, name: str, params: list[Any], local: bool = False) -> Reply:
-        """Run one call through xapi's check order; raise :class:`ApiError` on refusal."""
+    def dispatch(self, name: str, params: list[Any], local: bool = False, endpoint: str | None = None) -> Reply:
+        """Run one call through xapi's check order; raise :class:`ApiError` on refusal.
+
+        ``endpoint`` is the host whose own address received the call (None: the pool's address or
+        the Unix socket, both the master's).  A host in emergency mode answers only the emergency
+        calls there, with its emergency error to anything else.
+        """
+        if endpoint is not None and name not in EMERGENCY_CALLS:
+            error = self.daemon.ha.emergency_error(endpoint)
+            if error is not None:
+                raise error
         for p in params:
             if not valid_utf8(p):
                 raise ApiError("INVALID_VALUE", "Invalid UTF-8 string in parameter",
@@ -303,7 +323,7 @@ class Dispatcher:
         method = self.resolve(base)
         if method is None:
             if params:
-                self.daemon.sessions.check(params[0])
+                self.daemon.sessions.check(params[0], endpoint)
             raise ApiError("MESSAGE_METHOD_UNKNOWN", base)
         args = params[1:] if method.session else list(params)
         received = len(params) - (1 if method.session else 0)
@@ -324,12 +344,12 @@ class Dispatcher:
                 values.append(copy.deepcopy(p.default))  # a handler may keep or change it
         if method.session:
             assert session is not None
-            self.daemon.sessions.check(session)
+            self.daemon.sessions.check(session, endpoint)
         if method.removed:
             raise ApiError("MESSAGE_REMOVED")
         if is_async and not method.is_async:
             raise ApiError("Fault", f"No async mode for this operation (rpc: {method.name})")
-        call = Call(self.daemon, base, session, local=local)
+        call = Call(self.daemon, base, session, local=local, endpoint=endpoint)
         if is_async:
             task = self.daemon.tasks.start(call, method, values, name)
             return Reply(task, Type("ref", name="task"))

@@ -40,6 +40,7 @@ CATALOGUE: dict[str, tuple[str, ...]] = {
     "HA_FAILED_TO_FORM_LIVESET": (),
     "HA_HOST_CANNOT_ACCESS_STATEFILE": (),
     "HOST_OFFLINE": ("host",),
+    "HOST_IS_SLAVE": ("Master IP address",),
     "SR_HAS_NO_PBDS": ("sr",),
     "CANNOT_CREATE_STATE_FILE": (),
     "SR_SOURCE_SPACE_INSUFFICIENT": ("sr",),
@@ -136,6 +137,8 @@ DESCRIPTIONS: dict[str, str] = {
     "HA_IS_ENABLED": "The operation could not be performed because HA is enabled on the Pool",
     "HA_NOT_ENABLED": "The operation could not be performed because HA is not enabled on the Pool",
     "HOST_OFFLINE": "You attempted an operation which involves a host which could not be contacted.",
+    "HOST_IS_SLAVE": "You cannot make regular API calls directly on a supporter. Please pass API calls via the"
+                     " coordinator host.",
     "SR_HAS_NO_PBDS": "The SR has no attached PBDs",
     "CANNOT_CREATE_STATE_FILE": "An HA statefile could not be created, perhaps because no SR with the appropriate capability was found.",
     "INCOMPATIBLE_STATEFILE_SR": "The specified SR is incompatible with the selected HA cluster stack.",

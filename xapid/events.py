@@ -260,7 +260,7 @@ class Events:
             waiter: Waiter | None = None
             try:
                 while True:
-                    if not self.store.exists("session", session):
+                    if not self.sessions.alive(session):
                         raise ApiError("SESSION_INVALID", session)
                     events = self._collect(since, sub)
                     now = time.monotonic()
@@ -301,7 +301,7 @@ class Events:
                     entry = self.legacy.get(session)
                     if entry is None:
                         raise ApiError("SESSION_NOT_REGISTERED", session[:18])
-                    if not self.store.exists("session", session):
+                    if not self.sessions.alive(session):
                         self.legacy.pop(session, None)
                         raise ApiError("SESSION_INVALID", session)
                     pending = len(self.log_gens) - bisect.bisect_right(self.log_gens, entry.seen)

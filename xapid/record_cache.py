@@ -14,6 +14,7 @@ entries out first), so memory does not grow with the store.
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections import OrderedDict
 from typing import TYPE_CHECKING
@@ -26,13 +27,13 @@ if TYPE_CHECKING:
     from xapid.wire import Encoder
 
 
-OVERHEAD = 1024  # bytes an entry costs beyond its text (the entry, the rendered record's share)
+OVERHEAD = 256  # bytes an entry costs beyond its text and its rendered record's table
 
 
 class Encoded(Preencoded):
     """One rendered record and its wire forms, each made on first use."""
 
-    __slots__ = ("_json", "_xml", "cls", "encoder", "owner", "record", "ref")
+    __slots__ = ("_base", "_json", "_xml", "cls", "encoder", "owner", "record", "ref")
 
     def __init__(self, encoder: Encoder, cls: str, ref: str, record: Record, owner: RecordCache | None) -> None:
         self.encoder = encoder
@@ -42,6 +43,7 @@ class Encoded(Preencoded):
         self.owner = owner
         self._xml: str | None = None
         self._json: str | None = None
+        self._base = sys.getsizeof(record) + OVERHEAD  # the values are shared with the stored record
 
     def xml(self) -> str:
         """The XML-RPC ``<value>`` of the record."""
@@ -66,7 +68,7 @@ class Encoded(Preencoded):
         return text
 
     def size(self) -> int:
-        return len(self._xml or "") + len(self._json or "") + OVERHEAD
+        return len(self._xml or "") + len(self._json or "") + self._base
 
 
 class RecordCache:

@@ -55,7 +55,7 @@ from typing import Any
 
 import structlog
 
-from xapid import console
+from xapid import console, unixsock
 from xapid.auth import short_ref
 from xapid.config import Config, ConfigError
 from xapid.daemon import Daemon
@@ -161,6 +161,7 @@ class Request:
     query: str = ""  # the target's query string, without "?"
     reader: BodyReader | None = None  # the body as it arrives, on routes with ``stream`` (else None)
     peer: str = ""  # the client's address ("local" on the Unix socket)
+    endpoint: str | None = None  # the host whose own address received it (None: the pool's address)
 
     def header(self, name: str, default: str = "") -> str:
         values = self.headers.get(name)
@@ -527,14 +528,23 @@ class Registry:
 
 
 class Listener:
-    """A bound socket the server accepts on, and the routes it serves."""
+    """A bound socket the server accepts on, and the routes it serves.
+
+    ``endpoint`` is the host whose own address this is (None: the pool's address or the Unix
+    socket, served as the master).  A listener :meth:`ApiServer.withdraw` ends is ``closed``.
+    """
 
     local = False
     tls: ssl.SSLContext | None = None
+    endpoint: str | None = None
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.registry: Registry | None = None
+        self.closed = False
+        # Cleared while the host is frozen: nothing is accepted or answered until it is set again.
+        self.running = threading.Event()
+        self.running.set()
 
     def routes(self) -> list[Route]:
         from xapid.handlers import routes as handler_routes  # they import this module
@@ -574,6 +584,20 @@ class XapiServer(Listener):
         return [*super().routes(), Route("POST", FAULT_PATH, ApiServer.console_fault, exact=True)]
 
 
+class HostServer(XapiServer):
+    """One emulated host's own address (``host.address``): the API as that host's xapi serves it.
+
+    No fault service here: faults go to the pool's address or the Unix socket.
+    """
+
+    def __init__(self, sock: socket.socket, host: str, tls: ssl.SSLContext | None = None) -> None:
+        super().__init__(sock, tls)
+        self.endpoint = host
+
+    def routes(self) -> list[Route]:
+        return Listener.routes(self)
+
+
 class UnixXapiServer(Listener):
     """The local socket (xapi's ``/var/lib/xcp/xapi``): same protocol, pre-authenticated root,
     plus the fault service at ``POST /xapid/fault``.
@@ -588,13 +612,16 @@ class UnixXapiServer(Listener):
             path.unlink()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o177)
+        address, dir_fd = unixsock.alias(path)  # a long state dir's path is bound through its folder
         try:
-            sock.bind(str(path))
+            sock.bind(address)
         except OSError:
             sock.close()
             raise
         finally:
             os.umask(old)
+            if dir_fd is not None:
+                os.close(dir_fd)
         sock.listen(128)
         super().__init__(sock)
         self.path = path
@@ -626,6 +653,8 @@ class ApiServer:
         self.decoders = threading.BoundedSemaphore(DECODERS)
         daemon.events.limit_waiting(limits.max_waiting_calls, limits.max_waiting_calls_per_user)
         self.stopping = False
+        self.started = False
+        self._listeners_lock = threading.Lock()
         self._accepting: list[threading.Thread] = []
         self._last_warning = 0.0
 
@@ -637,15 +666,46 @@ class ApiServer:
 
     def start(self) -> None:
         """Start accepting on every listener."""
+        self.started = True
+        for listener in self.listeners:
+            self._start_accepting(listener)
+
+    def _start_accepting(self, listener: Listener) -> None:
         lim = self.limits
-        for i, listener in enumerate(self.listeners):
-            per_ip = lim.max_connections if listener.local else lim.max_connections_per_ip
-            listener.registry = Registry(lim.max_connections, per_ip)
-            listener.sock.settimeout(ACCEPT_POLL)
-            t = threading.Thread(target=self._accept, args=(listener, listener.routes()), name=f"accept-{i}",
-                                 daemon=True)
-            self._accepting.append(t)
-            t.start()
+        per_ip = lim.max_connections if listener.local else lim.max_connections_per_ip
+        listener.registry = Registry(lim.max_connections, per_ip)
+        listener.sock.settimeout(ACCEPT_POLL)
+        t = threading.Thread(target=self._accept, args=(listener, listener.routes()),
+                             name=f"accept-{len(self._accepting)}", daemon=True)
+        self._accepting.append(t)
+        t.start()
+
+    def add(self, listener: Listener) -> None:
+        """Serve one more listener now (a host's address coming back when the host boots)."""
+        with self._listeners_lock:
+            if self.stopping:
+                listener.close()
+                return
+            self.listeners.append(listener)
+            if self.started:
+                self._start_accepting(listener)
+
+    def withdraw(self, listener: Listener) -> None:
+        """Stop serving ``listener`` at once, as a machine losing power: its socket is closed (new
+        connections are refused) and every connection it holds is cut, busy or not, unanswered."""
+        with self._listeners_lock:
+            if listener in self.listeners:
+                self.listeners.remove(listener)
+        listener.closed = True
+        listener.running.set()  # a frozen host's waiting threads wake up to find it gone
+        try:
+            # Stop listening now: a bare close leaves the socket listening while accept() holds it.
+            listener.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        listener.close()
+        if listener.registry is not None:
+            listener.registry.cut(busy_too=True)
 
     def stop(self) -> None:
         """Stop serving, in at most ``shutdown-timeout`` seconds plus about one whatever clients hold.
@@ -655,8 +715,11 @@ class ApiServer:
         what is left then is cut unanswered.  Every answer sent while stopping says
         ``connection: close``.
         """
-        self.stopping = True
+        with self._listeners_lock:
+            self.stopping = True
         self.daemon.events.shutdown()
+        for listener in self.listeners:
+            listener.running.set()
         for t in self._accepting:
             t.join(ACCEPT_POLL + 1.0)
         registries = [lst.registry for lst in self.listeners if lst.registry is not None]
@@ -673,13 +736,16 @@ class ApiServer:
     def _accept(self, listener: Listener, routes: list[Route]) -> None:
         registry = listener.registry
         assert registry is not None
-        while not self.stopping:
+        while not self.stopping and not listener.closed:
+            if not listener.running.is_set():
+                listener.running.wait(ACCEPT_POLL)  # frozen: connections wait in the backlog
+                continue
             try:
                 sock, peer = listener.sock.accept()
             except TimeoutError:
                 continue
             except OSError as e:
-                if self.stopping:
+                if self.stopping or listener.closed:
                     return
                 log.warning("accept failed", error=str(e))  # out of descriptors, say: try again soon
                 time.sleep(ACCEPT_POLL)
@@ -688,7 +754,7 @@ class ApiServer:
             if sock.family in (socket.AF_INET, socket.AF_INET6):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # no 40 ms Nagle/delayed-ACK stall
             conn = Conn(sock, ip)
-            if self.stopping or not registry.admit(conn):
+            if self.stopping or listener.closed or not registry.admit(conn):
                 self._warn_limits(registry, ip)
                 self._refuse(sock)
                 continue
@@ -722,6 +788,8 @@ class ApiServer:
     def _connection(self, listener: Listener, registry: Registry, routes: list[Route], conn: Conn) -> None:
         lim = self.limits
         try:
+            if listener.closed:  # withdrawn while this connection was being admitted
+                return
             if listener.tls is not None and not self._handshake(listener.tls, conn):
                 return
             idle_until = conn.since + lim.header_timeout  # the first request: counted from the accept (as xapi)
@@ -744,6 +812,10 @@ class ApiServer:
                     conn.linger(LINGER)
                     break
                 conn.set(BUSY)
+                while not listener.running.is_set():  # a frozen host answers when it thaws
+                    listener.running.wait(ACCEPT_POLL)
+                if listener.closed:
+                    break
                 if route is None:
                     response = Response(404, b"<html><body><h1>404 Not Found</h1></body></html>", "text/html")
                 else:
@@ -851,7 +923,8 @@ class ApiServer:
             path = "/" + target.split("://", 1)[1].partition("/")[2]
         path, _, query = path.split("#", 1)[0].partition("?")
         path = path or "/"
-        request = Request(method, path, version, headers, close=close, local=listener.local, query=query)
+        request = Request(method, path, version, headers, close=close, local=listener.local, query=query,
+                          endpoint=listener.endpoint)
         route = find_route(routes, method, path)
         return request, route, self._framing(request, route)
 
@@ -1014,7 +1087,7 @@ class ApiServer:
             return self.bad(type(e).__name__)
 
         def work() -> bytes:
-            reply, error = self.call(method, params, request.local)
+            reply, error = self.call(method, params, request.local, request.endpoint)
             try:
                 if error is None:
                     assert reply is not None
@@ -1037,7 +1110,7 @@ class ApiServer:
             return self.bad(type(e).__name__)
 
         def work() -> bytes:
-            reply, error = self.call(call.method, call.params, request.local)
+            reply, error = self.call(call.method, call.params, request.local, request.endpoint)
             try:
                 if error is None:
                     assert reply is not None
@@ -1074,13 +1147,15 @@ class ApiServer:
 
     # -- the call boundary --------------------------------------------------------------------------
 
-    def call(self, method: str, params: list[Any], local: bool = False) -> tuple[Reply | None, list[str] | None]:
-        """Dispatch one call; return (reply, None) or (None, ErrorDescription). Logs one line."""
+    def call(self, method: str, params: list[Any], local: bool = False,
+             endpoint: str | None = None) -> tuple[Reply | None, list[str] | None]:
+        """Dispatch one call (``endpoint``: the host whose address received it); return (reply, None)
+        or (None, ErrorDescription). Logs one line."""
         start = time.monotonic()
         session = params[0] if params and isinstance(params[0], str) and params[0].startswith("OpaqueRef:") else None
         try:
             try:
-                reply = self.daemon.dispatcher.dispatch(method, params, local=local)
+                reply = self.daemon.dispatcher.dispatch(method, params, local=local, endpoint=endpoint)
             finally:
                 # Whatever the answer shows (even a failure) may have been read from changes other
                 # calls committed but have not yet written: it leaves once they are on disk.

@@ -336,8 +336,10 @@ class Transaction:
     def __init__(self, store: Store) -> None:
         self.store = store
         self.schema = store.schema
+        # Every record this transaction took, created or deleted, in that order (None: deleted),
+        # and the same refs by class, so that per-class questions cost that class's changes only.
         self._changes: dict[tuple[str, str], Record | None] = {}
-        self._order: list[tuple[str, str]] = []
+        self._by_cls: dict[str, dict[str, None]] = {}
 
     def find(self, cls: str, ref: str) -> Record | None:
         """The record as this transaction sees it (a private copy), or None."""
@@ -348,9 +350,16 @@ class Transaction:
         if rec is None:
             return None
         rec = copy.deepcopy(rec)
-        self._changes[key] = rec
-        self._order.append(key)
+        self._put(cls, ref, rec)
         return rec
+
+    def _put(self, cls: str, ref: str, rec: Record | None) -> None:
+        self._changes[(cls, ref)] = rec
+        self._by_cls.setdefault(cls, {})[ref] = None
+
+    def _mine(self, cls: str) -> Iterator[str]:
+        """Refs of ``cls`` this transaction took, created or deleted."""
+        return iter(self._by_cls.get(cls, ()))
 
     def get(self, cls: str, ref: str) -> Record:
         """Like :meth:`find` but a missing object is ``HANDLE_INVALID [cls, ref]``."""
@@ -368,8 +377,8 @@ class Transaction:
 
     def refs(self, cls: str) -> list[str]:
         out = [r for r in self.store.refs(cls) if self._changes.get((cls, r), True) is not None]
-        for (c, r) in self._order:
-            if c == cls and r not in self.store._tables[cls] and self._changes.get((c, r)) is not None:
+        for r in self._mine(cls):
+            if r not in self.store._tables[cls] and self._changes.get((cls, r)) is not None:
                 out.append(r)
         return out
 
@@ -386,27 +395,27 @@ class Transaction:
         if (src_cls, src_field) not in self.store._inverse:
             return [r for r, rec in self.items(src_cls) if rec.get(src_field) == target]
         refs = set(self.store.referrers(src_cls, src_field, target))
-        for key in self._order:
-            if key[0] == src_cls:
-                rec = self._changes[key]
-                if rec is not None and rec.get(src_field) == target:
-                    refs.add(key[1])
-                else:
-                    refs.discard(key[1])
+        for ref in self._mine(src_cls):
+            rec = self._changes[(src_cls, ref)]
+            if rec is not None and rec.get(src_field) == target:
+                refs.add(ref)
+            else:
+                refs.discard(ref)
         return sorted(refs)
 
     def touched(self, classes: tuple[str, ...]) -> dict[str, list[str]]:
         """Refs of the live objects of ``classes`` this transaction created, changed or took for writing."""
         out: dict[str, list[str]] = {}
-        for cls, ref in self._order:
-            if cls in classes and self._changes[(cls, ref)] is not None:
-                out.setdefault(cls, []).append(ref)
+        for cls in classes:
+            live = [ref for ref in self._mine(cls) if self._changes[(cls, ref)] is not None]
+            if live:
+                out[cls] = live
         return out
 
     def by_uuid(self, cls: str, uuid: str) -> str | None:
-        for (c, r) in self._order:
-            rec = self._changes[(c, r)]
-            if c == cls and rec is not None and rec.get("uuid") == uuid:
+        for r in self._mine(cls):
+            rec = self._changes[(cls, r)]
+            if rec is not None and rec.get("uuid") == uuid:
                 return r
         ref = self.store.by_uuid(cls, uuid)
         if ref is not None and self.read(cls, ref) is None:
@@ -422,8 +431,7 @@ class Transaction:
         if not rec.get("uuid"):
             rec["uuid"] = new_uuid()
         ref = ref or new_ref()
-        self._changes[(cls, ref)] = rec
-        self._order.append((cls, ref))
+        self._put(cls, ref, rec)
         return ref
 
     def update(self, cls: str, ref: str, **values: Any) -> Record:
@@ -433,9 +441,7 @@ class Transaction:
 
     def delete(self, cls: str, ref: str) -> None:
         self.get(cls, ref)
-        self._changes[(cls, ref)] = None
-        if (cls, ref) not in self._order:
-            self._order.append((cls, ref))
+        self._put(cls, ref, None)
 
     def _commit(self) -> int:
         """Install the changes and queue their rows (under the store lock); return the new
@@ -444,8 +450,7 @@ class Transaction:
         for hook in store.pre_commit:
             hook(self)
         changed: dict[tuple[str, str], Record | None] = {}
-        for key in self._order:
-            new = self._changes[key]
+        for key, new in self._changes.items():
             old = store.get(*key)
             if new is None and old is None:
                 continue

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import Xapid, kill_heartbeats, root_api, write_conf
+from tests.integration.corosync_kit import tracker  # noqa: F401 - a fixture for the real-corosync tests
 from xapid import schema as schema_mod
 from xapid.generic import constructor_fields
 from xapid.schema import Schema

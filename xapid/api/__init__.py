@@ -51,17 +51,23 @@ class Call:
 
     @property
     def host(self) -> str:
-        """The ref of the host this call was sent to (the master until hosts get endpoints of their own).
+        """The ref of the host this call was sent to (the master, for the pool's address and the Unix socket).
 
         Calls that real xapi never forwards (``host.emergency_ha_disable``, ``host.ha_xapi_healthcheck``,
         ``host.is_in_emergency_mode``) act on this host.
         """
         return self.endpoint or self.daemon.master_ref()
 
+    @property
+    def on_master(self) -> bool:
+        """Whether the host this call was sent to is the pool's master now."""
+        return self.endpoint is None or self.endpoint == self.daemon.master_ref()
+
 
 def load_all() -> dict[str, Handler]:
     """Import every behaviour module so their handlers register; return the table."""
     from xapid.api import (  # noqa: F401
+        cluster,
         event,
         host,
         message,

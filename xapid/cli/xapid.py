@@ -10,6 +10,7 @@ import ssl
 import sys
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -18,6 +19,9 @@ from xapid import statefiles
 from xapid.logging import configure
 from xapid.storage import DescriptorError
 from xapid.store import StoreCorrupt
+
+if TYPE_CHECKING:
+    from xapid.daemon import Daemon
 
 log = structlog.get_logger("xapid.cli")
 
@@ -31,6 +35,7 @@ def parse_listen(text: str) -> tuple[str, int]:
 
 def serve(args: argparse.Namespace) -> int:
     from xapid.daemon import Daemon
+    from xapid.endpoints import HostEndpoints, bind_all
     from xapid.server import ApiServer, Limits, UnixXapiServer, XapiServer, bind_tcp
 
     # Stack scripts inherit this PATH: `#!/usr/bin/env python3` then finds the daemon's own interpreter
@@ -87,10 +92,19 @@ def serve(args: argparse.Namespace) -> int:
             log.warning("listening on a non-loopback address", address=host)
     except ValueError:
         log.warning("listening on a host name, not a loopback address", address=host)
+    addresses = _host_addresses(daemon, host)
+    try:
+        sock, host_sockets = bind_all(host, port, addresses, first=sock)
+    except OSError as e:
+        daemon.store.close()
+        print(f"xapid: cannot listen on every host's address: {e.strerror or e}", file=sys.stderr)
+        return 2
     daemon.tls_cert = Path(args.tls_cert) if args.tls_cert else None
     tcp = XapiServer(sock, tls)
     server = ApiServer(daemon, limits)
     server.serve(tcp)
+    endpoints = HostEndpoints(daemon, server, tcp.server_address[1], tls)
+    endpoints.adopt(host_sockets)
     scheme = "https" if tls else "http"
     bound_host, bound_port = tcp.server_address
     url = f"{scheme}://{bound_host}:{bound_port}/"
@@ -106,7 +120,8 @@ def serve(args: argparse.Namespace) -> int:
     url_file = daemon.state_dir / "url"
     statefiles.write_atomic(url_file, (url + "\n").encode(), mode=0o644)
     log.info("xapid ready", url=url, console=url + "console", state_dir=str(daemon.state_dir),
-             root_password_file=str(daemon.state_dir / "root-password"))
+             root_password_file=str(daemon.state_dir / "root-password"),
+             hosts=sorted(endpoints.urls(scheme).values()))
     stop.wait()
     log.info("stopping")
     server.stop()
@@ -117,6 +132,27 @@ def serve(args: argparse.Namespace) -> int:
         pass
     log.info("stopped")
     return 0
+
+
+def _host_addresses(daemon: Daemon, listen: str) -> list[str]:
+    """The hosts' own addresses to serve: loopback ones only, none if ``--listen`` covers them."""
+    from xapid.endpoints import wildcard
+
+    addresses = [str(rec["address"]) for _ref, rec in daemon.store.items("host")]
+    if wildcard(listen) or listen in addresses:
+        log.warning("--listen covers the hosts' own addresses: they are not served separately", address=listen)
+        return []
+    served = []
+    for a in addresses:
+        try:
+            loopback = ipaddress.ip_address(a).is_loopback
+        except ValueError:
+            loopback = False
+        if loopback and a not in served:
+            served.append(a)
+        elif not loopback:
+            log.warning("a host's address is not a loopback address: not served", address=a)
+    return served
 
 
 def _raise_fd_limit(connections: int) -> None:

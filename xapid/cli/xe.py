@@ -170,6 +170,7 @@ class Connection:
         context = ssl._create_unverified_context() if url.startswith("https:") else None
         self._proxy = xmlrpc.client.ServerProxy(url, allow_none=True, context=context)
         self.session: str | None = None
+        self.local = False
 
     def _invoke(self, method: str, args: Sequence[Any]) -> Any:
         """The ``Value`` of the envelope; ApiFailure for a ``Failure``, ConnectFailure when unreachable."""
@@ -190,6 +191,11 @@ class Connection:
     def login(self, username: str, password: str) -> None:
         self.session = self._invoke("session.login_with_password", [username, password, "2.21", "cli"])
 
+    def local_login(self, username: str, password: str) -> None:
+        """A session of the contacted host alone (works on a slave: the emergency commands)."""
+        self.session = self._invoke("session.slave_local_login_with_password", [username, password])
+        self.local = True
+
     def call(self, method: str, *args: Any) -> Any:
         return self._invoke(method, [self.session, *args])
 
@@ -198,7 +204,7 @@ class Connection:
         if self.session is None:
             return
         try:
-            self._invoke("session.logout", [self.session])
+            self._invoke("session.local_logout" if self.local else "session.logout", [self.session])
         except (ApiFailure, ConnectFailure):
             pass
         self.session = None
@@ -239,7 +245,10 @@ def run(argv: Sequence[str], environ: Mapping[str, str], out: TextIO, err: TextI
     where = target(inv.settings)
     conn = Connection(where.url)
     try:
-        conn.login(where.username, where.password)
+        if command.local_session:
+            conn.local_login(where.username, where.password)
+        else:
+            conn.login(where.username, where.password)
     except ApiFailure as e:
         err.write("\n".join(output.api_error_lines(e.code, e.params, lambda _label, ref: ref)) + "\n")
         return 1

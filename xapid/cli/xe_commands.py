@@ -176,7 +176,9 @@ class Command:
     """One xe command: its runner and documented parameters.
 
     ``local`` commands never contact the server; ``bare`` ones also take
-    arguments without ``=`` (``xe help vm-list``).
+    arguments without ``=`` (``xe help vm-list``).  ``local_session`` ones log in with
+    ``session.slave_local_login_with_password``, so they work on a slave (xapi's ``Neverforward``
+    commands with a ``*_local_session`` implementation, cli_frontend.ml).
     """
 
     name: str
@@ -186,6 +188,7 @@ class Command:
     description: str = ""
     local: bool = False
     bare: bool = False
+    local_session: bool = False
 
     def check(self, args: Args) -> None:
         """Raise xe's ``Required parameter not found`` for the first missing required parameter."""
@@ -758,6 +761,49 @@ def host_emergency_ha_disable(ctx: Context, args: Args) -> None:
     ctx.rpc.call("host.emergency_ha_disable", args.flag("soft"))
 
 
+FUSE_TIME = "10."  # xapi's Constants.fuse_time, as OCaml's string_of_float prints it
+
+
+def _is_master(ctx: Context) -> bool:
+    """Whether the host xe talks to is the master (the CLI server asks its Pool_role)."""
+    try:
+        me = ctx.rpc.call("session.get_this_host", ctx.rpc.session)  # type: ignore[attr-defined]
+        pool = ctx.rpc.call("pool.get_all")[0]
+        return bool(ctx.rpc.call("pool.get_master", pool) == me)
+    except ApiFailure:
+        return False
+
+
+def pool_emergency_transition_to_master(ctx: Context, args: Args) -> None:
+    """cli_operations.ml: ignored on the master unless --force."""
+    if not args.flag("force") and _is_master(ctx):
+        ctx.out.write("Host agent is already master. Use '--force' to execute the operation anyway.\n")
+        return
+    ctx.rpc.call("pool.emergency_transition_to_master")
+    ctx.out.write(f"Host agent will restart and transition to master in {FUSE_TIME} seconds...\n")
+
+
+def pool_emergency_reset_master(ctx: Context, args: Args) -> None:
+    address = args.require("master-address")
+    ctx.rpc.call("pool.emergency_reset_master", address)
+    ctx.out.write(f"Host agent will restart and become slave of {address} in {FUSE_TIME} seconds...\n")
+
+
+def pool_recover_slaves(ctx: Context, args: Args) -> None:
+    """The uuids of the hosts that took the master's address, one a line."""
+    for host in ctx.rpc.call("pool.recover_slaves"):
+        ctx.out.write(f"{ctx.rpc.call('host.get_uuid', host)}\n")
+
+
+def pool_designate_new_master(ctx: Context, args: Args) -> None:
+    host = ctx.rpc.call("host.get_by_uuid", args.require("host-uuid"))
+    ctx.rpc.call("pool.designate_new_master", host)
+
+
+def host_is_in_emergency_mode(ctx: Context, args: Args) -> None:
+    ctx.out.write("true\n" if ctx.rpc.call("host.is_in_emergency_mode") else "false\n")
+
+
 def named_commands() -> list[Command]:
     """The hand-written commands (wire.md 8.5, ha.md 8)."""
     from .xe_stats import data_source_commands  # it builds on this module
@@ -798,11 +844,23 @@ def named_commands() -> list[Command]:
         Command("pool-ha-compute-vm-failover-plan", pool_ha_compute_vm_failover_plan, ("host-uuids",), (),
                 "Compute a VM failover plan assuming the given set of hosts fail."),
         Command("host-emergency-ha-disable", host_emergency_ha_disable, (), ("force", "soft"),
-                "Disables HA on the local host in an emergency. Must be forced (--force)."),
+                "Disables HA on the local host in an emergency. Must be forced (--force).", local_session=True),
+        Command("host-is-in-emergency-mode", host_is_in_emergency_mode, (), (),
+                "Query the target host to discover if it is in emergency mode.", local_session=True),
+        Command("pool-emergency-transition-to-master", pool_emergency_transition_to_master, (), ("force",),
+                "Instruct slave to become pool master. The operation will be ignored if this host is already"
+                " master; the optional parameter '--force' will force the operation.", local_session=True),
+        Command("pool-emergency-reset-master", pool_emergency_reset_master, ("master-address",), (),
+                "Instruct slave to reset master address.", local_session=True),
+        Command("pool-recover-slaves", pool_recover_slaves, (), (),
+                "Instruct master to try and reset master-address of all slaves currently running in"
+                " emergency mode."),
+        Command("pool-designate-new-master", pool_designate_new_master, ("host-uuid",), (),
+                "Request an orderly handover of the role of master to another host."),
         Command("pool-ha-prevent-restarts-for", pool_ha_prevent_restarts_for, ("seconds",), (),
                 "Prevent HA VM restarts for a given number of seconds."),
         Command("host-ha-xapi-healthcheck", host_ha_xapi_healthcheck, (), (),
-                "Check that xapi on the local host is running satisfactorily."),
+                "Check that xapi on the local host is running satisfactorily.", local_session=True),
         Command("host-disable", _host_op("disable", ("auto-enable",), arguments=_disable_args), (),
                 ("host", "uuid", "auto-enable", "multiple", "<field>=<value>"),
                 "Disable the XE host. Setting auto-enable=false will keep the host persistently disabled until"

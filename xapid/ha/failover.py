@@ -18,6 +18,7 @@ import structlog
 
 from xapid.api import vm as vm_api
 from xapid.api.message import create_message
+from xapid.api.pool import transition_master
 from xapid.errors import ApiError
 from xapid.ha import hooks
 from xapid.ha.liveset import Liveset
@@ -254,14 +255,12 @@ class Failover:
                 return
 
     def become_master(self, host: str) -> None:
-        """This host holds the master lock: it is the pool's master now (POOL_MASTER_TRANSITION)."""
+        """This host holds the master lock: it is the pool's master now (:func:`transition_master`:
+        every host follows it, no session survives, ``POOL_MASTER_TRANSITION``)."""
         m = self.manager
         with self._become_master_lock:
             old = m.daemon.master_ref()
             if old == host:
                 return
-            uuid = m.host_uuid(host)
-            with m.store.transaction() as tx:
-                tx.update("pool", m.daemon.pool_ref(), master=host)
-            log.warning("this host became the pool master", host=uuid, previous=m.host_uuid(old))
-            create_message(m.store, "POOL_MASTER_TRANSITION", 4, "Host", uuid, "")
+            transition_master(m.daemon, host)
+            log.warning("this host became the pool master", host=m.host_uuid(host), previous=m.host_uuid(old))

@@ -59,6 +59,7 @@ class HaManager:
             timeout=cfg["ha-script-timeout"],
             start_timeout=cfg["ha-start-daemon-timeout"],
             state_dir=daemon.state_dir,
+            hardware=self._hardware,
         )
         self.local = LocalDb(daemon.state_dir)
         self._op_lock = threading.Lock()
@@ -95,6 +96,17 @@ class HaManager:
             ref = self.store.by_uuid("host", host_uuid)
             if ref is not None:
                 self.monitor.signal_stop(ref)
+
+    def _hardware(self, need: str, host_uuid: str, create: bool) -> dict[str, str]:
+        """The adapter's hook for stacks that need emulated hardware (``xapid-hardware``)."""
+        if need == "netns":
+            return self.daemon.hw.cluster_network(host_uuid, create)
+        return {}
+
+    def release_hardware(self) -> None:
+        """HA is off: the cluster network goes unless a clustered pool (``Cluster``) still uses it."""
+        if not self.store.refs("Cluster"):
+            self.daemon.hw.release_cluster_network()
 
     # -- helpers -------------------------------------------------------------------------------------
 
@@ -582,6 +594,8 @@ class HaManager:
             time.sleep(self.daemon.config["ha-disable-retry-delay"])
         for h in hosts:
             self.local.set(self.host_uuid(h), **{"ha.armed": False})
+        if not left:
+            self.release_hardware()
         if left and not rollback:
             raise internal(
                 f"HA disabled, but the heartbeat daemon could not be stopped on: {', '.join(left)}"
@@ -677,6 +691,8 @@ class HaManager:
             self._hello(host)
             if system_boot and self.pool()["ha_enabled"] and not clean:
                 create_message(self.store, "HA_HOST_WAS_FENCED", 4, "Host", uuid, "")
+            # xapi_cluster_host.ml resync_host: a clustered host's corosync comes back before HA does.
+            self.daemon.clusterd.resync_host(host)
             if self.armed(host) and not self._start_ha(host):
                 if self._stopping.is_set():
                     return
@@ -900,6 +916,7 @@ class HaManager:
             if left:
                 log.warning("killed processes left behind for a host while HA is off", host=self.host_uuid(h),
                             processes=left)
+        self.release_hardware()
 
     def stop(self) -> None:
         """Daemon shutdown: end the start-up threads, the monitor and the heartbeats; hosts stay armed."""

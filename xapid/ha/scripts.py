@@ -17,7 +17,7 @@ import stat
 import subprocess
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -165,8 +165,12 @@ class ClusterStackRunner:
         start_timeout: float = 180.0,
         stdout_cap: int = 1 << 20,
         state_dir: Path | None = None,
+        hardware: Callable[[str, str, bool], dict[str, str]] | None = None,
     ) -> None:
         self.root = Path(root)
+        # hardware(need, host_uuid, create) -> extra environment: the emulated hardware a stack
+        # asks for in its xapid-hardware file (``netns``: a network namespace per host).
+        self.hardware = hardware
         self.state_dir = state_dir
         # One file per script running now, named by its pid (= its process group): what a daemon
         # killed mid-script leaves behind is found and ended at the next start (reap_orphans).
@@ -267,6 +271,17 @@ class ClusterStackRunner:
         except (OSError, RuntimeError, ApiError):
             return set()
 
+    def needed_hardware(self, stack: str) -> set[str]:
+        """Emulated hardware the stack needs, from ``<root>/<stack>/xapid-hardware`` (empty when absent)."""
+        try:
+            path = (self.stack_dir(stack) / "xapid-hardware").resolve(strict=True)
+            if not path.is_relative_to(self.root.resolve()) or not stat.S_ISREG(path.stat().st_mode):
+                return set()
+            with path.open("rb") as handle:
+                return set(handle.read(_SUPPORTED_SRS_CAP).decode("utf-8", errors="replace").split())
+        except (OSError, RuntimeError, ApiError):
+            return set()
+
     def _script_path(self, stack: str, script: str) -> tuple[Path, Path]:
         """(stack folder, resolved script path) after every check of ``run``; raises otherwise."""
         if script not in SCRIPTS:
@@ -298,7 +313,8 @@ class ClusterStackRunner:
         """Run ``<root>/<stack>/<script> args...`` for ``host_uuid`` and return its result.
 
         Environment is exactly PATH (the daemon's plus the stack folder), XHAD_CONF,
-        XAPI_HOST_UUID, XAPID_HOST_DIR and (with a state dir) XAPID_POOL_DIR and XAPID_HW_DIR;
+        XAPI_HOST_UUID, XAPID_HOST_DIR, (with a state dir) XAPID_POOL_DIR and XAPID_HW_DIR, and
+        what the emulated hardware the stack asks for adds (``XAPID_NETNS`` or ``XAPID_NETNS_ERROR``);
         cwd is the stack folder; stdin is /dev/null.  Exit 0 gives a
         ScriptResult; an MTC code raises ScriptError; anything else (unknown code, death by
         signal, timeout, missing/non-executable/escaping script) raises INTERNAL_ERROR, and an
@@ -326,6 +342,10 @@ class ClusterStackRunner:
             pool_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             env["XAPID_POOL_DIR"] = str(pool_dir)
             env["XAPID_HW_DIR"] = str(self.state_dir / "hw")
+        if self.hardware is not None:
+            for need in sorted(self.needed_hardware(stack)):
+                # Only a start makes hardware; the other scripts learn what exists.
+                env.update(self.hardware(need, host_uuid, script == "ha_start_daemon"))
         where = f"{stack}/{script} on host {host_uuid}"
         with self._host_lock(host_uuid):
             started = time.monotonic()

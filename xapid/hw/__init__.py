@@ -18,6 +18,7 @@ import structlog
 
 from xapid import statefiles
 from xapid.hw.fabric import Fabric
+from xapid.hw.netns import ClusterNetwork, NetnsError
 from xapid.hw.processes import kill_all, signal_all
 from xapid.hw.watchdog import Watchdogs
 
@@ -40,6 +41,9 @@ class Hardware:
         statefiles.make_dirs(self.dir)
         self.reboot_delay = reboot_delay
         self.fabric = Fabric(self.dir / "fabric.json")
+        # The hosts' cluster network (namespaces), made on demand for stacks that need one.
+        self.netns = ClusterNetwork(state_dir, self.dir)
+        self.fabric.on_change(self.netns.apply)
         self._path = self.dir / "power.json"
         self._lock = threading.RLock()
         self._state: dict[str, dict[str, object]] = self._load()
@@ -79,6 +83,7 @@ class Hardware:
             self._save()
 
     def start(self) -> None:
+        self.netns.reclaim()
         self.watchdogs.start()
 
     def prepare_stop(self) -> None:
@@ -102,6 +107,29 @@ class Hardware:
             left = self.end_processes(uuid)
             if left:
                 log.warning("killed processes a host still ran at daemon stop", host=uuid, processes=left)
+        self.netns.teardown()
+
+    # -- the cluster network --------------------------------------------------------------------------
+
+    def cluster_network(self, uuid: str, create: bool) -> dict[str, str]:
+        """What a stack needing namespaces learns about host ``uuid``: ``XAPID_NETNS`` (its namespace),
+        or ``XAPID_NETNS_ERROR`` (why there is none).  ``create`` makes the network for every host first.
+        """
+        if create:
+            with self._lock:
+                uuids = list(self._state)
+            try:
+                self.netns.ensure(uuids, dict(self.fabric.network))
+            except NetnsError as exc:
+                return {"XAPID_NETNS_ERROR": str(exc)}
+        name = self.netns.host_netns(uuid)
+        if name is None:
+            return {"XAPID_NETNS_ERROR": "the cluster network does not exist (ha_start_daemon makes it)"}
+        return {"XAPID_NETNS": name}
+
+    def release_cluster_network(self) -> None:
+        """Nothing needs the cluster network any more: kill what runs in it and delete it."""
+        self.netns.teardown()
 
     def on_power_change(self, listener: PowerListener) -> None:
         """Call ``listener(uuid, old, new)`` after every power change (in the changing thread)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from xapid import statefiles
@@ -22,7 +23,17 @@ class Fabric:
         self._lock = threading.Lock()
         self.network: dict[str, str] = {}
         self.storage_blocked: dict[str, list[str]] = {}
+        self._listeners: list[Callable[[dict[str, str]], None]] = []
         self._load()
+
+    def on_change(self, listener: Callable[[dict[str, str]], None]) -> None:
+        """Call ``listener(network groups)`` after every partition or heal (emulated links follow it)."""
+        self._listeners.append(listener)
+
+    def _notify(self) -> None:
+        network = dict(self.network)
+        for listener in self._listeners:
+            listener(network)
 
     def _load(self) -> None:
         try:
@@ -60,11 +71,13 @@ class Fabric:
                 network.setdefault(uuid, DEFAULT_GROUP)
             self.network = network
             self._save()
+        self._notify()
 
     def heal(self) -> None:
         with self._lock:
             self.network = {}
             self._save()
+        self._notify()
 
     def block_storage(self, uuids: list[str], folders: list[str]) -> None:
         with self._lock:

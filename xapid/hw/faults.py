@@ -20,6 +20,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from xapid import unixsock
+
 if TYPE_CHECKING:
     from xapid.daemon import Daemon
 
@@ -217,7 +219,11 @@ class _UnixConnection(http.client.HTTPConnection):
     def connect(self) -> None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(self.timeout)
-        sock.connect(self._path)
+        try:
+            unixsock.connect(sock, self._path)
+        except BaseException:
+            sock.close()
+            raise
         self.sock = sock
 
 

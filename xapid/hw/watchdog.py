@@ -28,13 +28,13 @@ from pathlib import Path
 import structlog
 
 from xapid import statefiles
+from xapid.unixsock import MAX_UNIX_PATH
 
 log = structlog.get_logger("xapid.hw.watchdog")
 
 SOCKET_NAME = "watchdog"
 MAX_MESSAGE = 512
-# AF_UNIX addresses hold at most 107 bytes; longer paths are reached through the folder's fd.
-MAX_UNIX_PATH = 107
+# AF_UNIX addresses hold at most MAX_UNIX_PATH bytes; longer paths are reached through the folder's fd.
 
 
 def socket_address(folder: Path, dir_fd: int | None) -> str:

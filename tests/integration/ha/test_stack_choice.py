@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -127,11 +128,13 @@ def test_explicit_stack_violating_sr_constraint(xapid_factory: object, stack_roo
     assert x.pool.get_ha_enabled(x.pool.get_all()[0]) is False
 
 
-def test_chosen_stack_not_installed_is_unknown_cluster_stack(api: object) -> None:
-    """An attached OCFS2 SR needs corosync, which has no shipped stack folder."""
-    shared_sr(api, "ocfs2")
+def test_chosen_stack_not_installed_is_unknown_cluster_stack(xapid_factory: object, stack_root: Path) -> None:
+    """An attached OCFS2 SR needs corosync; without that stack folder the answer is UNKNOWN_CLUSTER_STACK."""
+    shutil.rmtree(stack_root / "corosync")
+    x = xapid_factory(stack_root=stack_root).session().xenapi  # type: ignore[operator]
+    shared_sr(x, "ocfs2")
     with pytest.raises(XenAPI.Failure) as e:
-        api.pool.enable_ha([], {"timeout": "10"})  # type: ignore[attr-defined]
+        x.pool.enable_ha([], {"timeout": "10"})
     assert details(e) == ["UNKNOWN_CLUSTER_STACK", "corosync"]
 
 

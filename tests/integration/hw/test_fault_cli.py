@@ -72,3 +72,15 @@ def test_without_ha_a_crashed_host_is_assumed_dead_after_the_interval(xapid_fact
     wait_for(lambda: not live(), timeout=10, what="the host to be assumed dead")
     assert fault(d.state_dir, "boot", "host3").returncode == 0
     wait_for(live, timeout=10, what="the booted host to say hello")
+
+
+def test_a_state_dir_too_long_for_a_unix_address_still_has_its_local_socket(xapid_factory: Any) -> None:
+    """AF_UNIX addresses hold 107 bytes; a deeper state dir binds and reaches xapi.sock through its folder."""
+    name = "state-" + "d" * 100
+    d = xapid_factory(name=name)
+    assert len(str(d.state_dir / "xapi.sock")) > 107
+    assert (d.state_dir / "xapi.sock").exists()
+    status = fault(d.state_dir, "status")
+    assert status.returncode == 0, status.stderr
+    assert status.stdout.startswith("host1 ")
+    assert fault(d.state_dir, "crash", "host2").stdout == "host2: on -> off\n"

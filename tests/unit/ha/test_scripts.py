@@ -515,3 +515,25 @@ def test_query_liveset_and_propose_master_helpers(
         assert runner.propose_master(stack, HOST, conf_path) is expected, stack
     make_script("odd", "ha_propose_master", "#!/bin/sh\necho TRUE; exit 42\n")
     assert api_error(runner.propose_master, "odd", HOST, conf_path).code == "INTERNAL_ERROR"
+
+
+def test_hardware_a_stack_asks_for_reaches_its_environment(
+    stack_root: Path, make_script: MakeScript, conf_path: Path
+) -> None:
+    """A stack listing ``netns`` in ``xapid-hardware`` gets the hook's variables; only a start makes it."""
+    asked: list[tuple[str, str, bool]] = []
+
+    def hardware(need: str, host: str, create: bool) -> dict[str, str]:
+        asked.append((need, host, create))
+        return {"XAPID_NETNS": "ns-of-" + host[:4]} if create else {"XAPID_NETNS_ERROR": "not made yet"}
+
+    runner = ClusterStackRunner(stack_root, timeout=10.0, start_timeout=10.0, hardware=hardware)
+    for name in ("ha_start_daemon", "ha_query_liveset"):
+        make_script("net", name, "#!/bin/sh\necho \"${XAPID_NETNS:-none} ${XAPID_NETNS_ERROR:-}\"\n")
+    make_script("plain", "ha_start_daemon", "#!/bin/sh\necho \"${XAPID_NETNS:-none}\"\n")
+    (stack_root / "net" / "xapid-hardware").write_text("netns\n")
+    assert runner.needed_hardware("net") == {"netns"} and runner.needed_hardware("plain") == set()
+    assert runner.run("net", "ha_start_daemon", HOST, conf_path).stdout.strip() == "ns-of-1111"
+    assert runner.run("net", "ha_query_liveset", HOST, conf_path).stdout.strip() == "none not made yet"
+    assert runner.run("plain", "ha_start_daemon", HOST, conf_path).stdout.strip() == "none"
+    assert asked == [("netns", HOST, True), ("netns", HOST, False)]
