@@ -15,11 +15,12 @@ The numbers come from the emulated metrics (:mod:`xapid.hw.metrics`); this modul
   RRD: data sources, every archive with its rows oldest first.  ``/vm_rrd`` of an unknown or halted
   VM is 404, without ``uuid`` 400.
 
-Which host answers: the one whose endpoint received the request (``Request.endpoint``, once hosts
-have endpoints of their own), else the pool address, which answers for the master (``host=true``
-gives the master's columns) and, unlike one real xapi host, for the running VMs of every host that
-is powered on (every host is behind this one address).  A host that is not powered on has no
-statistics: its VMs' columns disappear and their RRDs stop at the moment it went down.
+Which host answers: the one whose own address received the request (``Request.endpoint``) answers
+as its rrdd (its columns, its VMs); the pool address answers for the master (``host=true`` gives
+the master's columns) and, unlike one real xapi host, for the running VMs of every host that is
+powered on (every host is behind this one address).  ``/vm_rrd`` answers for any running VM
+(xapi would redirect to its host).  A host that is not powered on has no statistics: its VMs'
+columns disappear and their RRDs stop at the moment it went down.
 """
 
 from __future__ import annotations

@@ -365,3 +365,27 @@ def test_a_hosts_history_keeps_a_vm_that_stopped(xapid: Xapid, api: Any) -> None
         assert seen[0] == base and base + vcpus in seen  # the past still has the VM
     finally:
         session.xenapi.session.logout()
+
+
+def test_a_hosts_own_address_answers_for_that_host(pool: dict[str, Any]) -> None:
+    """At a host's own address (issue 11) /rrd_updates is that host's rrdd: its columns, its VMs."""
+    from tests.integration.endpoint_support import host_url
+
+    api = pool["api"]
+    host2 = api.host.get_by_name_label("host2")[0]
+    vm = install(api, "Debian Bookworm 12", "on-host2")
+    api.VM.start_on(vm, host2, False, False)
+    try:
+        url = host_url(pool["xapid"], api.host.get_address(host2)).rstrip("/")
+        r = requests.get(url + "/rrd_updates", timeout=TIMEOUT, headers={"Accept": "text/xml"},
+                         params={"session_id": pool["session"], "start": -10, "host": "true"})
+        assert r.status_code == 200, r.text[:300]
+        legend = xport(r.text)[1]
+        owners = {tuple(e.split(":")[1:3]) for e in legend}
+        assert ("host", api.host.get_uuid(host2)) in owners
+        assert ("host", api.host.get_uuid(pool["master"])) not in owners
+        assert ("vm", api.VM.get_uuid(vm)) in owners
+        assert ("vm", api.VM.get_uuid(pool["web"])) not in owners  # it runs on the master
+        assert ("vm", api.VM.get_uuid(api.host.get_control_domain(host2))) in owners
+    finally:
+        api.VM.hard_shutdown(vm)
