@@ -277,7 +277,7 @@ def test_statistics_stop_when_the_host_crashes(xapid: Xapid, api: Any) -> None:
     assert not any(f":vm:{uuid}:" in e for e in legend())  # its host's statistics are gone with it
     assert failure(api.VM.query_data_source, vm, "cpu0") == ["HOST_OFFLINE", host2]
     assert failure(api.host.query_data_source, host2, "cpu0") == ["HOST_OFFLINE", host2]
-    time.sleep(max(0.0, (crashed_at // 5 + 1) * 5 + 0.5 - time.time()))  # past the next 5 s step
+    time.sleep(max(0.0, crashed_at + 5.5 - time.time()))  # a whole 5 s step past the crash
     r = requests.get(url + "/vm_rrd", params={"session_id": sid, "uuid": uuid}, timeout=TIMEOUT,
                      headers={"Accept": "text/xml"})
     assert r.status_code == 200  # the RRD left behind (xapi's master would unarchive one)...
@@ -347,14 +347,18 @@ def test_a_hosts_load_follows_what_runs_on_it(pool: dict[str, Any]) -> None:
 
 def test_a_hosts_history_keeps_a_vm_that_stopped(xapid: Xapid, api: Any) -> None:
     master = api.pool.get_master(api.pool.get_all()[0])
+    # A fresh daemon has no sample yet: the baseline is read once the first 5 s step exists.
+    wait_for(lambda: api.host.query_data_source(master, "memory_total_kib") > 0, timeout=20, what="first sample")
+    time.sleep(5.5)
     base = api.host.query_data_source(master, "running_vcpus")
     vm = install(api, "Debian Bookworm 12", "brief")
     api.VM.start_on(vm, master, False, False)
     vcpus = int(api.VM_metrics.get_VCPUs_number(api.VM.get_metrics(vm)))
-    wait_for(lambda: api.host.query_data_source(master, "running_vcpus") == base + vcpus, what="the VM's vCPUs")
+    wait_for(lambda: api.host.query_data_source(master, "running_vcpus") == base + vcpus, timeout=20,
+             what="the VM's vCPUs")
     api.VM.hard_shutdown(vm)
     assert api.host.query_data_source(master, "running_vcpus") in (base, base + vcpus)  # this 5 s step may have it
-    wait_for(lambda: api.host.query_data_source(master, "running_vcpus") == base, what="the next step")
+    wait_for(lambda: api.host.query_data_source(master, "running_vcpus") == base, timeout=20, what="the next step")
     session = xapid.session()
     try:
         r = requests.get(xapid.url.rstrip("/") + "/rrd_updates", timeout=TIMEOUT, headers={"Accept": "text/xml"},
