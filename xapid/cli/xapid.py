@@ -33,6 +33,9 @@ def parse_listen(text: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+SIGNAL_POLL = 0.2  # seconds between the main thread's checks for SIGTERM/SIGINT
+
+
 def serve(args: argparse.Namespace) -> int:
     from xapid.daemon import Daemon
     from xapid.endpoints import HostEndpoints, bind_all
@@ -122,7 +125,10 @@ def serve(args: argparse.Namespace) -> int:
     log.info("xapid ready", url=url, console=url + "console", state_dir=str(daemon.state_dir),
              root_password_file=str(daemon.state_dir / "root-password"),
              hosts=sorted(endpoints.urls(scheme).values()))
-    stop.wait()
+    # Poll: a signal the kernel hands to another thread only runs its Python handler when the main
+    # thread next executes bytecode, and a bare wait() would sleep through it.
+    while not stop.wait(SIGNAL_POLL):
+        pass
     log.info("stopping")
     server.stop()
     daemon.stop()
