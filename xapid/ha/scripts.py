@@ -262,19 +262,16 @@ class ClusterStackRunner:
 
     def felt_faults(self, stack: str) -> set[str]:
         """Fabric faults the stack honours, from ``<root>/<stack>/xapid-faults`` (empty when absent)."""
-        try:
-            path = (self.stack_dir(stack) / "xapid-faults").resolve(strict=True)
-            if not path.is_relative_to(self.root.resolve()) or not stat.S_ISREG(path.stat().st_mode):
-                return set()
-            with path.open("rb") as handle:
-                return set(handle.read(_SUPPORTED_SRS_CAP).decode("utf-8", errors="replace").split())
-        except (OSError, RuntimeError, ApiError):
-            return set()
+        return self._words(stack, "xapid-faults")
 
     def needed_hardware(self, stack: str) -> set[str]:
         """Emulated hardware the stack needs, from ``<root>/<stack>/xapid-hardware`` (empty when absent)."""
+        return self._words(stack, "xapid-hardware")
+
+    def _words(self, stack: str, name: str) -> set[str]:
+        """The words of the stack's file ``name``: a regular file inside the root, else none."""
         try:
-            path = (self.stack_dir(stack) / "xapid-hardware").resolve(strict=True)
+            path = (self.stack_dir(stack) / name).resolve(strict=True)
             if not path.is_relative_to(self.root.resolve()) or not stat.S_ISREG(path.stat().st_mode):
                 return set()
             with path.open("rb") as handle:

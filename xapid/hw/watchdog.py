@@ -27,20 +27,18 @@ from pathlib import Path
 
 import structlog
 
-from xapid import statefiles
-from xapid.unixsock import MAX_UNIX_PATH
+from xapid import statefiles, unixsock
 
 log = structlog.get_logger("xapid.hw.watchdog")
 
 SOCKET_NAME = "watchdog"
 MAX_MESSAGE = 512
-# AF_UNIX addresses hold at most MAX_UNIX_PATH bytes; longer paths are reached through the folder's fd.
 
 
 def socket_address(folder: Path, dir_fd: int | None) -> str:
     """The address to bind or send to for ``folder/watchdog`` (a /proc/self/fd alias when too long)."""
     path = str(folder / SOCKET_NAME)
-    if len(os.fsencode(path)) <= MAX_UNIX_PATH or dir_fd is None:
+    if unixsock.fits(path) or dir_fd is None:
         return path
     return f"/proc/self/fd/{dir_fd}/{SOCKET_NAME}"
 
