@@ -1147,14 +1147,12 @@ class Bench:
         self.log(f"transfer: import {mib / import_s:.0f} MiB/s, export {mib / export_s:.0f} MiB/s, "
                  f"cp {cp_rate:.0f} MiB/s, peak RSS {peak:.0f} MiB")
 
-    def run(self) -> None:
+    def run(self, only: frozenset[str] = frozenset()) -> None:
+        """Run every phase, or only those named in ``only`` (see :data:`PHASES`)."""
         try:
-            self.store_phase()
-            self.ha_phase()
-            self.failover_phase()
-            self.planner_phase()
-            self.corosync_phase()
-            self.transfer_phase()
+            for name in PHASES:
+                if not only or name in only:
+                    getattr(self, f"{name}_phase")()
         finally:
             self.procs.stop_all()
 
@@ -1165,14 +1163,19 @@ class Outcome:
     error: str | None = None
 
 
-def run(params: Params, workdir: Path | None = None, keep: bool = False) -> Outcome:
+# The phases in the order they run; ``--only`` picks some of them.
+PHASES = ("store", "ha", "failover", "planner", "corosync", "transfer")
+
+
+def run(params: Params, workdir: Path | None = None, keep: bool = False,
+        only: frozenset[str] = frozenset()) -> Outcome:
     """Run every measurement of ``params``; never leaves a process behind."""
     results = Results(params)
     work = Path(tempfile.mkdtemp(prefix="xapid-bench-", dir=workdir))
     bench = Bench(params, work, results)
     error = None
     try:
-        bench.run()
+        bench.run(only)
     except BenchError as e:
         error = str(e)
     except Exception as e:  # noqa: BLE001 - reported with its traceback; the processes are stopped
@@ -1194,17 +1197,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny mode (seconds), for make test")
     parser.add_argument("--out", type=Path, help="results file (default bench/results.json; "
-                        "build/bench-smoke.json with --smoke)")
+                        "build/bench-smoke.json with --smoke, build/bench-only.json with --only)")
     parser.add_argument("--workdir", type=Path, help="parent folder of the temporary state dirs")
     parser.add_argument("--keep", action="store_true", help="keep the state dirs and logs")
+    parser.add_argument("--only", default="", help=f"comma-separated phases to run, of {', '.join(PHASES)} "
+                        "(default: all); the results file then holds only their figures")
     args = parser.parse_args(argv)
+    only = frozenset(p for p in args.only.split(",") if p)
+    if unknown := only - set(PHASES):
+        parser.error(f"unknown phase(s): {', '.join(sorted(unknown))}")
     params = SMOKE if args.smoke else FULL
-    out = args.out or (REPO / ("build/bench-smoke.json" if args.smoke else "bench/results.json"))
+    default_out = "build/bench-smoke.json" if args.smoke else "build/bench-only.json" if only else "bench/results.json"
+    out = args.out or REPO / default_out
     signal.signal(signal.SIGTERM, _terminate)
     # As in an activated venv: `python3` (the shebang of the shipped cluster-stack scripts) is this
     # interpreter, not a version-manager shim (pyenv's costs ~80 ms per script run).
     os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", os.defpath)])
-    outcome = run(params, args.workdir, args.keep)
+    outcome = run(params, args.workdir, args.keep, only)
     doc = outcome.results.document()
     if outcome.error:
         doc["meta"]["error"] = outcome.error
