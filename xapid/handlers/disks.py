@@ -353,7 +353,9 @@ def export_raw_vdi(access: Access) -> Response:
     store = access.daemon.store
     rec = store.get("VDI", vdi)
     assert rec is not None
-    serve_here_or_redirect(access, {str(rec["SR"])})
+    base = base_of(access) if fmt == "vhd" else None  # vhd-tool's raw output ignores a base
+    srs = {str(rec["SR"]), *([str(store.get("VDI", base)["SR"])] if base else [])}  # type: ignore[index]
+    serve_here_or_redirect(access, srs)
     size = int(rec["virtual_size"])
     path = vdi_file(access, vdi)
     with store.transaction() as tx:
@@ -366,17 +368,62 @@ def export_raw_vdi(access: Access) -> Response:
     except OSError:
         os.close(fd)
         raise
+    blocks: list[int] = []
     if fmt == "raw":
         length = size
     else:
-        blocks = vhd.allocated_blocks(reader.extents, size)
+        try:
+            blocks = vhd.allocated_blocks(reader.extents, size) if base is None else \
+                _changed_blocks(access, reader, size, base)
+        except BaseException:
+            os.close(fd)
+            raise
         length = vhd.export_layout(size, blocks)[2]
     headers = [*_headers(access), ("content-disposition", f'attachment; filename="{rec["uuid"]}.{fmt}"')]
     return Response(200, b"", FORMATS[fmt], close=True, headers=headers, length=length,
-                    stream=_send(access, vdi, fmt, fd, reader, size))
+                    stream=_send(access, vdi, fmt, fd, reader, size, blocks))
 
 
-def _send(access: Access, vdi: str, fmt: str, fd: int, reader: sparse.SparseReader, size: int) -> Iterator[bytes]:
+def base_of(access: Access) -> str | None:
+    """The VDI named by ``base=`` (ref, else uuid) for a differential export, None without it
+    (importexport.ml base_vdi_of_req)."""
+    name = access.param("base")
+    if not name:
+        return None
+    store = access.daemon.store
+    if store.exists("VDI", name):
+        return name
+    ref = store.by_uuid("VDI", name)
+    if ref is None:
+        raise ApiError("UUID_INVALID", "VDI", name)
+    return ref
+
+
+def _changed_blocks(access: Access, reader: sparse.SparseReader, size: int, base: str) -> list[int]:
+    """The VHD blocks whose bytes differ from ``base`` (vhd-tool's ``--relative-to``): a block is left
+    out only when both disks hold the same bytes there, holes reading as zeros."""
+    rec = access.daemon.store.get("VDI", base)
+    assert rec is not None
+    base_size = int(rec["virtual_size"])
+    fd = os.open(vdi_file(access, base), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        other = sparse.SparseReader(fd, base_size)
+        candidates = sorted(set(vhd.allocated_blocks(reader.extents, size))
+                            | set(vhd.allocated_blocks(other.extents, min(base_size, size))))
+        changed = []
+        for block in candidates:
+            offset = block * vhd.BLOCK
+            n = min(vhd.BLOCK, size - offset)
+            theirs = other.read_at(offset, n) if offset < base_size else b""
+            if reader.read_at(offset, n) != theirs.ljust(n, b"\0"):
+                changed.append(block)
+        return changed
+    finally:
+        os.close(fd)
+
+
+def _send(access: Access, vdi: str, fmt: str, fd: int, reader: sparse.SparseReader, size: int,
+          blocks: list[int]) -> Iterator[bytes]:
     try:
         with vdi_operation(access, vdi, "copy", writing=False):
             access.progress(0.0)
@@ -388,7 +435,6 @@ def _send(access: Access, vdi: str, fmt: str, fd: int, reader: sparse.SparseRead
             else:
                 rec = access.daemon.store.get("VDI", vdi)
                 disk_uuid = bytes.fromhex(rec["uuid"].replace("-", "")) if rec and len(rec["uuid"]) == 36 else None
-                blocks = vhd.allocated_blocks(reader.extents, size)
                 for i, piece in enumerate(vhd.export_stream(size, blocks, reader.read_at, disk_uuid)):
                     yield piece
                     progress(i // 2 * vhd.BLOCK)
