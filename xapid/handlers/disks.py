@@ -70,9 +70,9 @@ def routes() -> list[Route]:
 # -- shared --------------------------------------------------------------------------------------------
 
 
-def vdi_of(access: Access) -> str | None:
-    """The VDI named by ``vdi=`` (a ref, else a uuid: ``UUID_INVALID``), None without it."""
-    name = access.param("vdi")
+def vdi_of(access: Access, param: str = "vdi") -> str | None:
+    """The VDI named by ``vdi=`` (or ``param``: a ref, else a uuid, else ``UUID_INVALID``), None without it."""
+    name = access.param(param)
     if not name:
         return None
     store = access.daemon.store
@@ -392,18 +392,9 @@ def export_raw_vdi(access: Access) -> Response:
 
 
 def base_of(access: Access) -> str | None:
-    """The VDI named by ``base=`` (ref, else uuid) for a differential export, None without it
-    (importexport.ml base_vdi_of_req)."""
-    name = access.param("base")
-    if not name:
-        return None
-    store = access.daemon.store
-    if store.exists("VDI", name):
-        return name
-    ref = store.by_uuid("VDI", name)
-    if ref is None:
-        raise ApiError("UUID_INVALID", "VDI", name)
-    return ref
+    """The VDI named by ``base=`` for a differential export, None without it (importexport.ml
+    base_vdi_of_req)."""
+    return vdi_of(access, "base")
 
 
 def _changed_blocks(access: Access, reader: sparse.SparseReader, size: int, base: str) -> list[int]:
