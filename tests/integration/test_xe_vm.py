@@ -138,3 +138,27 @@ def test_event_wait_returns_when_a_record_matches_as_xapis_scripts_use_it(xe: Xe
     xe.ok("vm-resume", f"uuid={vm}")
     assert xe.get("vm", vm, "suspend-VDI-uuid") == "<not in database>"
     xe.ok("vm-shutdown", f"uuid={vm}", "--force")
+
+
+def test_guest_metrics_fields_as_xapis_install_debian_script_reads_them(xe: Xe, shared_api: Any) -> None:
+    """records.ml vm_record reads the guest metrics: ``networks``, ``os-version``, ``PV-drivers-version``...
+    (scripts/examples/bash-cli/install-debian polls ``param-name=networks param-key=0/ip``)."""
+    vm = one_uuid(xe.ok("vm-install", "template=Debian Bookworm 12", "new-name-label=metrics"))
+    network = xe.ok("network-list", "bridge=xenbr0", "--minimal").strip()
+    xe.ok("vif-create", f"vm-uuid={vm}", f"network-uuid={network}", "device=0")
+    assert xe.get("vm", vm, "networks") == "<not in database>"
+    r = xe("vm-param-get", f"uuid={vm}", "param-name=networks", "param-key=0/ip")
+    assert r.rc == 1 and "Key 0/ip not found in map" in r.err
+    xe.ok("vm-start", f"uuid={vm}")
+    ref = shared_api.VM.get_by_uuid(vm)
+    wait_for(lambda: shared_api.VM.get_guest_metrics(ref) != NULL
+             and "0/ip" in shared_api.VM_guest_metrics.get_networks(shared_api.VM.get_guest_metrics(ref)),
+             30, "the guest agent to report an address")
+    metrics = shared_api.VM.get_guest_metrics(ref)
+    assert xe.get("vm", vm, "networks", key="0/ip") == shared_api.VM_guest_metrics.get_networks(metrics)["0/ip"]
+    os_version = shared_api.VM_guest_metrics.get_os_version(metrics)
+    assert xe.get("vm", vm, "os-version", key="distro") == os_version["distro"]
+    assert xe.get("vm", vm, "live") == "true"
+    listing = xe.ok("vm-param-list", f"uuid={vm}")
+    assert "PV-drivers-up-to-date ( RO) [DEPRECATED]: " in listing and "os-version (MRO): " in listing
+    xe.ok("vm-shutdown", f"uuid={vm}", "--force")

@@ -204,6 +204,9 @@ def display(ctx: Context, f: CliField, ref: str, rec: Record) -> str:
     """The display string of field ``f`` of the object ``ref``."""
     if f.compute is not None:
         return f.compute(ref, rec, ctx.db)
+    if f.source is not None:
+        value = f.source(ref, rec, ctx.db)
+        return output.NOT_IN_DATABASE if value is None else output.render(value, f.type, ctx.db.uuid_of, f.join)
     return output.render(rec.get(f.api or ""), f.type, ctx.db.uuid_of, f.join)
 
 
@@ -331,9 +334,9 @@ def _param_get(view: CliClass) -> Run:
             raise XeError("Error code: Missing parameter", f"Error parameters: {name}")
         ref, rec = lookup(ctx, view, args)
         key = args.get("param-key")
-        if key is not None and f.kind == "map" and f.api is not None:
+        if key is not None and f.kind == "map" and (f.api is not None or f.source is not None):
             assert f.type.value is not None
-            entries = rec.get(f.api) or {}
+            entries = (rec.get(f.api) if f.api is not None else f.source(ref, rec, ctx.db)) or {}  # type: ignore[misc]
             if key not in entries:
                 raise XeError(f"Key {key} not found in map")
             ctx.out.write(output.render(entries[key], f.type.value, ctx.db.uuid_of) + "\n")
@@ -575,7 +578,7 @@ def select_vms(ctx: Context, args: Args, skip: tuple[str, ...] = (), templates: 
         return [ctx.db.ref_of("VM", uuid)]
     view = ctx.classes["vm"]
     if templates:
-        view = CliClass(view.name, view.cdef, view.default_columns, {})
+        view = CliClass(view.name, view.cdef, view.schema, view.default_columns, {})
     filters = _filters(view, Args([(k, v) for k, v in args.pairs if k not in VM_OP_KEYS + skip]), ())
     name = args.get("vm")
     refs = [ref for ref, rec in select(ctx, view, filters)
