@@ -152,6 +152,9 @@ class Store:
         self._pending_lock = threading.Lock()
         self._flush_lock = threading.Lock()
         self._durable = 0  # every generation up to this one is on disk (or needed nothing written)
+        # Disk writes so far and the rows they carried (rows / flushes: how well commits batch).
+        self.flushes = 0
+        self.flushed_rows = 0
         self._broken: str | None = None
         # Called under the store lock after every commit with (generation, changes), each change
         # being (cls, ref, op, old, new) with op "add", "mod" or "del"; the event system subscribes here.
@@ -383,6 +386,8 @@ class Store:
                 except ApiError as e:
                     self._broken = f"the store is broken, restart the daemon: {e.description[-1]}"
                     raise
+                self.flushes += 1
+                self.flushed_rows += len(rows)
             self._durable = max(self._durable, top)
 
     def _queue(self, gen: int, rows: list[Row]) -> None:
