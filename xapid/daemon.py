@@ -151,6 +151,10 @@ class Daemon:
         if ref == self.master_ref():
             self.sessions.drop_all()
 
+    def forget_host(self, host_uuid: str) -> None:
+        """A host whose records were destroyed: its emulated machine goes too."""
+        self.hw.detach(host_uuid)
+
     def start(self) -> None:
         """Services that run in the background (watchdogs, the HA re-arm and monitors, garbage collection)."""
         self.hw.start()
