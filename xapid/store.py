@@ -199,6 +199,8 @@ class Store:
         """Every stored row into memory (the cyclic GC paused: the records hold no cycles, and a
         collection every few thousand new records would rescan all earlier ones)."""
         shared = _Shared()
+        shared.strs[NULL_REF] = NULL_REF  # most ref fields hold the default: found by identity below
+        tables, uuids, feeds = self._tables, self._uuids, self._feeds
         was_enabled = gc.isenabled()
         gc.disable()
         try:
@@ -216,7 +218,15 @@ class Store:
                         raise StoreCorrupt(f"{path}: object {ref} is not valid JSON: {e}") from e
                 if type(rec) is not dict or type(rec.get("uuid")) is not str:
                     raise StoreCorrupt(f"{path}: object {ref} has no uuid")
-                self._install(cls, shared.str(ref), None, self._complete(cls, rec, shared))
+                ref = shared.str(ref)
+                rec = self._complete(cls, rec, shared)
+                # What _install does for a new object, without its questions about an old one.
+                tables[cls][ref] = rec
+                uuids[cls][rec["uuid"]] = ref
+                for src_field, index in feeds[cls]:
+                    target = rec.get(src_field)
+                    if target is not NULL_REF and type(target) is str and target != NULL_REF:
+                        index[target].add(ref)
         finally:
             if was_enabled:
                 gc.enable()
@@ -229,17 +239,18 @@ class Store:
         numbers, lists and maps); that is safe because committed records are never changed in place.
         """
         out = dict(self._defaults[cls])
+        strs, ints, container = shared.strs.setdefault, shared.ints.setdefault, shared.container
         for k, v in rec.items():
             t = type(v)
-            if t is str:
-                if len(v) <= 64:
-                    v = shared.strs.setdefault(v, v)
-            elif t is int:
-                v = shared.ints.setdefault(v, v)
-            elif t is list or t is dict:
-                v = shared.container(v)
             # An existing key keeps the defaults' key object: every record shares the field names.
-            out[k] = v
+            if t is str:
+                out[k] = strs(v, v) if len(v) <= 64 else v
+            elif t is int:
+                out[k] = ints(v, v)
+            elif t is list or t is dict:
+                out[k] = container(v)
+            else:
+                out[k] = v
         return out
 
     def _row(self, cls: str, rec: Record) -> str:

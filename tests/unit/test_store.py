@@ -125,6 +125,7 @@ def test_derived_relation_fields_follow_the_ref_side(schema: Schema, db: Path) -
     store.close()
     again = Store(schema, db)
     assert again.render("SR", sr2)["PBDs"] == [p2]
+    assert again.render("host", host)["PBDs"] == [p2] and again.render("SR", sr1)["PBDs"] == []
     raw = sqlite3.connect(db).execute("SELECT data FROM objects WHERE ref = ?", (sr2,)).fetchone()[0]
     assert '"PBDs"' not in raw
 
