@@ -150,6 +150,7 @@ VIEWS: dict[str, tuple[str, dict[str, str]]] = {
 
 # Fields xe derives from a ref field: API class -> (CLI name, ref field, member of the target).
 DERIVED: dict[str, tuple[tuple[str, str, str], ...]] = {
+    "VM": (("suspend-VDI-uuid", "suspend_VDI", "uuid"),),
     "PBD": (("host-uuid", "host", "uuid"), ("sr-uuid", "SR", "uuid")),
     "VDI": (("sr-uuid", "SR", "uuid"),),
     "VBD": (("vm-uuid", "VM", "uuid"), ("vm-name-label", "VM", "name_label"), ("vdi-uuid", "VDI", "uuid")),
