@@ -78,6 +78,10 @@ class Events:
         self.legacy: dict[str, Legacy] = {}
         self.relations = [(src_cls, src_field, cls) for cls, _f, src_cls, src_field in store.schema.relations()
                           if cls not in HIDDEN]  # task.session -> session.tasks: sessions stay unreported
+        # The same by source class, so that a commit looks only at the relations its classes feed.
+        self.fed_by: dict[str, list[tuple[str, str]]] = {}
+        for src_cls, src_field, target_cls in self.relations:
+            self.fed_by.setdefault(src_cls, []).append((src_field, target_cls))
         self.parked: list[Waiter] = []  # oldest first
         self.max_waiting = 256
         self.max_waiting_per_user = 64
@@ -117,9 +121,7 @@ class Events:
             if cls in HIDDEN:
                 continue
             self._mark(gen, cls, ref, op)
-            for src_cls, src_field, target_cls in self.relations:
-                if src_cls != cls:
-                    continue
+            for src_field, target_cls in self.fed_by.get(cls, ()):
                 before = old.get(src_field) if old else None
                 after = new.get(src_field) if new else None
                 if before != after:

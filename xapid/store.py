@@ -25,7 +25,9 @@ only in memory, as in xapi.
 from __future__ import annotations
 
 import copy
+import gc
 import json
+import json.scanner
 import sqlite3
 import threading
 import uuid as uuidlib
@@ -44,6 +46,32 @@ Row = tuple[str, str, str | None, bool]  # ref, cls, JSON data (None: delete), e
 
 FORMAT_VERSION = 1
 
+_ATOMIC = frozenset({str, int, float, bool, type(None)})
+_CONTAINERS = frozenset({dict, list})
+# json.dumps(value, separators=(",", ":")) without building an encoder per call (same text).
+_encode = json.JSONEncoder(separators=(",", ":")).encode
+# The C scanner json.loads ends in, without its per-call Python layers (used where it accepts the text).
+_scan = json.scanner.make_scanner(json.JSONDecoder())
+
+
+def _copy_value(value: Any) -> Any:
+    """A private copy of a JSON-like value: dicts and lists copied at every depth, atomic values shared."""
+    t = type(value)
+    if t is dict:
+        return {k: v if type(v) in _ATOMIC else _copy_value(v) for k, v in value.items()}
+    if t is list:
+        return [v if type(v) in _ATOMIC else _copy_value(v) for v in value]
+    if t in _ATOMIC:
+        return value
+    return copy.deepcopy(value)
+
+
+def copy_record(rec: Record) -> Record:
+    """A copy of ``rec`` its holder may change at any depth without touching ``rec``
+    (what ``copy.deepcopy`` gives for records, at a fraction of its cost)."""
+    # Most containers of a record are empty (shared schema defaults): a new empty one is cheapest.
+    return {k: v if type(v) not in _CONTAINERS else _copy_value(v) if v else type(v)() for k, v in rec.items()}
+
 
 class StoreCorrupt(Exception):
     """The store file failed verification; the daemon must not serve from it."""
@@ -55,6 +83,42 @@ def new_ref() -> str:
 
 def new_uuid() -> str:
     return str(uuidlib.uuid4())
+
+
+_ABSENT = object()
+
+
+class _Shared:
+    """Equal values met while loading, kept once (strings up to 64 characters, integers, and lists
+    and maps of strings, matched in order so that encodings stay the same)."""
+
+    def __init__(self) -> None:
+        self.strs: dict[str, str] = {}
+        self.ints: dict[int, int] = {}
+        self.containers: dict[tuple[Any, ...], Any] = {}
+
+    def str(self, value: str) -> str:
+        return self.strs.setdefault(value, value)
+
+    def container(self, value: list[Any] | dict[str, Any]) -> Any:
+        strs = self.strs
+        if type(value) is list:
+            if not all(type(x) is str for x in value):
+                return value
+            key: tuple[Any, ...] = ("l", *value)
+        else:
+            if not all(type(x) is str for x in value.values()):
+                return value
+            key = ("d", *value.items())
+        found = self.containers.get(key)
+        if found is not None:
+            return found
+        if type(value) is list:
+            value = [strs.setdefault(x, x) if len(x) <= 64 else x for x in value]
+        else:
+            value = {strs.setdefault(k, k): strs.setdefault(x, x) if len(x) <= 64 else x for k, x in value.items()}
+        self.containers[key] = value
+        return value
 
 
 class Store:
@@ -70,12 +134,9 @@ class Store:
         self._inverse: dict[tuple[str, str], dict[str, set[str]]] = {}
         for _cls, _field, src_cls, src_field in schema.relations():
             self._inverse[(src_cls, src_field)] = defaultdict(set)
-        # Per class: the ref fields that feed a relation index, and the stored field names.
+        # Per class: the ref fields that feed a relation index.
         self._feeds: dict[str, list[tuple[str, dict[str, set[str]]]]] = {
             name: [(f, index) for (c, f), index in self._inverse.items() if c == name] for name in schema.classes
-        }
-        self._stored: dict[str, dict[str, str]] = {
-            name: {f.name: f.name for f in c.stored_fields()} for name, c in schema.classes.items()
         }
         # Rows hold only the fields that differ from these; loading starts from a copy of them.
         # The default objects are shared between records, which is safe because committed records
@@ -91,6 +152,9 @@ class Store:
         self._pending_lock = threading.Lock()
         self._flush_lock = threading.Lock()
         self._durable = 0  # every generation up to this one is on disk (or needed nothing written)
+        # Disk writes so far and the rows they carried (rows / flushes: how well commits batch).
+        self.flushes = 0
+        self.flushed_rows = 0
         self._broken: str | None = None
         # Called under the store lock after every commit with (generation, changes), each change
         # being (cls, ref, op, old, new) with op "add", "mod" or "del"; the event system subscribes here.
@@ -126,40 +190,74 @@ class Store:
                 row = db.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()
                 if not row or row[0] != str(FORMAT_VERSION):
                     raise StoreCorrupt(f"{path}: unknown store format {row}")
-                shared: dict[str, str] = {}
-                for ref, cls, data in db.execute("SELECT ref, cls, data FROM objects"):
-                    if cls not in self._tables:
-                        raise StoreCorrupt(f"{path}: object {ref} of unknown class {cls}")
-                    try:
-                        rec = json.loads(data)
-                    except ValueError as e:
-                        raise StoreCorrupt(f"{path}: object {ref} is not valid JSON: {e}") from e
-                    if not isinstance(rec, dict) or not isinstance(rec.get("uuid"), str):
-                        raise StoreCorrupt(f"{path}: object {ref} has no uuid")
-                    self._install(cls, ref, None, self._complete(cls, rec, shared))
+                self._load(db, path)
         except sqlite3.DatabaseError as e:
             raise StoreCorrupt(f"{path}: {e}") from e
         self._db = db
 
-    def _complete(self, cls: str, rec: Record, shared: dict[str, str]) -> Record:
+    def _load(self, db: sqlite3.Connection, path: Path) -> None:
+        """Every stored row into memory (the cyclic GC paused: the records hold no cycles, and a
+        collection every few thousand new records would rescan all earlier ones)."""
+        shared = _Shared()
+        shared.strs[NULL_REF] = NULL_REF  # most ref fields hold the default: found by identity below
+        tables, uuids, feeds = self._tables, self._uuids, self._feeds
+        was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            for ref, cls, data in db.execute("SELECT ref, cls, data FROM objects"):
+                if cls not in self._tables:
+                    raise StoreCorrupt(f"{path}: object {ref} of unknown class {cls}")
+                try:
+                    rec, end = _scan(data, 0)
+                    if end != len(data):
+                        raise ValueError("trailing text")
+                except Exception:  # noqa: BLE001 - json.loads below decides, with its exact rules
+                    try:
+                        rec = json.loads(data)
+                    except ValueError as e:
+                        raise StoreCorrupt(f"{path}: object {ref} is not valid JSON: {e}") from e
+                if type(rec) is not dict or type(rec.get("uuid")) is not str:
+                    raise StoreCorrupt(f"{path}: object {ref} has no uuid")
+                ref = shared.str(ref)
+                rec = self._complete(cls, rec, shared)
+                # What _install does for a new object, without its questions about an old one.
+                tables[cls][ref] = rec
+                uuids[cls][rec["uuid"]] = ref
+                for src_field, index in feeds[cls]:
+                    target = rec.get(src_field)
+                    if target is not NULL_REF and type(target) is str and target != NULL_REF:
+                        index[target].add(ref)
+        finally:
+            if was_enabled:
+                gc.enable()
+
+    def _complete(self, cls: str, rec: Record, shared: _Shared) -> Record:
         """A stored row back as a full record: schema defaults for every field the row omits.
 
-        This is also xapi's upgrade rule for fields added since the row was written.  Short string
-        values are shared between records (100,000 VMs hold many equal ones).
+        This is also xapi's upgrade rule for fields added since the row was written.  Equal values
+        are shared between the records loaded together (100,000 VMs hold many equal strings,
+        numbers, lists and maps); that is safe because committed records are never changed in place.
         """
-        names = self._stored[cls]
         out = dict(self._defaults[cls])
+        strs, ints, container = shared.strs.setdefault, shared.ints.setdefault, shared.container
         for k, v in rec.items():
-            if type(v) is str and len(v) <= 64:
-                v = shared.setdefault(v, v)
-            out[names.get(k, k)] = v
+            t = type(v)
+            # An existing key keeps the defaults' key object: every record shares the field names.
+            if t is str:
+                out[k] = strs(v, v) if len(v) <= 64 else v
+            elif t is int:
+                out[k] = ints(v, v)
+            elif t is list or t is dict:
+                out[k] = container(v)
+            else:
+                out[k] = v
         return out
 
     def _row(self, cls: str, rec: Record) -> str:
         """The JSON stored for ``rec``: uuid plus every field that differs from its default."""
-        defaults = self._defaults[cls]
-        slim = {k: v for k, v in rec.items() if k == "uuid" or k not in defaults or v != defaults[k]}
-        return json.dumps(slim, separators=(",", ":"))
+        get = self._defaults[cls].get
+        slim = {k: v for k, v in rec.items() if k == "uuid" or (d := get(k, _ABSENT)) is not v and d != v}
+        return _encode(slim)
 
     def close(self) -> None:
         """Write what is queued, then close the database."""
@@ -299,6 +397,8 @@ class Store:
                 except ApiError as e:
                     self._broken = f"the store is broken, restart the daemon: {e.description[-1]}"
                     raise
+                self.flushes += 1
+                self.flushed_rows += len(rows)
             self._durable = max(self._durable, top)
 
     def _queue(self, gen: int, rows: list[Row]) -> None:
@@ -349,7 +449,7 @@ class Transaction:
         rec = self.store.get(cls, ref)
         if rec is None:
             return None
-        rec = copy.deepcopy(rec)
+        rec = copy_record(rec)
         self._put(cls, ref, rec)
         return rec
 
@@ -427,7 +527,7 @@ class Transaction:
         cdef = self.schema.classes[cls]
         rec: Record = {}
         for f in cdef.stored_fields():
-            rec[f.name] = copy.deepcopy(values[f.name]) if f.name in values else f.initial()
+            rec[f.name] = _copy_value(values[f.name]) if f.name in values else f.initial()
         if not rec.get("uuid"):
             rec["uuid"] = new_uuid()
         ref = ref or new_ref()

@@ -124,6 +124,10 @@ class Writers:
         self.label_tried = -1
         self.errors: list[BaseException] = []
         self.storage_sr = ""  # the SR the "vdi" writers create and destroy disks in
+        # The "name" writers: one VM each, renamed back to back (concurrent durable writes that group
+        # commit shares fsyncs between); per VM: the writer's tag, its last acknowledged and tried number.
+        self.name_vms: list[str] = []
+        self.names: dict[str, list[Any]] = {}
 
     def session(self) -> Any:
         s = XenAPI.Session(self.url)
@@ -164,6 +168,16 @@ class Writers:
                     for pbd in pbds:
                         api.PBD.unplug(pbd)
                     api.SR.destroy(sr)
+                elif kind == "name":
+                    with self.lock:
+                        if n == 1:
+                            vm = self.name_vms[len(self.names)]
+                            self.names[vm] = [tag, -1, -1]
+                        vm = next(v for v, entry in self.names.items() if entry[0] == tag)
+                        self.names[vm][2] = n
+                    api.VM.set_name_label(vm, f"{tag}-{n}")
+                    with self.lock:
+                        self.names[vm][1] = n
                 else:
                     with self.lock:
                         self.label_tag = tag
@@ -192,10 +206,20 @@ class Writers:
             assert self.label_acked <= seq <= self.label_tried, (label, self.label_acked, self.label_tried)
         else:
             assert self.label_acked == -1, f"acknowledged set_name_label lost: {label}"
+        for vm, (tag, acked, tried) in self.names.items():
+            label = records[vm]["name_label"]
+            seq = int(label.rsplit("-", 1)[1]) if label.startswith(f"{tag}-") else -1
+            assert acked <= seq <= tried, f"{vm}: {label!r}, acknowledged {tag}-{acked}, tried up to {tried}"
+
+
+NAME_WRITERS = 8  # concurrent set_name_label writers, besides the writers of other kinds
 
 
 def kill_under_writes(xapid_factory: Callable[..., Any], schema: Schema, vm_args: VmArgs, rounds: int) -> None:
     """Rounds of: writers of every kind at work, SIGKILL at a random moment, restart, check.
+
+    Among them :data:`NAME_WRITERS` writers rename a VM each, so that many durable writes are in
+    flight at the kill and commits share fsyncs (group commit): none acknowledged may be lost.
 
     Besides the acknowledged writes, a restart must leave no disk file or SR folder that no record owns
     (VDI and SR create/destroy make and remove them around their records).
@@ -207,18 +231,20 @@ def kill_under_writes(xapid_factory: Callable[..., Any], schema: Schema, vm_args
     pool = api.pool.get_all()[0]
     target = api.VM.create(vm_args("label target"))
     storage_sr = api.SR.create(api.host.get_all()[0], {}, "0", "disks under fire", "", "ext", "user", False, {})
+    name_vms = [api.VM.create(vm_args(f"renamed {i}")) for i in range(NAME_WRITERS)]
     writers: Writers | None = None
-    total = 0
+    total = renamed = 0
     for round_no in range(rounds):
         writers_round = Writers(d.url, d.password, vm_args, target, pool)
         writers_round.storage_sr = storage_sr
+        writers_round.name_vms = name_vms
         if writers is not None:          # carry over what earlier rounds had acknowledged
             writers_round.keys.update(writers.keys)
             writers_round.vms.update(writers.vms)
         writers = writers_round
         stop = threading.Event()
         ready = threading.Semaphore(0)
-        kinds = ["map", "map", "vm", "label", "vdi", "vdi", "sr"]
+        kinds = ["map", "map", "vm", "label", "vdi", "vdi", "sr"] + ["name"] * NAME_WRITERS
         threads = [threading.Thread(target=writers.run, args=(kind, f"r{round_no}{kind}{i}", stop, ready))
                    for i, kind in enumerate(kinds)]
         for t in threads:
@@ -242,7 +268,9 @@ def kill_under_writes(xapid_factory: Callable[..., Any], schema: Schema, vm_args
         assert len(after.pool.get_all()) == 1 and len(after.host.get_all()) == 3     # not re-seeded
         assert unowned_disk_files(after, d.state_dir) == [], f"seed {seed}"
         total += len(writers.keys) + len(writers.vms)
+        renamed += sum(1 for _tag, acked, _tried in writers.names.values() if acked > 0)
     assert total > 10, f"seed {seed}: too few acknowledged writes to mean anything ({total})"
+    assert renamed >= rounds * NAME_WRITERS // 2, f"seed {seed}: the rename writers hardly wrote ({renamed})"
 
 
 def test_acknowledged_writes_survive_sigkill(xapid_factory: Callable[..., Any], schema: Schema,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import json
 import sqlite3
 import threading
 import time
@@ -12,7 +14,7 @@ import pytest
 from xapid import schema as schema_mod
 from xapid.errors import ApiError
 from xapid.schema import NULL_REF, Schema
-from xapid.store import Store, StoreCorrupt
+from xapid.store import Store, StoreCorrupt, copy_record
 
 
 @pytest.fixture(scope="module")
@@ -123,6 +125,7 @@ def test_derived_relation_fields_follow_the_ref_side(schema: Schema, db: Path) -
     store.close()
     again = Store(schema, db)
     assert again.render("SR", sr2)["PBDs"] == [p2]
+    assert again.render("host", host)["PBDs"] == [p2] and again.render("SR", sr1)["PBDs"] == []
     raw = sqlite3.connect(db).execute("SELECT data FROM objects WHERE ref = ?", (sr2,)).fetchone()[0]
     assert '"PBDs"' not in raw
 
@@ -161,6 +164,86 @@ def test_rows_written_later_by_an_older_schema_get_defaults(schema: Schema, db: 
     con.close()
     rec = Store(schema, db).render("SR", ref)
     assert rec["name_label"] == "old" and rec["other_config"] == {} and rec["shared"] is False
+
+
+@pytest.mark.parametrize("text", ['  {"uuid": "u-1", "name_label": "old"}\n', '{ "name_label" : "old", "uuid":"u-1" }'])
+def test_rows_of_any_json_spacing_load(schema: Schema, db: Path, text: str) -> None:
+    """Rows need not be in this version's compact spelling (the loader's fast path falls back to json.loads)."""
+    store = Store(schema, db)
+    ref = make_sr(store)
+    store.close()
+    con = sqlite3.connect(db)
+    con.execute("UPDATE objects SET data = ? WHERE ref = ?", (text, ref))
+    con.commit()
+    con.close()
+    again = Store(schema, db)
+    assert again.get("SR", ref)["name_label"] == "old" and again.by_uuid("SR", "u-1") == ref  # type: ignore[index]
+
+
+def test_rows_keep_the_compact_json_spelling(schema: Schema, db: Path) -> None:
+    """The on-disk format is unchanged: uuid plus the fields that differ from their defaults, compact JSON."""
+    store = Store(schema, db)
+    with store.transaction() as tx:
+        ref = tx.create("SR", {"name_label": "sr", "other_config": {"b": "1", "a": "2"}, "physical_size": 7})
+    store.close()
+    data = sqlite3.connect(db).execute("SELECT data FROM objects WHERE ref = ?", (ref,)).fetchone()[0]
+    rec = json.loads(data)
+    assert data == json.dumps(rec, separators=(",", ":"))
+    assert rec == {"uuid": rec["uuid"], "name_label": "sr", "other_config": {"b": "1", "a": "2"}, "physical_size": 7}
+
+
+def test_copy_record_is_private_at_every_depth() -> None:
+    rec = {"a": 1, "m": {"k": ["x", {"deep": "v"}]}, "s": ["p"], "e": [], "d": {}, "t": "text"}
+    copy = copy_record(rec)
+    assert copy == rec
+    copy["m"]["k"][1]["deep"] = "changed"
+    copy["m"]["k"].append("y")
+    copy["s"].append("q")
+    copy["e"].append(1)
+    copy["d"]["new"] = 1
+    assert rec == {"a": 1, "m": {"k": ["x", {"deep": "v"}]}, "s": ["p"], "e": [], "d": {}, "t": "text"}
+
+
+def test_loaded_records_share_equal_values_yet_change_alone(schema: Schema, db: Path) -> None:
+    store = Store(schema, db)
+    same = {"other_config": {"a": "b", "c": "d"}, "tags": ["t1", "t2"], "memory_target": 3 << 30}
+    with store.transaction() as tx:
+        one = tx.create("VM", {"name_label": "one", **same})
+        two = tx.create("VM", {"name_label": "two", **same})
+        three = tx.create("VM", {"name_label": "three", "other_config": {"c": "d", "a": "b"}})
+    store.close()
+    again = Store(schema, db)
+    r1, r2, r3 = (again.get("VM", r) for r in (one, two, three))
+    assert r1 is not None and r2 is not None and r3 is not None
+    for field in same:  # one object for equal values: 100,000 VMs hold few distinct ones
+        assert r1[field] == same[field] and r1[field] is r2[field]
+    # Equal maps in another order stay apart: a record's encoding keeps its order.
+    assert r3["other_config"] is not r1["other_config"] and list(r3["other_config"]) == ["c", "a"]
+    with again.transaction() as tx:
+        tx.get("VM", one)["other_config"]["x"] = "y"
+        tx.get("VM", one)["tags"].append("t3")
+    assert again.get("VM", two)["other_config"] == {"a": "b", "c": "d"}  # type: ignore[index]
+    assert again.get("VM", two)["tags"] == ["t1", "t2"]  # type: ignore[index]
+    assert again.get("VM", one)["tags"] == ["t1", "t2", "t3"]  # type: ignore[index]
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_loading_leaves_the_collector_as_it_found_it(schema: Schema, db: Path, enabled: bool) -> None:
+    populated(schema, db, rows=3)
+    was = gc.isenabled()
+    try:
+        gc.enable() if enabled else gc.disable()
+        Store(schema, db).close()
+        assert gc.isenabled() is enabled
+        con = sqlite3.connect(db)
+        con.execute("UPDATE objects SET data = '{bad' WHERE rowid = 2")
+        con.commit()
+        con.close()
+        with pytest.raises(StoreCorrupt):
+            Store(schema, db)
+        assert gc.isenabled() is enabled
+    finally:
+        gc.enable() if was else gc.disable()
 
 
 def wal_bytes_for_one_update(schema: Schema, path: Path, rows: int) -> int:
