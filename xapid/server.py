@@ -79,6 +79,7 @@ from xapid.wire import (
     xml_bare,
     xml_failure,
     xml_success,
+    xml_success_parts,
 )
 
 log = structlog.get_logger("xapid.server")
@@ -641,21 +642,22 @@ class Conn:
         sock = self.sock
         deadline = 0.0
         pending: list[Any] = [p for p in parts if p]
-        while pending:
+        i, n = 0, len(pending)  # pending[i] is the first piece not wholly sent
+        while i < n:
             try:
-                sent = sock.send(pending[0]) if len(pending) == 1 else sock.sendmsg(pending[:IOV_MAX])
+                sent = sock.send(pending[i]) if i == n - 1 else sock.sendmsg(pending[i:i + IOV_MAX])
             except BlockingIOError:
                 sent = 0
             except OSError:
                 return False
             while sent:
-                first = len(pending[0])
+                first = len(pending[i])
                 if sent < first:
-                    pending[0] = memoryview(pending[0])[sent:]
+                    pending[i] = memoryview(pending[i])[sent:]
                     break
                 sent -= first
-                del pending[0]
-            if pending:
+                i += 1
+            if i < n:
                 if not deadline:
                     deadline = time.monotonic() + seconds
                 if not self._writable(deadline):
@@ -1350,7 +1352,7 @@ class ApiServer:
         with self.decoders:
             return decoder(body)
 
-    def run(self, method: str, work: Callable[[], bytes]) -> bytes:
+    def run(self, method: str, work: Callable[[], Any]) -> Any:
         slot = self.slot(method)
         if slot is None:
             return work()
@@ -1366,11 +1368,15 @@ class ApiServer:
             log.exception("unexpected exception parsing a request")
             return self.bad(type(e).__name__)
 
-        def work() -> bytes:
+        def work() -> bytes | list[bytes]:
             reply, error = self.call(method, params, request.local, request.endpoint)
             try:
                 if error is None:
                     assert reply is not None
+                    if not reply.bare:
+                        parts = xml_success_parts(reply.value)
+                        if parts is not None:
+                            return parts
                     value = self.daemon.encoder.xml(reply.value, reply.type)
                     return xml_bare(value) if reply.bare else xml_success(value)
             except Exception as e:  # noqa: BLE001 - the boundary: an encoding bug is an INTERNAL_ERROR
@@ -1378,7 +1384,12 @@ class ApiServer:
                 error = ["INTERNAL_ERROR", f"{type(e).__name__}: {e}"[:500]]
             return xml_failure(error)
 
-        return Response(200, self.run(method, work), "text/xml")
+        answer = self.run(method, work)
+        if isinstance(answer, list):
+            if len(answer) > 3:  # a large reply: sent from its pieces
+                return Response(200, b"", "text/xml", parts=answer)
+            answer = b"".join(answer)
+        return Response(200, answer, "text/xml")
 
     def jsonrpc(self, request: Request) -> Response:
         try:

@@ -331,6 +331,10 @@ class Preencoded:
     def xml(self) -> str:
         raise NotImplementedError
 
+    def xml_bytes(self) -> bytes:
+        """:meth:`xml` as UTF-8."""
+        return self.xml().encode("utf-8")
+
     def json(self) -> str:
         raise NotImplementedError
 
@@ -481,6 +485,31 @@ def xml_success(value_xml: str) -> bytes:
         + f"<member><name>Value</name>{value_xml}</member></struct></value>"
         + XML_TAIL
     ).encode("utf-8")
+
+
+_OK_HEAD = (XML_HEAD + "<value><struct><member><name>Status</name><value>Success</value></member>"
+            "<member><name>Value</name>").encode()
+_OK_TAIL = ("</member></struct></value>" + XML_TAIL).encode()
+
+
+def xml_success_parts(value: Any) -> list[bytes] | None:
+    """The bytes of :func:`xml_success` as pieces, for a :class:`Preencoded` record or a non-empty
+    map of them (``get_record``, ``get_all_records``): the cached records are spliced in as they
+    are, never copied into one string.  None for any other value (encode it the usual way)."""
+    if isinstance(value, Preencoded):
+        return [_OK_HEAD, value.xml_bytes(), _OK_TAIL]
+    if not isinstance(value, dict) or not value:
+        return None
+    parts = [_OK_HEAD + b"<value><struct>"]
+    sep = b"<member><name>"
+    for k, v in value.items():
+        if not isinstance(v, Preencoded):
+            return None
+        parts.append(b"%b%b</name>" % (sep, escape(_key(k)).encode("utf-8")))
+        parts.append(v.xml_bytes())
+        sep = b"</member><member><name>"
+    parts.append(b"</member></struct></value>" + _OK_TAIL)
+    return parts
 
 
 def xml_failure(description: list[str]) -> bytes:
