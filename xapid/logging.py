@@ -8,6 +8,7 @@ import datetime
 import json
 import json.encoder
 import logging
+import math
 import os
 import sys
 import threading
@@ -57,6 +58,11 @@ _dumps_str = json.encoder.encode_basestring_ascii  # what json.dumps does to a s
 BATCH_BYTES = 4096  # one write(2) carries whole lines up to this much (PIPE_BUF: pipes keep them whole)
 
 
+def _number(x: float) -> str:
+    """``json.dumps`` of a number (a finite float is its repr)."""
+    return float.__repr__(x) if type(x) is float and math.isfinite(x) else json.dumps(x)
+
+
 def _utc_iso(t: float) -> str:
     """structlog's ``TimeStamper(fmt="iso", utc=True)`` text of the instant ``t``."""
     return datetime.datetime.fromtimestamp(t, tz=datetime.UTC).isoformat().replace("+00:00", "Z")
@@ -102,7 +108,7 @@ class AccessLog:
         """The JSON line structlog's processors make of ``log.info("call", ...)`` with these fields."""
         method, user, session, result, duration_ms, t = entry
         return (f'{{"method": {_dumps_str(method)}, "user": {_dumps_str(user)}, "session": {_dumps_str(session)}, '
-                f'"result": {_dumps_str(result)}, "duration_ms": {json.dumps(duration_ms)}, "event": "call", '
+                f'"result": {_dumps_str(result)}, "duration_ms": {_number(duration_ms)}, "event": "call", '
                 f'"level": "info", "timestamp": "{_utc_iso(t)}"}}')
 
     def flush(self) -> None:

@@ -56,3 +56,10 @@ def test_every_queued_line_is_written_whole_and_in_order(tmp_path: object) -> No
         assert read_lines(path)[-1]["method"] == "lone"
     finally:
         os.close(fd)
+
+
+@pytest.mark.parametrize("duration", [0.0, 0.1, 12.34, 1e-05, 123456789.12, 3, float("inf")])
+def test_durations_are_written_as_json_writes_them(duration: float) -> None:
+    entry = ("m", "u", "s", "Success", duration, 0.5)
+    assert json.loads(AccessLog.render(entry).replace("Infinity", "1e999"))["duration_ms"] == duration
+    assert f'"duration_ms": {json.dumps(duration)},' in AccessLog.render(entry)
