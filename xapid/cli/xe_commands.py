@@ -830,6 +830,30 @@ def _careful_host_op(method: str, warnings: tuple[str, ...]) -> Run:
     return run
 
 
+def pool_eject(ctx: Context, args: Args) -> None:
+    """cli_operations.ml pool_eject: without --force, warn about the VDIs of SRs only this host sees."""
+    host = ctx.rpc.call("host.get_by_uuid", args.require("host-uuid"))
+    if not args.flag("force"):
+        lines = ["WARNING: Ejecting a host from the pool will reinitialise that host's local SRs.",
+                 "WARNING: Any data contained with the local SRs will be lost."]
+        doomed = []
+        for pbd in ctx.rpc.call("host.get_PBDs", host):
+            sr = ctx.rpc.call("PBD.get_SR", pbd)
+            if all(ctx.rpc.call("PBD.get_host", other) == host for other in ctx.rpc.call("SR.get_PBDs", sr)):
+                for vdi in ctx.rpc.call("SR.get_VDIs", sr):
+                    uuid, name = ctx.rpc.call("VDI.get_uuid", vdi), ctx.rpc.call("VDI.get_name_label", vdi)
+                    doomed.append(f"VDI: {uuid} ({name})")
+        if doomed:
+            lines += ["The following VDI objects will be destroyed:", *doomed]
+        ctx.out.write("".join(f"{line}\n" for line in lines) + "Type 'yes' to continue\n")
+        ctx.out.flush()
+        if sys.stdin.readline().strip().lower() != "yes":
+            return
+    ctx.rpc.call("pool.eject", host)
+    # OCaml's string_of_float 10. is "10."
+    ctx.out.write("Specified host will attempt to restart as a master of a new pool in 10. seconds...\n")
+
+
 def host_is_in_emergency_mode(ctx: Context, args: Args) -> None:
     ctx.out.write("true\n" if ctx.rpc.call("host.is_in_emergency_mode") else "false\n")
 
@@ -891,6 +915,7 @@ def named_commands() -> list[Command]:
                 "Prevent HA VM restarts for a given number of seconds."),
         Command("host-ha-xapi-healthcheck", host_ha_xapi_healthcheck, (), (),
                 "Check that xapi on the local host is running satisfactorily.", local_session=True),
+        Command("pool-eject", pool_eject, ("host-uuid",), ("force",), "Instruct host to leave an existing pool."),
         Command("host-forget", _careful_host_op("host.destroy", FORGET_WARNINGS), ("uuid",), ("force",),
                 "Forget about the host without contacting it explicitly. WARNING: this call is useful if the host"
                 " to 'forget' is dead; however, if the host is live and part of the pool, you should consider"
