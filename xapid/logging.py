@@ -63,9 +63,33 @@ def _number(x: float) -> str:
     return float.__repr__(x) if type(x) is float and math.isfinite(x) else json.dumps(x)
 
 
-def _utc_iso(t: float) -> str:
+def _utc_iso_slow(t: float) -> str:
     """structlog's ``TimeStamper(fmt="iso", utc=True)`` text of the instant ``t``."""
     return datetime.datetime.fromtimestamp(t, tz=datetime.UTC).isoformat().replace("+00:00", "Z")
+
+
+_second: tuple[float, str] = (-1.0, "")  # the last whole second met, and its text up to the seconds
+
+
+def _utc_iso(t: float) -> str:
+    """:func:`_utc_iso_slow`, the date and time of day formatted once per second.
+
+    The microseconds are split off as ``datetime.fromtimestamp`` does (``modf``, then rounding
+    half to even, a carry into the next second at 1,000,000), so the text is the same.
+    """
+    global _second
+    frac, whole = math.modf(t)
+    if frac < 0:
+        return _utc_iso_slow(t)
+    us = round(frac * 1e6)
+    if us >= 1_000_000:
+        whole += 1.0
+        us -= 1_000_000
+    seen, text = _second  # one tuple: read and replaced whole, whatever the threads
+    if seen != whole:
+        text = datetime.datetime.fromtimestamp(whole, tz=datetime.UTC).isoformat()[:19]
+        _second = (whole, text)
+    return f"{text}.{us:06d}Z" if us else f"{text}Z"
 
 
 class AccessLog:

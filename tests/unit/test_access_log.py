@@ -10,7 +10,7 @@ import time
 import pytest
 from structlog.processors import JSONRenderer
 
-from xapid.logging import AccessLog, _utc_iso
+from xapid.logging import AccessLog, _utc_iso, _utc_iso_slow
 
 FIELDS = [
     ("VM.get_record", "root", "OpaqueRef:0b2d3e5c...", "Success", 0.04, 1764601115.734216),
@@ -63,3 +63,15 @@ def test_durations_are_written_as_json_writes_them(duration: float) -> None:
     entry = ("m", "u", "s", "Success", duration, 0.5)
     assert json.loads(AccessLog.render(entry).replace("Infinity", "1e999"))["duration_ms"] == duration
     assert f'"duration_ms": {json.dumps(duration)},' in AccessLog.render(entry)
+
+
+def test_the_cached_time_stamp_is_the_datetime_one() -> None:
+    import random
+
+    rng = random.Random(16)
+    now = time.time()
+    instants = [now + rng.uniform(-1e5, 1e5) for _ in range(3000)]
+    instants += [float(int(now)), int(now) + 0.9999995, int(now) + 0.0000005, int(now) + 0.5, 0.0, 1e9 + 0.999999]
+    instants += [int(now) + k / 1e6 for k in range(0, 1_000_000, 99_991)]
+    for t in sorted(instants) + instants:  # in order (the cache reused) and shuffled
+        assert _utc_iso(t) == _utc_iso_slow(t), t
