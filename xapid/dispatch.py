@@ -95,6 +95,8 @@ def rpc_repr(v: Any) -> str:
 def valid_utf8(v: Any) -> bool:
     """False if any string in ``v`` cannot be encoded as UTF-8 (lone surrogates from JSON escapes)."""
     if isinstance(v, str):
+        if v.isascii():  # the usual case, known without encoding
+            return True
         try:
             v.encode("utf-8")
         except UnicodeEncodeError:

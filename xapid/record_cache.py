@@ -14,7 +14,6 @@ entries out first), so memory does not grow with the store.
 
 from __future__ import annotations
 
-import sys
 import threading
 from collections import OrderedDict
 from typing import TYPE_CHECKING
@@ -31,44 +30,76 @@ OVERHEAD = 256  # bytes an entry costs beyond its text and its rendered record's
 
 
 class Encoded(Preencoded):
-    """One rendered record and its wire forms, each made on first use."""
+    """One rendered record and its wire forms, each made on first use.
 
-    __slots__ = ("_base", "_json", "_xml", "cls", "encoder", "owner", "record", "ref")
+    The XML-RPC form is kept as UTF-8 bytes, spliced into replies as they are (no copy, no
+    encoding per call).  Once a form is made the rendered record is let go (only the stored
+    record, shared with the store, is kept): a second form, seldom asked for, renders it again.
+    """
 
-    def __init__(self, encoder: Encoder, cls: str, ref: str, record: Record, owner: RecordCache | None) -> None:
+    __slots__ = ("_base", "_json", "_xml", "cache", "cls", "encoder", "owner", "rec", "record", "ref")
+
+    def __init__(self, encoder: Encoder, cls: str, ref: str, record: Record, owner: RecordCache | None,
+                 rec: Record | None = None) -> None:
         self.encoder = encoder
         self.cls = cls
         self.ref = ref
-        self.record = record
+        self.record: Record | None = record
+        self.rec = rec  # the stored record ``record`` was rendered from (None: keep ``record``)
         self.owner = owner
-        self._xml: str | None = None
+        self.cache = owner  # to render again (``owner`` is cleared when the entry leaves the cache)
+        self._xml: bytes | None = None
         self._json: str | None = None
-        self._base = sys.getsizeof(record) + OVERHEAD  # the values are shared with the stored record
+        self._base = OVERHEAD
+
+    def _rendered(self) -> tuple[Record, int]:
+        """The rendered record and the store generation it holds for (-1: not known)."""
+        record = self.record
+        if record is not None:
+            return record, -1
+        cache = self.cache
+        assert self.rec is not None and cache is not None
+        generation = cache.store.generation
+        return cache.store.render(self.cls, self.ref, self.rec), generation
+
+    def _made(self, slot: str, text: bytes | str, generation: int) -> None:
+        if self.owner is None:
+            setattr(self, slot, text)
+        else:
+            self.owner._keep(self, slot, text, generation)
+            if self.rec is not None and self.owner is not None:
+                self.record = None  # kept: the stored record is enough to render it again
+
+    def xml_bytes(self) -> bytes:
+        """The XML-RPC ``<value>`` of the record, UTF-8 encoded."""
+        data = self._xml
+        if data is None:
+            owner = self.owner
+            record, generation = self._rendered()
+            data = self.encoder.xml(record, Type("record", name=self.cls)).encode("utf-8")
+            if owner is not None and self.owner is None:  # dropped meanwhile: answer, keep nothing
+                return data
+            self._made("_xml", data, generation)
+        return data
 
     def xml(self) -> str:
         """The XML-RPC ``<value>`` of the record."""
-        text = self._xml
-        if text is None:
-            text = self.encoder.xml(self.record, Type("record", name=self.cls))
-            if self.owner is None:
-                self._xml = text
-            else:
-                self.owner._keep(self, "_xml", text)
-        return text
+        return self.xml_bytes().decode("utf-8")
 
     def json(self) -> str:
         """The JSON text of the record (``json.dumps`` spacing)."""
         text = self._json
         if text is None:
-            text = dumps_value(self.encoder.json(self.record, Type("record", name=self.cls)))
-            if self.owner is None:
-                self._json = text
-            else:
-                self.owner._keep(self, "_json", text)
+            owner = self.owner
+            record, generation = self._rendered()
+            text = dumps_value(self.encoder.json(record, Type("record", name=self.cls)))
+            if owner is not None and self.owner is None:
+                return text
+            self._made("_json", text, generation)
         return text
 
     def size(self) -> int:
-        return len(self._xml or "") + len(self._json or "") + self._base
+        return len(self._xml or b"") + len(self._json or "") + self._base
 
 
 class RecordCache:
@@ -95,7 +126,7 @@ class RecordCache:
         if self.budget <= 0:
             return Encoded(self.encoder, cls, ref, self.store.render(cls, ref, rec), None)
         generation = self.store.generation
-        enc = Encoded(self.encoder, cls, ref, self.store.render(cls, ref, rec), self)
+        enc = Encoded(self.encoder, cls, ref, self.store.render(cls, ref, rec), self, rec)
         with self._lock:
             if self.store.generation == generation:  # no commit meanwhile: the derived fields hold
                 self._drop(ref)
@@ -104,6 +135,7 @@ class RecordCache:
                 self._trim()
             else:
                 enc.owner = None
+                enc.rec = None  # not cached: it keeps its rendered record
         return enc
 
     @property
@@ -114,17 +146,21 @@ class RecordCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def _keep(self, enc: Encoded, slot: str, text: str) -> None:
+    def _keep(self, enc: Encoded, slot: str, text: bytes | str, generation: int = -1) -> None:
+        """Keep a form of ``enc`` made from a rendering at ``generation`` (-1: the entry's own)."""
         with self._lock:
             if getattr(enc, slot) is not None:
                 return
-            setattr(enc, slot, text)
             entry = self._entries.get(enc.ref)
+            if generation >= 0 and self.store.generation != generation:
+                entry = None  # rendered again while a commit ran: its derived fields may not hold
             if entry is not None and entry[1] is enc:
+                setattr(enc, slot, text)
                 self._bytes += len(text)
                 self._trim()
             else:
                 enc.owner = None
+                setattr(enc, slot, text)
 
     def _trim(self) -> None:
         while self._bytes > self.budget and self._entries:

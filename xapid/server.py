@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import re
 import select
 import socket
@@ -67,6 +68,8 @@ from xapid.daemon import Daemon
 from xapid.dispatch import Reply
 from xapid.errors import ApiError
 from xapid.hw.faults import PATH as FAULT_PATH
+from xapid.logging import access_log
+from xapid.logging import flush as flush_log
 from xapid.wire import (
     BadRequest,
     decode_jsonrpc,
@@ -76,6 +79,7 @@ from xapid.wire import (
     xml_bare,
     xml_failure,
     xml_success,
+    xml_success_parts,
 )
 
 log = structlog.get_logger("xapid.server")
@@ -104,6 +108,25 @@ REASONS = {100: "Continue", 200: "OK", 302: "Found", 400: "Bad Request", 401: "U
            505: "HTTP Version Not Supported"}
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
 _VERSION = re.compile(r"HTTP/([0-9])\.([0-9])\Z")
+_VERSIONS = {"HTTP/1.1": (1, 1), "HTTP/1.0": (1, 0)}
+# Header names and methods already found to be tokens, and header names' lower case (bounded:
+# clients choose the names).
+_TOKENS: dict[str, bool] = {}
+_LOWER: dict[str, str] = {}
+_NAME_CACHE = 512
+
+
+def _token(text: str) -> bool:
+    """Whether ``text`` is an RFC 9110 token (a method or a header name)."""
+    known = _TOKENS.get(text)
+    if known is None:
+        known = _TOKEN.match(text) is not None
+        if len(_TOKENS) < _NAME_CACHE:
+            _TOKENS[text] = known
+            if known:
+                _LOWER[text] = text.lower()
+    return known
+IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)  # buffers per sendmsg
 UNTIL_CLOSE = -2  # _framing: a PUT body without framing, up to the client's close
 _LENGTH = re.compile(r"[0-9]{1,19}\Z")
 
@@ -142,6 +165,34 @@ class Limits:
         if values["max_header_size"] < 256:
             raise ConfigError("max-header-size must be at least 256 bytes")
         return cls(**values)
+
+
+class Slots:
+    """At most ``n`` holders at once (a bounded semaphore), taken with ``with``.
+
+    The free slots are tokens in a :class:`queue.SimpleQueue`, whose get and put run in C under
+    the GIL: unlike :class:`threading.BoundedSemaphore` no Python-level lock is held between
+    bytecodes, so a thread switched out while taking a slot never makes the others queue behind it.
+    """
+
+    __slots__ = ("_free", "size")
+
+    def __init__(self, n: int) -> None:
+        self.size = n
+        self._free: queue.SimpleQueue[None] = queue.SimpleQueue()
+        for _ in range(n):
+            self._free.put(None)
+
+    def __enter__(self) -> Slots:
+        self._free.get()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._free.put(None)
+
+    def free(self) -> int:
+        """Slots not taken now."""
+        return self._free.qsize()
 
 
 # -- requests, responses, routes ----------------------------------------------------------------------
@@ -187,9 +238,28 @@ class Response:
     # The server closes the iterator when done, also when the client leaves mid-way.
     stream: Iterable[bytes] | None = None
     length: int | None = None
+    # The body as several buffers, sent with few system calls and never joined (``body`` is then
+    # empty): a large reply spliced from cached pieces.
+    parts: list[bytes] | None = None
 
 
 Handler = Callable[["ApiServer", Request], Response]
+
+# The usual extra headers of an answer (xapi's no-cache and CORS headers).
+DEFAULT_HEADERS = (("cache-control", "no-cache, no-store"), ("Access-Control-Allow-Origin", "*"),
+                   ("Access-Control-Allow-Headers", "X-Requested-With"))
+
+
+def _head_around(status: int, content_type: str, close: bool) -> tuple[bytes, bytes]:
+    """An answer's head with the default headers, cut where its content-length goes."""
+    before = (f"HTTP/1.1 {status} {REASONS.get(status, 'Unknown')}\r\ncontent-type: {content_type}\r\n"
+              "content-length: ")
+    after = f"\r\nconnection: {'close' if close else 'keep-alive'}\r\n" + "".join(
+        f"{k}: {v}\r\n" for k, v in DEFAULT_HEADERS) + "\r\n"
+    return before.encode("latin-1"), after.encode("latin-1")
+
+
+_HEADS: dict[tuple[int, str, bool], tuple[bytes, bytes]] = {}
 
 
 @dataclass(frozen=True)
@@ -203,6 +273,29 @@ class Route:
     body_cap: str = "max_request_size"  # the Limits field bounding its body
     # The handler reads the body itself through ``request.reader`` (chunked bodies accepted).
     stream: bool = False
+
+
+class RouteTable(list[Route]):
+    """A listener's routes, with the answers of :func:`find_route` remembered per method and path
+    (up to :data:`ROUTE_CACHE` of them: paths are the client's choice)."""
+
+    def __init__(self, routes: Iterable[Route]) -> None:
+        super().__init__(routes)
+        self._found: dict[tuple[str, str], Route | None] = {}
+
+    def find(self, method: str, path: str) -> Route | None:
+        key = (method, path)
+        try:
+            return self._found[key]
+        except KeyError:
+            pass
+        route = find_route(self, method, path)
+        if len(self._found) < ROUTE_CACHE:
+            self._found[key] = route
+        return route
+
+
+ROUTE_CACHE = 1024
 
 
 def find_route(routes: list[Route], method: str, path: str) -> Route | None:
@@ -329,9 +422,14 @@ class Deadline(Exception):
 
 
 class Conn:
-    """One client connection, what it is doing and how many requests it has had answered."""
+    """One client connection, what it is doing and how many requests it has had answered.
 
-    __slots__ = ("sock", "ip", "state", "since", "served", "buf")
+    A plain socket (TCP or Unix) is kept non-blocking: each receive or send is tried at once and
+    ``poll`` waits only when the kernel has nothing (no timeout to set before each call, no
+    ``poll`` before every call).  A TLS socket uses its timeout per call, as the ssl module expects.
+    """
+
+    __slots__ = ("sock", "ip", "state", "since", "served", "buf", "plain", "_rpoll", "_wpoll")
 
     def __init__(self, sock: socket.socket, ip: str) -> None:
         self.sock = sock
@@ -340,6 +438,11 @@ class Conn:
         self.since = time.monotonic()
         self.served = 0
         self.buf = bytearray()
+        self.plain = not isinstance(sock, ssl.SSLSocket)
+        self._rpoll: Any = None
+        self._wpoll: Any = None
+        if self.plain:
+            sock.setblocking(False)
 
     def set(self, state: str) -> None:
         self.state = state
@@ -367,19 +470,59 @@ class Conn:
         finally:
             dup.close()
 
+    def use_tls(self, sock: ssl.SSLSocket) -> None:
+        """From now on the connection is ``sock`` (the TLS layer over the plain socket)."""
+        self.sock = sock
+        self.plain = False
+
+    # -- waiting on a plain socket ------------------------------------------------------------
+
+    def _readable(self, deadline: float) -> bool:
+        """Wait until the plain socket has something to read (data, the end, an error); False if
+        ``deadline`` passed first."""
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        poller = self._rpoll
+        if poller is None:
+            poller = self._rpoll = select.poll()
+            poller.register(self.sock.fileno(), select.POLLIN)
+        return bool(poller.poll(remaining * 1000.0))
+
+    def _writable(self, deadline: float) -> bool:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        poller = self._wpoll
+        if poller is None:
+            poller = self._wpoll = select.poll()
+            poller.register(self.sock.fileno(), select.POLLOUT)
+        return bool(poller.poll(remaining * 1000.0))
+
     # -- reading under a deadline (a total budget: each recv waits only for what is left) --------
 
     def _fill(self, deadline: float) -> None:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise Deadline
-        self.sock.settimeout(remaining)
-        try:
-            data = self.sock.recv(65536)
-        except TimeoutError:
-            raise Deadline from None
-        except (OSError, ssl.SSLError):
-            raise Closed from None
+        if self.plain:
+            while True:
+                try:
+                    data = self.sock.recv(65536)
+                    break
+                except BlockingIOError:
+                    if not self._readable(deadline):
+                        raise Deadline from None
+                except OSError:
+                    raise Closed from None
+        else:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise Deadline
+            self.sock.settimeout(remaining)
+            try:
+                data = self.sock.recv(65536)
+            except TimeoutError:
+                raise Deadline from None
+            except (OSError, ssl.SSLError):
+                raise Closed from None
         if not data:
             raise Closed
         self.buf += data
@@ -388,6 +531,8 @@ class Conn:
         """Wait for the first byte of a request; False if the client left or the time ran out."""
         try:
             if not self.buf:
+                if self.plain and not self._readable(deadline):  # idle: the request is seldom there yet
+                    return False
                 self._fill(deadline)
         except (Deadline, Closed):
             return False
@@ -407,6 +552,34 @@ class Conn:
             start = len(self.buf)
             self._fill(deadline)
 
+    def _recv_into(self, view: memoryview, deadline: float) -> int:
+        """Receive into ``view`` (at least one byte) by ``deadline``: :class:`Deadline`, or
+        :class:`Closed` at the end of the stream or on an error."""
+        if self.plain:
+            while True:
+                try:
+                    got = self.sock.recv_into(view, len(view))
+                    break
+                except BlockingIOError:
+                    if not self._readable(deadline):
+                        raise Deadline from None
+                except OSError:
+                    raise Closed from None
+        else:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise Deadline
+            self.sock.settimeout(remaining)
+            try:
+                got = self.sock.recv_into(view, len(view))
+            except TimeoutError:
+                raise Deadline from None
+            except (OSError, ssl.SSLError):
+                raise Closed from None
+        if not got:
+            raise Closed
+        return got
+
     def read(self, n: int, deadline: float) -> bytes:
         """Exactly ``n`` bytes (a body: received in place, so a large one is held once, not thrice)."""
         if len(self.buf) >= n:
@@ -418,21 +591,11 @@ class Conn:
         out[:have] = self.buf
         self.buf.clear()
         view = memoryview(out)
-        while have < n:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise Deadline
-            self.sock.settimeout(remaining)
-            try:
-                got = self.sock.recv_into(view[have:], n - have)
-            except TimeoutError:
-                raise Deadline from None
-            except (OSError, ssl.SSLError):
-                raise Closed from None
-            if not got:
-                raise Closed
-            have += got
-        view.release()
+        try:
+            while have < n:
+                have += self._recv_into(view[have:], deadline)
+        finally:
+            view.release()
         return out  # type: ignore[return-value]  # a bytearray: every reader of bodies takes one
 
     def read_upto(self, n: int, idle: float) -> bytes:
@@ -449,16 +612,7 @@ class Conn:
         view = memoryview(out)
         try:
             while have < n:
-                self.sock.settimeout(idle)
-                try:
-                    got = self.sock.recv_into(view[have:], n - have)
-                except TimeoutError:
-                    raise Deadline from None
-                except (OSError, ssl.SSLError):
-                    raise Closed from None
-                if not got:
-                    raise Closed
-                have += got
+                have += self._recv_into(view[have:], time.monotonic() + idle)
         except (Closed, Deadline):
             if not have:
                 raise
@@ -470,11 +624,44 @@ class Conn:
 
     def send(self, data: bytes, seconds: float) -> bool:
         """Send everything within ``seconds`` in total; False if the client did not take it."""
-        try:
-            self.sock.settimeout(seconds)
-            self.sock.sendall(data)
-        except (OSError, ssl.SSLError):
-            return False
+        if not self.plain:
+            try:
+                self.sock.settimeout(seconds)
+                self.sock.sendall(data)
+            except (OSError, ssl.SSLError):
+                return False
+            return True
+        return self.send_parts([data], seconds)
+
+    def send_parts(self, parts: list[bytes], seconds: float) -> bool:
+        """Send ``parts`` one after the other within ``seconds`` in total, with as few system calls
+        as the kernel allows (``sendmsg`` of many buffers on a plain socket); False if the client
+        did not take it."""
+        if not self.plain:
+            return self.send(b"".join(parts), seconds)
+        sock = self.sock
+        deadline = 0.0
+        pending: list[Any] = [p for p in parts if p]
+        i, n = 0, len(pending)  # pending[i] is the first piece not wholly sent
+        while i < n:
+            try:
+                sent = sock.send(pending[i]) if i == n - 1 else sock.sendmsg(pending[i:i + IOV_MAX])
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                return False
+            while sent:
+                first = len(pending[i])
+                if sent < first:
+                    pending[i] = memoryview(pending[i])[sent:]
+                    break
+                sent -= first
+                i += 1
+            if i < n:
+                if not deadline:
+                    deadline = time.monotonic() + seconds
+                if not self._writable(deadline):
+                    return False
         return True
 
     def linger(self, seconds: float) -> None:
@@ -681,9 +868,9 @@ class ApiServer:
         self.daemon = daemon
         self.limits = limits
         self.listeners: list[Listener] = []
-        self.calls = threading.BoundedSemaphore(limits.worker_threads)
-        self.logins = threading.BoundedSemaphore(limits.login_threads)
-        self.decoders = threading.BoundedSemaphore(DECODERS)
+        self.calls = Slots(limits.worker_threads)
+        self.logins = Slots(limits.login_threads)
+        self.decoders = Slots(DECODERS)
         daemon.events.limit_waiting(limits.max_waiting_calls, limits.max_waiting_calls_per_user)
         self.stopping = False
         self.started = False
@@ -708,7 +895,7 @@ class ApiServer:
         per_ip = lim.max_connections if listener.local else lim.max_connections_per_ip
         listener.registry = Registry(lim.max_connections, per_ip)
         listener.sock.settimeout(ACCEPT_POLL)
-        t = threading.Thread(target=self._accept, args=(listener, listener.routes()),
+        t = threading.Thread(target=self._accept, args=(listener, RouteTable(listener.routes())),
                              name=f"accept-{len(self._accepting)}", daemon=True)
         self._accepting.append(t)
         t.start()
@@ -765,6 +952,7 @@ class ApiServer:
             reg.cut(busy_too=True)
         for listener in self.listeners:
             listener.close()
+        flush_log()  # the lines of the last calls
 
     def _accept(self, listener: Listener, routes: list[Route]) -> None:
         registry = listener.registry
@@ -861,7 +1049,7 @@ class ApiServer:
                     self._discard(response)
                     break
                 if request.method == "HEAD":
-                    response.body = b""
+                    response.body, response.parts = b"", None
                     self._discard(response)
                 response.close = response.close or request.close or self.stopping
                 if request.reader is not None and not request.reader.done:
@@ -884,7 +1072,7 @@ class ApiServer:
             sock = tls.wrap_socket(conn.sock, server_side=True, do_handshake_on_connect=False)
         except (OSError, ssl.SSLError):
             return False
-        conn.sock = sock
+        conn.use_tls(sock)
         sock.setblocking(False)
         deadline = conn.since + self.limits.header_timeout
         try:
@@ -907,6 +1095,9 @@ class ApiServer:
     def _read_head(self, conn: Conn, listener: Listener, routes: list[Route]) -> tuple[Request, Route | None, int]:
         """Read and check request line and headers within ``header-timeout`` (a total budget)."""
         lim = self.limits
+        lines = self._whole_head(conn)
+        if lines is not None:
+            return self._parse_head(lines, listener, routes)
         deadline = time.monotonic() + lim.header_timeout
         lines: list[str] = []
         size = 0
@@ -934,38 +1125,69 @@ class ApiServer:
             raise Refused(408, f"request headers not received within {lim.header_timeout:g} s") from None
         return self._parse_head(lines, listener, routes)
 
+    def _whole_head(self, conn: Conn) -> list[str] | None:
+        """The head's lines when the buffer holds all of it in the plain form (CRLF line ends, no
+        bare CR, LF or NUL, no leading empty line, within the size and line caps); None otherwise,
+        and :meth:`_read_head` reads it line by line, refusing what must be refused."""
+        buf = conn.buf
+        end = buf.find(b"\r\n\r\n")
+        if end <= 0 or end + 4 > self.limits.max_header_size or buf[0] in (10, 13):
+            return None
+        head = bytes(buf[:end])
+        breaks = head.count(b"\r\n")
+        if breaks >= MAX_HEADER_LINES or head.count(b"\r") != breaks or head.count(b"\n") != breaks or b"\0" in head:
+            return None
+        del buf[:end + 4]
+        return head.decode("latin-1").split("\r\n")
+
     def _parse_head(self, lines: list[str], listener: Listener,
                     routes: list[Route]) -> tuple[Request, Route | None, int]:
         parts = lines[0].split(" ")
-        if len(parts) != 3 or not _TOKEN.match(parts[0]) or not parts[1]:
+        if len(parts) != 3 or not _token(parts[0]) or not parts[1]:
             raise Refused(400, "malformed request line")
         method, target, version_text = parts
-        m = _VERSION.match(version_text)
-        if not m:
-            raise Refused(400, "malformed HTTP version")
-        version = (int(m.group(1)), int(m.group(2)))
+        version = _VERSIONS.get(version_text)
+        if version is None:
+            m = _VERSION.match(version_text)
+            if not m:
+                raise Refused(400, "malformed HTTP version")
+            version = (int(m.group(1)), int(m.group(2)))
         if version[0] != 1:
             raise Refused(505, "only HTTP/1.0 and HTTP/1.1 are served")
         headers: dict[str, list[str]] = {}
-        for line in lines[1:]:
+        for i in range(1, len(lines)):
+            line = lines[i]
             if line[:1] in (" ", "\t"):
                 raise Refused(400, "obsolete line folding in a header")  # RFC 9112 5.2
             name, sep, value = line.partition(":")
-            if not sep or not _TOKEN.match(name):
+            if not sep or not _token(name):
                 raise Refused(400, "malformed header line")  # RFC 9112 5.1: no space before the colon
-            headers.setdefault(name.lower(), []).append(value.strip(" \t"))
-        if len(headers.get("host", ())) > 1 or (version >= (1, 1) and "host" not in headers):
+            key = _LOWER.get(name) or name.lower()
+            values = headers.get(key)
+            if values is None:
+                headers[key] = [value.strip(" \t")]
+            else:
+                values.append(value.strip(" \t"))
+        host = headers.get("host")
+        if (host is not None and len(host) > 1) or (host is None and version >= (1, 1)):
             raise Refused(400, "an HTTP/1.1 request needs exactly one host header")  # RFC 9112 3.2
-        tokens = {t.strip().lower() for v in headers.get("connection", ()) for t in v.split(",")}
-        close = "keep-alive" not in tokens if version < (1, 1) else "close" in tokens
-        path = target
-        if "://" in target:  # absolute form
-            path = "/" + target.split("://", 1)[1].partition("/")[2]
-        path, _, query = path.split("#", 1)[0].partition("?")
-        path = path or "/"
+        connection = headers.get("connection")
+        if connection is None:
+            close = version < (1, 1)
+        else:
+            tokens = {t.strip().lower() for v in connection for t in v.split(",")}
+            close = "keep-alive" not in tokens if version < (1, 1) else "close" in tokens
+        if "?" in target or "#" in target or "://" in target:
+            path = target
+            if "://" in target:  # absolute form
+                path = "/" + target.split("://", 1)[1].partition("/")[2]
+            path, _, query = path.split("#", 1)[0].partition("?")
+            path = path or "/"
+        else:
+            path, query = target, ""
         request = Request(method, path, version, headers, close=close, local=listener.local, query=query,
                           endpoint=listener.endpoint)
-        route = find_route(routes, method, path)
+        route = routes.find(method, path) if isinstance(routes, RouteTable) else find_route(routes, method, path)
         return request, route, self._framing(request, route)
 
     def _early_head(self, conn: Conn, request: Request) -> bool:
@@ -1040,20 +1262,28 @@ class ApiServer:
         client did not take it."""
         if response.stream is not None:
             return self._answer_stream(conn, response, version)
-        status = response.status
-        head = [f"HTTP/1.1 {status} {REASONS.get(status, 'Unknown')}",
-                f"content-type: {response.content_type}", f"content-length: {len(response.body)}",
-                f"connection: {'close' if response.close else 'keep-alive'}"]
-        extra = response.headers if response.headers is not None else [
-            ("cache-control", "no-cache, no-store"), ("Access-Control-Allow-Origin", "*"),
-            ("Access-Control-Allow-Headers", "X-Requested-With")]
-        head.extend(f"{k}: {v}" for k, v in extra)
-        head_bytes = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1")
-        if len(response.body) < 65536:  # one segment for the usual small answer
-            return conn.send(head_bytes + response.body, self.limits.body_timeout)
-        deadline = time.monotonic() + self.limits.body_timeout
-        return conn.send(head_bytes, self.limits.body_timeout) and conn.send(
-            response.body, max(0.001, deadline - time.monotonic()))
+        body = response.body
+        length = len(body) if response.parts is None else sum(len(p) for p in response.parts)
+        if response.headers is None:
+            key = (response.status, response.content_type, response.close)
+            around = _HEADS.get(key)
+            if around is None:
+                around = _head_around(*key)
+                if len(_HEADS) < 64:
+                    _HEADS[key] = around
+            head = b"%b%d%b" % (around[0], length, around[1])
+        else:
+            status = response.status
+            lines = [f"HTTP/1.1 {status} {REASONS.get(status, 'Unknown')}",
+                     f"content-type: {response.content_type}", f"content-length: {length}",
+                     f"connection: {'close' if response.close else 'keep-alive'}"]
+            lines.extend(f"{k}: {v}" for k, v in response.headers)
+            head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        if response.parts is not None:
+            return conn.send_parts([head, *response.parts], self.limits.body_timeout)
+        if len(body) < 65536:  # one segment for the usual small answer: one copy, one send
+            return conn.send(head + body, self.limits.body_timeout)
+        return conn.send_parts([head, body], self.limits.body_timeout)
 
     def _answer_stream(self, conn: Conn, response: Response, version: tuple[int, int]) -> bool:
         stream = response.stream
@@ -1098,7 +1328,7 @@ class ApiServer:
 
     # -- handlers ---------------------------------------------------------------------------------
 
-    def slot(self, method: str) -> threading.BoundedSemaphore | None:
+    def slot(self, method: str) -> Slots | None:
         """What a call must hold while it runs, by its canonical name (None: parked calls, which
         xapid.events caps)."""
         m = self.daemon.dispatcher.resolve(method)
@@ -1122,7 +1352,7 @@ class ApiServer:
         with self.decoders:
             return decoder(body)
 
-    def run(self, method: str, work: Callable[[], bytes]) -> bytes:
+    def run(self, method: str, work: Callable[[], Any]) -> Any:
         slot = self.slot(method)
         if slot is None:
             return work()
@@ -1138,11 +1368,15 @@ class ApiServer:
             log.exception("unexpected exception parsing a request")
             return self.bad(type(e).__name__)
 
-        def work() -> bytes:
+        def work() -> bytes | list[bytes]:
             reply, error = self.call(method, params, request.local, request.endpoint)
             try:
                 if error is None:
                     assert reply is not None
+                    if not reply.bare:
+                        parts = xml_success_parts(reply.value)
+                        if parts is not None:
+                            return parts
                     value = self.daemon.encoder.xml(reply.value, reply.type)
                     return xml_bare(value) if reply.bare else xml_success(value)
             except Exception as e:  # noqa: BLE001 - the boundary: an encoding bug is an INTERNAL_ERROR
@@ -1150,7 +1384,12 @@ class ApiServer:
                 error = ["INTERNAL_ERROR", f"{type(e).__name__}: {e}"[:500]]
             return xml_failure(error)
 
-        return Response(200, self.run(method, work), "text/xml")
+        answer = self.run(method, work)
+        if isinstance(answer, list):
+            if len(answer) > 3:  # a large reply: sent from its pieces
+                return Response(200, b"", "text/xml", parts=answer)
+            answer = b"".join(answer)
+        return Response(200, answer, "text/xml")
 
     def jsonrpc(self, request: Request) -> Response:
         try:
@@ -1221,9 +1460,14 @@ class ApiServer:
             log.exception("unexpected exception", method=method[:200])
             result = (None, ["INTERNAL_ERROR", f"{type(e).__name__}: {e}"[:500]])
             code = "INTERNAL_ERROR"
-        log.info("call", method=method if len(method) < 200 else method[:200] + "...",
-                 user=self.daemon.sessions.user(session) if session else "",
-                 session=short_ref(session) if session else "", result=code,
-                 duration_ms=round((time.monotonic() - start) * 1000, 2))
+        name = method if len(method) < 200 else method[:200] + "..."
+        user = self.daemon.sessions.user(session) if session else ""
+        duration_ms = round((time.monotonic() - start) * 1000, 2)
+        access = access_log()
+        if access is not None:
+            access.call(name, user, short_ref(session) if session else "", code, duration_ms)
+        else:
+            log.info("call", method=name, user=user, session=short_ref(session) if session else "", result=code,
+                     duration_ms=duration_ms)
         return result
 

@@ -135,10 +135,21 @@ def _decode_value(el: Element, depth: int) -> Any:
 def decode_xmlrpc(body: bytes) -> tuple[str, list[Any]]:
     """Parse a ``methodCall``; any problem (including DTDs and entities) is :class:`BadRequest`.
 
-    Bodies with more than about :data:`MAX_ITEMS` values are refused before parsing.
+    Bodies with more than about :data:`MAX_ITEMS` values are refused before parsing.  The usual
+    shape is read by :func:`decode_xmlrpc_fast`; whatever it does not take goes through the safe
+    parser (:func:`decode_xmlrpc_safe`), so both give the same answer to every body.
     """
     if body.count(b"<value") > MAX_ITEMS or body.count(b"<") > _XML_TAGS_PER_ITEM * MAX_ITEMS:
         raise BadRequest(f"too many values (at most {MAX_ITEMS})")
+    fast = decode_xmlrpc_fast(body)
+    if fast is not None:
+        return fast
+    return decode_xmlrpc_safe(body)
+
+
+def decode_xmlrpc_safe(body: bytes) -> tuple[str, list[Any]]:
+    """Parse a ``methodCall`` with defusedxml (no DTD, no entity declarations, no external
+    references); any problem is :class:`BadRequest`.  The caller counts the values first."""
     try:
         root = SafeET.fromstring(body, forbid_dtd=True, forbid_entities=True, forbid_external=True)
     except (DefusedXmlException, SyntaxError, ValueError) as e:
@@ -158,6 +169,66 @@ def decode_xmlrpc(body: bytes) -> tuple[str, list[Any]]:
             raise BadRequest("param without value")
         params.append(_decode_value(val, 1))
     return _text(name_el).strip(), params
+
+
+# -- the fast path: the usual methodCall, matched whole -------------------------------------------
+#
+# Most calls carry strings only (a session, refs, names).  Such a body, written plainly, is read
+# with two regular expressions instead of a parser: UTF-8 text, an optional plain XML declaration,
+# no CR (XML would normalise it), none of the characters XML forbids, no "]]>", no comment, CDATA,
+# processing instruction or DTD, the five predefined entities only, and the XML-RPC elements bare
+# (no attributes or namespaces) with whitespace between them.  Any other body, and any detail the
+# safe parser might read differently, makes the fast path answer None and the safe parser decide,
+# so what is accepted, what is refused and with which error do not depend on the path taken
+# (tests/unit/test_wire_fast.py compares both on generated and hostile bodies).
+
+_FAST_DECL = re.compile(r"""<\?xml version=(["'])1\.0\1(?: encoding=(["'])(?:utf-8|UTF-8)\2)?\?>""")
+_FAST_AMP = re.compile(r"&(?!(?:amp|lt|gt|quot|apos);)")
+_W = "[ \t\n]*"
+_C = "[^<\x00-\x08\x0b\x0c\x0e-\x1f\r\ufffe\uffff]*"  # character data XML takes verbatim (CR aside)
+# The whole body after the declaration: every character is in one of its classes, so a character
+# XML forbids, or a CR, anywhere makes it fail.
+_FAST_CALL = re.compile(
+    f"{_W}<methodCall>{_W}<methodName>({_C})</methodName>{_W}<params>"
+    f"((?:{_W}<param>{_W}<value>(?:<string>{_C}</string>|{_C})</value>{_W}</param>)*)"
+    f"{_W}</params>{_W}</methodCall>{_W}")
+_FAST_PARAM = re.compile("<value>(?:<string>([^<]*)</string>|([^<]*))</value>")  # within a _FAST_CALL match
+
+
+def _fast_text(text: str) -> str | None:
+    """Character data with its entities replaced; None if it holds any but the predefined five."""
+    if "&" not in text:
+        return text
+    if _FAST_AMP.search(text):
+        return None
+    return (text.replace("&lt;", "<").replace("&gt;", ">").replace("&quot;", '"').replace("&apos;", "'")
+            .replace("&amp;", "&"))
+
+
+def decode_xmlrpc_fast(body: bytes) -> tuple[str, list[Any]] | None:
+    """The ``methodCall`` whose parameters are all strings, read directly; None for any other
+    body (the safe parser then reads it, or refuses it).  Never raises."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    m = _FAST_DECL.match(text)
+    start = m.end() if m is not None else 0
+    if "]]>" in text:  # not allowed in character data
+        return None
+    m = _FAST_CALL.fullmatch(text, start)
+    if m is None:
+        return None
+    name = _fast_text(m.group(1))
+    if name is None:
+        return None
+    params: list[Any] = []
+    for typed, untyped in _FAST_PARAM.findall(m.group(2)):
+        value = _fast_text(typed or untyped)
+        if value is None:
+            return None
+        params.append(value)
+    return name.strip(), params
 
 
 @dataclass
@@ -259,6 +330,10 @@ class Preencoded:
 
     def xml(self) -> str:
         raise NotImplementedError
+
+    def xml_bytes(self) -> bytes:
+        """:meth:`xml` as UTF-8."""
+        return self.xml().encode("utf-8")
 
     def json(self) -> str:
         raise NotImplementedError
@@ -410,6 +485,31 @@ def xml_success(value_xml: str) -> bytes:
         + f"<member><name>Value</name>{value_xml}</member></struct></value>"
         + XML_TAIL
     ).encode("utf-8")
+
+
+_OK_HEAD = (XML_HEAD + "<value><struct><member><name>Status</name><value>Success</value></member>"
+            "<member><name>Value</name>").encode()
+_OK_TAIL = ("</member></struct></value>" + XML_TAIL).encode()
+
+
+def xml_success_parts(value: Any) -> list[bytes] | None:
+    """The bytes of :func:`xml_success` as pieces, for a :class:`Preencoded` record or a non-empty
+    map of them (``get_record``, ``get_all_records``): the cached records are spliced in as they
+    are, never copied into one string.  None for any other value (encode it the usual way)."""
+    if isinstance(value, Preencoded):
+        return [_OK_HEAD, value.xml_bytes(), _OK_TAIL]
+    if not isinstance(value, dict) or not value:
+        return None
+    parts = [_OK_HEAD + b"<value><struct>"]
+    sep = b"<member><name>"
+    for k, v in value.items():
+        if not isinstance(v, Preencoded):
+            return None
+        parts.append(b"%b%b</name>" % (sep, escape(_key(k)).encode("utf-8")))
+        parts.append(v.xml_bytes())
+        sep = b"</member><member><name>"
+    parts.append(b"</member></struct></value>" + _OK_TAIL)
+    return parts
 
 
 def xml_failure(description: list[str]) -> bytes:

@@ -11,7 +11,7 @@ from xapid import schema as schema_mod
 from xapid.record_cache import RecordCache
 from xapid.schema import NULL_REF, Type
 from xapid.store import Store
-from xapid.wire import Encoder, JsonCall, dumps_value, json_success
+from xapid.wire import Encoder, JsonCall, dumps_value, json_success, xml_success, xml_success_parts
 
 SCHEMA = schema_mod.load()
 
@@ -96,3 +96,24 @@ def test_json_replies_splice_records_exactly_as_json_dumps_writes_them() -> None
         doc = {"jsonrpc": "2.0", "result": plain, "id": 7} if v2 else {"result": plain, "error": None, "id": 7}
         assert spliced == json.dumps(doc, allow_nan=False).encode("utf-8")
     assert dumps_value(records[refs[0]]) == json.dumps(plain[refs[0]])
+
+
+def test_spliced_replies_are_byte_identical_to_encoded_ones() -> None:
+    """``get_record`` and ``get_all_records`` answers spliced from cached bytes (xml_success_parts)
+    equal the envelope of a fresh type-directed encoding, names needing escapes included."""
+    store = Store(SCHEMA, None)
+    enc = Encoder(SCHEMA)
+    cache = RecordCache(store, enc, 1 << 20)
+    with store.transaction() as tx:
+        refs = [tx.create("VM", {"name_label": f"vm <{i}> & \u00e9", "other_config": {"k&": "<v>"}}) for i in range(3)]
+        refs.append(tx.create("VM", {"name_label": "odd ref"}, ref="OpaqueRef:a<b>&c"))
+    rec_t = Type("record", name="VM")
+    for _ in range(2):  # the second time from the cache
+        records = {r: cache.encoded("VM", r, store.get("VM", r)) for r in refs}  # type: ignore[arg-type]
+        whole = xml_success_parts(records)
+        assert whole is not None and len(whole) == 2 * len(refs) + 2
+        fresh = {r: store.render("VM", r) for r in refs}
+        assert b"".join(whole) == xml_success(enc.xml(fresh, Type("map", key=Type("ref", name="VM"), value=rec_t)))
+        one = xml_success_parts(records[refs[0]])
+        assert one is not None and b"".join(one) == xml_success(fresh_xml(enc, store, "VM", refs[0]))
+    assert xml_success_parts({}) is None and xml_success_parts({"a": "b"}) is None and xml_success_parts("x") is None
