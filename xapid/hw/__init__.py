@@ -20,6 +20,7 @@ from xapid import statefiles
 from xapid.hw.fabric import Fabric
 from xapid.hw.netns import ClusterNetwork, NetnsError
 from xapid.hw.processes import kill_all, signal_all
+from xapid.hw.toolstack import Toolstacks
 from xapid.hw.watchdog import Watchdogs
 
 log = structlog.get_logger("xapid.hw")
@@ -51,7 +52,9 @@ class Hardware:
         self._startup: Callable[[str], None] | None = None
         self._timers: dict[str, threading.Timer] = {}
         self._stopping = False
-        self.watchdogs = Watchdogs(self.fence)
+        # Each host's xapi process (hw/toolstack.py); a stack restarts it through the watchdog socket.
+        self.toolstack = Toolstacks(self.is_running)
+        self.watchdogs = Watchdogs(self.fence, service=self._service)
 
     # -- persistence ------------------------------------------------------------------------------
 
@@ -80,7 +83,13 @@ class Hardware:
             for uuid in uuids:
                 self._state.setdefault(uuid, {"power": "on", "clean": True, "reason": ""})
                 self.watchdogs.add(uuid, self.host_dir(uuid))
+                self.toolstack.attach(uuid, self.host_dir(uuid))
             self._save()
+
+    def _service(self, uuid: str, verb: str) -> None:
+        """A service request from the host's own software (``xapi-restart``: systemctl restart xapi)."""
+        if verb == "xapi-restart" and self.is_running(uuid):
+            self.toolstack.restart_async(uuid, "the cluster stack asked (xapi-restart)")
 
     def start(self) -> None:
         self.netns.reclaim()
@@ -231,6 +240,7 @@ class Hardware:
         with self._lock:
             if self._stopping or self.power(uuid) not in ("off", "fenced"):
                 return False
+        self.toolstack.reset(uuid)  # a boot starts a fresh xapi
         self._set(uuid, "on", "boot")
         self.run_startup(uuid)
         return True
