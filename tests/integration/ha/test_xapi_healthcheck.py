@@ -102,6 +102,10 @@ def test_healthy_pool_checks_every_host_and_never_restarts_xapi(fast_pool: HaPoo
         assert words["xapi"] == "ok" and words["xapi-restarts"] == "0", (name, words)
         assert words["power"] == "on"
         assert "Xapimon" not in heartbeat_log(p, name)  # no failure, no restart
+        # Each host's own liveset shows its checks' latencies (ms; -1 before the first healthy check).
+        figures = liveset_xapi(p, name)
+        assert 0 <= figures["Xapi_healthcheck_latency_min"] <= figures["Xapi_healthcheck_latency"] \
+            <= figures["Xapi_healthcheck_latency_max"] < 2000, (name, figures)
     assert p.messages("HA_HOST_FAILED") == []
 
 
@@ -140,7 +144,7 @@ def test_a_persistent_xapi_failure_fences_the_host_and_its_protected_vms_restart
     fenced = time.monotonic() - started
     # One restart (it did not cure a persistent fault), a second failed check, 2 x t1, the fence.
     assert restarts(p, "host2") == 1
-    assert 1 + 1 + 4 <= fenced < 20
+    assert 0.5 + 1 + 4 <= fenced < 20  # restart, an interval, 2 x HeartbeatInterval
     log = heartbeat_log(p, "host2")
     assert "Xapimon: Xapi restarted." in log and "Xapimon: Xapi failed.  Self Fence." in log
     wait_for(lambda: not p.live("host2"), timeout=15, what="host2 not live")
@@ -211,10 +215,3 @@ def test_host_ha_xapi_healthcheck_reports_a_failed_xapi(fast_pool: HaPool) -> No
     with pytest.raises(XenAPI.Failure) as failure:
         s.value(s.proxy.session.slave_local_login("not the pool secret"))
     assert failure.value.details[0] == "SESSION_AUTHENTICATION_FAILED"
-
-
-def test_the_liveset_reports_the_xapi_health_check_latency(fast_pool: HaPool) -> None:
-    p = fast_pool
-    wait_for(lambda: liveset_xapi(p, "host2")["Xapi_healthcheck_latency"] >= 0, what="a check measured")
-    figures = liveset_xapi(p, "host2")
-    assert 0 <= figures["Xapi_healthcheck_latency_min"] <= figures["Xapi_healthcheck_latency_max"] < 2000
