@@ -38,6 +38,7 @@ from xapid.api import vdi as vdi_api
 from xapid.errors import ApiError
 from xapid.handlers import sparse, vhd
 from xapid.handlers.access import Access, Refusal, bad_request, not_found, route
+from xapid.handlers.locality import serve_here_or_redirect
 from xapid.schema import Type
 from xapid.server import ClientGone, Response, Route
 from xapid.store import new_ref
@@ -188,8 +189,13 @@ def import_raw_vdi(access: Access) -> Response:
     vdi = vdi_of(access)
     length = content_length(access)
     made = vdi is None
-    if vdi is None:
-        vdi = _new_vdi(access, fmt, length)
+    store = access.daemon.store
+    if vdi is not None:
+        serve_here_or_redirect(access, {str(store.get("VDI", vdi)["SR"])})  # type: ignore[index]
+    else:
+        sr = _import_sr(access)
+        serve_here_or_redirect(access, {sr})
+        vdi = _new_vdi(access, sr, fmt, length)
     try:
         _write_vdi(access, vdi, fmt, pieces, length)
     except BaseException:
@@ -231,8 +237,8 @@ def _headers(access: Access) -> list[tuple[str, str]]:
     return [("cache-control", "no-cache, no-store"), *([("task-id", access.task)] if access.task else [])]
 
 
-def _new_vdi(access: Access, fmt: str, length: int | None) -> str:
-    """xapi: without ``vdi``, a raw body of known length into ``sr_id``/``sr_uuid`` makes a new VDI."""
+def _import_sr(access: Access) -> str:
+    """The SR named by ``sr_id`` or ``sr_uuid`` for an import without ``vdi``."""
     store = access.daemon.store
     sr = access.param("sr_id") or ""
     if not sr and access.param("sr_uuid"):
@@ -243,6 +249,12 @@ def _new_vdi(access: Access, fmt: str, length: int | None) -> str:
         raise Refusal(bad_request("a vdi or an SR is required"), ["VDI_MISSING"])
     if not store.exists("SR", sr):
         raise ApiError("HANDLE_INVALID", "SR", sr)
+    return sr
+
+
+def _new_vdi(access: Access, sr: str, fmt: str, length: int | None) -> str:
+    """xapi: without ``vdi``, a raw body of known length into ``sr`` makes a new VDI."""
+    store = access.daemon.store
     if fmt != "raw" or length is None:
         what = "Importing a VHD directly into an SR not yet supported" if fmt != "raw" else \
             "Not enough info supplied to import"
@@ -341,6 +353,7 @@ def export_raw_vdi(access: Access) -> Response:
     store = access.daemon.store
     rec = store.get("VDI", vdi)
     assert rec is not None
+    serve_here_or_redirect(access, {str(rec["SR"])})
     size = int(rec["virtual_size"])
     path = vdi_file(access, vdi)
     with store.transaction() as tx:

@@ -82,6 +82,11 @@ class Toolstacks:
         statefiles.write_atomic(folder / TOKEN_FILE, (self.secret + "\n").encode(), mode=0o600)
         self._publish(host)
 
+    def forget(self, uuid: str) -> None:
+        """The host left the pool (its folder goes with it)."""
+        with self._lock:
+            self._hosts.pop(uuid, None)
+
     def on_change(self, listener: ToolstackListener) -> None:
         """Call ``listener(uuid, event)`` on every change of a host's xapi (in the changing thread)."""
         self._listeners.append(listener)
