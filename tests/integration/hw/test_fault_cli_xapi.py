@@ -118,3 +118,13 @@ def test_xapi_verb_mistakes_exit_2(xapid: Xapid) -> None:
     fault(xapid.state_dir, "crash", "host3")
     off = fault(xapid.state_dir, "xapi-hang", "host3")
     assert off.returncode == 2 and "host3 is off: its xapi does not run" in off.stderr
+
+
+def test_restarting_the_masters_xapi_ends_every_pool_session(xapid: Xapid) -> None:
+    """xapi's session table lives in the master's memory only (auth.py, xapi_session.ml)."""
+    s = xapid.session()
+    assert s.xenapi.pool.get_all()
+    assert fault(xapid.state_dir, "xapi-restart", "host1").stdout == "host1: xapi ok -> ok\n"
+    proxy = xmlrpc.client.ServerProxy(xapid.url)
+    assert proxy.pool.get_all(s._session)["ErrorDescription"][0] == "SESSION_INVALID"
+    assert xapid.session().xenapi.pool.get_all()  # a new login works at once
