@@ -112,6 +112,7 @@ class Hardware:
 
     def prepare_stop(self) -> None:
         """Before the daemon stops its hosts' software: no more timers or reboots; hung hosts run again."""
+        self.toolstack.stopping = True
         with self._lock:
             self._stopping = True
             for timer in self._timers.values():

@@ -70,6 +70,7 @@ class Toolstacks:
         self._hosts: dict[str, _Host] = {}
         self._lock = threading.Lock()
         self._listeners: list[ToolstackListener] = []
+        self.stopping = False  # the daemon stops: no more restarts
 
     # -- set-up -------------------------------------------------------------------------------------
 
@@ -214,7 +215,7 @@ class Toolstacks:
         """``systemctl restart xapi.service`` on host ``uuid``: returns once xapi answers again
         (True) or failed to start (False: a persistent crash, or the host lost power)."""
         host = self._get(uuid)
-        if host is None:
+        if host is None or self.stopping:
             return False
         with host.lock:
             host.requested += 1
@@ -225,7 +226,7 @@ class Toolstacks:
             time.sleep(RESTART_DOWNTIME)
             if not host.persistent:
                 host.fault = None
-            running = self._is_running(uuid)
+            running = self._is_running(uuid) and not self.stopping
             host.restarting = False
             ok = running and host.fault != "crash"
             if ok:
