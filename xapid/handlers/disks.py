@@ -33,7 +33,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
-from xapid import operations
+from xapid import cbtlog, operations
 from xapid.api import vdi as vdi_api
 from xapid.errors import ApiError
 from xapid.handlers import sparse, vhd
@@ -70,9 +70,9 @@ def routes() -> list[Route]:
 # -- shared --------------------------------------------------------------------------------------------
 
 
-def vdi_of(access: Access) -> str | None:
-    """The VDI named by ``vdi=`` (a ref, else a uuid: ``UUID_INVALID``), None without it."""
-    name = access.param("vdi")
+def vdi_of(access: Access, param: str = "vdi") -> str | None:
+    """The VDI named by ``vdi=`` (or ``param``: a ref, else a uuid, else ``UUID_INVALID``), None without it."""
+    name = access.param(param)
     if not name:
         return None
     store = access.daemon.store
@@ -113,6 +113,8 @@ def vdi_operation(access: Access, vdi: str, op: str, writing: bool) -> Iterator[
         if writing:
             if rec["read_only"]:
                 raise ApiError("VDI_READONLY", vdi)
+            if rec["type"] == "cbt_metadata":  # its data was destroyed: nothing to write into
+                raise ApiError("VDI_INCOMPATIBLE_TYPE", vdi, "cbt_metadata")
             busy = next(iter(rec["current_operations"].items()), None)
             if busy is not None:
                 raise ApiError("OTHER_OPERATION_IN_PROGRESS", "VDI", vdi, busy[1], busy[0])
@@ -216,8 +218,9 @@ def _write_vdi(access: Access, vdi: str, fmt: str, pieces: bool, length: int | N
                           ["VDI_TOO_SMALL", vdi, str(length)])
         access.progress(0.0)
         fd = os.open(vdi_file(access, vdi), os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        rec = access.daemon.store.get("VDI", vdi) or {}
+        writer = sparse.SparseWriter(fd, track=bool(rec.get("cbt_enabled")))
         try:
-            writer = sparse.SparseWriter(fd)
             if pieces:
                 _receive_pieces(access, writer, vdi, size)
             elif fmt == "raw":
@@ -231,6 +234,10 @@ def _write_vdi(access: Access, vdi: str, fmt: str, pieces: bool, length: int | N
             raise ApiError("VDI_IO_ERROR", f"Device I/O errors: {e.strerror}") from None
         finally:
             os.close(fd)
+            if writer.touched:  # also what a failed import wrote before it stopped
+                sr = access.daemon.store.get("SR", rec["SR"]) or {}
+                cbtlog.mark(access.daemon.disks.cbt_log(str(sr.get("uuid", "")), vdi_api.file_of(rec)),
+                            writer.touched)
 
 
 def _headers(access: Access) -> list[tuple[str, str]]:
@@ -353,7 +360,9 @@ def export_raw_vdi(access: Access) -> Response:
     store = access.daemon.store
     rec = store.get("VDI", vdi)
     assert rec is not None
-    serve_here_or_redirect(access, {str(rec["SR"])})
+    base = base_of(access) if fmt == "vhd" else None  # vhd-tool's raw output ignores a base
+    srs = {str(rec["SR"]), *([str(store.get("VDI", base)["SR"])] if base else [])}  # type: ignore[index]
+    serve_here_or_redirect(access, srs)
     size = int(rec["virtual_size"])
     path = vdi_file(access, vdi)
     with store.transaction() as tx:
@@ -366,17 +375,53 @@ def export_raw_vdi(access: Access) -> Response:
     except OSError:
         os.close(fd)
         raise
+    blocks: list[int] = []
     if fmt == "raw":
         length = size
     else:
-        blocks = vhd.allocated_blocks(reader.extents, size)
+        try:
+            blocks = vhd.allocated_blocks(reader.extents, size) if base is None else \
+                _changed_blocks(access, reader, size, base)
+        except BaseException:
+            os.close(fd)
+            raise
         length = vhd.export_layout(size, blocks)[2]
     headers = [*_headers(access), ("content-disposition", f'attachment; filename="{rec["uuid"]}.{fmt}"')]
     return Response(200, b"", FORMATS[fmt], close=True, headers=headers, length=length,
-                    stream=_send(access, vdi, fmt, fd, reader, size))
+                    stream=_send(access, vdi, fmt, fd, reader, size, blocks))
 
 
-def _send(access: Access, vdi: str, fmt: str, fd: int, reader: sparse.SparseReader, size: int) -> Iterator[bytes]:
+def base_of(access: Access) -> str | None:
+    """The VDI named by ``base=`` for a differential export, None without it (importexport.ml
+    base_vdi_of_req)."""
+    return vdi_of(access, "base")
+
+
+def _changed_blocks(access: Access, reader: sparse.SparseReader, size: int, base: str) -> list[int]:
+    """The VHD blocks whose bytes differ from ``base`` (vhd-tool's ``--relative-to``): a block is left
+    out only when both disks hold the same bytes there, holes reading as zeros."""
+    rec = access.daemon.store.get("VDI", base)
+    assert rec is not None
+    base_size = int(rec["virtual_size"])
+    fd = os.open(vdi_file(access, base), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        other = sparse.SparseReader(fd, base_size)
+        candidates = sorted(set(vhd.allocated_blocks(reader.extents, size))
+                            | set(vhd.allocated_blocks(other.extents, min(base_size, size))))
+        changed = []
+        for block in candidates:
+            offset = block * vhd.BLOCK
+            n = min(vhd.BLOCK, size - offset)
+            theirs = other.read_at(offset, n) if offset < base_size else b""
+            if reader.read_at(offset, n) != theirs.ljust(n, b"\0"):
+                changed.append(block)
+        return changed
+    finally:
+        os.close(fd)
+
+
+def _send(access: Access, vdi: str, fmt: str, fd: int, reader: sparse.SparseReader, size: int,
+          blocks: list[int]) -> Iterator[bytes]:
     try:
         with vdi_operation(access, vdi, "copy", writing=False):
             access.progress(0.0)
@@ -388,7 +433,6 @@ def _send(access: Access, vdi: str, fmt: str, fd: int, reader: sparse.SparseRead
             else:
                 rec = access.daemon.store.get("VDI", vdi)
                 disk_uuid = bytes.fromhex(rec["uuid"].replace("-", "")) if rec and len(rec["uuid"]) == 36 else None
-                blocks = vhd.allocated_blocks(reader.extents, size)
                 for i, piece in enumerate(vhd.export_stream(size, blocks, reader.read_at, disk_uuid)):
                     yield piece
                     progress(i // 2 * vhd.BLOCK)
