@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import socket
+import ssl
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -34,7 +37,7 @@ xm = load()
 class FakeXapi:
     """What the host's xapi answers: ``mode`` healthy / false / error / hang / http500."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: tuple[Path, Path] | None = None) -> None:
         self.mode = "healthy"
         self.calls: list[tuple[str, list[Any]]] = []
         self.release = threading.Event()
@@ -76,7 +79,13 @@ class FakeXapi:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/"
+        scheme = "http"
+        if tls is not None:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(str(tls[0]), str(tls[1]))
+            self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+            scheme = "https"
+        self.url = f"{scheme}://127.0.0.1:{self.server.server_address[1]}/"
         self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
         self.thread.start()
 
@@ -123,6 +132,21 @@ def test_healthy_false_and_error_answers_give_the_cli_exit_codes(xapi: FakeXapi,
     (folder / "ptoken").write_text("wrong\n")
     code, detail = xm.health_check(str(folder), time.monotonic() + 5)
     assert code == xm.EXCEPTION and "SESSION_AUTHENTICATION_FAILED" in detail
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl to make a certificate")
+def test_an_https_host_address_is_checked_over_tls(tmp_path: Path) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                    str(cert), "-days", "1", "-subj", "/CN=127.0.0.1"], check=True, capture_output=True, timeout=60)
+    fake = FakeXapi((cert, key))
+    try:
+        assert fake.url.startswith("https://")
+        folder = tmp_path / "host"
+        folder.mkdir()
+        assert xm.health_check(str(host_folder(folder, fake.url)), time.monotonic() + 5) == (xm.HEALTHY, "")
+    finally:
+        fake.close()
 
 
 def test_a_hung_xapi_is_killed_at_the_timeout(xapi: FakeXapi, tmp_path: Path) -> None:
