@@ -99,6 +99,7 @@ class Daemon:
         self.hw = Hardware(self.state_dir, float(config["fence-reboot-delay"]))
         self.hw.attach([h["uuid"] for _r, h in self.store.items("host")])
         self.hw.on_power_change(self._on_power_change)
+        self.hw.toolstack.on_change(self._on_toolstack)
         self.faults = FaultService(self)
         self.guests = GuestAgents(self)
         self.metrics = Metrics(self, int(config["metrics-seed"]))
@@ -153,6 +154,21 @@ class Daemon:
         self.sessions.drop_local(ref)
         if ref == self.master_ref():
             self.sessions.drop_all()
+
+    def _on_toolstack(self, host_uuid: str, event: str) -> None:
+        """One host's xapi stopped (its sessions and HA monitor end with it) or started again (its
+        xapi start-up runs: ``system_boot`` false, as xapi_ha.ml on_server_restart after a restart)."""
+        ref = self.store.by_uuid("host", host_uuid)
+        if ref is None:
+            return
+        if event == "down":
+            self.sessions.drop_local(ref)
+            if ref == self.master_ref():
+                self.sessions.drop_all()  # the pool's sessions and tasks live in the master's xapi only
+                self.tasks.drop_all("the master's xapi restarted")
+            self.ha.monitor.signal_stop(ref)
+        elif event == "up" and self.hw.is_running(host_uuid):
+            self.ha.spawn_start(ref, system_boot=False)
 
     def forget_host(self, host_uuid: str) -> None:
         """A host whose records were destroyed: its emulated machine goes too."""

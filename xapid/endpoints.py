@@ -8,6 +8,11 @@ listening sockets as the emulated hardware's power changes:
   cut, answered or not, as a machine losing power;
 * hung: nothing is accepted (connections wait in the backlog) or answered until it thaws;
 * on again after a boot: the socket is bound again on the same address and port.
+
+The host's toolstack (xapid/hw/toolstack.py) is followed the same way: a crashed or restarting xapi
+closes the host's socket (its sessions end elsewhere), a hung one freezes it, and a xapi that
+starts again binds it again.  The pool's address and the Unix socket are xapid's own doors and
+keep answering whatever one host's xapi does.
 """
 
 from __future__ import annotations
@@ -76,6 +81,8 @@ class HostEndpoints:
         self._lock = threading.Lock()
         self._address: dict[str, str] = {}
         daemon.hw.on_power_change(self._on_power_change)
+        daemon.hw.toolstack.on_change(self._on_toolstack)
+        self.scheme = "https" if tls else "http"
 
     def adopt(self, sockets: dict[str, socket.socket]) -> None:
         """Serve the sockets :func:`bind_all` bound (by address); a host that is off closes its own."""
@@ -83,12 +90,14 @@ class HostEndpoints:
         for address, sock in sockets.items():
             ref, uuid = by_address[address]
             self._address[uuid] = address
+            toolstack = self.daemon.hw.toolstack
+            toolstack.set_url(uuid, f"{self.scheme}://{address}:{self.port}/")
             power = self.daemon.hw.power(uuid)
-            if power in ("off", "fenced"):
+            if power in ("off", "fenced") or not toolstack.serving(uuid):
                 sock.close()
                 continue
             listener = HostServer(sock, ref, self.tls)
-            if power == "hung":
+            if power == "hung" or toolstack.frozen(uuid):
                 listener.running.clear()
             with self._lock:
                 self.listeners[uuid] = listener
@@ -99,6 +108,7 @@ class HostEndpoints:
         return {uuid: f"{scheme}://{address}:{self.port}/" for uuid, address in self._address.items()}
 
     def _on_power_change(self, uuid: str, old: str, new: str) -> None:
+        toolstack = self.daemon.hw.toolstack
         action: Callable[[], None] | None = None
         with self._lock:
             listener = self.listeners.get(uuid)
@@ -108,14 +118,32 @@ class HostEndpoints:
             elif new == "hung" and listener is not None:
                 listener.running.clear()
             elif new == "on" and listener is not None:
+                if not toolstack.frozen(uuid):  # a thawed host's hung xapi is still hung
+                    listener.running.set()
+            elif new == "on" and uuid in self._address and toolstack.serving(uuid):
+                action = lambda: self._reopen(uuid)  # noqa: E731
+        if action is not None:
+            action()
+
+    def _on_toolstack(self, uuid: str, event: str) -> None:
+        """The host's xapi went down, came up, hung or thawed (xapid/hw/toolstack.py)."""
+        action: Callable[[], None] | None = None
+        with self._lock:
+            listener = self.listeners.get(uuid)
+            if event == "down" and listener is not None:
+                del self.listeners[uuid]
+                action = lambda: self.server.withdraw(listener)  # noqa: E731
+            elif event == "freeze" and listener is not None:
+                listener.running.clear()
+            elif event == "thaw" and listener is not None and self.daemon.hw.is_running(uuid):
                 listener.running.set()
-            elif new == "on" and uuid in self._address:
+            elif event == "up" and listener is None and uuid in self._address:
                 action = lambda: self._reopen(uuid)  # noqa: E731
         if action is not None:
             action()
 
     def _reopen(self, uuid: str) -> None:
-        """The host booted: its address answers again, on the same port."""
+        """The host booted, or its xapi started again: its address answers again, on the same port."""
         address = self._address[uuid]
         ref = self.daemon.store.by_uuid("host", uuid)
         try:
@@ -125,10 +153,13 @@ class HostEndpoints:
                       address=f"{address}:{self.port}", error=e.strerror or str(e))
             return
         listener = HostServer(sock, ref or "", self.tls)
+        toolstack = self.daemon.hw.toolstack
         with self._lock:
-            if uuid in self.listeners or not self.daemon.hw.is_running(uuid):
+            if uuid in self.listeners or not self.daemon.hw.is_running(uuid) or not toolstack.serving(uuid):
                 sock.close()  # another change won the race
                 return
+            if toolstack.frozen(uuid):
+                listener.running.clear()
             self.listeners[uuid] = listener
         self.server.add(listener)
         log.info("host address answering again", host=uuid, address=f"{address}:{self.port}")

@@ -413,8 +413,12 @@ def emergency_ha_disable(call: Call, soft: bool) -> None:
 
 @handler("host.ha_xapi_healthcheck")
 def ha_xapi_healthcheck(call: Call) -> bool:
-    """True iff the xapi of the host this call was sent to runs (xhad's xapi watchdog asks this)."""
-    return call.daemon.ha.is_running(call.host)
+    """Whether the xapi of the host this call was sent to is healthy (xhad's xapi watchdog asks this
+    through ``xapi-health-check``).  xapi_host.ml answers ``not (Xapi_fist.fail_healthcheck ())``:
+    getting here means xapi works, unless the fault ``xapid fault xapi-fail`` stands for that fist
+    point on the host (a hung or crashed xapi never gets here)."""
+    uuid = call.daemon.ha.host_uuid(call.host)
+    return call.daemon.ha.is_running(call.host) and call.daemon.hw.toolstack.healthy(uuid)
 
 
 @handler("host.is_in_emergency_mode")

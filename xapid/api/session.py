@@ -27,6 +27,16 @@ def slave_local_login_with_password(call: Call, uname: str, pwd: str) -> str:
     return call.daemon.sessions.local_login(uname, pwd, call.host, local=call.local)
 
 
+@handler("session.slave_local_login")
+def slave_local_login(call: Call, psecret: str) -> str:
+    """A local session of the receiving host's xapi for whoever holds the pool secret (the host's
+    ``ptoken`` file; xapi_session.ml slave_local_login): how the host's own software (xhad's xapi
+    health check) logs in at the host's address."""
+    if not call.daemon.hw.toolstack.check_secret(psecret):
+        raise ApiError("SESSION_AUTHENTICATION_FAILED", "", "Authentication failure")
+    return call.daemon.sessions.local_login("root", "", call.host, local=True)
+
+
 @handler("session.logout", "session.local_logout")
 def logout(call: Call) -> None:
     assert call.session is not None

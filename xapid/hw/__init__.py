@@ -21,6 +21,7 @@ from xapid import statefiles
 from xapid.hw.fabric import Fabric
 from xapid.hw.netns import ClusterNetwork, NetnsError
 from xapid.hw.processes import kill_all, signal_all
+from xapid.hw.toolstack import Toolstacks
 from xapid.hw.watchdog import Watchdogs
 
 log = structlog.get_logger("xapid.hw")
@@ -52,7 +53,9 @@ class Hardware:
         self._startup: Callable[[str], None] | None = None
         self._timers: dict[str, threading.Timer] = {}
         self._stopping = False
-        self.watchdogs = Watchdogs(self.fence)
+        # Each host's xapi process (hw/toolstack.py); a stack restarts it through the watchdog socket.
+        self.toolstack = Toolstacks(self.is_running)
+        self.watchdogs = Watchdogs(self.fence, service=self._service)
 
     # -- persistence ------------------------------------------------------------------------------
 
@@ -81,7 +84,13 @@ class Hardware:
             for uuid in uuids:
                 self._state.setdefault(uuid, {"power": "on", "clean": True, "reason": ""})
                 self.watchdogs.add(uuid, self.host_dir(uuid))
+                self.toolstack.attach(uuid, self.host_dir(uuid))
             self._save()
+
+    def _service(self, uuid: str, verb: str) -> None:
+        """A service request from the host's own software (``xapi-restart``: systemctl restart xapi)."""
+        if verb == "xapi-restart" and self.is_running(uuid):
+            self.toolstack.restart_async(uuid, "the cluster stack asked (xapi-restart)")
 
     def detach(self, uuid: str) -> None:
         """The machine leaves the pool (``host.destroy``): whatever it runs is killed and it is
@@ -93,6 +102,7 @@ class Hardware:
         if timer is not None:
             timer.cancel()
         self.watchdogs.remove(uuid)
+        self.toolstack.forget(uuid)
         kill_all(self.host_dir(uuid))
         shutil.rmtree(self.host_dir(uuid), ignore_errors=True)
 
@@ -102,6 +112,7 @@ class Hardware:
 
     def prepare_stop(self) -> None:
         """Before the daemon stops its hosts' software: no more timers or reboots; hung hosts run again."""
+        self.toolstack.stopping = True
         with self._lock:
             self._stopping = True
             for timer in self._timers.values():
@@ -245,6 +256,7 @@ class Hardware:
         with self._lock:
             if self._stopping or self.power(uuid) not in ("off", "fenced"):
                 return False
+        self.toolstack.reset(uuid)  # a boot starts a fresh xapi
         self._set(uuid, "on", "boot")
         self.run_startup(uuid)
         return True

@@ -6,8 +6,9 @@ only (root: whoever can open the socket).  The request is JSON
 ``{"ok": bool, "lines": [...], "error": "..."}``.  :class:`FaultClient` speaks it, for the
 command line and for tests alike.
 
-Verbs: crash, hang, thaw, partition, heal, statefile-loss, statefile-restore, boot, status.
-HOST is a host uuid or name-label.
+Verbs: crash, hang, thaw, partition, heal, statefile-loss, statefile-restore, boot, status, and for
+one host's toolstack (xapid/hw/toolstack.py) xapi-hang, xapi-fail, xapi-crash (``"persistent": true``
+to survive xapi restarts), xapi-heal and xapi-restart.  HOST is a host uuid or name-label.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ if TYPE_CHECKING:
     from xapid.daemon import Daemon
 
 PATH = "/xapid/fault"
-VERBS = ("crash", "hang", "thaw", "partition", "heal", "statefile-loss", "statefile-restore", "boot", "status")
+XAPI_VERBS = ("xapi-hang", "xapi-fail", "xapi-crash", "xapi-heal", "xapi-restart")
+VERBS = ("crash", "hang", "thaw", "partition", "heal", "statefile-loss", "statefile-restore", "boot", "status",
+         *XAPI_VERBS)
 # Faults a cluster stack feels only if it reads the fabric file; it says so in its `xapid-faults` file.
 FABRIC_FAULTS = {"partition": "network partitions", "statefile-loss": "loss of the heartbeat SR",
                  "statefile-restore": "loss of the heartbeat SR"}
@@ -163,6 +166,8 @@ class FaultService:
             return [f"{self._name(u)}: heartbeat SR {'unreachable' if verb == 'statefile-loss' else 'reachable'}"
                     for u in uuids]
         uuids = self.resolve(hosts)
+        if verb in XAPI_VERBS:
+            return self._toolstack(verb, uuids, request.get("persistent", False))
         lines = []
         for uuid in uuids:
             before = hw.power(uuid)
@@ -180,13 +185,37 @@ class FaultService:
             lines.append(f"{self._name(uuid)}: {before} -> {hw.power(uuid)}")
         return lines
 
+    def _toolstack(self, verb: str, uuids: list[str], persistent: object) -> list[str]:
+        """The xapi-* verbs: break, heal or restart the hosts' xapi (their hardware is left alone)."""
+        if not isinstance(persistent, bool):
+            raise FaultError("persistent must be true or false")
+        if persistent and verb not in ("xapi-hang", "xapi-fail", "xapi-crash"):
+            raise FaultError(f"--persistent applies to xapi-hang, xapi-fail and xapi-crash, not {verb}")
+        hw = self.daemon.hw
+        toolstack = hw.toolstack
+        for uuid in uuids:
+            if verb != "xapi-heal" and not hw.is_running(uuid):
+                raise FaultError(f"{self._name(uuid)} is {hw.power(uuid)}: its xapi does not run")
+        lines = []
+        for uuid in uuids:
+            before = toolstack.describe(uuid)
+            if verb == "xapi-heal":
+                toolstack.heal(uuid)
+            elif verb == "xapi-restart":
+                toolstack.restart(uuid, "xapid fault xapi-restart")
+            else:
+                toolstack.inject(uuid, verb.removeprefix("xapi-"), persistent)
+            lines.append(f"{self._name(uuid)}: xapi {before} -> {toolstack.describe(uuid)}")
+        return lines
+
     def _name(self, uuid: str) -> str:
         ref = self.daemon.store.by_uuid("host", uuid)
         rec = self.daemon.store.get("host", ref) if ref else None
         return str(rec["name_label"]) if rec else uuid
 
     def host_status(self) -> list[dict[str, Any]]:
-        """Per host: uuid, name, power, network group, statefile (ok/lost), armed, live as the pool sees it."""
+        """Per host: uuid, name, power, network group, statefile (ok/lost), armed, live as the pool sees it,
+        its xapi (ok, restarting, or its fault) and how many times that xapi was restarted."""
         hw = self.daemon.hw
         folders: list[str] = []
         try:
@@ -202,13 +231,15 @@ class FaultService:
                         "network": hw.fabric.group(uuid),
                         "statefile": "lost" if folders and blocked & set(folders) else "ok",
                         "armed": bool(self.daemon.ha.local.get(uuid, "ha.armed", False)),
-                        "live": bool(metrics and metrics["live"])})
+                        "live": bool(metrics and metrics["live"]),
+                        "xapi": hw.toolstack.describe(uuid), "xapi_restarts": hw.toolstack.restarts(uuid)})
         return out
 
     def status(self) -> list[str]:
-        """One line per host: power, network group, statefile access, armed, live as the pool sees it."""
+        """One line per host: power, network group, statefile access, armed, live as the pool sees it, xapi."""
         return [f"{h['name']} {h['uuid']} power={h['power']} network={h['network']} statefile={h['statefile']} "
-                f"armed={str(h['armed']).lower()} live={str(h['live']).lower()}" for h in self.host_status()]
+                f"armed={str(h['armed']).lower()} live={str(h['live']).lower()} xapi={h['xapi']} "
+                f"xapi-restarts={h['xapi_restarts']}" for h in self.host_status()]
 
 
 class _UnixConnection(http.client.HTTPConnection):
@@ -287,15 +318,31 @@ class FaultClient:
     def status(self) -> list[str]:
         return self.request("status")
 
+    def xapi_hang(self, *hosts: str, persistent: bool = False) -> list[str]:
+        return self.request("xapi-hang", list(hosts), persistent=persistent)
+
+    def xapi_fail(self, *hosts: str, persistent: bool = False) -> list[str]:
+        return self.request("xapi-fail", list(hosts), persistent=persistent)
+
+    def xapi_crash(self, *hosts: str, persistent: bool = False) -> list[str]:
+        return self.request("xapi-crash", list(hosts), persistent=persistent)
+
+    def xapi_heal(self, *hosts: str) -> list[str]:
+        return self.request("xapi-heal", list(hosts))
+
+    def xapi_restart(self, *hosts: str) -> list[str]:
+        return self.request("xapi-restart", list(hosts))
+
 
 def main(argv: list[str]) -> int:
-    """``xapid fault --state-dir DIR VERB [HOST...] [-- HOST...] [--seconds S] [--socket PATH]``."""
+    """``xapid fault --state-dir DIR VERB [HOST...] [-- HOST...] [--seconds S] [--persistent] [--socket PATH]``."""
     import sys
 
     args = list(argv)
     state_dir = "./var"
     socket_path = None
     seconds: float | None = None
+    persistent = False
     rest: list[str] = []
     i = 0
     while i < len(args):
@@ -316,6 +363,8 @@ def main(argv: list[str]) -> int:
             continue
         if a.startswith("--state-dir="):
             state_dir = a.split("=", 1)[1]
+        elif a == "--persistent":
+            persistent = True
         elif a in ("-h", "--help"):
             print(USAGE)
             return 0
@@ -338,6 +387,8 @@ def main(argv: list[str]) -> int:
             lines = client.request("partition", [], groups=[g for g in groups if g] or [[]])
         elif verb == "hang" and seconds is not None:
             lines = client.hang(*operands, seconds=seconds)
+        elif persistent:
+            lines = client.request(verb, operands, persistent=True)
         else:
             lines = client.request(verb, operands)
     except FaultError as e:
@@ -358,5 +409,11 @@ USAGE = """usage: xapid fault --state-dir DIR VERB [HOST...]
   statefile-loss HOST...|all         the hosts lose access to the heartbeat SR
   statefile-restore HOST...|all      ... and get it back
   boot HOST...                       power on a crashed or fenced host (xapi start-up runs on it)
-  status                             one line per host: power, network group, statefile, armed, live
+  status                             one line per host: power, network group, statefile, armed, live,
+                                     xapi (ok / restarting / its fault), xapi restarts so far
+  xapi-hang HOST... [--persistent]   the host's xapi accepts connections at its address, answers nothing
+  xapi-fail HOST... [--persistent]   the host's host.ha_xapi_healthcheck answers false
+  xapi-crash HOST... [--persistent]  the host's xapi dies: its address refuses connections, its sessions end
+  xapi-heal HOST...                  end the host's xapi fault (a crashed xapi starts again)
+  xapi-restart HOST...               restart the host's xapi, as xhad does (clears a fault unless --persistent)
 HOST is a host uuid or name-label. Exit status 0 when done, 2 with a message otherwise."""

@@ -8,6 +8,7 @@ in time, or is told ``fence <reason>``, the host is fenced (the callback given t
     pet              reset the timer (ignored while disarmed)
     disarm           stop the watchdog (a clean stop)
     fence <reason>   reset the host now
+    xapi-restart     restart the host's xapi (systemctl restart xapi.service; xapid/hw/toolstack.py)
 
 State lives in memory only: after a daemon restart every watchdog is disarmed until its
 next ``arm``.
@@ -32,6 +33,8 @@ from xapid import statefiles, unixsock
 log = structlog.get_logger("xapid.hw.watchdog")
 
 SOCKET_NAME = "watchdog"
+# Not the watchdog's, but the host's one channel to its machine: restart the host's xapi.
+SERVICE_VERBS = frozenset({"xapi-restart"})
 MAX_MESSAGE = 512
 
 
@@ -60,8 +63,12 @@ class Watchdogs:
     the watchdog is disarmed first, so it fires once.
     """
 
-    def __init__(self, fence: Callable[[str, str], None]) -> None:
+    def __init__(self, fence: Callable[[str, str], None],
+                 service: Callable[[str, str], None] | None = None) -> None:
         self._fence = fence
+        # service(host uuid, verb): requests of the host's software that are not the watchdog's
+        # (``xapi-restart``), called outside the lock.
+        self._service = service
         self._dogs: dict[str, _Dog] = {}
         self._by_fd: dict[int, _Dog] = {}
         self._lock = threading.Lock()
@@ -182,6 +189,13 @@ class Watchdogs:
                 continue
             verb, rest = words[0], (words[1] if len(words) > 1 else "")
             fence_reason = None
+            if verb in SERVICE_VERBS:
+                if self._service is not None:
+                    try:
+                        self._service(dog.uuid, verb)
+                    except Exception:  # noqa: BLE001 - the watchdog thread must survive it
+                        log.exception("service request failed", host=dog.uuid, verb=verb)
+                continue
             with self._lock:
                 if verb == "arm":
                     try:

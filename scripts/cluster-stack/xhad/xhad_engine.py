@@ -109,8 +109,15 @@ Liveset (ha_query_liveset; the local host's view)
     time since its last heartbeat/slot update.  Warnings: ``statefile_lost`` when this host lost
     the statefile; ``heartbeat_approaching_timeout`` / ``statefile_approaching_timeout`` when
     a live peer has been silent for more than half of HeartbeatTimeout / StateFileTimeout;
-    ``Xapi_healthcheck_approaching_timeout`` and ``network_bonding_error`` are never raised
-    (there is no xapi health check and no bond to watch).
+    ``Xapi_healthcheck_approaching_timeout`` and the Xapi_healthcheck latencies come from the xapi
+    monitor (below); ``network_bonding_error`` is never raised (there is no bond to watch).
+
+xapi monitor (xapi_mon.py in this folder; xha daemon/xapi_mon.c)
+    Once Online, a thread of the heartbeat process checks this host's xapi every
+    XapiHealthCheckInterval (``host.ha_xapi_healthcheck`` at the host's own address, within
+    XapiHealthCheckTimeout), restarts it on failure (``xapi-restart`` on the watchdog socket, up to
+    XapiRestartAttempts within XapiRestartTimeout) and, if that does not work, self-fences like any
+    other fence (only while armed).  See xapi_mon.py for the details.
 
 Watchdog (hw-contract.md)
     ``$XAPID_HOST_DIR/watchdog`` (Unix datagram socket; a path too long for sun_path is reached
@@ -167,7 +174,8 @@ import zlib
 from collections.abc import Callable, Iterable, Mapping
 from collections.abc import Set as AbstractSet
 from functools import cached_property
-from typing import TYPE_CHECKING
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from typing import Self
@@ -244,6 +252,22 @@ PASS_ON = (
     EXIT_DAEMON_IS_PRESENT,
     EXIT_BOOT_BLOCKED_BY_EXCLUDED,
 )
+
+
+_XAPI_MON: ModuleType | None = None
+
+
+def xapi_mon() -> ModuleType:
+    """The xapi monitor module beside this file (loaded once; the engine may be loaded by path)."""
+    global _XAPI_MON
+    if _XAPI_MON is None:
+        here = os.path.dirname(ENGINE_FILE)
+        if here not in sys.path:
+            sys.path.append(here)
+        import xapi_mon as module
+
+        _XAPI_MON = module
+    return _XAPI_MON
 
 
 def escape(text: str) -> str:
@@ -1138,6 +1162,7 @@ class Daemon:
         self.sock: socket.socket | None = None
         self.signals: list[int] = []
         self.wake_r = -1
+        self.xapimon: Any = None  # xapi_mon.XapiMon once Online
 
     # -- set-up and the loop ---------------------------------------------------------------
 
@@ -1196,6 +1221,9 @@ class Daemon:
                 self.leave("stopped")
                 _log("stopped by signal")
                 return EXIT_SUCCESS
+            xapi_fence = self.xapimon.fence_reason if self.xapimon is not None else ""
+            if xapi_fence and self.state == "online" and self.armed:
+                self.fence(xapi_fence)
             stalled = now - self.last_pet
             if self.state == "online" and self.armed and self.watchdog_on and stalled > conf.watchdog_timeout:
                 self.fence(f"the heartbeat stalled for {stalled:.1f} s, beyond the watchdog timeout")
@@ -1797,6 +1825,23 @@ class Daemon:
         self.watchdog_on = True
         self.last_pet = time.monotonic()
         _log(f"{'joined' if action == JOIN else 'formed'} the liveset {sorted(members)}: Online")
+        self.start_xapi_monitor()
+
+    def start_xapi_monitor(self) -> None:
+        """xha sm.c start_xapi_monitor: check this host's xapi from now on (xapi_mon.py)."""
+        if self.xapimon is not None:
+            return
+        monitor = xapi_mon().XapiMon(
+            self.conf.hostdir,
+            self.conf.parameters,
+            self.conf.heartbeat_interval,
+            restart=lambda: send_watchdog(self.watchdog, "xapi-restart"),
+            armed=lambda: self.armed and self.state == "online",
+            wake=lambda: os.kill(self.pid, signal.SIGUSR2),
+            log=_log,
+        )
+        self.xapimon = monitor
+        monitor.start()
 
     def _rules(
         self, now: float, wall: float, reports: dict[int, Report], sf_fresh: set[int], excluded: set[int]
@@ -1930,6 +1975,7 @@ class Daemon:
             "on_hb": on_hb,
             "on_sf": on_sf,
             "latency": {"sf": _figures(self.sf_lat), "hb": _figures(self.hb_lat)},
+            "xapi": self.xapimon.figures() if self.xapimon is not None else None,
         }
         data = encode_block(view)
         try:
@@ -2301,6 +2347,7 @@ def render_liveset(conf: Conf, view: dict, fresh: Fresh | None, now: float) -> s
             "  </host>",
         ]
     latency = view.get("latency") if isinstance(view.get("latency"), dict) else {}
+    xapi_lat, xapi_restart_ms, xapi_warn = xapi_mon().liveset_figures(view, now)
     sf_lat = latency.get("sf") if isinstance(latency.get("sf"), list) and len(latency["sf"]) == 3 else [0, 0, 0]
     hb_lat = latency.get("hb") if isinstance(latency.get("hb"), list) and len(latency["hb"]) == 3 else [0, 0, 0]
     out.append("  <raw_status_on_local_host>")
@@ -2311,11 +2358,12 @@ def render_liveset(conf: Conf, view: dict, fresh: Fresh | None, now: float) -> s
         ("heartbeat_latency", hb_lat[0]),
         ("heartbeat_latency_min", hb_lat[1]),
         ("heartbeat_latency_max", hb_lat[2]),
-        ("Xapi_healthcheck_latency", 0),
-        ("Xapi_healthcheck_latency_min", 0),
-        ("Xapi_healthcheck_latency_max", 0),
+        ("Xapi_healthcheck_latency", xapi_lat[0]),
+        ("Xapi_healthcheck_latency_min", xapi_lat[1]),
+        ("Xapi_healthcheck_latency_max", xapi_lat[2]),
     ):
         out.append(f"    <{name}>{int(value) if _is_int(value) else 0}</{name}>")
+    restart_ms = {conf.index: xapi_restart_ms}  # xhad knows only its own (sc_func.c)
     hb_warn = sf_warn = False
     for index, (host, (live, _m, _a, _e)) in enumerate(zip(conf.hosts, rows, strict=True)):
         hb_age = _age_ms(now, view["hb_seen"][index])
@@ -2331,7 +2379,8 @@ def render_liveset(conf: Conf, view: dict, fresh: Fresh | None, now: float) -> s
             f"      <HostID>{escape(host)}</HostID>",
             f"      <time_since_last_update_on_statefile>{sf_age}</time_since_last_update_on_statefile>",
             f"      <time_since_last_heartbeat>{hb_age}</time_since_last_heartbeat>",
-            "      <time_since_xapi_restart_first_attempted>-1</time_since_xapi_restart_first_attempted>",
+            f"      <time_since_xapi_restart_first_attempted>{restart_ms.get(index, -1)}"
+            "</time_since_xapi_restart_first_attempted>",
             f"      <heartbeat_active_list_on_heartbeat>{escape(on_hb)}</heartbeat_active_list_on_heartbeat>",
             f"      <heartbeat_active_list_on_statefile>{escape(on_sf)}</heartbeat_active_list_on_statefile>",
             "    </host_raw_data>",
@@ -2342,7 +2391,7 @@ def render_liveset(conf: Conf, view: dict, fresh: Fresh | None, now: float) -> s
         ("statefile_lost", lost),
         ("heartbeat_approaching_timeout", hb_warn),
         ("statefile_approaching_timeout", sf_warn and not lost),
-        ("Xapi_healthcheck_approaching_timeout", False),
+        ("Xapi_healthcheck_approaching_timeout", xapi_warn),
         ("network_bonding_error", False),
     )
     out.append("  <warning_on_local_host>")
