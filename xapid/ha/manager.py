@@ -152,6 +152,12 @@ class HaManager:
             futures = [(h, pool.submit(fn, h)) for h in hosts]
             return [(h, f.exception()) for h, f in futures]
 
+    def _set_local_all(self, hosts: list[str], **values: Any) -> None:
+        """``local.set`` on every host at once (their fsyncs overlap); raises the first failure."""
+        for _h, error in self.in_parallel(hosts, lambda h: self.local.set(self.host_uuid(h), **values)):
+            if error is not None:
+                raise error
+
     def _join_all(self, hosts: list[str], master: str, master_done: threading.Event,
                   master_ok: threading.Event) -> BaseException | None:
         """Join every host at once; on the first failure the other joins are cut short; that failure.
@@ -431,13 +437,13 @@ class HaManager:
         """``Host.preconfigure_ha`` (ha.md 4.2)."""
         self.runner.stack_dir(chosen)
         uuid = self.host_uuid(host)
-        self.local.set(uuid, ha_cluster_stack=chosen)
         with self.store.transaction() as tx:
             tx.update("host", host, ha_statefiles=list(statefiles))
         if not is_master:
             self._write_conf(host, generation, base_t, statefile_path)
         peers = {h["uuid"]: h["address"] for _r, h in self.hosts()}
-        self.local.set(uuid, ha_peers=peers, ha_base_t=int(str(base_t)))
+        # One durable write per host: until it lands, run() falls back on the pool's stack.
+        self.local.set(uuid, ha_cluster_stack=chosen, ha_peers=peers, ha_base_t=int(str(base_t)))
 
     def _join(self, host: str, master: str, master_done: threading.Event, master_ok: threading.Event) -> None:
         """``Host.ha_join_liveset`` (ha.md 4.3); the master sets ``master_done`` (and ``master_ok``)."""
@@ -562,8 +568,7 @@ class HaManager:
                 return self._stop_all(hosts)
             except ApiError as e:
                 log.warning("disable with statefile failed; trying without", error=str(e))
-        for h in hosts:
-            self.local.set(self.host_uuid(h), **{"ha.disable_failover_decisions": True})
+        self._set_local_all(hosts, **{"ha.disable_failover_decisions": True})
         self._set_enabled(False)
         self._monitor_stop()
         self.in_parallel(hosts, lambda h: self.try_run(h, "ha_disarm_fencing", ok=(MTC_DAEMON_NOT_PRESENT,)))
@@ -592,8 +597,7 @@ class HaManager:
                 "heartbeat daemons still running after disable attempt", attempt=attempt + 1, hosts=left
             )
             time.sleep(self.daemon.config["ha-disable-retry-delay"])
-        for h in hosts:
-            self.local.set(self.host_uuid(h), **{"ha.armed": False})
+        self._set_local_all(hosts, **{"ha.armed": False})
         if not left:
             self.release_hardware()
         if left and not rollback:
@@ -926,10 +930,12 @@ class HaManager:
         for thread in threads:
             thread.join(timeout=self.daemon.config["ha-start-daemon-timeout"] + 5)
         self._monitor_stop()
-        if not self.pool()["ha_enabled"]:
-            return
         hosts = [h for h, rec in self.hosts() if self.local.get(rec["uuid"], "ha.armed", False)]
-        self.in_parallel(hosts, lambda h: self.try_run(h, "ha_stop_daemon"))
+        try:
+            if self.pool()["ha_enabled"]:
+                self.in_parallel(hosts, lambda h: self.try_run(h, "ha_stop_daemon"))
+        finally:
+            self.runner.close()
 
     # -- emergency disable, clean shutdown (ha.md 4.6, 4.7) --------------------------------------------------
 
