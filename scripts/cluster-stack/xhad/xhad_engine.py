@@ -2631,6 +2631,7 @@ def spawn_heartbeat(conf: Conf, log_fd: int) -> subprocess.Popen[bytes] | _Forke
         os.closerange(3, 1 << 16)
         os.chdir(conf.hostdir)
         retitle(argv)
+        _log("forked by the fork server")
         code = _guarded(heartbeat_main, conf.path)
     except BaseException:  # noqa: BLE001 - a forked child never returns into its parent's code
         traceback.print_exc()
