@@ -133,7 +133,7 @@ def scalar(tok: str) -> Any:
         return tok
     kind, rest = m.group(1), m.group(2).strip()
     if kind == "String":
-        return rest
+        return "OpaqueRef:NULL" if rest == "null_ref" else rest  # VString of the null reference
     if kind == "Int":
         return CONSTANTS.get(rest, None) if rest.startswith(("Constants", "Int64")) else int(rest.rstrip("L"))
     if kind == "Bool":

@@ -79,6 +79,9 @@ class Daemon:
         self.collector = Collector(self)
         self.dispatcher = Dispatcher(self)
         self.records = RecordCache(self.store, self.encoder, int(config["record-cache-size"]) * 1024 * 1024)
+        # Where the hosts' own addresses answer (set once listening): redirects name them.
+        self.api_scheme = "http"
+        self.api_port = 0
         self.hw = Hardware(self.state_dir, float(config["fence-reboot-delay"]))
         self.hw.attach([h["uuid"] for _r, h in self.store.items("host")])
         self.hw.on_power_change(self._on_power_change)
@@ -136,6 +139,10 @@ class Daemon:
         self.sessions.drop_local(ref)
         if ref == self.master_ref():
             self.sessions.drop_all()
+
+    def forget_host(self, host_uuid: str) -> None:
+        """A host whose records were destroyed: its emulated machine goes too."""
+        self.hw.detach(host_uuid)
 
     def start(self) -> None:
         """Services that run in the background (watchdogs, the HA re-arm and monitors, garbage collection)."""

@@ -97,7 +97,7 @@ ACCEPT_POLL = 0.2  # seconds between checks for a stop while accepting
 MAX_HEADER_LINES = 100
 LEADING_EMPTY_LINES = 4  # RFC 9112 2.2: ignore a few empty lines before a request line
 LINGER = 1.0  # seconds an error answer waits for the client's unread bytes before closing
-REASONS = {100: "Continue", 200: "OK", 400: "Bad Request", 401: "Unauthorised", 403: "Forbidden",
+REASONS = {100: "Continue", 200: "OK", 302: "Found", 400: "Bad Request", 401: "Unauthorised", 403: "Forbidden",
            404: "Not Found", 406: "Not Acceptable", 408: "Request Timeout",
            411: "Length Required", 413: "Content Too Large", 417: "Expectation Failed",
            431: "Request Header Fields Too Large", 500: "Internal Error", 503: "Service Unavailable",

@@ -249,6 +249,16 @@ class Tasks:
         if gone:
             log.info("garbage-collected tasks", count=len(gone), reason=why)
 
+    def drop_all(self, why: str) -> int:
+        """Destroy every task: a new master's xapi starts with none (the task class is not persisted).
+
+        A call still running for a dropped task carries on; its progress and result go nowhere.
+        Returns how many tasks went.
+        """
+        tasks = self.store.refs("task")
+        self._destroy(tasks, why)
+        return len(tasks)
+
     def collect(self, now: float | None = None) -> None:
         """One garbage-collection pass: finished tasks past ``completed_task_timeout``, hung pending ones.
 

@@ -181,3 +181,26 @@ def test_without_corosync_ha_and_pool_create_fail_clearly(xapid_factory: Any, tm
     assert details(e)[0] == "INTERNAL_ERROR" and "needs corosync (package corosync)" in details(e)[1]
     assert x.Cluster.get_all() == [] and x.Cluster_host.get_all() == []
     assert namespaces(d.state_dir) == []
+
+
+@needs_corosync
+def test_host_destroy_forgets_the_dead_member_and_the_survivors_expect_one_vote_less(xapid_factory: Any,
+                                                                                   tracker: Tracker) -> None:
+    """host.destroy declares the member permanently dead (xapi_hooks.ml host_pre_declare_dead ->
+    Cluster_host.forget, xapi_cluster_host.ml forget): the survivors' nodelist drops it."""
+    d = xapid_factory(hosts=3, **{"fence-reboot-delay": "0"})
+    tracker.daemons.append(d)
+    x = d.session().xenapi
+    pif = management(x, x.pool.get_master(x.pool.get_all()[0]))
+    x.PIF.set_disallow_unplug(pif, True)
+    cluster = x.Cluster.pool_create(x.PIF.get_network(pif), "corosync", 1.0, 1.0)
+    wait_for(lambda: cluster_state(x, cluster) == (True, 2, 3, 3), timeout=DETECT, what="a quorate 3-node cluster")
+    hosts = {x.host.get_name_label(h): h for h in x.host.get_all()}
+    FaultClient(d.state_dir).crash("host3")
+    wait_for(lambda: cluster_state(x, cluster) == (True, 2, 2, 3), timeout=DETECT, what="two live nodes of three")
+    x.host.destroy(hosts["host3"])
+    assert len(x.Cluster.get_cluster_hosts(cluster)) == 2
+    assert x.Cluster.get_pending_forget(cluster) == []
+    wait_for(lambda: cluster_state(x, cluster) == (True, 2, 2, 2), timeout=DETECT, what="two nodes expected")
+    x.Cluster.pool_destroy(cluster)
+    assert leftovers(d.state_dir, tracker.pids) == {}

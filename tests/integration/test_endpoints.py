@@ -87,6 +87,9 @@ def test_designate_new_master_swaps_the_endpoints_and_ends_every_session(xapid: 
     old = XenAPI.Session(m1)
     old.login_with_password("root", xapid.password)
     old_ref = old._session
+    task = old.xenapi.task.create("client-task", "a task a client polls")
+    before_vm = next(ref for ref, rec in old.xenapi.VM.get_all_records().items() if rec["is_a_template"])
+    async_task = old.xenapi.Async.VM.clone(before_vm, "clone-in-flight")
     old.xenapi.pool.designate_new_master(hosts["host2"])
     assert api.pool.get_master(pool) == hosts["host2"]  # the pool's address follows (after a re-login)
     assert login_error(m1, xapid.password) == ["HOST_IS_SLAVE", "127.0.1.2"]
@@ -99,8 +102,16 @@ def test_designate_new_master_swaps_the_endpoints_and_ends_every_session(xapid: 
     s.login_with_password("root", xapid.password)
     try:
         x = s.xenapi
-        assert {ref: rec["uuid"] for ref, rec in x.VM.get_all_records().items()} == before
+        # (The clone in flight at the transition finishes: only its task is lost.)
+        assert {ref: rec["uuid"] for ref, rec in x.VM.get_all_records().items()
+                if rec["name_label"] != "clone-in-flight"} == before
         assert x.session.get_this_host(s._session) == hosts["host2"]
+        # Nor does a task (PersistNothing): the new master's database has none.
+        assert x.task.get_all() == []
+        for gone in (task, async_task):
+            with pytest.raises(XenAPI.Failure) as e:
+                x.task.get_status(gone)
+            assert e.value.details == ["HANDLE_INVALID", "task", gone]
         transitions = [m for m in x.message.get_all_records().values() if m["name"] == "POOL_MASTER_TRANSITION"]
         assert [(m["obj_uuid"], m["cls"], m["priority"]) for m in transitions] == \
             [(x.host.get_uuid(hosts["host2"]), "Host", "4")]

@@ -289,3 +289,32 @@ def _force_destroy(call: Call, self: str) -> None:
         if rest:
             clusterd.reload(rest, rest, cluster)
     clusterd.sync()
+
+
+@handler("Cluster_host.forget")
+def cluster_host_forget(call: Call, self: str) -> None:
+    forget_cluster_host(call, self)
+
+
+def forget_cluster_host(call: Call, self: str) -> None:
+    """Declare a dead member permanently gone (xapi_cluster_host.ml forget, message_forwarding.ml).
+
+    Its address goes to ``Cluster.pending_forget`` until the survivors' corosync runs without it
+    (nodelist rewritten and reloaded, so the expected votes drop), then the record is destroyed.
+    """
+    rec = _cluster_host(call, self)
+    cluster = _settings(call, rec["cluster"])
+    pif = call.store.get("PIF", rec["PIF"]) or {}
+    with call.store.transaction() as tx:
+        tx.update("Cluster_host", self, joined=False)
+        pending = sorted({*cluster["pending_forget"], str(pif.get("IP", ""))})
+        tx.update("Cluster", rec["cluster"], pending_forget=pending)
+    clusterd = call.daemon.clusterd
+    clusterd.stop(_host_uuid(call, rec["host"]))  # a member declared dead never runs again
+    rest = clusterd.members(rec["cluster"])
+    if rest:
+        clusterd.reload(rest, rest, _settings(call, rec["cluster"]))
+    with call.store.transaction() as tx:
+        tx.update("Cluster", rec["cluster"], pending_forget=[])
+        tx.delete("Cluster_host", self)
+    clusterd.sync()

@@ -263,6 +263,22 @@ def get_vms_which_prevent_evacuation(call: Call, self: str) -> dict[str, list[st
             if isinstance(error, ApiError)}
 
 
+@handler("host.assert_can_evacuate")
+def assert_can_evacuate(call: Call, host: str) -> None:
+    """``CANNOT_EVACUATE_HOST`` with every VM's error as ``code,param,...`` joined by ``|`` (xapi_host.ml)."""
+    _host(call, host)
+    errors = [",".join(e.description) for e in evacuation_plan(call, host).values() if isinstance(e, ApiError)]
+    if errors:
+        raise ApiError("CANNOT_EVACUATE_HOST", "|".join(errors))
+
+
+@handler("host.get_uncooperative_resident_VMs")
+def get_uncooperative_resident_vms(call: Call, self: str) -> list[str]:
+    """Always empty, as in xapi (the call is kept for old clients)."""
+    _host(call, self)
+    return []
+
+
 def _migrate(call: Call, vm: str, target: str) -> None:
     """Move a running VM to ``target`` (what the VM.pool_migrate of an evacuation leaves behind)."""
     with call.store.transaction() as tx:

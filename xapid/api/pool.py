@@ -30,7 +30,7 @@ def transition_master(daemon: Daemon, host: str, followers: list[str] | None = N
 
     ``followers`` are the hosts that learn of the new master (None: every host, as in a two-phase
     commit or an HA failover); the others keep naming the old one in ``HOST_IS_SLAVE``.  Every
-    session ends; the new master raises ``POOL_MASTER_TRANSITION`` (xapi_pool_transition.ml
+    session and every task ends; the new master raises ``POOL_MASTER_TRANSITION`` (xapi_pool_transition.ml
     consider_sending_alert).
     """
     store = daemon.store
@@ -53,6 +53,9 @@ def transition_master(daemon: Daemon, host: str, followers: list[str] | None = N
     for ref in store.refs("host"):
         if followers is None or ref == host or ref == old or ref in followers:
             daemon.sessions.drop_local(ref)
+    # The new master's database has no tasks: tasks are never persisted or replicated (datamodel
+    # task: PersistNothing), so a client polling one gets HANDLE_INVALID once it logs in again.
+    daemon.tasks.drop_all("pool master transition")
     uuid = (store.get("host", host) or {}).get("uuid", "")
     log.warning("pool master transition", master=uuid, previous=(store.get("host", old) or {}).get("uuid", ""))
     create_message(store, "POOL_MASTER_TRANSITION", 4, "Host", uuid, "")

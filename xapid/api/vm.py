@@ -321,18 +321,22 @@ def create(call: Call, args: dict[str, Any]) -> str:
 @handler("VM.destroy")
 def destroy(call: Call, self: str) -> None:
     with call.store.transaction() as tx:
-        rec = _vm(tx, self, "destroy")
-        for child in tx.referrers("VM", "parent", self):  # xapi_vm.ml destroy: the children are rebased
-            tx.update("VM", child, parent=rec["parent"])
-        for vbd in tx.referrers("VBD", "VM", self):
-            tx.delete("VBD", vbd)
-        for vif in tx.referrers("VIF", "VM", self):
-            tx.delete("VIF", vif)
-        if tx.read("VM_metrics", rec["metrics"]) is not None:
-            tx.delete("VM_metrics", rec["metrics"])
-        remove_metrics(tx, self, rec)
-        close_consoles(tx, self)
-        tx.delete("VM", self)
+        remove_vm(tx, self, _vm(tx, self, "destroy"))
+
+
+def remove_vm(tx: Transaction, vm: str, rec: dict[str, Any]) -> None:
+    """Delete ``vm`` with its devices, metrics and consoles; its children are rebased (xapi_vm.ml destroy)."""
+    for child in tx.referrers("VM", "parent", vm):
+        tx.update("VM", child, parent=rec["parent"])
+    for vbd in tx.referrers("VBD", "VM", vm):
+        tx.delete("VBD", vbd)
+    for vif in tx.referrers("VIF", "VM", vm):
+        tx.delete("VIF", vif)
+    if tx.read("VM_metrics", rec["metrics"]) is not None:
+        tx.delete("VM_metrics", rec["metrics"])
+    remove_metrics(tx, vm, rec)
+    close_consoles(tx, vm)
+    tx.delete("VM", vm)
 
 
 @handler("VM.start")

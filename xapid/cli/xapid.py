@@ -106,6 +106,7 @@ def serve(args: argparse.Namespace) -> int:
     tcp = XapiServer(sock, tls)
     server = ApiServer(daemon, limits)
     server.serve(tcp)
+    daemon.api_scheme, daemon.api_port = ("https" if tls else "http"), tcp.server_address[1]
     endpoints = HostEndpoints(daemon, server, tcp.server_address[1], tls)
     endpoints.adopt(host_sockets)
     scheme = "https" if tls else "http"

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -800,6 +801,35 @@ def pool_designate_new_master(ctx: Context, args: Args) -> None:
     ctx.rpc.call("pool.designate_new_master", host)
 
 
+FORGET_WARNINGS = (
+    "WARNING: A host should only be forgotten if it is physically unrecoverable;",
+    "WARNING: if possible, Hosts should be 'ejected' from the Pool instead.",
+    "WARNING: Once a host has been forgotten it will have to be re-installed.",
+    "WARNING: This operation is irreversible.",
+)
+DECLARE_DEAD_WARNINGS = (
+    "WARNING: A host should only be declared dead if it is verified offline.",
+    "WARNING: Performing this operation if the host is still online and has any",
+    "WARNING: running VMs may lead to possible data loss and/or corruption.",
+)
+
+
+def _careful_host_op(method: str, warnings: tuple[str, ...]) -> Run:
+    """xe's ``host_careful_op`` (cli_operations.ml): without --force, print the warnings and go on
+    only if the user types ``yes``."""
+
+    def run(ctx: Context, args: Args) -> None:
+        host = ctx.rpc.call("host.get_by_uuid", args.require("uuid"))
+        if not args.flag("force"):
+            ctx.out.write("".join(f"{w}\n" for w in warnings) + "Type 'yes' to continue\n")
+            ctx.out.flush()
+            if sys.stdin.readline().strip().lower() != "yes":
+                return
+        ctx.rpc.call(method, host)
+
+    return run
+
+
 def host_is_in_emergency_mode(ctx: Context, args: Args) -> None:
     ctx.out.write("true\n" if ctx.rpc.call("host.is_in_emergency_mode") else "false\n")
 
@@ -861,6 +891,13 @@ def named_commands() -> list[Command]:
                 "Prevent HA VM restarts for a given number of seconds."),
         Command("host-ha-xapi-healthcheck", host_ha_xapi_healthcheck, (), (),
                 "Check that xapi on the local host is running satisfactorily.", local_session=True),
+        Command("host-forget", _careful_host_op("host.destroy", FORGET_WARNINGS), ("uuid",), ("force",),
+                "Forget about the host without contacting it explicitly. WARNING: this call is useful if the host"
+                " to 'forget' is dead; however, if the host is live and part of the pool, you should consider"
+                " using pool-eject instead."),
+        Command("host-declare-dead", _careful_host_op("host.declare_dead", DECLARE_DEAD_WARNINGS), ("uuid",),
+                ("force",), "Declare that the the host is dead without contacting it explicitly. WARNING: This"
+                " call is dangerous and can cause data loss if the host is not actually dead"),
         Command("host-disable", _host_op("disable", ("auto-enable",), arguments=_disable_args), (),
                 ("host", "uuid", "auto-enable", "multiple", "<field>=<value>"),
                 "Disable the XE host. Setting auto-enable=false will keep the host persistently disabled until"

@@ -30,9 +30,14 @@ TASK_WAIT = 60.0  # seconds to wait for the handler to end the task after the tr
 _REF = re.compile(r"OpaqueRef:[0-9A-Za-z-]+")
 
 
+MAX_REDIRECTS = 5
+
+
 def _connection(ctx: Context) -> tuple[http.client.HTTPConnection, str]:
-    url = getattr(ctx.rpc, "url", "")
-    session = getattr(ctx.rpc, "session", "")
+    return _connect(getattr(ctx.rpc, "url", "")), str(getattr(ctx.rpc, "session", ""))
+
+
+def _connect(url: str) -> http.client.HTTPConnection:
     parts = urlsplit(url)
     if parts.scheme == "https":
         conn: http.client.HTTPConnection = http.client.HTTPSConnection(
@@ -40,7 +45,7 @@ def _connection(ctx: Context) -> tuple[http.client.HTTPConnection, str]:
             context=ssl._create_unverified_context())  # as xe's stunnel: the certificate is not checked
     else:
         conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port or 80, timeout=60)
-    return conn, str(session)
+    return conn
 
 
 def progress_bar(progress: float) -> str:
@@ -96,10 +101,16 @@ def transfer(ctx: Context, method: str, path: str, query: dict[str, str], filena
         target = path + "?" + urlencode({"session_id": session, "task_id": task, **query})
         with _Bar(ctx, task, bar):
             try:
-                if method == "PUT":
-                    _put(conn, target, filename)
+                for _ in range(MAX_REDIRECTS):  # newcli.ml: a 302 is followed to its Location
+                    location = _put(conn, target, filename) if method == "PUT" else _get(conn, target, filename)
+                    if location is None:
+                        break
+                    conn.close()
+                    conn = _connect(location)
+                    parts = urlsplit(location)
+                    target = parts.path + (f"?{parts.query}" if parts.query else "")
                 else:
-                    _get(conn, target, filename)
+                    raise OSError("too many redirects")
             except OSError as e:
                 if isinstance(e, FileExistsError):
                     raise XeError(f"Operation failed. Error: file '{filename}' already exists") from None
@@ -116,7 +127,8 @@ def transfer(ctx: Context, method: str, path: str, query: dict[str, str], filena
             pass
 
 
-def _put(conn: http.client.HTTPConnection, target: str, filename: str) -> None:
+def _put(conn: http.client.HTTPConnection, target: str, filename: str) -> str | None:
+    """Send the file; the Location of a redirect, else None."""
     try:
         f: BinaryIO = open(filename, "rb")  # noqa: SIM115 - closed below, after the body is sent
     except OSError as e:
@@ -137,11 +149,16 @@ def _put(conn: http.client.HTTPConnection, target: str, filename: str) -> None:
             conn.send(b"0\r\n\r\n")
     response = conn.getresponse()
     response.read()
+    return response.getheader("location") if response.status == 302 else None
 
 
-def _get(conn: http.client.HTTPConnection, target: str, filename: str) -> None:
+def _get(conn: http.client.HTTPConnection, target: str, filename: str) -> str | None:
+    """Receive into the file; the Location of a redirect, else None."""
     conn.request("GET", target)
     response = conn.getresponse()
+    if response.status == 302:
+        response.read()
+        return response.getheader("location")
     if response.status != 200:
         response.read()
         raise OSError(f"the server answered HTTP {response.status}")
@@ -149,6 +166,7 @@ def _get(conn: http.client.HTTPConnection, target: str, filename: str) -> None:
     with os.fdopen(fd, "wb") as out:
         while piece := response.read(PIECE):
             out.write(piece)
+    return None
 
 
 def _outcome(ctx: Context, task: str, client_error: str) -> str:

@@ -87,7 +87,14 @@ class Failover:
                 log.warning("host failed", host=h["uuid"], name=h["name_label"])
                 create_message(store, "HA_HOST_FAILED", 3, "Host", h["uuid"],
                                f"Server '{h['name_label']}' has failed")
-            hooks.run(self.hooks_dir, hooks.HOST_PRE_DECLARE_DEAD, hooks.REASON_FENCED, h["uuid"])
+            try:
+                hooks.run_checked(self.hooks_dir, hooks.HOST_PRE_DECLARE_DEAD, hooks.REASON_FENCED, h["uuid"])
+            except ApiError as e:
+                # As xapi_ha_vm_failover.ml: the host is left out of this round's dead hosts (no
+                # post hook), though its VMs are still reset and restarted; the liveset pass that
+                # follows (xapi_ha.ml) records it as not live, so the hook is not run again.
+                log.error("host-pre-declare-dead hook failed", host=h["uuid"], error=e.params)
+                continue
             with store.transaction() as tx:
                 tx.update("host_metrics", h["metrics"], live=False)
             newly_dead.append((href, h["uuid"]))
@@ -126,7 +133,7 @@ class Failover:
         targets = self._placeable_hosts(live_set)
         plan, unplaced = m.planning.restart_plan([r for r, _ in halted], targets)
         if hooks.exists(self.hooks_dir, hooks.POOL_PRE_HA_VM_RESTART) and (plan or something_reset):
-            hooks.run(self.hooks_dir, hooks.POOL_PRE_HA_VM_RESTART, "")
+            hooks.run(self.hooks_dir, hooks.POOL_PRE_HA_VM_RESTART, hooks.REASON_NONE)
             plan, unplaced = m.planning.restart_plan([r for r, _ in halted], targets)
         complete = not unplaced
         if not complete:

@@ -346,7 +346,7 @@ class Planning:
         self._alert(uuid, messages)
         if now[0] and not overcommitted:
             # A chance for someone to bring more capacity online (xapi_hooks.ml pool_ha_overcommitted_hook).
-            hooks.run(self.daemon.state_dir / "hooks", hooks.POOL_HA_OVERCOMMITTED, hooks.REASON_OVERCOMMITTED)
+            hooks.run(self.daemon.state_dir / "hooks", hooks.POOL_HA_OVERCOMMITTED, hooks.REASON_NONE)
         return changed
 
     def _alert(self, pool_uuid: str, messages: list[tuple[tuple[str, int], str]]) -> None:

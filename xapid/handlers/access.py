@@ -44,6 +44,7 @@ import structlog
 from xapid.api import Call
 from xapid.auth import short_ref
 from xapid.errors import ApiError
+from xapid.handlers.locality import Redirect
 from xapid.server import ERROR_PAGE, ClientGone, Request, Response, Route
 
 if TYPE_CHECKING:
@@ -329,6 +330,13 @@ def serve(server: ApiServer, request: Request, action: str, body: Body) -> Respo
         return r.response
     try:
         response = body(access)
+    except Redirect as r:
+        # The task stays pending for the host the client goes to.  The body (already invited by
+        # "100 Continue") is read and dropped, so the client reads the 302 rather than a reset.
+        if request.reader is not None and not request.reader.drain(server.limits.max_upload_size):
+            r.response.close = True
+        access.release()
+        return r.response
     except Refusal as r:
         access.fail(r.error or ["INTERNAL_ERROR", f"HTTP {r.response.status}"])
         access.release()

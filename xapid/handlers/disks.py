@@ -38,6 +38,7 @@ from xapid.api import vdi as vdi_api
 from xapid.errors import ApiError
 from xapid.handlers import sparse, vhd
 from xapid.handlers.access import Access, Refusal, bad_request, not_found, route
+from xapid.handlers.locality import serve_here_or_redirect
 from xapid.schema import Type
 from xapid.server import ClientGone, Response, Route
 from xapid.store import new_ref
@@ -188,8 +189,13 @@ def import_raw_vdi(access: Access) -> Response:
     vdi = vdi_of(access)
     length = content_length(access)
     made = vdi is None
-    if vdi is None:
-        vdi = _new_vdi(access, fmt, length)
+    store = access.daemon.store
+    if vdi is not None:
+        serve_here_or_redirect(access, {str(store.get("VDI", vdi)["SR"])})  # type: ignore[index]
+    else:
+        sr = _import_sr(access)
+        serve_here_or_redirect(access, {sr})
+        vdi = _new_vdi(access, sr, fmt, length)
     try:
         _write_vdi(access, vdi, fmt, pieces, length)
     except BaseException:
@@ -231,8 +237,8 @@ def _headers(access: Access) -> list[tuple[str, str]]:
     return [("cache-control", "no-cache, no-store"), *([("task-id", access.task)] if access.task else [])]
 
 
-def _new_vdi(access: Access, fmt: str, length: int | None) -> str:
-    """xapi: without ``vdi``, a raw body of known length into ``sr_id``/``sr_uuid`` makes a new VDI."""
+def _import_sr(access: Access) -> str:
+    """The SR named by ``sr_id`` or ``sr_uuid`` for an import without ``vdi``."""
     store = access.daemon.store
     sr = access.param("sr_id") or ""
     if not sr and access.param("sr_uuid"):
@@ -243,6 +249,12 @@ def _new_vdi(access: Access, fmt: str, length: int | None) -> str:
         raise Refusal(bad_request("a vdi or an SR is required"), ["VDI_MISSING"])
     if not store.exists("SR", sr):
         raise ApiError("HANDLE_INVALID", "SR", sr)
+    return sr
+
+
+def _new_vdi(access: Access, sr: str, fmt: str, length: int | None) -> str:
+    """xapi: without ``vdi``, a raw body of known length into ``sr`` makes a new VDI."""
+    store = access.daemon.store
     if fmt != "raw" or length is None:
         what = "Importing a VHD directly into an SR not yet supported" if fmt != "raw" else \
             "Not enough info supplied to import"
@@ -341,6 +353,9 @@ def export_raw_vdi(access: Access) -> Response:
     store = access.daemon.store
     rec = store.get("VDI", vdi)
     assert rec is not None
+    base = base_of(access) if fmt == "vhd" else None  # vhd-tool's raw output ignores a base
+    srs = {str(rec["SR"]), *([str(store.get("VDI", base)["SR"])] if base else [])}  # type: ignore[index]
+    serve_here_or_redirect(access, srs)
     size = int(rec["virtual_size"])
     path = vdi_file(access, vdi)
     with store.transaction() as tx:
@@ -353,17 +368,62 @@ def export_raw_vdi(access: Access) -> Response:
     except OSError:
         os.close(fd)
         raise
+    blocks: list[int] = []
     if fmt == "raw":
         length = size
     else:
-        blocks = vhd.allocated_blocks(reader.extents, size)
+        try:
+            blocks = vhd.allocated_blocks(reader.extents, size) if base is None else \
+                _changed_blocks(access, reader, size, base)
+        except BaseException:
+            os.close(fd)
+            raise
         length = vhd.export_layout(size, blocks)[2]
     headers = [*_headers(access), ("content-disposition", f'attachment; filename="{rec["uuid"]}.{fmt}"')]
     return Response(200, b"", FORMATS[fmt], close=True, headers=headers, length=length,
-                    stream=_send(access, vdi, fmt, fd, reader, size))
+                    stream=_send(access, vdi, fmt, fd, reader, size, blocks))
 
 
-def _send(access: Access, vdi: str, fmt: str, fd: int, reader: sparse.SparseReader, size: int) -> Iterator[bytes]:
+def base_of(access: Access) -> str | None:
+    """The VDI named by ``base=`` (ref, else uuid) for a differential export, None without it
+    (importexport.ml base_vdi_of_req)."""
+    name = access.param("base")
+    if not name:
+        return None
+    store = access.daemon.store
+    if store.exists("VDI", name):
+        return name
+    ref = store.by_uuid("VDI", name)
+    if ref is None:
+        raise ApiError("UUID_INVALID", "VDI", name)
+    return ref
+
+
+def _changed_blocks(access: Access, reader: sparse.SparseReader, size: int, base: str) -> list[int]:
+    """The VHD blocks whose bytes differ from ``base`` (vhd-tool's ``--relative-to``): a block is left
+    out only when both disks hold the same bytes there, holes reading as zeros."""
+    rec = access.daemon.store.get("VDI", base)
+    assert rec is not None
+    base_size = int(rec["virtual_size"])
+    fd = os.open(vdi_file(access, base), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        other = sparse.SparseReader(fd, base_size)
+        candidates = sorted(set(vhd.allocated_blocks(reader.extents, size))
+                            | set(vhd.allocated_blocks(other.extents, min(base_size, size))))
+        changed = []
+        for block in candidates:
+            offset = block * vhd.BLOCK
+            n = min(vhd.BLOCK, size - offset)
+            theirs = other.read_at(offset, n) if offset < base_size else b""
+            if reader.read_at(offset, n) != theirs.ljust(n, b"\0"):
+                changed.append(block)
+        return changed
+    finally:
+        os.close(fd)
+
+
+def _send(access: Access, vdi: str, fmt: str, fd: int, reader: sparse.SparseReader, size: int,
+          blocks: list[int]) -> Iterator[bytes]:
     try:
         with vdi_operation(access, vdi, "copy", writing=False):
             access.progress(0.0)
@@ -375,7 +435,6 @@ def _send(access: Access, vdi: str, fmt: str, fd: int, reader: sparse.SparseRead
             else:
                 rec = access.daemon.store.get("VDI", vdi)
                 disk_uuid = bytes.fromhex(rec["uuid"].replace("-", "")) if rec and len(rec["uuid"]) == 36 else None
-                blocks = vhd.allocated_blocks(reader.extents, size)
                 for i, piece in enumerate(vhd.export_stream(size, blocks, reader.read_at, disk_uuid)):
                     yield piece
                     progress(i // 2 * vhd.BLOCK)

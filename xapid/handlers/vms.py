@@ -41,9 +41,10 @@ from xapid.errors import ApiError
 from xapid.handlers import sparse, xva
 from xapid.handlers.access import Access, Refusal, bad_request, route
 from xapid.handlers.disks import PROGRESS_EVERY, read_piece, vdi_file, with_slash
+from xapid.handlers.locality import serve_here_or_redirect
 from xapid.schema import EPOCH, NULL_REF, Type
 from xapid.server import ClientGone, Response, Route
-from xapid.store import Record, Transaction, new_ref, new_uuid
+from xapid.store import Record, Store, Transaction, new_ref, new_uuid
 from xapid.timeutil import now_iso
 
 log = structlog.get_logger("xapid.handlers.vms")
@@ -90,6 +91,7 @@ def vm_of(access: Access) -> str:
 def export_vm(access: Access) -> Response:
     """``GET /export``: stream the VM as an XVA (see the module docstring)."""
     vm = vm_of(access)
+    serve_here_or_redirect(access, vm_srs(access.daemon.store, vm))
     with access.daemon.store.transaction() as tx:
         operations.assert_vm(tx, vm, "export")  # refused before the 200; marked while it streams
         for vbd in tx.referrers("VBD", "VM", vm):
@@ -256,9 +258,26 @@ def target_sr(access: Access) -> str:
     return sr
 
 
+def vm_srs(store: Store, vm: str) -> set[str]:
+    """The SRs of the VM's disks (not empty drives) and of its suspend image (``assert_can_see_SRs``)."""
+    srs = set()
+    for vbd in store.referrers("VBD", "VM", vm):
+        rec = store.get("VBD", vbd) or {}
+        vdi = store.get("VDI", rec.get("VDI", NULL_REF)) if not rec.get("empty", True) else None
+        if vdi is not None:
+            srs.add(str(vdi["SR"]))
+    vm_rec = store.get("VM", vm) or {}
+    if vm_rec.get("power_state") == "Suspended":
+        suspend = store.get("VDI", vm_rec.get("suspend_VDI", NULL_REF))
+        if suspend is not None:
+            srs.add(str(suspend["SR"]))
+    return srs
+
+
 def import_vm(access: Access) -> Response:
     """``PUT /import``: read an XVA and create its VMs (see the module docstring)."""
     sr = target_sr(access)
+    serve_here_or_redirect(access, {sr})
     restore = access.flag("restore")
     force = access.flag("force")
     reader = access.request.reader

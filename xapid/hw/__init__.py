@@ -9,6 +9,7 @@ boot runs xapi's start-up on it (through the callback the daemon registers).
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import threading
 from collections.abc import Callable
@@ -81,6 +82,19 @@ class Hardware:
                 self._state.setdefault(uuid, {"power": "on", "clean": True, "reason": ""})
                 self.watchdogs.add(uuid, self.host_dir(uuid))
             self._save()
+
+    def detach(self, uuid: str) -> None:
+        """The machine leaves the pool (``host.destroy``): whatever it runs is killed and it is
+        forgotten with its folder, its watchdog and its power state."""
+        with self._lock:
+            timer = self._timers.pop(uuid, None)
+            self._state.pop(uuid, None)
+            self._save()
+        if timer is not None:
+            timer.cancel()
+        self.watchdogs.remove(uuid)
+        kill_all(self.host_dir(uuid))
+        shutil.rmtree(self.host_dir(uuid), ignore_errors=True)
 
     def start(self) -> None:
         self.netns.reclaim()

@@ -129,6 +129,14 @@ class Watchdogs:
         os.close(self._wake_r)
         os.close(self._wake_w)
 
+    def remove(self, uuid: str) -> None:
+        """Host ``uuid`` left the pool: its watchdog goes with it."""
+        with self._lock:
+            dog = self._dogs.pop(uuid, None)
+            if dog is not None:
+                self._drop(dog)
+        self._poke()
+
     def disarm(self, uuid: str) -> None:
         """Disarm host ``uuid``'s watchdog (its host lost power: nothing is left to pet it)."""
         with self._lock:

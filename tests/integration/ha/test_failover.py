@@ -7,6 +7,7 @@ command line uses) and watches it through the SDK only.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from tests.integration.ha.conftest import HaPool, wait_for
 
@@ -93,3 +94,34 @@ def test_restart_groups_follow_vm_order(ha_pool: HaPool) -> None:
 
     # Groups start one after another: order 1 (then its 2 s start_delay), then 5, then the negative order last.
     assert started(first) + 2 <= started(late) <= started(last)
+
+
+def test_declare_dead_hooks_run_with_xapis_arguments_and_a_failing_one_skips_the_post_hook(
+        ha_pool: HaPool, tmp_path: Path) -> None:
+    """xapi_ha_vm_failover.ml restart_auto_run_vms: ``host-pre-declare-dead -hostuuid U -reason fenced``
+    before live := false and ``host-post-declare-dead`` after the VMs are reset.  A pre hook that fails
+    drops that host from the round's dead hosts (no post hook); the VMs still restart, and the liveset
+    pass that follows (xapi_ha.ml) still records the host as not live."""
+    p = ha_pool
+    log = tmp_path / "hooks.log"
+    pre = p.xapid.state_dir / "hooks" / "host-pre-declare-dead" / "10-fence"
+    post = p.xapid.state_dir / "hooks" / "host-post-declare-dead" / "10-note"
+    for script in (pre, post):
+        script.parent.mkdir(parents=True, exist_ok=True)
+        script.write_text(f'#!/bin/sh\necho "{script.parent.name} $@" >> {log}\n'
+                          f'[ "$2" = "{p.uuid("host2")}" ] && exit 3\nexit 0\n')
+        script.chmod(0o755)
+    vms = {name: p.vm(f"protected-{name}", "restart", on=name) for name in ("host2", "host3")}
+    p.fault.crash("host2", "host3")
+    for name, vm in vms.items():
+        wait_for(lambda vm=vm: p.where(vm) == ("Running", "host1"), timeout=FAILOVER,
+                 what=f"the protected VM of {name} to run on host1")
+        wait_for(lambda n=name: not p.live(n), timeout=10, what=f"{name} not live")
+    wait_for(lambda: "host-post-declare-dead" in log.read_text(), timeout=5, what="the post hook")
+    h2, h3 = p.uuid("host2"), p.uuid("host3")
+    lines = log.read_text().splitlines()
+    pre2, pre3, post3 = (f"host-pre-declare-dead -hostuuid {h2} -reason fenced",
+                         f"host-pre-declare-dead -hostuuid {h3} -reason fenced",
+                         f"host-post-declare-dead -hostuuid {h3} -reason fenced")
+    assert sorted(lines) == sorted([pre2, pre3, post3])  # host2's pre hook failed: no post hook, no retry
+    assert lines.index(pre3) < lines.index(post3)

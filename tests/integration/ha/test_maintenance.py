@@ -116,6 +116,11 @@ def test_evacuate_refuses_before_moving_anything(xapid: Xapid, api: Any) -> None
     new_vm(x, "filler3", on=h["host3"], memory_gib=10)
     assert x.host.get_vms_which_prevent_evacuation(h["host2"]) == {huge: ["HOST_NOT_ENOUGH_FREE_MEMORY", huge]}
     assert failure(x.host.evacuate, h["host2"]) == ["HOST_NOT_ENOUGH_FREE_MEMORY", huge]
+    # xapi_host.ml assert_can_evacuate: every VM's error, "code,params" joined by "|".
+    assert failure(x.host.assert_can_evacuate, h["host2"]) == [
+        "CANNOT_EVACUATE_HOST", f"HOST_NOT_ENOUGH_FREE_MEMORY,{huge}"]
+    assert x.host.assert_can_evacuate(h["host1"]) == ""
+    assert x.host.get_uncooperative_resident_VMs(h["host2"]) == []
     assert resident(x, small) == resident(x, huge) == "host2"
     x.host.disable(h["host1"])
     x.host.disable(h["host3"])

@@ -182,14 +182,14 @@ def test_overcommit_protection_and_plan_upkeep(api: Any, xapid: Xapid, tmp_path:
     assert over[0]["obj_uuid"] == api.pool.get_uuid(pool)
     drop = messages(api, "HA_POOL_DROP_IN_PLAN_EXISTS_FOR")
     assert [(m["body"], m["priority"]) for m in drop] == [("0", "3")]
-    assert record.read_text() == "-reason overcommitted\n"  # xapi_hooks.ml: pool-ha-overcommitted
+    assert record.read_text() == "-reason none\n"  # xapi_hooks.ml: pool hooks pass reason__none
 
     api.VM.clean_shutdown(vms[6])
     assert plan_fields(api) == (1, False, 1)
     api.VM.start(vms[6], False, False)
     assert plan_fields(api) == (0, True, 1)
     assert len(messages(api, "HA_POOL_OVERCOMMITTED")) == 2  # one per false -> true change
-    assert record.read_text().count("-reason overcommitted") == 2
+    assert record.read_text().count("-reason none") == 2
     api.VM.set_ha_restart_priority(vms[6], "")  # running: no longer protected...
     assert api.VM.get_ha_always_run(vms[6]) is False
     assert plan_fields(api) == (0, True, 1)  # ...but its memory still counts on its host
