@@ -479,7 +479,8 @@ class HaManager:
                     raise internal("existing master failed during HA enable")
             if time.monotonic() > deadline:
                 raise internal("timed out waiting for the master to appear in the liveset")
-            time.sleep(0.5)
+            # xapi polls every 5 s; the liveset is a local read here, so look again soon.
+            time.sleep(0.2)
 
     def _start_and_arm(self, host: str) -> None:
         """``ha_start_daemon`` with xapi's error mapping, then mark the host armed."""

@@ -153,6 +153,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import gc
 import json
 import os
 import select
@@ -215,6 +216,8 @@ CLAIM_FILE = "xhad.claim"
 WATCHDOG_SOCKET = "watchdog"
 FABRIC_FILE = "fabric.json"
 POLL = 0.1
+# ha_start_daemon looks for the Online view this often (a stat; the view is read only when it changed).
+START_POLL = 0.05
 STOP_GRACE = 5.0
 LOCK_TIMEOUT = 10.0
 DAEMON_LOCK_TIMEOUT = 1.0
@@ -2115,7 +2118,7 @@ def start_daemon(conf_path: str) -> int:
                 proc.kill()
                 proc.wait()
                 return EXIT_BOOTJOIN_TIMEOUT
-            time.sleep(POLL)
+            time.sleep(START_POLL)
     except BaseException:
         if proc.poll() is None:
             proc.kill()
@@ -2756,6 +2759,10 @@ def forkserver_main(argv: list[str]) -> int:
     signal.signal(signal.SIGINT, lambda signum, frame: stop.append(signum))
     signal.signal(signal.SIGCHLD, lambda signum, frame: None)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    # Objects that exist now stay out of the collector's reach in the forks: a collection there
+    # would otherwise touch (and copy) every page the server shares with them.
+    gc.collect()
+    gc.freeze()
     print("ready", flush=True)
     null = os.open(os.devnull, os.O_RDWR)
     os.dup2(null, 0)
