@@ -2675,6 +2675,11 @@ def _parse_request(data: bytes) -> tuple[str, str, list[str], dict[str, str]] | 
     return script, cwd, argv, env
 
 
+def _worker_argv(script: str, argv: list[str]) -> list[str]:
+    """The command line an executed run of ``script argv`` shows."""
+    return [sys.executable or "python3", "-S", os.path.join(os.path.dirname(ENGINE_FILE), script), *argv]
+
+
 def _worker(conn: socket.socket, fds: list[int], request: tuple[str, str, list[str], dict[str, str]],
             keep_out: list[int]) -> None:
     """Body of a forked worker: become the script run the client asked for; never returns."""
@@ -2698,9 +2703,9 @@ def _worker(conn: socket.socket, fds: list[int], request: tuple[str, str, list[s
         # unsetenv/putenv give the C environment fresh strings before its area is overwritten.
         os.environ.clear()
         os.environ.update(env)
-        path = os.path.join(os.path.dirname(ENGINE_FILE), script)
-        retitle([sys.executable or "python3", "-S", path, *argv], env)
-        sys.argv = [path, *argv]
+        title = _worker_argv(script, argv)
+        retitle(title, env)
+        sys.argv = title[2:]
         _FORKED = True
         code = main(script, argv)
     except BaseException:  # noqa: BLE001 - a forked child never returns into the server loop
@@ -2801,7 +2806,7 @@ def forkserver_main(argv: list[str]) -> int:
 
     def take(conn: socket.socket) -> None:
         try:
-            data, ancdata, _flags, _addr = conn.recvmsg(FORK_MAX_REQUEST, socket.CMSG_SPACE(3 * 4))
+            data, ancdata, flags, _addr = conn.recvmsg(FORK_MAX_REQUEST, socket.CMSG_SPACE(3 * 4))
         except OSError:
             finish(conn, None)
             return
@@ -2811,7 +2816,11 @@ def forkserver_main(argv: list[str]) -> int:
                 fds += [int.from_bytes(payload[i : i + 4], sys.byteorder) for i in range(0, len(payload) - 3, 4)]
         creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
         uid = int.from_bytes(creds[4:8], sys.byteorder)
-        request = _parse_request(data) if data else None
+        truncated = flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC)
+        request = _parse_request(data) if data and not truncated else None
+        # A worker must show its script's environment (fencing finds a host's processes by it).
+        if request is not None and not retitle(_worker_argv(request[0], request[2]), request[3], check=True):
+            request = None
         if request is None or len(fds) != 3 or uid != me:
             for fd in fds:
                 os.close(fd)

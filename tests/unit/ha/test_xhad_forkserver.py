@@ -177,3 +177,20 @@ def test_the_server_goes_when_its_starter_dies(tmp_path: Path, process_groups: P
     starter.wait()
     assert wait_until(lambda: not servers_under(tmp_path), 5.0), f"fork server {server} outlived its starter"
     assert not sock.exists()
+
+
+@pytest.mark.parametrize("chunks", [1, 4])
+def test_an_oversized_request_runs_in_process(make_pool: MakePool, chunks: int) -> None:
+    """A request the server cannot take whole runs in the script: an environment too large for a
+    worker to show (refused), or too large to send at all."""
+    pool = make_pool("xhad", 1, forkserver=True)
+    host = pool.hosts[0]
+    assert code(pool, host, "ha_set_pool_state", "init") == 0
+    sock_path = pool.state / "xapid" / "run" / "forkservers" / "xhad.sock"
+    assert sock_path.exists()
+    env = {"PATH": os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]),
+           "XHAD_CONF": str(pool.conf(host)), "XAPI_HOST_UUID": host, "XAPID_FORKSERVER": str(sock_path)}
+    env.update({f"BIG{i}": "x" * 100_000 for i in range(chunks)})  # one string may not pass 128 KiB
+    done = subprocess.run([str(XHAD / "ha_set_pool_state"), "invalid"], env=env, capture_output=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert pool.global_block()["pool_state"] == "invalid"
