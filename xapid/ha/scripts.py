@@ -415,9 +415,11 @@ class ClusterStackRunner:
         stack folder; it must print ``ready`` within FORKSERVER_READY_TIMEOUT.  One that fails to
         start is not tried again (the scripts then run without it, as they must be able to).
         """
-        if self.running_dir is None or self._closed:
+        if self.running_dir is None:
             return None
         with self._servers_lock:
+            if self._closed:
+                return None
             if stack in self._servers:
                 known = self._servers[stack]
                 if known is None:
@@ -443,10 +445,10 @@ class ClusterStackRunner:
     ) -> tuple[subprocess.Popen[bytes], str, Path | None] | None:
         assert self.state_dir is not None
         folder = self.state_dir / "run" / "forkservers"
-        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         sock = str(folder / f"{stack}.sock")
         env = {"PATH": f"{base_path}{os.pathsep}{directory}" if base_path else str(directory)}
         try:
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
             with open(folder / f"{stack}.log", "ab") as err:
                 proc = subprocess.Popen(
                     [str(path), sock], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err,
