@@ -47,6 +47,8 @@ MTC_DAEMON_PRESENT = 15
 MTC_INVALID_POOL_STATE = 11
 MTC_CAN_NOT_ACCESS_STATEFILE = 8
 MTC_BOOTJOIN_TIMEOUT = 12
+# Seconds a slave's liveset may take to show the master live after the master joined (see _join).
+MASTER_SETTLE = 3.0
 
 
 class HaManager:
@@ -463,6 +465,11 @@ class HaManager:
             raise internal("the master failed to join the liveset during HA enable")
         master_uuid = self.host_uuid(master)
         deadline = time.monotonic() + self.daemon.config["ha-script-timeout"]
+        # A host that went Online before the master joined counts the master live only once its
+        # daemon has heard of that join (a datagram and an evaluation later); xhad's livesets agree
+        # by then, the emulated daemons' views may not yet.  Not live within this window means "look
+        # again", after it "failed", as in xapi_ha.ml join_liveset.
+        settle_until = time.monotonic() + MASTER_SETTLE
         while True:
             if self._join_aborted.is_set():
                 raise internal("HA enable aborted: another host failed to join")
@@ -475,7 +482,9 @@ class HaManager:
                     raise internal("the master is missing from the liveset during HA enable")
                 if entry.master and entry.liveness:
                     return
-                if not entry.liveness or entry.statefile_corrupted or not entry.statefile_access or entry.excluded:
+                settling = not entry.liveness and time.monotonic() < settle_until
+                if not settling and (not entry.liveness or entry.statefile_corrupted or not entry.statefile_access
+                                     or entry.excluded):
                     raise internal("existing master failed during HA enable")
             if time.monotonic() > deadline:
                 raise internal("timed out waiting for the master to appear in the liveset")
