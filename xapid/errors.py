@@ -160,6 +160,9 @@ CATALOGUE: dict[str, tuple[str, ...]] = {
     "SESSION_NOT_REGISTERED": ("handle",),
     "SR_BACKEND_FAILURE": ("status", "stdout", "stderr"),
     "SR_BACKEND_FAILURE_79": ("status", "stdout", "stderr"),
+    "SR_BACKEND_FAILURE_460": ("status", "stdout", "stderr"),
+    "VDI_NO_CBT_METADATA": ("vdi",),
+    "VDI_CBT_ENABLED": ("vdi",),
     "VDI_IO_ERROR": (),
     "VDI_TOO_LARGE": ("vdi", "maximum size"),
     "VLAN_TAG_INVALID": ("VLAN",),
@@ -194,6 +197,12 @@ DESCRIPTIONS: dict[str, str] = {
     "HOST_IS_LIVE": "This operation cannot be completed because the server is still live.",
     "HOST_HAS_RESIDENT_VMS": "This server cannot be forgotten because there are user VMs still running.",
     "CANNOT_EVACUATE_HOST": "This server cannot be evacuated.",
+    "VDI_NO_CBT_METADATA": "The requested operation is not allowed because the specified VDI does not have changed "
+                           "block tracking metadata.",
+    "VDI_CBT_ENABLED": "The requested operation is not allowed for VDIs with CBT enabled or VMs having such VDIs, "
+                       "and CBT is enabled for the specified VDI.",
+    "VDI_INCOMPATIBLE_TYPE": "This operation cannot be performed because the specified VDI is of an incompatible "
+                             "type (eg: an HA statefile cannot be attached to a guest)",
     "XAPI_HOOK_FAILED": "3rd party xapi hook failed",
     "HOST_STILL_BOOTING": "The host toolstack is still initialising. Please wait.",
     "HOST_EVACUATE_VM_NOT_HA_PROTECTED": "The host cannot be evacuated because HA is enabled on the pool and a VM running on it is not HA-protected (its ha_restart_priority is not set to 'restart'). Set the VM's ha_restart_priority to 'restart', shut down or suspend the VM, or disable HA on the pool before evacuating the host.",

@@ -448,14 +448,18 @@ def assert_vif(tx: Transaction, ref: str, op: str) -> Record:
 VDI_OPERATIONS = ("clone", "copy", "resize", "resize_online", "snapshot", "mirror", "destroy", "forget", "update",
                   "force_unlock", "generate_config", "enable_cbt", "disable_cbt", "data_destroy",
                   "list_changed_blocks", "set_on_boot", "blocked", "revert_to", "revert_from")
-# Operations xapid's VDIs never advertise (no mirroring, CBT or reset-on-boot support in its drivers).
-_VDI_UNOFFERED = frozenset({"mirror", "enable_cbt", "disable_cbt", "data_destroy", "list_changed_blocks",
-                            "set_on_boot", "blocked", "force_unlock", "revert_to", "revert_from", "generate_config"})
+# Operations xapid's VDIs never advertise (no mirroring or reset-on-boot support in its drivers).
+_VDI_UNOFFERED = frozenset({"mirror", "set_on_boot", "blocked", "force_unlock", "revert_to", "revert_from",
+                            "generate_config"})
+# xapi_vdi.ml check_operation_error: what a cbt_metadata VDI (data destroyed) and a CBT-enabled one may do.
+_CBT_METADATA_OK = frozenset({"blocked", "data_destroy", "destroy", "list_changed_blocks", "force_unlock", "forget",
+                              "generate_config", "update"})
+_CBT_ENABLED_REFUSED = frozenset({"mirror", "set_on_boot"})
 _SM_FEATURE = {"snapshot": "VDI_SNAPSHOT", "destroy": "VDI_DELETE", "resize": "VDI_RESIZE", "update": "VDI_UPDATE",
                "resize_online": "VDI_RESIZE_ONLINE", "generate_config": "VDI_GENERATE_CONFIG", "clone": "VDI_CLONE",
                "revert_to": "VDI_CLONE", "revert_from": "VDI_CLONE", "mirror": "VDI_MIRROR",
-               "enable_cbt": "VDI_CONFIGURE_CBT", "disable_cbt": "VDI_CONFIGURE_CBT",
-               "data_destroy": "VDI_CONFIGURE_CBT", "list_changed_blocks": "VDI_CONFIGURE_CBT",
+               "enable_cbt": "VDI_CONFIG_CBT", "disable_cbt": "VDI_CONFIG_CBT",
+               "data_destroy": "VDI_CONFIG_CBT", "list_changed_blocks": "VDI_CONFIG_CBT",
                "set_on_boot": "VDI_RESET_ON_BOOT"}
 _LIVE_OK = frozenset({"snapshot", "resize_online", "blocked", "clone", "revert_to", "mirror", "enable_cbt",
                       "disable_cbt", "data_destroy"})
@@ -496,14 +500,30 @@ def vdi_error(tx: Transaction, ref: str, rec: Record, op: str) -> ApiError | Non
     feature = _SM_FEATURE.get(op)
     if feature is not None and feature not in sm_features(tx, sr_rec["type"]):
         return ApiError("SR_OPERATION_NOT_SUPPORTED", sr)
+    if op not in _CBT_METADATA_OK and rec["type"] == "cbt_metadata":
+        return ApiError("VDI_INCOMPATIBLE_TYPE", ref, "cbt_metadata")
+    if op in _CBT_ENABLED_REFUSED and rec["cbt_enabled"]:
+        return ApiError("VDI_CBT_ENABLED", ref)
+    if op == "data_destroy":
+        if not rec["is_a_snapshot"]:
+            return ApiError("OPERATION_NOT_ALLOWED", f"VDI is not a snapshot: {ref}")
+        if not rec["cbt_enabled"]:
+            return ApiError("VDI_NO_CBT_METADATA", ref)
+    if op in ("enable_cbt", "disable_cbt"):
+        if rec["is_a_snapshot"]:
+            return ApiError("OPERATION_NOT_ALLOWED", f"VDI is a snapshot: {ref}")
+        if rec["type"] not in ("user", "system"):
+            return ApiError("VDI_INCOMPATIBLE_TYPE", ref, rec["type"])
+        if rec["on_boot"] == "reset":
+            return ApiError("VDI_ON_BOOT_MODE_INCOMPATIBLE_WITH_OPERATION")
     pool = tx.read("pool", tx.store.refs("pool")[0]) if tx.store.refs("pool") else None
     ha = bool(pool and pool["ha_enabled"])
     ha_vdi = rec["type"] in ("ha_statefile", "redo_log")
-    if op in ("destroy", "revert_from", "forget", "resize", "resize_online") and ha and ha_vdi:
+    if op in ("destroy", "revert_from", "forget", "resize", "resize_online", "data_destroy") and ha and ha_vdi:
         return ApiError("HA_IS_ENABLED")
-    if op in ("destroy", "revert_from") and sr_rec["type"] == "udev":
+    if op in ("destroy", "revert_from", "data_destroy") and sr_rec["type"] == "udev":
         return ApiError("VDI_IS_A_PHYSICAL_DEVICE", ref)
-    if op in ("destroy", "revert_from", "forget") and rec["type"] == "rrd":
+    if op in ("destroy", "revert_from", "forget", "data_destroy") and rec["type"] == "rrd":
         return ApiError("VDI_HAS_RRDS", ref)
     if op == "snapshot" and rec["sharable"]:
         return ApiError("VDI_IS_SHARABLE", ref)

@@ -22,7 +22,7 @@ from typing import Any
 
 import structlog
 
-from xapid import statefiles
+from xapid import cbtlog, statefiles
 from xapid.errors import ApiError
 from xapid.store import Store, Transaction
 
@@ -201,9 +201,21 @@ class Disks:
             os.close(fd)
 
     def remove_vdi(self, sr_uuid: str, vdi_uuid: str) -> None:
+        """Remove the VDI's file and its changed block tracking log, if any."""
         try:
             statefiles.remove(self.vdi_path(sr_uuid, vdi_uuid))
         except (OSError, ApiError):  # the record is gone already; a leftover is reconciled at the next start
+            pass
+        self.remove_cbt_log(sr_uuid, vdi_uuid)
+
+    def cbt_log(self, sr_uuid: str, vdi_uuid: str) -> Path:
+        """Where the VDI's changed block tracking log lives (see :mod:`xapid.cbtlog`)."""
+        return cbtlog.path(self.sr_dir(sr_uuid), vdi_uuid)
+
+    def remove_cbt_log(self, sr_uuid: str, vdi_uuid: str) -> None:
+        try:
+            cbtlog.remove(self.cbt_log(sr_uuid, vdi_uuid))
+        except (OSError, ApiError):  # as remove_vdi
             pass
 
     def remove_sr(self, sr_uuid: str) -> None:
@@ -217,7 +229,8 @@ class Disks:
 def reconcile(store: Store, disks: Disks) -> list[str]:
     """Move every file and folder under ``sr/`` that no record owns into ``lost+found/<time>/sr/``.
 
-    ``sr/<X>`` is owned by the SR whose uuid is X; ``sr/<X>/<Y>.img`` by a VDI of uuid Y in that SR.
+    ``sr/<X>`` is owned by the SR whose uuid is X; ``sr/<X>/<Y>.img`` (and ``<Y>.cbtlog``) by a VDI
+    of uuid Y in that SR.
     Anything else (a crash between a file and its record, a forgotten SR's folder) is quarantined,
     never deleted, and logged.  Returns the moved paths relative to ``sr/``.
     """
@@ -226,7 +239,9 @@ def reconcile(store: Store, disks: Disks) -> list[str]:
     for _ref, rec in store.items("VDI"):
         sr = store.get("SR", rec["SR"])
         if sr is not None:
-            owned.setdefault(sr["uuid"], set()).update({f"{rec['uuid']}.img", f"{rec['location'] or rec['uuid']}.img"})
+            names = {rec["uuid"], rec["location"] or rec["uuid"]}
+            owned.setdefault(sr["uuid"], set()).update({f"{n}.img" for n in names}
+                                                       | {f"{n}{cbtlog.SUFFIX}" for n in names})
     moved: list[str] = []
     dest = disks.lost_and_found / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) / "sr"
     for name, kind in statefiles.list_dir(disks.root):

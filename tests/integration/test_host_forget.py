@@ -121,6 +121,7 @@ def test_destroy_is_refused_while_ha_is_on(api: Any, xapid: Any) -> None:
         FaultClient(xapid.state_dir).crash("host3")
         # HA notices the loss and marks it dead: still, a pool with HA on never forgets a host (CA-23732).
         assert failure(api.host.destroy, h["host3"]) == ["HA_IS_ENABLED"]
+        assert failure(api.pool.eject, h["host2"]) == ["HA_IS_ENABLED"]
     finally:
         api.pool.disable_ha()
     assert "host3" in hosts(api)
@@ -153,3 +154,37 @@ def test_xe_host_forget_and_declare_dead_ask_first(api: Any, xapid: Any, tmp_pat
     assert sorted(hosts(api)) == ["host1", "host3"]
     err = xe.fail("host-forget", f"uuid={api.host.get_uuid(h['host3'])}", "--force")
     assert "still live" in err
+
+
+def test_pool_eject_sends_a_live_slave_away(api: Any, xapid: Any, tmp_path: Path) -> None:
+    """xapi_pool.ml eject / eject_self: HA off, not the master, no running VM; the host's PBDs are
+    unplugged, its records go, the pool-eject hook runs, and it reboots into a pool of its own."""
+    h = hosts(api)
+    master = api.pool.get_master(api.pool.get_all()[0])
+    assert failure(api.pool.eject, master) == ["INTERNAL_ERROR", "Xapi_pool.Cannot_eject_master"]
+    vm = running_vm(api, "busy", h["host3"])
+    assert failure(api.pool.eject, h["host3"]) == ["OPERATION_NOT_ALLOWED", "VM resident on host"]
+    api.VM.hard_shutdown(vm)
+    log = tmp_path / "hooks.log"
+    hook(xapid.state_dir, "pool-eject", log)
+    xe = Xe(tmp_path, xapid)
+    uuid = api.host.get_uuid(h["host3"])
+    local = [api.PBD.get_SR(p) for p in api.host.get_PBDs(h["host3"]) if len(api.SR.get_PBDs(api.PBD.get_SR(p))) == 1]
+    vdi = api.VDI.create({"name_label": "doomed", "name_description": "", "SR": local[0], "virtual_size": "1048576",
+                          "type": "user", "sharable": False, "read_only": False, "other_config": {},
+                          "xenstore_data": {}, "sm_config": {}, "tags": []})
+    no = xe_with_input(xe, "no\n", "pool-eject", f"host-uuid={uuid}")
+    assert no.returncode == 0 and no.stdout.splitlines() == [
+        "WARNING: Ejecting a host from the pool will reinitialise that host's local SRs.",
+        "WARNING: Any data contained with the local SRs will be lost.",
+        "The following VDI objects will be destroyed:",
+        f"VDI: {api.VDI.get_uuid(vdi)} (doomed)",
+        "Type 'yes' to continue",
+    ]
+    assert "host3" in hosts(api)
+    assert xe.ok("pool-eject", f"host-uuid={uuid}", "--force") == (
+        "Specified host will attempt to restart as a master of a new pool in 10. seconds...\n")
+    assert sorted(hosts(api)) == ["host1", "host2"]
+    assert log.read_text() == "pool-eject -reason none\n"
+    assert api.VM.get_power_state(vm) == "Halted"
+    assert [line.split()[0] for line in FaultClient(xapid.state_dir).status()] == ["host1", "host2"]

@@ -3,12 +3,14 @@ CDs, VBDs, VIFs, memory limits and VLANs (cli_frontend.ml / cli_operations.ml)."
 
 from __future__ import annotations
 
+import subprocess
+import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.integration.test_xe_support import Xe
+from tests.integration.test_xe_support import REPO, Xe, xe_argv0
 from tests.integration.vmkit import GIB, MIB, NULL, new_vdi, wait_for
 
 
@@ -108,3 +110,55 @@ def test_xe_vlan_create_and_list(xe: Xe, shared_api: Any) -> None:
     assert api.PIF.get_VLAN(api.PIF.get_by_uuid(untagged)) == "7"
     vlan_uuid = xe.ok("vlan-list", "tag=7", "--minimal").strip()
     assert vlan_uuid and api.VLAN.get_tag(api.VLAN.get_by_uuid(vlan_uuid)) == "7"
+
+
+def test_event_wait_returns_when_a_record_matches_as_xapis_scripts_use_it(xe: Xe, shared_api: Any) -> None:
+    """cli_operations.ml event_wait (scripts/examples/bash-cli/clone-vms: ``xe event-wait class=vm
+    power-state=halted uuid=...``): at once if already true, else on the event that makes it true."""
+    vm = one_uuid(xe.ok("vm-install", "template=Debian Bookworm 12", "new-name-label=waited"))
+    assert xe.ok("event-wait", "class=vm", "power-state=halted", f"uuid={vm}") == ""
+    assert xe.ok("event-wait", "class=vm", "power-state=/=running", f"uuid={vm}") == ""
+    ref = shared_api.VM.get_by_uuid(vm)
+    timer = threading.Timer(1.0, shared_api.VM.start, args=(ref, False, False))
+    timer.start()
+    try:
+        proc = subprocess.run([*xe_argv0(), "-s", "127.0.0.1", "-p", xe.port, "-u", "root", "-pwf", str(xe.pwf),
+                               "--nossl", "event-wait", "class=vm", "power-state=running", f"uuid={vm}"],
+                              capture_output=True, text=True, env=xe.env(), timeout=60, cwd=REPO)
+    finally:
+        timer.join()
+    assert (proc.returncode, proc.stderr) == (0, "")
+    assert shared_api.VM.get_power_state(ref) == "Running"
+    assert "key missing: nosuch" in xe.fail("event-wait", "class=vm", "nosuch=1")
+    assert "Cli listening for class 'foo' not currently implemented" in xe.fail("event-wait", "class=foo")
+    # The suspend image's VDI, as examples/bash-cli/suspend-resume reads it.
+    xe.ok("vm-suspend", f"uuid={vm}")
+    vdi = xe.get("vm", vm, "suspend-VDI-uuid")
+    assert vdi == shared_api.VDI.get_uuid(shared_api.VM.get_suspend_VDI(ref))
+    xe.ok("vm-resume", f"uuid={vm}")
+    assert xe.get("vm", vm, "suspend-VDI-uuid") == "<not in database>"
+    xe.ok("vm-shutdown", f"uuid={vm}", "--force")
+
+
+def test_guest_metrics_fields_as_xapis_install_debian_script_reads_them(xe: Xe, shared_api: Any) -> None:
+    """records.ml vm_record reads the guest metrics: ``networks``, ``os-version``, ``PV-drivers-version``...
+    (scripts/examples/bash-cli/install-debian polls ``param-name=networks param-key=0/ip``)."""
+    vm = one_uuid(xe.ok("vm-install", "template=Debian Bookworm 12", "new-name-label=metrics"))
+    network = xe.ok("network-list", "bridge=xenbr0", "--minimal").strip()
+    xe.ok("vif-create", f"vm-uuid={vm}", f"network-uuid={network}", "device=0")
+    assert xe.get("vm", vm, "networks") == "<not in database>"
+    r = xe("vm-param-get", f"uuid={vm}", "param-name=networks", "param-key=0/ip")
+    assert r.rc == 1 and "Key 0/ip not found in map" in r.err
+    xe.ok("vm-start", f"uuid={vm}")
+    ref = shared_api.VM.get_by_uuid(vm)
+    wait_for(lambda: shared_api.VM.get_guest_metrics(ref) != NULL
+             and "0/ip" in shared_api.VM_guest_metrics.get_networks(shared_api.VM.get_guest_metrics(ref)),
+             30, "the guest agent to report an address")
+    metrics = shared_api.VM.get_guest_metrics(ref)
+    assert xe.get("vm", vm, "networks", key="0/ip") == shared_api.VM_guest_metrics.get_networks(metrics)["0/ip"]
+    os_version = shared_api.VM_guest_metrics.get_os_version(metrics)
+    assert xe.get("vm", vm, "os-version", key="distro") == os_version["distro"]
+    assert xe.get("vm", vm, "live") == "true"
+    listing = xe.ok("vm-param-list", f"uuid={vm}")
+    assert "PV-drivers-up-to-date ( RO) [DEPRECATED]: " in listing and "os-version (MRO): " in listing
+    xe.ok("vm-shutdown", f"uuid={vm}", "--force")

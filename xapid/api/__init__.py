@@ -81,6 +81,7 @@ def load_all() -> dict[str, Handler]:
         task,
         vbd,
         vdi,
+        vdi_cbt,
         vif,
         vm,
         vm_appliance,

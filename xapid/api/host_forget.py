@@ -1,4 +1,5 @@
-"""host: a dead host leaves the pool without HA (``xapi_host.ml`` declare_dead, destroy).
+"""A host leaves the pool: dead without HA (``xapi_host.ml`` declare_dead, destroy) or alive
+(``xapi_pool.ml`` eject).
 
 ``host.declare_dead`` is what an administrator does when a host died and HA is off: its VMs are
 reset to Halted (so they can be started elsewhere) and it is disabled.  ``host.destroy``
@@ -6,6 +7,8 @@ reset to Halted (so they can be started elsewhere) and it is disabled.  ``host.d
 permanently dead to the cluster stack first (``Cluster_host.forget``).  Both refuse a host that
 still answers (``HOST_IS_LIVE``), and both run the ``host-pre-declare-dead`` and
 ``host-post-declare-dead`` hooks, whose failure aborts the call (``XAPI_HOOK_FAILED``).
+``pool.eject`` sends a live slave away: it leaves the cluster, its records go and it reboots into
+a pool of its own, which xapid does not emulate (its machine leaves the emulated hardware).
 """
 
 from __future__ import annotations
@@ -125,3 +128,34 @@ def _remove_host(tx: Transaction, host: str, rec: dict[str, Any]) -> None:
     if tx.read("host_metrics", rec["metrics"]) is not None:
         tx.delete("host_metrics", rec["metrics"])
     tx.delete("host", host)
+
+
+def eject(call: Call, host: str) -> None:
+    """``pool.eject`` (xapi_pool.ml eject_self, then the record goes on the master)."""
+    rec = _host(call, host)
+    pool_ref = call.daemon.pool_ref()
+    pool = call.store.get("pool", pool_ref) or {}
+    if pool.get("ha_enabled"):
+        raise ApiError("HA_IS_ENABLED")
+    if host == call.daemon.master_ref():
+        raise ApiError("INTERNAL_ERROR", "Xapi_pool.Cannot_eject_master")
+    if not call.daemon.hw.is_running(str(rec["uuid"])):
+        raise ApiError("HOST_OFFLINE", host)  # the ejected host itself runs eject_self
+    for vm in call.store.referrers("VM", "resident_on", host):
+        vm_rec = call.store.get("VM", vm) or {}
+        if not vm_rec.get("is_control_domain", True) and vm_rec.get("power_state") != "Halted":
+            raise ApiError("OPERATION_NOT_ALLOWED", "VM resident on host")
+    from xapid.api import pbd as pbd_api  # noqa: PLC0415 - pbd imports this package's helpers
+    from xapid.api.cluster import cluster_host_destroy  # noqa: PLC0415
+
+    for pbd in call.store.referrers("PBD", "host", host):  # unplug_pbds: fails if one cannot go
+        pbd_api.unplug(call, pbd)
+    for ch in [r for r, ch_rec in call.store.items("Cluster_host") if ch_rec["host"] == host]:
+        cluster_host_destroy(call, ch)
+    hooks.run_checked(_hooks_dir(call), hooks.POOL_EJECT, hooks.REASON_NONE)
+    uuid = str(rec["uuid"])
+    call.daemon.hw.power_off(uuid, "ejected from the pool: reboots as a pool of its own")
+    with call.store.transaction() as tx:
+        _remove_host(tx, host, rec)
+    call.daemon.forget_host(uuid)
+    log.warning("host ejected", host=uuid, name=rec["name_label"])

@@ -68,6 +68,19 @@ def _assert_not_armed(call: Call) -> None:
         raise ApiError("HA_IS_ENABLED")
 
 
+@handler("pool.eject")
+def eject(call: Call, host: str) -> None:
+    """A live slave leaves the pool for good (see :func:`xapid.api.host_forget.eject`)."""
+    from xapid.api import host_forget  # noqa: PLC0415 - host_forget reaches pool through the HA modules
+
+    running = set((call.store.get("pool", call.daemon.pool_ref()) or {}).get("current_operations", {}).values())
+    if "ha_enable" in running:  # xapi_pool_helpers.ml: eject waits for no HA operation
+        raise ApiError("HA_ENABLE_IN_PROGRESS")
+    if "ha_disable" in running:
+        raise ApiError("HA_DISABLE_IN_PROGRESS")
+    host_forget.eject(call, host)
+
+
 @handler("pool.designate_new_master")
 def designate_new_master(call: Call, host: str) -> None:
     """The planned transition (xapi_pool.ml designate_new_master, a two-phase commit with every host):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from xapid import generic, operations
+from xapid import cbtlog, generic, operations
 from xapid.api import Call, handler
 from xapid.errors import ApiError
 from xapid.schema import NULL_REF
@@ -122,6 +122,9 @@ def duplicate(call: Call, vdi: str, kind: str, sr: str | None = None, name: str 
     uuid = new_uuid()
     disks.copy_vdi((src_sr["uuid"], file_of(src)), (dst_sr["uuid"], uuid), int(src["virtual_size"]),
                    share=kind != "copy")
+    if kind == "snapshot" and src["cbt_enabled"]:
+        # The snapshot keeps the log of what changed up to now; the VDI starts the next one.
+        cbtlog.close_for_snapshot(disks.cbt_log(src_sr["uuid"], file_of(src)), disks.cbt_log(dst_sr["uuid"], uuid))
     try:
         with call.store.transaction() as tx:
             tx.get("SR", target)
@@ -132,7 +135,8 @@ def duplicate(call: Call, vdi: str, kind: str, sr: str | None = None, name: str 
             if name is not None:
                 values["name_label"] = name
             if kind == "snapshot":
-                values.update(is_a_snapshot=True, snapshot_of=vdi, snapshot_time=now_iso())
+                values.update(is_a_snapshot=True, snapshot_of=vdi, snapshot_time=now_iso(),
+                              cbt_enabled=bool(src["cbt_enabled"]))
             ref = tx.create("VDI", values)
             account(tx, target)
             return ref

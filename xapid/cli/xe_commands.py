@@ -204,6 +204,9 @@ def display(ctx: Context, f: CliField, ref: str, rec: Record) -> str:
     """The display string of field ``f`` of the object ``ref``."""
     if f.compute is not None:
         return f.compute(ref, rec, ctx.db)
+    if f.source is not None:
+        value = f.source(ref, rec, ctx.db)
+        return output.NOT_IN_DATABASE if value is None else output.render(value, f.type, ctx.db.uuid_of, f.join)
     return output.render(rec.get(f.api or ""), f.type, ctx.db.uuid_of, f.join)
 
 
@@ -331,9 +334,9 @@ def _param_get(view: CliClass) -> Run:
             raise XeError("Error code: Missing parameter", f"Error parameters: {name}")
         ref, rec = lookup(ctx, view, args)
         key = args.get("param-key")
-        if key is not None and f.kind == "map" and f.api is not None:
+        if key is not None and f.kind == "map" and (f.api is not None or f.source is not None):
             assert f.type.value is not None
-            entries = rec.get(f.api) or {}
+            entries = (rec.get(f.api) if f.api is not None else f.source(ref, rec, ctx.db)) or {}  # type: ignore[misc]
             if key not in entries:
                 raise XeError(f"Key {key} not found in map")
             ctx.out.write(output.render(entries[key], f.type.value, ctx.db.uuid_of) + "\n")
@@ -575,7 +578,7 @@ def select_vms(ctx: Context, args: Args, skip: tuple[str, ...] = (), templates: 
         return [ctx.db.ref_of("VM", uuid)]
     view = ctx.classes["vm"]
     if templates:
-        view = CliClass(view.name, view.cdef, view.default_columns, {})
+        view = CliClass(view.name, view.cdef, view.schema, view.default_columns, {})
     filters = _filters(view, Args([(k, v) for k, v in args.pairs if k not in VM_OP_KEYS + skip]), ())
     name = args.get("vm")
     refs = [ref for ref, rec in select(ctx, view, filters)
@@ -801,6 +804,41 @@ def pool_designate_new_master(ctx: Context, args: Args) -> None:
     ctx.rpc.call("pool.designate_new_master", host)
 
 
+EVENT_WAIT_TIMEOUT = 30.0  # seconds per event.from call, as xe
+
+
+def event_wait(ctx: Context, args: Args) -> None:
+    """``event-wait class=C field=value field=/=value...`` (cli_operations.ml event_wait): return once an
+    object of the class matches, checked now, then on every event of the class."""
+    name = args.require("class")
+    view = ctx.classes.get(name)
+    if view is None:
+        raise failwith(f"Cli listening for class '{name}' not currently implemented")
+    conditions = []
+    for key, value in args.pairs:
+        if key == "class":
+            continue
+        f = view.field(key)
+        if f is None:
+            raise failwith(f"key missing: {key}")
+        conditions.append((f, value[2:], False) if value.startswith("/=") else (f, value, True))
+
+    def matches(ref: str, rec: Record) -> bool:
+        return all((display(ctx, f, ref, rec) == value) == equal for f, value, equal in conditions)
+
+    records = ctx.rpc.call(f"{view.api}.get_all_records")
+    if any(matches(ref, rec) for ref, rec in records.items()):
+        return
+    token = ""
+    while True:
+        answer = ctx.rpc.call("event.from", [view.api.lower()], token, EVENT_WAIT_TIMEOUT)
+        token = answer["token"]
+        for event in answer["events"]:
+            snapshot = event.get("snapshot")
+            if snapshot and event.get("class", "").lower() == view.api.lower() and matches(event["ref"], snapshot):
+                return
+
+
 FORGET_WARNINGS = (
     "WARNING: A host should only be forgotten if it is physically unrecoverable;",
     "WARNING: if possible, Hosts should be 'ejected' from the Pool instead.",
@@ -828,6 +866,30 @@ def _careful_host_op(method: str, warnings: tuple[str, ...]) -> Run:
         ctx.rpc.call(method, host)
 
     return run
+
+
+def pool_eject(ctx: Context, args: Args) -> None:
+    """cli_operations.ml pool_eject: without --force, warn about the VDIs of SRs only this host sees."""
+    host = ctx.rpc.call("host.get_by_uuid", args.require("host-uuid"))
+    if not args.flag("force"):
+        lines = ["WARNING: Ejecting a host from the pool will reinitialise that host's local SRs.",
+                 "WARNING: Any data contained with the local SRs will be lost."]
+        doomed = []
+        for pbd in ctx.rpc.call("host.get_PBDs", host):
+            sr = ctx.rpc.call("PBD.get_SR", pbd)
+            if all(ctx.rpc.call("PBD.get_host", other) == host for other in ctx.rpc.call("SR.get_PBDs", sr)):
+                for vdi in ctx.rpc.call("SR.get_VDIs", sr):
+                    uuid, name = ctx.rpc.call("VDI.get_uuid", vdi), ctx.rpc.call("VDI.get_name_label", vdi)
+                    doomed.append(f"VDI: {uuid} ({name})")
+        if doomed:
+            lines += ["The following VDI objects will be destroyed:", *doomed]
+        ctx.out.write("".join(f"{line}\n" for line in lines) + "Type 'yes' to continue\n")
+        ctx.out.flush()
+        if sys.stdin.readline().strip().lower() != "yes":
+            return
+    ctx.rpc.call("pool.eject", host)
+    # OCaml's string_of_float 10. is "10."
+    ctx.out.write("Specified host will attempt to restart as a master of a new pool in 10. seconds...\n")
 
 
 def host_is_in_emergency_mode(ctx: Context, args: Args) -> None:
@@ -891,6 +953,9 @@ def named_commands() -> list[Command]:
                 "Prevent HA VM restarts for a given number of seconds."),
         Command("host-ha-xapi-healthcheck", host_ha_xapi_healthcheck, (), (),
                 "Check that xapi on the local host is running satisfactorily.", local_session=True),
+        Command("event-wait", event_wait, ("class",), ("<field>=<value>", "<field>=/=<value>"),
+                "Wait for the event that satisfies the conditions given on the command line."),
+        Command("pool-eject", pool_eject, ("host-uuid",), ("force",), "Instruct host to leave an existing pool."),
         Command("host-forget", _careful_host_op("host.destroy", FORGET_WARNINGS), ("uuid",), ("force",),
                 "Forget about the host without contacting it explicitly. WARNING: this call is useful if the host"
                 " to 'forget' is dead; however, if the host is live and part of the pool, you should consider"

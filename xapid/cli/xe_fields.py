@@ -36,6 +36,7 @@ class Records(Protocol):
 
 
 Compute = Callable[[str, Record, Records], str]
+Source = Callable[[str, Record, Records], Any]
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,8 @@ class CliField:
     set_remove: str | None = None
     join: str = "; "
     compute: Compute | None = None
+    # A field read through a ref field (``Source``): its raw value, rendered by type.
+    source: Source | None = None
 
     @property
     def kind(self) -> str:
@@ -89,6 +92,7 @@ class CliClass:
 
     name: str
     cdef: ClassDef
+    schema: Schema
     default_columns: tuple[str, ...] = ()
     default_filter: dict[str, str] = field(default_factory=dict)
 
@@ -100,7 +104,7 @@ class CliClass:
     @cached_property
     def fields(self) -> list[CliField]:
         """Every field in record order (see :func:`class_fields`)."""
-        return class_fields(self.cdef)
+        return class_fields(self.cdef, self.schema)
 
     @cached_property
     def _by_name(self) -> dict[str, CliField]:
@@ -150,6 +154,7 @@ VIEWS: dict[str, tuple[str, dict[str, str]]] = {
 
 # Fields xe derives from a ref field: API class -> (CLI name, ref field, member of the target).
 DERIVED: dict[str, tuple[tuple[str, str, str], ...]] = {
+    "VM": (("suspend-VDI-uuid", "suspend_VDI", "uuid"),),
     "PBD": (("host-uuid", "host", "uuid"), ("sr-uuid", "SR", "uuid")),
     "VDI": (("sr-uuid", "SR", "uuid"),),
     "VBD": (("vm-uuid", "VM", "uuid"), ("vm-name-label", "VM", "name_label"), ("vdi-uuid", "VDI", "uuid")),
@@ -186,6 +191,29 @@ def _sr_host(ref: str, rec: Record, db: Records) -> str:
     return NOT_IN_DATABASE if host is None else str(host.get("name_label", ""))
 
 
+# Fields xe reads from the object a ref field names, typed as there (records.ml vm_record reads the
+# guest metrics): API class -> ref field -> (CLI name, member, deprecated).
+THROUGH: dict[str, dict[str, tuple[tuple[str, str, bool], ...]]] = {
+    "VM": {"guest_metrics": (
+        ("os-version", "os_version", False), ("netbios-name", "netbios_name", False),
+        ("PV-drivers-version", "PV_drivers_version", False), ("PV-drivers-up-to-date", "PV_drivers_up_to_date", True),
+        ("memory", "memory", False), ("disks", "disks", False), ("networks", "networks", False),
+        ("services", "services", False), ("PV-drivers-detected", "PV_drivers_detected", False),
+        ("other", "other", False), ("live", "live", False), ("guest-metrics-last-updated", "last_updated", False),
+        ("can-use-hotplug-vbd", "can_use_hotplug_vbd", False), ("can-use-hotplug-vif", "can_use_hotplug_vif", False),
+    )},
+}
+
+
+def _member(ref_field: str, target_cls: str, member: str) -> Source:
+    def source(_ref: str, rec: Record, db: Records) -> Any:
+        ref = rec.get(ref_field, NULL_REF)
+        target = db.record(target_cls, ref) if ref != NULL_REF else None
+        return None if target is None else target.get(member)
+
+    return source
+
+
 # Computed fields with no ref field to derive from: API class -> (CLI name, compute, insert after).
 COMPUTED: dict[str, tuple[tuple[str, Compute, str], ...]] = {
     "SR": (("host", _sr_host, "name_description"),),
@@ -200,7 +228,7 @@ def _wire_methods(c: ClassDef, f: Field) -> dict[str, str | None]:
     return {k: f"{c.name}.{found[k]}" if k in found else None for k in kinds}
 
 
-def class_fields(c: ClassDef) -> list[CliField]:
+def class_fields(c: ClassDef, schema: Schema) -> list[CliField]:
     """Every field xe shows for API class ``c``, in record order, derived fields after their source."""
     derived: dict[str, list[CliField]] = {src: [] for _n, src, _m in DERIVED.get(c.name, ())}
     for cli, src, member in DERIVED.get(c.name, ()):
@@ -209,6 +237,12 @@ def class_fields(c: ClassDef) -> list[CliField]:
     computed: dict[str, list[CliField]] = {}
     for cli, fn, after in COMPUTED.get(c.name, ()):
         computed.setdefault(after, []).append(CliField(cli, Type("string"), compute=fn))
+    for src, members in THROUGH.get(c.name, {}).items():
+        target = c.fields[src].type.name
+        for cli, member, deprecated in members:
+            ty = schema.classes[target].fields[member].type
+            computed.setdefault(src, []).append(CliField(cli, ty, deprecated=deprecated,
+                                                         source=_member(src, target, member)))
     out: list[CliField] = []
     for f in c.fields.values():
         if f.removed:
@@ -233,8 +267,9 @@ def build(schema: Schema) -> dict[str, CliClass]:
     for c in schema.classes.values():
         if c.get_all and "uuid" in c.fields:
             name = cli_name(c.name).lower()
-            out[name] = CliClass(name, c, DEFAULT_COLUMNS.get(name, ()))
+            out[name] = CliClass(name, c, schema, DEFAULT_COLUMNS.get(name, ()))
     for name, (api, default_filter) in VIEWS.items():
         if api in schema.classes:
-            out[name] = CliClass(name, schema.classes[api], DEFAULT_COLUMNS.get(name, ()), dict(default_filter))
+            out[name] = CliClass(name, schema.classes[api], schema, DEFAULT_COLUMNS.get(name, ()),
+                                 dict(default_filter))
     return out

@@ -24,6 +24,7 @@ HOST_PRE_DECLARE_DEAD = "host-pre-declare-dead"
 HOST_POST_DECLARE_DEAD = "host-post-declare-dead"
 POOL_PRE_HA_VM_RESTART = "pool-pre-ha-vm-restart"
 POOL_HA_OVERCOMMITTED = "pool-ha-overcommitted"
+POOL_EJECT = "pool-eject"
 REASON_FENCED = "fenced"
 REASON_USER = "user"  # host.declare_dead
 REASON_DBDESTROY = "dbdestroy"  # host.destroy

@@ -33,7 +33,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
-from xapid import operations
+from xapid import cbtlog, operations
 from xapid.api import vdi as vdi_api
 from xapid.errors import ApiError
 from xapid.handlers import sparse, vhd
@@ -70,9 +70,9 @@ def routes() -> list[Route]:
 # -- shared --------------------------------------------------------------------------------------------
 
 
-def vdi_of(access: Access) -> str | None:
-    """The VDI named by ``vdi=`` (a ref, else a uuid: ``UUID_INVALID``), None without it."""
-    name = access.param("vdi")
+def vdi_of(access: Access, param: str = "vdi") -> str | None:
+    """The VDI named by ``vdi=`` (or ``param``: a ref, else a uuid, else ``UUID_INVALID``), None without it."""
+    name = access.param(param)
     if not name:
         return None
     store = access.daemon.store
@@ -113,6 +113,8 @@ def vdi_operation(access: Access, vdi: str, op: str, writing: bool) -> Iterator[
         if writing:
             if rec["read_only"]:
                 raise ApiError("VDI_READONLY", vdi)
+            if rec["type"] == "cbt_metadata":  # its data was destroyed: nothing to write into
+                raise ApiError("VDI_INCOMPATIBLE_TYPE", vdi, "cbt_metadata")
             busy = next(iter(rec["current_operations"].items()), None)
             if busy is not None:
                 raise ApiError("OTHER_OPERATION_IN_PROGRESS", "VDI", vdi, busy[1], busy[0])
@@ -216,8 +218,9 @@ def _write_vdi(access: Access, vdi: str, fmt: str, pieces: bool, length: int | N
                           ["VDI_TOO_SMALL", vdi, str(length)])
         access.progress(0.0)
         fd = os.open(vdi_file(access, vdi), os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        rec = access.daemon.store.get("VDI", vdi) or {}
+        writer = sparse.SparseWriter(fd, track=bool(rec.get("cbt_enabled")))
         try:
-            writer = sparse.SparseWriter(fd)
             if pieces:
                 _receive_pieces(access, writer, vdi, size)
             elif fmt == "raw":
@@ -231,6 +234,10 @@ def _write_vdi(access: Access, vdi: str, fmt: str, pieces: bool, length: int | N
             raise ApiError("VDI_IO_ERROR", f"Device I/O errors: {e.strerror}") from None
         finally:
             os.close(fd)
+            if writer.touched:  # also what a failed import wrote before it stopped
+                sr = access.daemon.store.get("SR", rec["SR"]) or {}
+                cbtlog.mark(access.daemon.disks.cbt_log(str(sr.get("uuid", "")), vdi_api.file_of(rec)),
+                            writer.touched)
 
 
 def _headers(access: Access) -> list[tuple[str, str]]:
@@ -385,18 +392,9 @@ def export_raw_vdi(access: Access) -> Response:
 
 
 def base_of(access: Access) -> str | None:
-    """The VDI named by ``base=`` (ref, else uuid) for a differential export, None without it
-    (importexport.ml base_vdi_of_req)."""
-    name = access.param("base")
-    if not name:
-        return None
-    store = access.daemon.store
-    if store.exists("VDI", name):
-        return name
-    ref = store.by_uuid("VDI", name)
-    if ref is None:
-        raise ApiError("UUID_INVALID", "VDI", name)
-    return ref
+    """The VDI named by ``base=`` for a differential export, None without it (importexport.ml
+    base_vdi_of_req)."""
+    return vdi_of(access, "base")
 
 
 def _changed_blocks(access: Access, reader: sparse.SparseReader, size: int, base: str) -> list[int]:

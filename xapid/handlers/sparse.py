@@ -16,6 +16,7 @@ import errno
 import functools
 import os
 
+from xapid import cbtlog
 from xapid.storage import data_extents
 
 GRAIN = 64 * 1024
@@ -57,13 +58,17 @@ def _is_zero(data: bytes | bytearray, start: int, end: int) -> bool:
 class SparseWriter:
     """Writes pieces of a disk into ``fd`` (opened for writing), skipping zeros."""
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, track: bool = False) -> None:
         self.fd = fd
         self.written = 0  # bytes really written (data)
         self._punch = True
+        # With ``track``: the changed block tracking blocks every write or clear touched.
+        self.touched: set[int] | None = set() if track else None
 
     def write_at(self, offset: int, data: bytes | bytearray) -> None:
         """Write ``data`` at ``offset``: its all-zero grains become holes, the rest is written."""
+        if self.touched is not None:
+            self.touched.update(cbtlog.blocks_of(offset, len(data)))
         view = memoryview(data)
         run = 0  # start of the pending data run
         pos = 0
@@ -91,6 +96,8 @@ class SparseWriter:
 
     def clear(self, offset: int, length: int) -> None:
         """Make ``length`` bytes at ``offset`` read as zeros without allocating them."""
+        if self.touched is not None:
+            self.touched.update(cbtlog.blocks_of(offset, length))
         try:
             start = os.lseek(self.fd, offset, os.SEEK_DATA)
         except OSError as e:

@@ -35,6 +35,7 @@ import structlog
 
 from xapid import operations
 from xapid.api import vdi as vdi_api
+from xapid.api import vm as vm_api
 from xapid.api.vif import gen_mac
 from xapid.api.vm_copy import vm_operation
 from xapid.errors import ApiError
@@ -517,15 +518,8 @@ def _undo(access: Access, made: Import) -> None:
     with access.daemon.store.transaction() as tx:
         for vm in made.vms:
             rec = tx.find("VM", vm)
-            if rec is None:
-                continue
-            for vbd in tx.referrers("VBD", "VM", vm):
-                tx.delete("VBD", vbd)
-            for vif in tx.referrers("VIF", "VM", vm):
-                tx.delete("VIF", vif)
-            if tx.read("VM_metrics", rec["metrics"]) is not None:
-                tx.delete("VM_metrics", rec["metrics"])
-            tx.delete("VM", vm)
+            if rec is not None:
+                vm_api.remove_vm(tx, vm, rec)
         for vdi in made.vdis:
             if tx.read("VDI", vdi) is not None:
                 files.append(vdi_api.remove_vdi(tx, vdi))
