@@ -26,10 +26,18 @@ MAX_BYTES = 1 << 20
 
 
 class LocalDb:
+    """Thread-safe; writes of different hosts run in parallel (a 64-host enable writes each host's file)."""
+
     def __init__(self, state_dir: Path) -> None:
         self.root = state_dir / "hosts"
-        self._lock = threading.Lock()
+        self._guard = threading.Lock()
+        self._locks: dict[str, threading.Lock] = {}
         self._cache: dict[str, dict[str, Any]] = {}
+
+    def _lock(self, host_uuid: str) -> threading.Lock:
+        """The lock serialising the reads and writes of ``host_uuid``'s file."""
+        with self._guard:
+            return self._locks.setdefault(host_uuid, threading.Lock())
 
     def host_dir(self, host_uuid: str) -> Path:
         return self.root / host_uuid
@@ -54,16 +62,16 @@ class LocalDb:
         return doc
 
     def read(self, host_uuid: str) -> dict[str, Any]:
-        with self._lock:
+        with self._lock(host_uuid):
             return dict(self._load(host_uuid))
 
     def get(self, host_uuid: str, key: str, default: Any = None) -> Any:
-        with self._lock:
+        with self._lock(host_uuid):
             return self._load(host_uuid).get(key, default)
 
     def set(self, host_uuid: str, **values: Any) -> None:
         """Update keys durably (write to a temp file, fsync, rename, fsync the folder)."""
-        with self._lock:
+        with self._lock(host_uuid):
             doc = dict(self._load(host_uuid))
             doc.update(values)
             statefiles.write_atomic(self._path(host_uuid), json.dumps(doc).encode(), mode=0o600)

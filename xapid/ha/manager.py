@@ -47,6 +47,8 @@ MTC_DAEMON_PRESENT = 15
 MTC_INVALID_POOL_STATE = 11
 MTC_CAN_NOT_ACCESS_STATEFILE = 8
 MTC_BOOTJOIN_TIMEOUT = 12
+# Seconds a slave's liveset may take to show the master live after the master joined (see _join).
+MASTER_SETTLE = 3.0
 
 
 class HaManager:
@@ -151,6 +153,12 @@ class HaManager:
         with ThreadPoolExecutor(max_workers=len(hosts), thread_name_prefix="ha-host") as pool:
             futures = [(h, pool.submit(fn, h)) for h in hosts]
             return [(h, f.exception()) for h, f in futures]
+
+    def _set_local_all(self, hosts: list[str], **values: Any) -> None:
+        """``local.set`` on every host at once (their fsyncs overlap); raises the first failure."""
+        for _h, error in self.in_parallel(hosts, lambda h: self.local.set(self.host_uuid(h), **values)):
+            if error is not None:
+                raise error
 
     def _join_all(self, hosts: list[str], master: str, master_done: threading.Event,
                   master_ok: threading.Event) -> BaseException | None:
@@ -431,13 +439,13 @@ class HaManager:
         """``Host.preconfigure_ha`` (ha.md 4.2)."""
         self.runner.stack_dir(chosen)
         uuid = self.host_uuid(host)
-        self.local.set(uuid, ha_cluster_stack=chosen)
         with self.store.transaction() as tx:
             tx.update("host", host, ha_statefiles=list(statefiles))
         if not is_master:
             self._write_conf(host, generation, base_t, statefile_path)
         peers = {h["uuid"]: h["address"] for _r, h in self.hosts()}
-        self.local.set(uuid, ha_peers=peers, ha_base_t=int(str(base_t)))
+        # One durable write per host: until it lands, run() falls back on the pool's stack.
+        self.local.set(uuid, ha_cluster_stack=chosen, ha_peers=peers, ha_base_t=int(str(base_t)))
 
     def _join(self, host: str, master: str, master_done: threading.Event, master_ok: threading.Event) -> None:
         """``Host.ha_join_liveset`` (ha.md 4.3); the master sets ``master_done`` (and ``master_ok``)."""
@@ -457,6 +465,11 @@ class HaManager:
             raise internal("the master failed to join the liveset during HA enable")
         master_uuid = self.host_uuid(master)
         deadline = time.monotonic() + self.daemon.config["ha-script-timeout"]
+        # A host that went Online before the master joined counts the master live only once its
+        # daemon has heard of that join (a datagram and an evaluation later); xhad's livesets agree
+        # by then, the emulated daemons' views may not yet.  Not live within this window means "look
+        # again", after it "failed", as in xapi_ha.ml join_liveset.
+        settle_until = time.monotonic() + MASTER_SETTLE
         while True:
             if self._join_aborted.is_set():
                 raise internal("HA enable aborted: another host failed to join")
@@ -469,11 +482,14 @@ class HaManager:
                     raise internal("the master is missing from the liveset during HA enable")
                 if entry.master and entry.liveness:
                     return
-                if not entry.liveness or entry.statefile_corrupted or not entry.statefile_access or entry.excluded:
+                settling = not entry.liveness and time.monotonic() < settle_until
+                if not settling and (not entry.liveness or entry.statefile_corrupted or not entry.statefile_access
+                                     or entry.excluded):
                     raise internal("existing master failed during HA enable")
             if time.monotonic() > deadline:
                 raise internal("timed out waiting for the master to appear in the liveset")
-            time.sleep(0.5)
+            # xapi polls every 5 s; the liveset is a local read here, so look again soon.
+            time.sleep(0.2)
 
     def _start_and_arm(self, host: str) -> None:
         """``ha_start_daemon`` with xapi's error mapping, then mark the host armed."""
@@ -562,8 +578,7 @@ class HaManager:
                 return self._stop_all(hosts)
             except ApiError as e:
                 log.warning("disable with statefile failed; trying without", error=str(e))
-        for h in hosts:
-            self.local.set(self.host_uuid(h), **{"ha.disable_failover_decisions": True})
+        self._set_local_all(hosts, **{"ha.disable_failover_decisions": True})
         self._set_enabled(False)
         self._monitor_stop()
         self.in_parallel(hosts, lambda h: self.try_run(h, "ha_disarm_fencing", ok=(MTC_DAEMON_NOT_PRESENT,)))
@@ -592,8 +607,7 @@ class HaManager:
                 "heartbeat daemons still running after disable attempt", attempt=attempt + 1, hosts=left
             )
             time.sleep(self.daemon.config["ha-disable-retry-delay"])
-        for h in hosts:
-            self.local.set(self.host_uuid(h), **{"ha.armed": False})
+        self._set_local_all(hosts, **{"ha.armed": False})
         if not left:
             self.release_hardware()
         if left and not rollback:
@@ -926,10 +940,12 @@ class HaManager:
         for thread in threads:
             thread.join(timeout=self.daemon.config["ha-start-daemon-timeout"] + 5)
         self._monitor_stop()
-        if not self.pool()["ha_enabled"]:
-            return
         hosts = [h for h, rec in self.hosts() if self.local.get(rec["uuid"], "ha.armed", False)]
-        self.in_parallel(hosts, lambda h: self.try_run(h, "ha_stop_daemon"))
+        try:
+            if self.pool()["ha_enabled"]:
+                self.in_parallel(hosts, lambda h: self.try_run(h, "ha_stop_daemon"))
+        finally:
+            self.runner.close()
 
     # -- emergency disable, clean shutdown (ha.md 4.6, 4.7) --------------------------------------------------
 

@@ -69,6 +69,12 @@ STDERR_CAP = 64 * 1024
 EXIT_GRACE = 0.5
 _SUPPORTED_SRS_CAP = 64 * 1024
 _READ_CHUNK = 65536
+# A stack may ship this executable: a fork server its scripts hand their runs to (xhad does), so
+# that a run costs a fork instead of an interpreter start.  xapid starts it at the stack's first
+# script run, names its socket in XAPID_FORKSERVER, and stops it in ``close``.
+FORKSERVER = "xapid-forkserver"
+FORKSERVER_READY_TIMEOUT = 10.0
+FORKSERVER_STOP_GRACE = 5.0
 
 
 def _start_time(pid: int) -> str | None:
@@ -181,6 +187,10 @@ class ClusterStackRunner:
         self._locks: dict[str, threading.Lock] = {}
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
         self._locks_guard = threading.Lock()
+        # Per stack: its running fork server and socket, or None once starting one failed.
+        self._servers: dict[str, tuple[subprocess.Popen[bytes], str, Path | None] | None] = {}
+        self._servers_lock = threading.Lock()
+        self._closed = False
 
     def cancel(self, host_uuid: str) -> bool:
         """Kill the script running for ``host_uuid`` now (its whole process group); False if none runs.
@@ -311,7 +321,8 @@ class ClusterStackRunner:
 
         Environment is exactly PATH (the daemon's plus the stack folder), XHAD_CONF,
         XAPI_HOST_UUID, XAPID_HOST_DIR, (with a state dir) XAPID_POOL_DIR and XAPID_HW_DIR, and
-        what the emulated hardware the stack asks for adds (``XAPID_NETNS`` or ``XAPID_NETNS_ERROR``);
+        what the emulated hardware the stack asks for adds (``XAPID_NETNS`` or ``XAPID_NETNS_ERROR``),
+        and XAPID_FORKSERVER (the socket of the stack's ``xapid-forkserver``, when it ships one);
         cwd is the stack folder; stdin is /dev/null.  Exit 0 gives a
         ScriptResult; an MTC code raises ScriptError; anything else (unknown code, death by
         signal, timeout, missing/non-executable/escaping script) raises INTERNAL_ERROR, and an
@@ -339,6 +350,9 @@ class ClusterStackRunner:
             pool_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             env["XAPID_POOL_DIR"] = str(pool_dir)
             env["XAPID_HW_DIR"] = str(self.state_dir / "hw")
+        server = self._fork_server(stack, directory, base_path)
+        if server is not None:
+            env["XAPID_FORKSERVER"] = server
         if self.hardware is not None:
             for need in sorted(self.needed_hardware(stack)):
                 # Only a start makes hardware; the other scripts learn what exists.
@@ -393,6 +407,113 @@ class ClusterStackRunner:
         if code in MTC_CODES:
             raise ScriptError(stack, script, host_uuid, code, stdout.text())
         raise internal(f"Unrecognised MTC exit code {code} from {stack}/{script} on host {host_uuid}")
+
+    def _fork_server(self, stack: str, directory: Path, base_path: str) -> str | None:
+        """The socket of the stack's fork server, started now if needed; None if the stack has none.
+
+        The server runs in a session of its own with nothing but PATH in its environment, cwd the
+        stack folder; it must print ``ready`` within FORKSERVER_READY_TIMEOUT.  One that fails to
+        start is not tried again (the scripts then run without it, as they must be able to).
+        """
+        if self.running_dir is None:
+            return None
+        with self._servers_lock:
+            if self._closed:
+                return None
+            if stack in self._servers:
+                known = self._servers[stack]
+                if known is None:
+                    return None
+                if known[0].poll() is None:
+                    return known[1]
+                log.warning("cluster-stack fork server exited; starting another", stack=stack,
+                            exit_code=known[0].returncode)
+                self._forget_server(stack)
+            try:
+                path = (directory / FORKSERVER).resolve(strict=True)
+                mode = path.stat().st_mode
+            except (OSError, RuntimeError):
+                return None
+            if not self._inside(directory, path) or not stat.S_ISREG(mode) or not os.access(path, os.X_OK):
+                return None
+            started = self._start_server(stack, directory, path, base_path)
+            self._servers[stack] = started
+            return started[1] if started is not None else None
+
+    def _start_server(
+        self, stack: str, directory: Path, path: Path, base_path: str
+    ) -> tuple[subprocess.Popen[bytes], str, Path | None] | None:
+        assert self.state_dir is not None
+        folder = self.state_dir / "run" / "forkservers"
+        sock = str(folder / f"{stack}.sock")
+        env = {"PATH": f"{base_path}{os.pathsep}{directory}" if base_path else str(directory)}
+        try:
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            with open(folder / f"{stack}.log", "ab") as err:
+                proc = subprocess.Popen(
+                    [str(path), sock], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err,
+                    cwd=directory, env=env, start_new_session=True, close_fds=True,
+                )
+        except OSError as exc:
+            log.warning("cannot start the cluster-stack fork server", stack=stack, error=str(exc))
+            return None
+        marker = self._mark_running(proc.pid)
+        assert proc.stdout is not None
+        line = b""
+        deadline = time.monotonic() + FORKSERVER_READY_TIMEOUT
+        with selectors.DefaultSelector() as sel:
+            sel.register(proc.stdout, selectors.EVENT_READ)
+            while not line.endswith(b"\n") and len(line) < 64:
+                left = deadline - time.monotonic()
+                if left <= 0 or not sel.select(timeout=left):
+                    break
+                chunk = os.read(proc.stdout.fileno(), 64)
+                if not chunk:
+                    break
+                line += chunk
+        proc.stdout.close()
+        if line.strip() != b"ready":
+            log.warning("cluster-stack fork server did not start; scripts run without it", stack=stack,
+                        said=line.decode(errors="replace"))
+            self._end_server(proc, marker, grace=0.0)
+            return None
+        log.info("cluster-stack fork server started", stack=stack, pid=proc.pid)
+        return proc, sock, marker
+
+    def _forget_server(self, stack: str) -> None:
+        known = self._servers.pop(stack, None)
+        if known is not None:
+            self._end_server(known[0], known[2], grace=0.0)
+
+    @staticmethod
+    def _end_server(proc: subprocess.Popen[bytes], marker: Path | None, grace: float) -> None:
+        """SIGTERM (when ``grace``) then SIGKILL the server's process group; always reaped."""
+        if proc.poll() is None and grace > 0:
+            proc.terminate()
+            try:
+                proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                pass
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait()
+        if marker is not None:
+            marker.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        """Stop the fork servers this runner started (scripts started later run without one).
+
+        Heartbeat daemons they forked live in sessions of their own and are not touched.
+        """
+        with self._servers_lock:
+            self._closed = True
+            servers = [s for s in self._servers.values() if s is not None]
+            self._servers.clear()
+        for proc, _sock, marker in servers:
+            self._end_server(proc, marker, grace=FORKSERVER_STOP_GRACE)
 
     def _mark_running(self, pid: int) -> Path | None:
         if self.running_dir is None:

@@ -160,6 +160,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import gc
 import json
 import os
 import select
@@ -223,6 +224,8 @@ CLAIM_FILE = "xhad.claim"
 WATCHDOG_SOCKET = "watchdog"
 FABRIC_FILE = "fabric.json"
 POLL = 0.1
+# ha_start_daemon looks for the Online view this often (a stat; the view is read only when it changed).
+START_POLL = 0.05
 STOP_GRACE = 5.0
 LOCK_TIMEOUT = 10.0
 DAEMON_LOCK_TIMEOUT = 1.0
@@ -2136,15 +2139,7 @@ def start_daemon(conf_path: str) -> int:
     for name in (VIEW_FILE, CLAIM_FILE):
         _unlink(os.path.join(conf.hostdir, name))
     with open(os.path.join(conf.hostdir, LOG_FILE), "ab") as log:
-        proc = subprocess.Popen(
-            [sys.executable or "python3", "-S", ENGINE_FILE, HEARTBEAT_FLAG, conf.path],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=conf.hostdir,
-            start_new_session=True,
-            close_fds=True,
-        )
+        proc = spawn_heartbeat(conf, log.fileno())
     deadline = time.monotonic() + max(conf.join_timeout, conf.boot_join_timeout) + START_MARGIN
     view_path = os.path.join(conf.hostdir, VIEW_FILE)
     seen: tuple[int, int] | None = None
@@ -2169,7 +2164,7 @@ def start_daemon(conf_path: str) -> int:
                 proc.kill()
                 proc.wait()
                 return EXIT_BOOTJOIN_TIMEOUT
-            time.sleep(POLL)
+            time.sleep(START_POLL)
     except BaseException:
         if proc.poll() is None:
             proc.kill()
@@ -2564,3 +2559,381 @@ if __name__ == "__main__":
         sys.exit(_guarded(heartbeat_main, os.path.abspath(sys.argv[2])))
     print(f"usage: {sys.argv[0]} {HEARTBEAT_FLAG} <xhad.conf>", file=sys.stderr)
     sys.exit(EXIT_INVALID_PARAMETER)
+
+
+# --------------------------------------------------------------------------- fork server
+#
+# ``xapid-forkserver <socket>`` (in this folder) runs ``forkserver_main``: a process that has imported
+# this engine once and forks a worker per script run, so that a run costs a fork instead of an
+# interpreter start and the imports.  The ``ha_*`` shims hand their request to it through
+# ``xhad_client`` (argv, environment, cwd and file descriptors 0-2) when ``XAPID_FORKSERVER`` names
+# its socket, and run in-process otherwise.  A worker heartbeat (``ha_start_daemon``) forks too.
+# Hosts' processes are recognised by their command line (``--heartbeat <conf>``) and environment
+# (``XAPID_HOST_DIR``), which the kernel reads from the process's original argv and environment
+# areas; the server starts with room in both, and every fork rewrites them in place (as
+# setproctitle does), so a forked process looks exactly like an executed one.
+
+FORK_PROTOCOL = b"xhad-fork-1"
+FORK_ROOM = 1 << 15
+FORK_ROOM_VAR = "XHAD_FORK_ROOM"
+FORK_MAX_REQUEST = 1 << 18
+_FORKED = False  # True in a fork-server worker: ha_start_daemon forks its heartbeat
+
+
+def _proc_areas() -> tuple[int, int, int, int] | None:
+    """(arg_start, arg_end, env_start, env_end) of this process (``/proc/self/stat`` fields 48-51)."""
+    try:
+        with open("/proc/self/stat", "rb") as handle:
+            fields = handle.read().rsplit(b")", 1)[1].split()
+        a0, a1, e0, e1 = (int(fields[k - 3]) for k in (48, 49, 50, 51))
+    except (OSError, IndexError, ValueError):
+        return None
+    return a0, a1, e0, e1
+
+
+def _block(items: Iterable[str]) -> bytes:
+    return b"".join(os.fsencode(item) + b"\0" for item in items)
+
+
+def retitle(argv: list[str], env: Mapping[str, str] | None = None, check: bool = False) -> bool:
+    """Rewrite what ``/proc/self/cmdline`` (and, given ``env``, ``/proc/self/environ``) show.
+
+    The areas keep their size; the rest is NUL-padded.  False (nothing written) when a block does
+    not fit or the kernel refuses; with ``check`` only whether it would fit.
+    """
+    areas = _proc_areas()
+    if areas is None:
+        return False
+    a0, a1, e0, e1 = areas
+    args = _block(argv)
+    envs = _block(f"{k}={v}" for k, v in env.items()) if env is not None else b""
+    if len(args) > a1 - a0 or len(envs) > e1 - e0:
+        return False
+    if check:
+        return True
+    try:
+        fd = os.open("/proc/self/mem", os.O_RDWR)
+    except OSError:
+        return False
+    try:
+        os.pwrite(fd, args.ljust(a1 - a0, b"\0"), a0)
+        if env is not None:
+            os.pwrite(fd, envs.ljust(e1 - e0, b"\0"), e0)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return True
+
+
+class _Forked:
+    """The part of ``subprocess.Popen`` that ha_start_daemon uses, for a forked heartbeat."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self) -> int:
+        if self.returncode is None:
+            _pid, status = os.waitpid(self.pid, 0)
+            self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def kill(self) -> None:
+        if self.returncode is None:
+            _signal(self.pid, signal.SIGKILL)
+
+
+def spawn_heartbeat(conf: Conf, log_fd: int) -> subprocess.Popen[bytes] | _Forked:
+    """Start this host's heartbeat process with ``log_fd`` as its output, in a session of its own.
+
+    In a fork-server worker it is forked (its command line rewritten to the executed form), else
+    executed as ``<python> -S xhad_engine.py --heartbeat <conf>``.
+    """
+    argv = [sys.executable or "python3", "-S", ENGINE_FILE, HEARTBEAT_FLAG, conf.path]
+    if not (_FORKED and retitle(argv, check=True)):
+        return subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log_fd,
+            stderr=subprocess.STDOUT,
+            cwd=conf.hostdir,
+            start_new_session=True,
+            close_fds=True,
+        )
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid:
+        return _Forked(pid)
+    code = EXIT_INTERNAL_BUG
+    try:
+        os.setsid()
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.dup2(log_fd, 1)
+        os.dup2(log_fd, 2)
+        os.closerange(3, 1 << 16)
+        os.chdir(conf.hostdir)
+        retitle(argv)
+        _log("forked by the fork server")
+        code = _guarded(heartbeat_main, conf.path)
+    except BaseException:  # noqa: BLE001 - a forked child never returns into its parent's code
+        traceback.print_exc()
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+
+
+def _unix_address(path: str) -> tuple[str, int]:
+    """(address to bind/connect, dir fd to close or -1): long paths go through /proc/self/fd."""
+    if len(os.fsencode(path)) < UNIX_PATH_MAX:
+        return path, -1
+    dir_fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY)
+    return f"/proc/self/fd/{dir_fd}/{os.path.basename(path)}", dir_fd
+
+
+def _parse_request(data: bytes) -> tuple[str, str, list[str], dict[str, str]] | None:
+    """(script, cwd, argv, env) from a client request, or None if malformed."""
+    parts = data.split(b"\0")
+    try:
+        if parts[0] != FORK_PROTOCOL or parts[-1] != b"":
+            return None
+        script, cwd, argc = os.fsdecode(parts[1]), os.fsdecode(parts[2]), int(parts[3])
+        argv = [os.fsdecode(p) for p in parts[4 : 4 + argc]]
+        env = {}
+        for item in parts[4 + argc : -1]:
+            key, sep, value = os.fsdecode(item).partition("=")
+            if not sep or not key:
+                return None
+            env[key] = value
+    except (IndexError, ValueError):
+        return None
+    if script not in SCRIPTS or len(argv) != argc:
+        return None
+    return script, cwd, argv, env
+
+
+def _worker_argv(script: str, argv: list[str]) -> list[str]:
+    """The command line an executed run of ``script argv`` shows."""
+    return [sys.executable or "python3", "-S", os.path.join(os.path.dirname(ENGINE_FILE), script), *argv]
+
+
+def _worker(conn: socket.socket, fds: list[int], request: tuple[str, str, list[str], dict[str, str]],
+            keep_out: list[int]) -> None:
+    """Body of a forked worker: become the script run the client asked for; never returns."""
+    global _FORKED
+    script, cwd, argv, env = request
+    code = EXIT_INTERNAL_BUG
+    try:
+        os.setsid()
+        signal.set_wakeup_fd(-1)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGPIPE):
+            signal.signal(signum, signal.SIG_DFL)
+        for fd in keep_out:
+            os.close(fd)
+        conn.close()
+        for target, fd in enumerate(fds):
+            os.dup2(fd, target)
+        for fd in fds:
+            if fd > 2:
+                os.close(fd)
+        os.chdir(cwd)
+        # unsetenv/putenv give the C environment fresh strings before its area is overwritten.
+        os.environ.clear()
+        os.environ.update(env)
+        title = _worker_argv(script, argv)
+        retitle(title, env)
+        sys.argv = title[2:]
+        _FORKED = True
+        code = main(script, argv)
+    except BaseException:  # noqa: BLE001 - a forked child never returns into the server loop
+        traceback.print_exc()
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+
+
+def forkserver_main(argv: list[str]) -> int:
+    """``xapid-forkserver <socket>``: serve script runs until SIGTERM or until its parent is gone.
+
+    Prints ``ready`` once it listens (its starter waits for that line).  Only processes of its own
+    user are served.  On the way out every worker still running is killed with its process group.
+    """
+    if FORK_ROOM_VAR in os.environ and len(argv) == 2:
+        argv = argv[:1]  # the padding argument of the restart below
+    if len(argv) != 1:
+        print("usage: xapid-forkserver <socket>", file=sys.stderr)
+        return EXIT_INVALID_PARAMETER
+    sock_path = os.path.abspath(argv[0])
+    areas = _proc_areas()
+    if FORK_ROOM_VAR not in os.environ and (
+        areas is None or areas[1] - areas[0] < FORK_ROOM or areas[3] - areas[2] < FORK_ROOM
+    ):
+        # Room to rewrite: start again once, with large argv and environment areas.
+        script = os.path.abspath(sys.argv[0])
+        env = dict(os.environ, **{FORK_ROOM_VAR: "x" * FORK_ROOM})
+        os.execve(sys.executable, [sys.executable, "-S", script, sock_path, "-" * FORK_ROOM], env)
+    os.environ.pop(FORK_ROOM_VAR, None)
+    retitle([sys.executable or "python3", "-S", os.path.abspath(sys.argv[0]), sock_path], os.environ)
+    parent = os.getppid()
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    address, dir_fd = _unix_address(sock_path)
+    try:
+        _unlink(sock_path)
+        old_mask = os.umask(0o177)
+        try:
+            listener.bind(address)
+        finally:
+            os.umask(old_mask)
+    finally:
+        if dir_fd >= 0:
+            os.close(dir_fd)
+    listener.listen(128)
+    listener.setblocking(False)
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_r, False)
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+    stop: list[int] = []
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop.append(signum))
+    signal.signal(signal.SIGINT, lambda signum, frame: stop.append(signum))
+    signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    # Objects that exist now stay out of the collector's reach in the forks: a collection there
+    # would otherwise touch (and copy) every page the server shares with them.
+    gc.collect()
+    gc.freeze()
+    print("ready", flush=True)
+    null = os.open(os.devnull, os.O_RDWR)
+    os.dup2(null, 0)
+    os.dup2(null, 1)
+    os.close(null)
+    waiting: set[socket.socket] = set()  # connected, request not read yet
+    running: dict[int, socket.socket] = {}  # worker pid -> its client's connection
+    by_conn: dict[socket.socket, int] = {}
+    me = os.getuid()
+
+    def finish(conn: socket.socket, message: bytes | None) -> None:
+        if message is not None:
+            try:
+                conn.send(message)
+            except OSError:
+                pass
+        waiting.discard(conn)
+        by_conn.pop(conn, None)
+        conn.close()
+
+    def reap() -> None:
+        while running:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if not pid:
+                return
+            conn = running.pop(pid, None)
+            if conn is None:
+                continue
+            if os.WIFSIGNALED(status):
+                finish(conn, b"signal %d" % os.WTERMSIG(status))
+            else:
+                finish(conn, b"exit %d" % os.waitstatus_to_exitcode(status))
+
+    def take(conn: socket.socket) -> None:
+        try:
+            data, ancdata, flags, _addr = conn.recvmsg(FORK_MAX_REQUEST, socket.CMSG_SPACE(3 * 4))
+        except OSError:
+            finish(conn, None)
+            return
+        fds: list[int] = []
+        for level, kind, payload in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds += [int.from_bytes(payload[i : i + 4], sys.byteorder) for i in range(0, len(payload) - 3, 4)]
+        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+        uid = int.from_bytes(creds[4:8], sys.byteorder)
+        truncated = flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC)
+        request = _parse_request(data) if data and not truncated else None
+        # A worker must show its script's environment (fencing finds a host's processes by it).
+        if request is not None and not retitle(_worker_argv(request[0], request[2]), request[3], check=True):
+            request = None
+        if request is None or len(fds) != 3 or uid != me:
+            for fd in fds:
+                os.close(fd)
+            finish(conn, b"refused")
+            return
+        waiting.discard(conn)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            others = [c.fileno() for c in (*waiting, *by_conn)] + [listener.fileno(), wake_r, wake_w]
+            _worker(conn, fds, request, others)
+        for fd in fds:
+            os.close(fd)
+        running[pid] = conn
+        by_conn[conn] = pid
+
+    try:
+        while not stop:
+            if os.getppid() != parent:
+                break  # whoever started the server is gone (a crash): so is the server
+            readable, _w, _x = select.select([listener, wake_r, *waiting, *by_conn], [], [], 1.0)
+            for item in readable:
+                if item is wake_r:
+                    try:
+                        while os.read(wake_r, 64):
+                            pass
+                    except OSError:
+                        pass
+                elif item is listener:
+                    try:
+                        conn, _addr = listener.accept()
+                    except OSError:
+                        continue
+                    conn.setblocking(False)
+                    waiting.add(conn)
+                elif item in waiting:
+                    take(item)
+                elif item in by_conn:
+                    # The client went away (its caller's timeout killed it): so does its run.
+                    try:
+                        gone = item.recv(16) == b""
+                    except OSError:
+                        gone = True
+                    if gone:
+                        _killpg(by_conn[item])
+            reap()
+    finally:
+        for pid in list(running):
+            _killpg(pid)
+        for pid in list(running):
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
+        for conn in [*waiting, *by_conn]:
+            conn.close()
+        listener.close()
+        _unlink(sock_path)
+    return EXIT_SUCCESS
+
+
+def _killpg(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass

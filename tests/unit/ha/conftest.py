@@ -234,15 +234,17 @@ def make_pool(tmp_path: Path) -> Iterator[Callable[..., EnginePool]]:
     """
     pools: list[EnginePool] = []
 
-    def factory(stack: str = "xhad", hosts: int = 3, root: Path = STACK_ROOT) -> EnginePool:
+    def factory(stack: str = "xhad", hosts: int = 3, root: Path = STACK_ROOT, forkserver: bool = False) -> EnginePool:
         state = tmp_path / f"pool{len(pools)}"
         state.mkdir()
+        # With a state dir the runner starts the stack's fork server (xapid-forkserver), as xapid's does.
         pool = EnginePool(
             stack=stack,
             state=state,
             hosts=[str(uuid.uuid4()) for _ in range(hosts)],
             generation=str(uuid.uuid4()),
-            runner=ClusterStackRunner(root, timeout=20.0, start_timeout=30.0),
+            runner=ClusterStackRunner(root, timeout=20.0, start_timeout=30.0,
+                                      state_dir=state / "xapid" if forkserver else None),
         )
         with pool.statefile.open("wb") as handle:
             handle.truncate(STATEFILE_SIZE)
@@ -252,6 +254,7 @@ def make_pool(tmp_path: Path) -> Iterator[Callable[..., EnginePool]]:
 
     yield factory
     for pool in pools:
+        pool.runner.close()
         pool.stop_all()
     for pool in pools:
         assert wait_until(lambda pool=pool: not heartbeat_pids_under(pool.state), 5.0)

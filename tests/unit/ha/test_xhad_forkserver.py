@@ -1,0 +1,196 @@
+"""The xhad fork server (xapid-forkserver): scripts and heartbeats forked, never a different outcome.
+
+A runner with a state dir starts the stack's fork server at the first script run; the scripts hand
+their runs to it.  Forked processes must be indistinguishable from executed ones where xapid and the
+tests look (command line, environment, exit status, output), die with their client, and the server
+must never outlive its starter.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+from xapid.errors import ApiError
+from xapid.ha.scripts import ScriptError
+from xapid.hw.processes import processes_of
+
+if TYPE_CHECKING:
+    from conftest import EnginePool, ProcessGroups
+
+MakePool = Callable[..., "EnginePool"]
+XHAD = Path(__file__).resolve().parents[3] / "scripts" / "cluster-stack" / "xhad"
+
+
+def code(pool: EnginePool, host: str, script: str, *args: str) -> int:
+    try:
+        pool.run(host, script, *args)
+    except ScriptError as exc:
+        return exc.exit_code
+    return 0
+
+
+def servers_under(path: Path) -> list[int]:
+    """Live fork servers whose socket lies below ``path``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            parts = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(p.endswith(b"xapid-forkserver") for p in parts) and any(p.startswith(os.fsencode(path)) for p in parts):
+            found.append(int(entry))
+    return found
+
+
+def parent(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def enabled(make_pool: MakePool, hosts: int = 2) -> EnginePool:
+    pool = make_pool("xhad", hosts, forkserver=True)
+    assert code(pool, pool.hosts[0], "ha_set_pool_state", "init") == 0
+    with ThreadPoolExecutor(hosts) as executor:
+        assert list(executor.map(lambda h: code(pool, h, "ha_start_daemon"), pool.hosts)) == [0] * hosts
+    return pool
+
+
+def test_heartbeats_are_forked_and_look_executed(make_pool: MakePool) -> None:
+    pool = enabled(make_pool)
+    assert len(servers_under(pool.state)) == 1
+    for host in pool.hosts:
+        pid = pool.pid(host)
+        assert pid is not None
+        assert "forked by the fork server" in (pool.hostdir(host) / "xhad.log").read_text()
+        parts = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        assert b"--heartbeat" in parts and os.fsencode(str(pool.conf(host))) in parts
+        # The emulated hardware finds a host's processes by their environment (fencing kills them).
+        assert pid in processes_of(pool.hostdir(host))
+        assert pool.runner.query_liveset("xhad", host, pool.conf(host)).status == "Online"
+    assert sorted(pool.running_heartbeats()) == sorted(pool.pid(h) for h in pool.hosts)
+
+
+def test_close_stops_the_server_and_leaves_the_heartbeats(make_pool: MakePool,
+                                                          wait_until: Callable[..., bool]) -> None:
+    pool = enabled(make_pool)
+    [server] = servers_under(pool.state)
+    beating = pool.running_heartbeats()
+    pool.runner.close()
+    assert wait_until(lambda: not servers_under(pool.state), 5.0)
+    assert not Path(f"/proc/{server}").exists() or not Path(f"/proc/{server}/cmdline").read_bytes()
+    assert sorted(pool.running_heartbeats()) == sorted(beating)
+    # Without the server the scripts run in-process, with the same results.
+    for host in pool.hosts:
+        assert code(pool, host, "ha_stop_daemon") == 0
+    assert wait_until(lambda: not pool.running_heartbeats(), 5.0)
+    assert not servers_under(pool.state)
+
+
+def test_exit_codes_output_and_stderr_pass_through(make_pool: MakePool) -> None:
+    pool = make_pool("xhad", 1, forkserver=True)
+    host = pool.hosts[0]
+    assert code(pool, host, "ha_set_pool_state", "init") == 0
+    assert code(pool, host, "ha_set_pool_state", "bogus") == 1
+    assert code(pool, host, "ha_query_liveset") == 14  # no daemon
+    fist = pool.hostdir(host) / "fist"
+    fist.mkdir()
+    (fist / "ha_propose_master").write_text("exit 13\n")
+    assert code(pool, host, "ha_propose_master") == 13
+    (fist / "ha_query_liveset").write_text("garbage\n")
+    result = pool.run(host, "ha_query_liveset")
+    assert result.stdout.startswith("<<< this is not a liveset")
+    assert servers_under(pool.state)
+
+
+def test_a_timed_out_run_dies_with_its_client(make_pool: MakePool, wait_until: Callable[..., bool]) -> None:
+    pool = make_pool("xhad", 1, forkserver=True)
+    host = pool.hosts[0]
+    assert code(pool, host, "ha_set_pool_state", "init") == 0  # the server runs from here on
+    fist = pool.hostdir(host) / "fist"
+    fist.mkdir()
+    (fist / "ha_query_liveset").write_text("sleep 30\n")
+    pool.runner.timeout = 1.0
+    [server] = servers_under(pool.state)
+    seen: list[int] = []
+
+    def watch() -> None:
+        deadline = time.monotonic() + 0.9
+        while time.monotonic() < deadline and not seen:
+            # The worker (a child of the server) shows the client's environment.
+            seen.extend(p for p in processes_of(pool.hostdir(host)) if parent(p) == server)
+            time.sleep(0.02)
+
+    with ThreadPoolExecutor(1) as executor:
+        watcher = executor.submit(watch)
+        started = time.monotonic()
+        with pytest.raises(ApiError, match="timed out"):
+            pool.run(host, "ha_query_liveset")
+        watcher.result()
+    assert time.monotonic() - started < 5.0
+    assert seen, "the worker carries the host's XAPID_HOST_DIR"
+    assert wait_until(lambda: not processes_of(pool.hostdir(host)), 3.0)
+    assert servers_under(pool.state)  # the server itself carries on
+
+
+def test_the_server_refuses_malformed_requests(make_pool: MakePool) -> None:
+    pool = make_pool("xhad", 1, forkserver=True)
+    host = pool.hosts[0]
+    assert code(pool, host, "ha_set_pool_state", "init") == 0
+    sock_path = pool.state / "xapid" / "run" / "forkservers" / "xhad.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
+        sock.settimeout(5.0)
+        sock.connect(str(sock_path))
+        sock.sendmsg([b"xhad-fork-1\0rm_rf\0/\0000\0"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                                         bytes(memoryview(bytearray(12))))])
+        assert sock.recv(64) == b"refused"
+    assert code(pool, host, "ha_set_pool_state", "init") == 0
+
+
+def test_the_server_goes_when_its_starter_dies(tmp_path: Path, process_groups: ProcessGroups,
+                                               wait_until: Callable[..., bool]) -> None:
+    sock = tmp_path / "s.sock"
+    starter = subprocess.Popen(
+        ["sh", "-c", f'"{XHAD / "xapid-forkserver"}" "{sock}" & wait'],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, start_new_session=True,
+        env={"PATH": os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])},
+    )
+    process_groups.track(starter.pid)
+    assert starter.stdout is not None
+    assert starter.stdout.readline() == b"ready\n"
+    [server] = servers_under(tmp_path)
+    os.kill(starter.pid, signal.SIGKILL)
+    starter.wait()
+    assert wait_until(lambda: not servers_under(tmp_path), 5.0), f"fork server {server} outlived its starter"
+    assert not sock.exists()
+
+
+@pytest.mark.parametrize("chunks", [1, 4])
+def test_an_oversized_request_runs_in_process(make_pool: MakePool, chunks: int) -> None:
+    """A request the server cannot take whole runs in the script: an environment too large for a
+    worker to show (refused), or too large to send at all."""
+    pool = make_pool("xhad", 1, forkserver=True)
+    host = pool.hosts[0]
+    assert code(pool, host, "ha_set_pool_state", "init") == 0
+    sock_path = pool.state / "xapid" / "run" / "forkservers" / "xhad.sock"
+    assert sock_path.exists()
+    env = {"PATH": os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]),
+           "XHAD_CONF": str(pool.conf(host)), "XAPI_HOST_UUID": host, "XAPID_FORKSERVER": str(sock_path)}
+    env.update({f"BIG{i}": "x" * 100_000 for i in range(chunks)})  # one string may not pass 128 KiB
+    done = subprocess.run([str(XHAD / "ha_set_pool_state"), "invalid"], env=env, capture_output=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert pool.global_block()["pool_state"] == "invalid"
