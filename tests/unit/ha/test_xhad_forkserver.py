@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from xapid import unixsock
 from xapid.errors import ApiError
 from xapid.ha.scripts import ScriptError
 from xapid.hw.processes import processes_of
@@ -154,7 +155,7 @@ def test_the_server_refuses_malformed_requests(make_pool: MakePool) -> None:
     sock_path = pool.state / "xapid" / "run" / "forkservers" / "xhad.sock"
     with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
         sock.settimeout(5.0)
-        sock.connect(str(sock_path))
+        unixsock.connect(sock, sock_path)  # a pytest-xdist temp path can be too long for AF_UNIX
         sock.sendmsg([b"xhad-fork-1\0rm_rf\0/\0000\0"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
                                                          bytes(memoryview(bytearray(12))))])
         assert sock.recv(64) == b"refused"
