@@ -8,6 +8,7 @@ Behaviour follows xapi's ``xapi_host.ml``, ``xapi_host_helpers.ml`` and ``messag
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -419,6 +420,22 @@ def ha_xapi_healthcheck(call: Call) -> bool:
     point on the host (a hung or crashed xapi never gets here)."""
     uuid = call.daemon.ha.host_uuid(call.host)
     return call.daemon.ha.is_running(call.host) and call.daemon.hw.toolstack.healthy(uuid)
+
+
+RESTART_AGENT_DELAY = 1.0  # xapi_host.ml restart_agent: the call answers, then xe-toolstack-restart runs
+
+
+@handler("host.restart_agent")
+def restart_agent(call: Call, host: str) -> None:
+    """Restart the host's xapi a second after answering (``xe-toolstack-restart``): its address goes
+    away for a moment, its sessions end (on the master: every session and task), HA carries on."""
+    rec = _host(call, host)
+    uuid = str(rec["uuid"])
+    if not call.daemon.hw.is_running(uuid):
+        raise ApiError("HOST_OFFLINE", host)  # message_forwarding.ml cannot reach it
+    timer = threading.Timer(RESTART_AGENT_DELAY, call.daemon.hw.toolstack.restart, args=(uuid, "host.restart_agent"))
+    timer.daemon = True
+    timer.start()
 
 
 @handler("host.is_in_emergency_mode")

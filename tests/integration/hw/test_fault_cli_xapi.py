@@ -6,6 +6,7 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+import time
 import xmlrpc.client
 from pathlib import Path
 from typing import Any
@@ -128,3 +129,28 @@ def test_restarting_the_masters_xapi_ends_every_pool_session(xapid: Xapid) -> No
     proxy = xmlrpc.client.ServerProxy(xapid.url)
     assert proxy.pool.get_all(s._session)["ErrorDescription"][0] == "SESSION_INVALID"
     assert xapid.session().xenapi.pool.get_all()  # a new login works at once
+
+
+def test_host_restart_agent_restarts_that_hosts_xapi_after_answering(xapid: Xapid, api: Any) -> None:
+    """xapi_host.ml restart_agent: the call answers, a second later xe-toolstack-restart runs there."""
+    _proxy, session = local_login(xapid, api, "host2")
+    before = int(xapi_word(xapid, "host2")[1])
+    api.host.restart_agent(api.host.get_by_name_label("host2")[0])  # answered first
+    deadline = time.monotonic() + 15
+    while int(xapi_word(xapid, "host2")[1]) == before:
+        assert time.monotonic() < deadline, "host2's xapi did not restart"
+        time.sleep(0.1)
+    proxy = xmlrpc.client.ServerProxy(f"http://{address_of(api, 'host2')}:{urlsplit(xapid.url).port}/")
+    deadline = time.monotonic() + 10
+    while True:  # its local session went with the old xapi
+        try:
+            answer = proxy.host.get_all(session)
+            break
+        except (ConnectionRefusedError, ConnectionResetError):
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+    assert answer["ErrorDescription"][0] == "SESSION_INVALID"
+    assert api.pool.get_all()  # the master's sessions are untouched
+    fault(xapid.state_dir, "crash", "host3")
+    with pytest.raises(Exception, match="HOST_OFFLINE"):
+        api.host.restart_agent(api.host.get_by_name_label("host3")[0])
