@@ -502,30 +502,9 @@ class Conn:
     # -- reading under a deadline (a total budget: each recv waits only for what is left) --------
 
     def _fill(self, deadline: float) -> None:
-        if self.plain:
-            while True:
-                try:
-                    data = self.sock.recv(65536)
-                    break
-                except BlockingIOError:
-                    if not self._readable(deadline):
-                        raise Deadline from None
-                except OSError:
-                    raise Closed from None
-        else:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise Deadline
-            self.sock.settimeout(remaining)
-            try:
-                data = self.sock.recv(65536)
-            except TimeoutError:
-                raise Deadline from None
-            except (OSError, ssl.SSLError):
-                raise Closed from None
-        if not data:
-            raise Closed
-        self.buf += data
+        scratch = bytearray(65536)
+        got = self._recv_into(memoryview(scratch), deadline)
+        self.buf += memoryview(scratch)[:got]
 
     def wait(self, deadline: float) -> bool:
         """Wait for the first byte of a request; False if the client left or the time ran out."""

@@ -2651,6 +2651,16 @@ class _Forked:
             _signal(self.pid, signal.SIGKILL)
 
 
+
+def _exit_forked(code: int) -> None:
+    """End a forked child with ``code``, its output flushed, never returning into the parent's code."""
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    finally:
+        os._exit(code)
+
+
 def spawn_heartbeat(conf: Conf, log_fd: int) -> subprocess.Popen[bytes] | _Forked:
     """Start this host's heartbeat process with ``log_fd`` as its output, in a session of its own.
 
@@ -2688,11 +2698,7 @@ def spawn_heartbeat(conf: Conf, log_fd: int) -> subprocess.Popen[bytes] | _Forke
     except BaseException:  # noqa: BLE001 - a forked child never returns into its parent's code
         traceback.print_exc()
     finally:
-        try:
-            sys.stdout.flush()
-            sys.stderr.flush()
-        finally:
-            os._exit(code)
+        _exit_forked(code)
 
 
 def _unix_address(path: str) -> tuple[str, int]:
@@ -2760,11 +2766,7 @@ def _worker(conn: socket.socket, fds: list[int], request: tuple[str, str, list[s
     except BaseException:  # noqa: BLE001 - a forked child never returns into the server loop
         traceback.print_exc()
     finally:
-        try:
-            sys.stdout.flush()
-            sys.stderr.flush()
-        finally:
-            os._exit(code)
+        _exit_forked(code)
 
 
 def forkserver_main(argv: list[str]) -> int:
