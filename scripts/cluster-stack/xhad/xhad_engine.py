@@ -2651,7 +2651,6 @@ class _Forked:
             _signal(self.pid, signal.SIGKILL)
 
 
-
 def _exit_forked(code: int) -> None:
     """End a forked child with ``code``, its output flushed, never returning into the parent's code."""
     try:
