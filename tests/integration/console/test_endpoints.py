@@ -149,9 +149,19 @@ def test_a_viewer_reads_the_feed_and_its_long_poll_does_not_hold_a_stop(
     viewer = login(xapid, "viewer", "viewer-pw")
     doc = hardware(xapid, viewer).json()
     assert (doc["user"], doc["role"]) == ("viewer", "read-only")
-    poll = threading.Thread(target=lambda: hardware(xapid, viewer, since=doc["token"], timeout=60), daemon=True)
+    outcome: list[object] = []
+
+    def long_poll() -> None:
+        try:
+            outcome.append(hardware(xapid, viewer, since=doc["token"], timeout=60).status_code)
+        except requests.ConnectionError as e:  # the stop closed the parked poll: a browser polls again
+            outcome.append(e)
+
+    poll = threading.Thread(target=long_poll, daemon=True)
     poll.start()
     time.sleep(0.3)
     started = time.monotonic()
     assert xapid.stop() == 0
     assert time.monotonic() - started < 10
+    poll.join(10)
+    assert len(outcome) == 1  # the poll ended with the daemon, answered or cut
