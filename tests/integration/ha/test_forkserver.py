@@ -4,28 +4,12 @@ recorded server left)."""
 
 from __future__ import annotations
 
-import os
 import time
-from pathlib import Path
 from typing import Any
 
 from tests.conftest import Xapid
 from tests.integration.ha.conftest import heartbeat_pid, running_heartbeats, wait_for
-
-
-def servers_under(path: Path) -> list[int]:
-    """Live fork servers whose socket lies below ``path``."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            parts = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if any(p.endswith(b"xapid-forkserver") for p in parts) and any(p.startswith(os.fsencode(path)) for p in parts):
-            found.append(int(entry))
-    return found
+from tests.unit.ha.support import servers_under
 
 
 def test_the_daemon_stops_its_fork_server(xapid: Xapid, api: Any) -> None:

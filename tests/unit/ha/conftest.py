@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.unit.ha.support import heartbeat_pids_under
 from xapid.ha import conf, liveset
 from xapid.ha.scripts import ClusterStackRunner, ScriptResult
 
@@ -66,23 +67,6 @@ def kill_group(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
-
-
-def heartbeat_pids_under(directory: Path) -> list[int]:
-    """Pids of running heartbeat processes whose xhad.conf lies below ``directory``."""
-    marker = str(directory).encode()
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
-        except OSError:
-            continue
-        parts = cmdline.split(b"\0")
-        if b"--heartbeat" in parts and any(part.startswith(marker) for part in parts):
-            found.append(int(entry))
-    return found
 
 
 def without_crc(block: dict) -> dict:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from tests.unit.ha.support import code
 from xapid.errors import ApiError
 from xapid.ha import conf, liveset
 from xapid.ha.scripts import ClusterStackRunner, ScriptError
@@ -34,14 +35,6 @@ SCRIPT_NAMES = (
     "ha_set_excluded",
 )
 
-
-def code(pool: EnginePool, host: str, script: str, *args: str) -> int:
-    """The MTC exit code of one script run (0 on success)."""
-    try:
-        pool.run(host, script, *args)
-    except ScriptError as exc:
-        return exc.exit_code
-    return 0
 
 
 def start_all(pool: EnginePool, hosts: list[str]) -> list[int]:

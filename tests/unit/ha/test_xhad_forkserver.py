@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from tests.unit.ha.support import code, servers_under
 from xapid import unixsock
 from xapid.errors import ApiError
-from xapid.ha.scripts import ScriptError
 from xapid.hw.processes import processes_of
 
 if TYPE_CHECKING:
@@ -33,27 +33,6 @@ MakePool = Callable[..., "EnginePool"]
 XHAD = Path(__file__).resolve().parents[3] / "scripts" / "cluster-stack" / "xhad"
 
 
-def code(pool: EnginePool, host: str, script: str, *args: str) -> int:
-    try:
-        pool.run(host, script, *args)
-    except ScriptError as exc:
-        return exc.exit_code
-    return 0
-
-
-def servers_under(path: Path) -> list[int]:
-    """Live fork servers whose socket lies below ``path``."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            parts = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if any(p.endswith(b"xapid-forkserver") for p in parts) and any(p.startswith(os.fsencode(path)) for p in parts):
-            found.append(int(entry))
-    return found
 
 
 def parent(pid: int) -> int | None:
