@@ -132,7 +132,7 @@ def setter(cdef: ClassDef, f: Field) -> Impl:
     def impl(call: Call, ref: str, value: Any) -> None:
         with call.store.transaction() as tx:
             check_refs(tx, cdef.fields, {f.name: value})
-            tx.update(cdef.name, ref, **{f.name: value})
+            tx.set_fields(cdef.name, ref, **{f.name: value})
 
     return impl
 

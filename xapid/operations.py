@@ -15,6 +15,7 @@ travel in the same events as the change that moved them.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from types import CodeType, FunctionType, ModuleType
 from typing import Any
 
 from xapid.errors import ApiError
@@ -609,11 +610,48 @@ def sr_allowed(tx: Transaction, ref: str, rec: Record) -> list[str]:
 def _set(tx: Transaction, cls: str, ref: str, allowed: list[str]) -> None:
     current = tx.read(cls, ref)
     if current is not None and current["allowed_operations"] != allowed:
-        tx.update(cls, ref, allowed_operations=allowed)
+        tx.set_fields(cls, ref, allowed_operations=allowed)
+
+
+def _names(value: Any, out: set[str]) -> None:
+    """Every string in ``value`` (constants, collections of them, code objects at any depth)."""
+    if isinstance(value, str):
+        out.add(value)
+    elif isinstance(value, (tuple, list, frozenset, set)):
+        for item in value:
+            _names(item, out)
+    elif isinstance(value, dict):
+        for k, item in value.items():
+            _names(k, out)
+            _names(item, out)
+    elif isinstance(value, CodeType):
+        _names(value.co_consts, out)
+        _names(value.co_names, out)
+    elif isinstance(value, FunctionType):
+        _names(value.__code__, out)
+        _names(value.__defaults__, out)
+
+
+def _read_names() -> frozenset[str]:
+    """Every name this module's code could use as a field name (an over-estimate: every string it holds).
+
+    A field whose name is not among them is never read here, so a transaction that changed only
+    such fields (a VM's name_label, say) cannot move any allowed_operations list.
+    """
+    out: set[str] = set()
+    for value in list(globals().values()):
+        if isinstance(value, FunctionType) and value.__module__ == __name__:
+            _names(value, out)
+        elif not isinstance(value, (type, ModuleType)) and not callable(value):
+            _names(value, out)
+    return frozenset(out)
 
 
 def refresh(tx: Transaction) -> None:
     """Recompute the allowed operations of what ``tx`` touched and what depends on it (pre-commit hook)."""
+    fields = tx.fields_set()
+    if fields is not None and not any(READ_NAMES.intersection(f) for f in fields.values()):
+        return  # only fields no rule reads (the lists were current and stay so): nothing to do
     # Writers of a VM's metrics or guest metrics touch the VM too (tx.get), so these four suffice.
     touched = tx.touched(("VM", "VBD", "VIF", "VDI", "SR", "PBD"))
     vms: set[str] = set(touched.get("VM", ()))
@@ -664,6 +702,9 @@ def sr_allowed_committed(store: Store, ref: str, rec: Record) -> list[str]:
     """An SR's list as its committed state gives it (start-up: lists written by older xapids are replaced)."""
     with store.transaction() as tx:
         return sr_allowed(tx, ref, rec)
+
+
+READ_NAMES = _read_names()
 
 
 def install(store: Store) -> None:

@@ -27,14 +27,15 @@ from __future__ import annotations
 import copy
 import gc
 import json
+import json.encoder
 import json.scanner
 import sqlite3
 import threading
 import uuid as uuidlib
 from collections import defaultdict
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 from xapid.errors import ApiError, internal
@@ -50,6 +51,12 @@ _ATOMIC = frozenset({str, int, float, bool, type(None)})
 _CONTAINERS = frozenset({dict, list})
 # json.dumps(value, separators=(",", ":")) without building an encoder per call (same text).
 _encode = json.JSONEncoder(separators=(",", ":")).encode
+# The C encoder that call ends in, built once: no circular-reference bookkeeping (records hold no
+# cycles), no Python layers per row.  None where the C accelerator is missing.
+_c_encoder: Callable[[Any, int], list[str]] | None = (
+    json.encoder.c_make_encoder(None, json.JSONEncoder().default, json.encoder.encode_basestring_ascii, None,
+                                ":", ",", False, False, True)
+    if json.encoder.c_make_encoder is not None else None)
 # The C scanner json.loads ends in, without its per-call Python layers (used where it accepts the text).
 _scan = json.scanner.make_scanner(json.JSONDecoder())
 
@@ -257,6 +264,8 @@ class Store:
         """The JSON stored for ``rec``: uuid plus every field that differs from its default."""
         get = self._defaults[cls].get
         slim = {k: v for k, v in rec.items() if k == "uuid" or (d := get(k, _ABSENT)) is not v and d != v}
+        if _c_encoder is not None:
+            return "".join(_c_encoder(slim, 0))
         return _encode(slim)
 
     def close(self) -> None:
@@ -360,18 +369,10 @@ class Store:
 
     # -- writes ----------------------------------------------------------------------------------
 
-    @contextmanager
-    def transaction(self) -> Iterator[Transaction]:
-        """Run a block of changes atomically; nothing is visible unless it completes, and it has
-        returned only once its changes are durable."""
-        with self.lock:
-            if self._broken is not None:
-                raise internal(self._broken)
-            tx = Transaction(self)
-            yield tx
-            gen = tx._commit()
-        # A transaction that changed nothing still read state others may not have written yet.
-        self.wait_durable(gen or None)
+    def transaction(self) -> _Block:
+        """Run a block of changes atomically (``with store.transaction() as tx``); nothing is
+        visible unless it completes, and it has returned only once its changes are durable."""
+        return _Block(self)
 
     def wait_durable(self, gen: int | None = None) -> None:
         """Return once every change up to generation ``gen`` (default: the current one) is on disk.
@@ -430,6 +431,38 @@ class Store:
             raise internal(f"store write failed: {e}") from e
 
 
+class _Block:
+    """The ``with`` block of :meth:`Store.transaction`: the store lock held from entry to commit,
+    then (lock released) the wait until the commit is durable.  A block that raises commits nothing."""
+
+    __slots__ = ("store", "tx")
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def __enter__(self) -> Transaction:
+        store = self.store
+        store.lock.acquire()
+        if store._broken is not None:
+            store.lock.release()
+            raise internal(store._broken)
+        self.tx = Transaction(store)
+        return self.tx
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        store = self.store
+        if exc_type is not None:
+            store.lock.release()
+            return
+        try:
+            gen = self.tx._commit()
+        finally:
+            store.lock.release()
+        # A transaction that changed nothing still read state others may not have written yet.
+        store.wait_durable(gen or None)
+
+
 class Transaction:
     """A set of changes on top of the committed state, with read-your-writes."""
 
@@ -440,11 +473,16 @@ class Transaction:
         # and the same refs by class, so that per-class questions cost that class's changes only.
         self._changes: dict[tuple[str, str], Record | None] = {}
         self._by_cls: dict[str, dict[str, None]] = {}
+        # Records taken by set_fields() alone: copies of the top level only (their lists and maps are the
+        # committed record's), with the fields set on them, the only ones that can differ.
+        self._shallow: dict[tuple[str, str], set[str]] = {}
 
     def find(self, cls: str, ref: str) -> Record | None:
         """The record as this transaction sees it (a private copy), or None."""
         key = (cls, ref)
         if key in self._changes:
+            if key in self._shallow:
+                self._private(key)
             return self._changes[key]
         rec = self.store.get(cls, ref)
         if rec is None:
@@ -452,6 +490,48 @@ class Transaction:
         rec = copy_record(rec)
         self._put(cls, ref, rec)
         return rec
+
+    def _private(self, key: tuple[str, str]) -> None:
+        """Give a record set_fields() took its own lists and maps, in place (whoever holds it keeps it)."""
+        fields = self._shallow.pop(key)
+        rec = self._changes[key]
+        assert rec is not None
+        for k, v in rec.items():
+            if type(v) in _CONTAINERS and k not in fields:
+                rec[k] = _copy_value(v) if v else type(v)()
+
+    def set_fields(self, cls: str, ref: str, **values: Any) -> None:
+        """Set fields of an object (``HANDLE_INVALID [cls, ref]`` if it is missing), as :meth:`update`
+        does, but without copying the rest of the record: the cheap path of a plain field write.
+
+        The values are kept as given (as :meth:`update` does).  Until :meth:`find` or :meth:`get`
+        takes the record (and copies the rest), the transaction knows exactly which fields it changed
+        (:meth:`fields_set`).
+        """
+        key = (cls, ref)
+        if key in self._changes:
+            rec = self._changes[key]
+            if rec is None:
+                raise ApiError("HANDLE_INVALID", cls, ref)
+            rec.update(values)
+            fields = self._shallow.get(key)
+            if fields is not None:
+                fields.update(values)
+            return
+        committed = self.store.get(cls, ref)
+        if committed is None:
+            raise ApiError("HANDLE_INVALID", cls, ref)
+        rec = dict(committed)
+        rec.update(values)
+        self._put(cls, ref, rec)
+        self._shallow[key] = set(values)
+
+    def fields_set(self) -> dict[tuple[str, str], set[str]] | None:
+        """If every record this transaction holds was changed by :meth:`set_fields` alone: (cls, ref) ->
+        the fields set (all that can differ from the committed record).  Otherwise None."""
+        if len(self._shallow) != len(self._changes):
+            return None
+        return self._shallow
 
     def _put(self, cls: str, ref: str, rec: Record | None) -> None:
         self._changes[(cls, ref)] = rec
@@ -550,12 +630,18 @@ class Transaction:
         for hook in store.pre_commit:
             hook(self)
         changed: dict[tuple[str, str], Record | None] = {}
+        shallow = self._shallow
         for key, new in self._changes.items():
             old = store.get(*key)
             if new is None and old is None:
                 continue
-            if new is not None and old is not None and new == old:
-                continue
+            if new is not None and old is not None:
+                fields = shallow.get(key)
+                if fields is None:
+                    if new == old:
+                        continue
+                elif all(new[f] is old.get(f, _ABSENT) or new[f] == old.get(f, _ABSENT) for f in fields):
+                    continue  # set_fields() changed these fields only
             changed[key] = new
         if not changed:
             return 0
