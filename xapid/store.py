@@ -32,7 +32,7 @@ import json.scanner
 import sqlite3
 import threading
 import uuid as uuidlib
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
@@ -59,6 +59,16 @@ _c_encoder: Callable[[Any, int], list[str]] | None = (
     if json.encoder.c_make_encoder is not None else None)
 # The C scanner json.loads ends in, without its per-call Python layers (used where it accepts the text).
 _scan = json.scanner.make_scanner(json.JSONDecoder())
+
+
+ROW_PARTS = 1024  # objects whose row parts are kept (Store._row_of)
+_encode_str = json.encoder.encode_basestring_ascii
+
+
+def _part(key: str, value: Any) -> str:
+    """``"key":value`` as the row encoder writes that member of a dict."""
+    text = _encode_str(value) if type(value) is str else "".join(_c_encoder(value, 0))  # type: ignore[misc]
+    return f"{_encode_str(key)}:{text}"
 
 
 def _copy_value(value: Any) -> Any:
@@ -163,6 +173,9 @@ class Store:
         self.flushes = 0
         self.flushed_rows = 0
         self._broken: str | None = None
+        # The row of each object last written by set_fields() alone, as one JSON "key":value text per
+        # stored field in record order: the next such write re-encodes only the fields it set.
+        self._row_parts: OrderedDict[str, tuple[Record, dict[str, str]]] = OrderedDict()
         # Called under the store lock after every commit with (generation, changes), each change
         # being (cls, ref, op, old, new) with op "add", "mod" or "del"; the event system subscribes here.
         self.listeners: list[Callable[[int, list[Change]], None]] = []
@@ -267,6 +280,41 @@ class Store:
         if _c_encoder is not None:
             return "".join(_c_encoder(slim, 0))
         return _encode(slim)
+
+    def _row_of(self, cls: str, ref: str, new: Record, old: Record | None, fields: set[str] | None) -> str:
+        """:meth:`_row` of ``new``, the record that replaces ``old``; ``fields``: the only fields
+        that can differ (a write by set_fields() alone), else None.
+
+        The row text is the same either way; for a plain field write it is spliced from the
+        previous row's parts (kept for the last :data:`ROW_PARTS` objects written so).
+        """
+        cache = self._row_parts
+        if fields is None or _c_encoder is None:
+            cache.pop(ref, None)
+            return self._row(cls, new)
+        defaults = self._defaults[cls]
+        entry = cache.get(ref)
+        parts: dict[str, str] | None = None
+        if entry is not None and entry[0] is old:
+            parts = dict(entry[1])
+            for f in fields:
+                v = new[f]
+                if f != "uuid" and ((d := defaults.get(f, _ABSENT)) is v or d == v):
+                    parts.pop(f, None)
+                elif f in parts:
+                    parts[f] = _part(f, v)
+                else:  # a field that joins the row: rebuilt, to keep the record's order
+                    parts = None
+                    break
+        if parts is None:
+            get = defaults.get
+            parts = {k: _part(k, v) for k, v in new.items()
+                     if k == "uuid" or (d := get(k, _ABSENT)) is not v and d != v}
+        cache[ref] = (new, parts)
+        cache.move_to_end(ref)
+        if len(cache) > ROW_PARTS:
+            cache.popitem(last=False)
+        return "{" + ",".join(parts.values()) + "}"
 
     def close(self) -> None:
         """Write what is queued, then close the database."""
@@ -650,7 +698,12 @@ class Transaction:
         for (cls, ref), new in changed.items():
             old = store.get(cls, ref)
             if self.schema.classes[cls].persist and store._db is not None:
-                rows.append((ref, cls, None if new is None else store._row(cls, new), old is not None))
+                if new is None:
+                    store._row_parts.pop(ref, None)
+                    rows.append((ref, cls, None, old is not None))
+                else:
+                    rows.append((ref, cls, store._row_of(cls, ref, new, old, shallow.get((cls, ref))),
+                                 old is not None))
             ops.append((cls, ref, "del" if new is None else "add" if old is None else "mod", old, new))
         for cls, ref, _op, old, new in ops:
             store._install(cls, ref, old, new)
