@@ -183,6 +183,7 @@ class Store:
         # are brought up to date there, inside the same commit).
         self.pre_commit: list[Callable[[Transaction], None]] = []
         self._db: sqlite3.Connection | None = None
+        self._cursor: sqlite3.Cursor | None = None  # the writer's, on _db
         if path is not None:
             self._open(path)
 
@@ -457,26 +458,41 @@ class Store:
             self._pending_top = gen
 
     def _write(self, rows: list[Row]) -> None:
+        """Write ``rows`` in one SQLite transaction (one WAL commit, one fsync), or raise INTERNAL_ERROR."""
         db = self._db
         if db is None or not rows:
             return
+        cur = self._cursor
+        if cur is None or cur.connection is not db:
+            cur = self._cursor = db.cursor()
         try:
-            db.execute("BEGIN IMMEDIATE")
-            for ref, cls, data, existed in rows:
-                if data is None:
-                    db.execute("DELETE FROM objects WHERE ref = ?", (ref,))
-                elif existed:
-                    # An UPDATE in place writes a fraction of the WAL frames INSERT OR REPLACE does.
-                    db.execute("UPDATE objects SET data = ? WHERE ref = ?", (data, ref))
-                else:
-                    db.execute("INSERT INTO objects (ref, cls, data) VALUES (?, ?, ?)", (ref, cls, data))
-            db.execute("COMMIT")
+            if len(rows) == 1:
+                # One statement outside BEGIN is a transaction of its own, as atomic and as durable.
+                _apply(cur, rows[0])
+            else:
+                cur.execute("BEGIN IMMEDIATE")
+                for row in rows:
+                    _apply(cur, row)
+                cur.execute("COMMIT")
         except sqlite3.Error as e:
             try:
-                db.execute("ROLLBACK")
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
             except sqlite3.Error:
                 pass
             raise internal(f"store write failed: {e}") from e
+
+
+def _apply(cur: sqlite3.Cursor, row: Row) -> None:
+    """The statement that writes one row."""
+    ref, cls, data, existed = row
+    if data is None:
+        cur.execute("DELETE FROM objects WHERE ref = ?", (ref,))
+    elif existed:
+        # An UPDATE in place writes a fraction of the WAL frames INSERT OR REPLACE does.
+        cur.execute("UPDATE objects SET data = ? WHERE ref = ?", (data, ref))
+    else:
+        cur.execute("INSERT INTO objects (ref, cls, data) VALUES (?, ?, ?)", (ref, cls, data))
 
 
 class _Block:
