@@ -325,6 +325,9 @@ class Store:
             except ApiError:
                 pass  # broken: what is on disk is what the next start loads
             with self._flush_lock:
+                if self._cursor is not None:
+                    self._cursor.close()  # a statement it still held would keep the file open and locked
+                    self._cursor = None
                 if self._db is not None:
                     self._db.close()
                     self._db = None
@@ -464,6 +467,10 @@ class Store:
             return
         cur = self._cursor
         if cur is None or cur.connection is not db:
+            # The daemon's connection is the file's only user: from its first write on it keeps the
+            # lock, so a commit makes no locking system calls (six per commit otherwise).  A crash
+            # releases it with the process; the next start recovers the WAL as before.
+            db.execute("PRAGMA locking_mode=EXCLUSIVE")
             cur = self._cursor = db.cursor()
         try:
             if len(rows) == 1:

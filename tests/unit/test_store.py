@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import gc
+import itertools
 import json
+import shutil
 import sqlite3
 import threading
 import time
@@ -25,6 +27,24 @@ def schema() -> Schema:
 @pytest.fixture
 def db(tmp_path: Path) -> Path:
     return tmp_path / "xapid.db"
+
+
+_copies = itertools.count()
+
+
+def on_disk(db: Path) -> Path:
+    """A copy of the store's files as they are on disk now, what a SIGKILL would leave: the
+    database and its WAL, without the shared-memory index (rebuilt from the WAL on opening).
+
+    The daemon's connection holds the database exclusively while it runs, so nothing else opens it.
+    """
+    dest = db.parent / f"on-disk-{next(_copies)}"
+    dest.mkdir()
+    for suffix in ("", "-wal"):
+        src = db.with_name(db.name + suffix)
+        if src.exists():
+            shutil.copyfile(src, dest / (db.name + suffix))
+    return dest / db.name
 
 
 def make_sr(store: Store, label: str = "sr") -> str:
@@ -59,10 +79,10 @@ def test_committed_writes_survive_reopening(schema: Schema, db: Path) -> None:
 
 
 def test_commit_is_durable_without_a_clean_close(schema: Schema, db: Path) -> None:
-    """A second opener (as after SIGKILL: no close, WAL not checkpointed) sees every commit."""
+    """What is on disk (as after SIGKILL: no close, WAL not checkpointed) holds every commit."""
     store = Store(schema, db)
     ref = make_sr(store, "kept")
-    other = Store(schema, db)
+    other = Store(schema, on_disk(db))
     rec = other.get("SR", ref)
     assert rec is not None and rec["name_label"] == "kept"
     other.close()
@@ -251,9 +271,8 @@ def wal_bytes_for_one_update(schema: Schema, path: Path, rows: int) -> int:
     with store.transaction() as tx:
         refs = [tx.create("VM", {"name_label": f"vm{i}", "other_config": {"pad": "x" * 200}})
                 for i in range(rows)]
-    con = sqlite3.connect(path)
-    con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    con.close()
+    assert store._db is not None  # the only connection: the store holds the file exclusively
+    store._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     wal = path.with_name(path.name + "-wal")
     assert wal.stat().st_size == 0
     with store.transaction() as tx:
@@ -375,7 +394,7 @@ def test_concurrent_writers_share_one_disk_write(schema: Schema, db: Path) -> No
         t.join()
     assert sum(store.batches) == 16
     assert len(store.batches) < 8, store.batches  # one fsync each would be 16
-    other = Store(schema, db)  # no clean close of `store`: what a SIGKILL would leave
+    other = Store(schema, on_disk(db))  # no clean close of `store`: what a SIGKILL would leave
     names = sorted(other.get("SR", r)["name_label"] for r in refs)  # type: ignore[index]
     assert names == sorted(f"renamed{i}" for i in range(16))
     other.close()
@@ -390,7 +409,7 @@ def test_a_transaction_returns_only_once_durable(schema: Schema, db: Path) -> No
     def write() -> None:
         with store.transaction() as tx:
             tx.update("SR", ref, name_label="after")
-        other = Store(schema, db)
+        other = Store(schema, on_disk(db))
         seen.append(other.get("SR", ref)["name_label"])  # type: ignore[index]
         other.close()
 
@@ -419,7 +438,7 @@ def test_readers_wait_for_what_they_may_have_seen(schema: Schema, db: Path) -> N
         time.sleep(0.005)
     # Visible in memory while its fsync runs; a reader that saw it waits until it is on disk.
     store.wait_durable()
-    other = Store(schema, db)
+    other = Store(schema, on_disk(db))
     assert other.get("SR", ref)["name_label"] == "after"  # type: ignore[index]
     other.close()
     t.join()
