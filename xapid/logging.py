@@ -58,9 +58,13 @@ _dumps_str = json.encoder.encode_basestring_ascii  # what json.dumps does to a s
 BATCH_BYTES = 4096  # one write(2) carries whole lines up to this much (PIPE_BUF: pipes keep them whole)
 
 
+_isfinite = math.isfinite
+_modf = math.modf
+
+
 def _number(x: float) -> str:
     """``json.dumps`` of a number (a finite float is its repr)."""
-    return float.__repr__(x) if type(x) is float and math.isfinite(x) else json.dumps(x)
+    return float.__repr__(x) if type(x) is float and _isfinite(x) else json.dumps(x)
 
 
 def _utc_iso_slow(t: float) -> str:
@@ -78,7 +82,7 @@ def _utc_iso(t: float) -> str:
     half to even, a carry into the next second at 1,000,000), so the text is the same.
     """
     global _second
-    frac, whole = math.modf(t)
+    frac, whole = _modf(t)
     if frac < 0:
         return _utc_iso_slow(t)
     us = round(frac * 1e6)
@@ -90,6 +94,10 @@ def _utc_iso(t: float) -> str:
         text = datetime.datetime.fromtimestamp(whole, tz=datetime.UTC).isoformat()[:19]
         _second = (whole, text)
     return f"{text}.{us:06d}Z" if us else f"{text}Z"
+
+
+HEADS = 4096  # the line beginnings kept (AccessLog.render), all dropped when full
+_heads: dict[tuple[str, str, str, str], str] = {}
 
 
 class AccessLog:
@@ -131,9 +139,15 @@ class AccessLog:
     def render(entry: tuple[Any, ...]) -> str:
         """The JSON line structlog's processors make of ``log.info("call", ...)`` with these fields."""
         method, user, session, result, duration_ms, t = entry
-        return (f'{{"method": {_dumps_str(method)}, "user": {_dumps_str(user)}, "session": {_dumps_str(session)}, '
-                f'"result": {_dumps_str(result)}, "duration_ms": {_number(duration_ms)}, "event": "call", '
-                f'"level": "info", "timestamp": "{_utc_iso(t)}"}}')
+        key = (method, user, session, result)
+        head = _heads.get(key)
+        if head is None:  # calls repeat: the same method, user, session and result, encoded once
+            head = (f'{{"method": {_dumps_str(method)}, "user": {_dumps_str(user)}, '
+                    f'"session": {_dumps_str(session)}, "result": {_dumps_str(result)}, "duration_ms": ')
+            if len(_heads) >= HEADS:
+                _heads.clear()
+            _heads[key] = head
+        return f'{head}{_number(duration_ms)}, "event": "call", "level": "info", "timestamp": "{_utc_iso(t)}"}}'
 
     def flush(self) -> None:
         """Write every queued line now (from any thread)."""
