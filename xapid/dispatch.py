@@ -11,6 +11,7 @@ support, RBAC; then runs the implementation.  Every refusal is an
 from __future__ import annotations
 
 import copy
+import functools
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -55,8 +56,9 @@ class Method:
     impl: Callable[..., Any] | None
     removed: bool = False
 
-    @property
+    @functools.cached_property
     def mandatory(self) -> int:
+        """How many parameters have no default (counted once: ``params`` never changes)."""
         return sum(1 for p in self.params if not p.has_default)
 
 
@@ -329,10 +331,11 @@ class Dispatcher:
             raise ApiError("MESSAGE_METHOD_UNKNOWN", base)
         args = params[1:] if method.session else list(params)
         received = len(params) - (1 if method.session else 0)
-        has_defaults = method.mandatory < len(method.params)
-        if (received != method.mandatory and not has_defaults) or received < method.mandatory:
+        mandatory = method.mandatory
+        has_defaults = mandatory < len(method.params)
+        if (received != mandatory and not has_defaults) or received < mandatory:
             # xapi reports the mandatory count and the name as called (alias kept, Async. stripped).
-            raise ApiError("MESSAGE_PARAMETER_COUNT_MISMATCH", base, method.mandatory, received)
+            raise ApiError("MESSAGE_PARAMETER_COUNT_MISMATCH", base, mandatory, received)
         session = None
         if method.session:
             session = params[0]

@@ -128,7 +128,8 @@ class Events:
                     for target in (before, after):
                         if isinstance(target, str) and target != NULL_REF and self.store.exists(target_cls, target):
                             self._mark(gen, target_cls, target, "mod")
-        self.cv.notify_all()
+        if self.parked:  # every call waiting on cv is parked (event.from, event.next)
+            self.cv.notify_all()
 
     # -- helpers ----------------------------------------------------------------------------------
 

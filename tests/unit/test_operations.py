@@ -89,3 +89,34 @@ def test_operations_left_by_a_killed_daemon_are_cleared_at_start() -> None:
     operations.install(s)
     rec = s.get("VM", ref)
     assert rec["current_operations"] == {} and "start" in rec["allowed_operations"]
+
+
+def test_the_fields_the_rules_read_are_known() -> None:
+    """READ_NAMES over-estimates what the rules read: every field named in this module's code."""
+    for name in ("power_state", "current_operations", "blocked_operations", "other_config", "platform", "domid",
+                 "guest_metrics", "metrics", "HVM_boot_policy", "domain_type", "currently_attached", "on_boot",
+                 "sm_config", "features", "ha_enabled", "allowed_operations", "VM", "VDI", "SR"):
+        assert name in operations.READ_NAMES, name
+    for name in ("name_label", "name_description", "tags", "xenstore_data", "VCPUs_max", "memory_static_max"):
+        assert name not in operations.READ_NAMES, name
+
+
+def test_a_write_of_fields_no_rule_reads_keeps_the_lists(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    ref = vm(store)
+    before = store.get("VM", ref)["allowed_operations"]
+    computed: list[str] = []
+    real = operations.vm_allowed
+    monkeypatch.setattr(operations, "vm_allowed", lambda tx, r, *a: computed.append(r) or real(tx, r, *a))
+    with store.transaction() as tx:
+        tx.set_fields("VM", ref, name_label="renamed", tags=["t"])
+    assert computed == [] and store.get("VM", ref)["allowed_operations"] == before
+    assert store.get("VM", ref)["name_label"] == "renamed"
+    # A field a rule reads, written the same way, moves the list in the same commit.
+    with store.transaction() as tx:
+        tx.set_fields("VM", ref, name_label="again", power_state="Running", domid=3)
+    allowed = store.get("VM", ref)["allowed_operations"]
+    assert computed == [ref] and "start" not in allowed and "hard_shutdown" in allowed
+    # So does any record taken whole (the rules may read anything it changed).
+    with store.transaction() as tx:
+        tx.get("VM", ref)["name_label"] = "taken"
+    assert computed == [ref, ref]
