@@ -477,9 +477,10 @@ class Store:
                 # One statement outside BEGIN is a transaction of its own, as atomic and as durable.
                 _apply(cur, rows[0])
             else:
+                # Within BEGIN: a statement that fails part-way (a FAIL conflict) is rolled back whole.
                 cur.execute("BEGIN IMMEDIATE")
-                for row in rows:
-                    _apply(cur, row)
+                for sql, params in _batch(rows):
+                    cur.execute(sql, params)
                 cur.execute("COMMIT")
         except sqlite3.Error as e:
             try:
@@ -488,6 +489,33 @@ class Store:
             except sqlite3.Error:
                 pass
             raise internal(f"store write failed: {e}") from e
+
+
+BATCH_ROWS = 500  # rows per statement of a group commit (3 SQL variables each, far under SQLite's cap)
+_UPSERT = "INSERT INTO objects (ref, cls, data) VALUES {} ON CONFLICT(ref) DO UPDATE SET data = excluded.data"
+
+
+def _batch(rows: list[Row]) -> list[tuple[str, list[str]]]:
+    """The statements that write ``rows`` in order: each run of new and changed rows as one
+    upsert (a changed row is updated in place; of a ref met twice the last row wins, as when
+    written one by one), each run of deletions as one DELETE."""
+    out: list[tuple[str, list[str]]] = []
+    i, n = 0, len(rows)
+    while i < n:
+        deleting = rows[i][2] is None
+        j = i
+        while j < n and (rows[j][2] is None) == deleting and j - i < BATCH_ROWS:
+            j += 1
+        run = rows[i:j]
+        if deleting:
+            out.append((f"DELETE FROM objects WHERE ref IN ({','.join('?' * len(run))})", [r[0] for r in run]))
+        else:
+            params: list[str] = []
+            for ref, cls, data, _existed in run:
+                params += (ref, cls, data)  # type: ignore[list-item]  # data is a str in this run
+            out.append((_UPSERT.format(",".join(["(?,?,?)"] * len(run))), params))
+        i = j
+    return out
 
 
 def _apply(cur: sqlite3.Cursor, row: Row) -> None:

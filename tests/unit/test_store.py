@@ -542,3 +542,33 @@ def test_rows_spliced_from_parts_are_the_rows_written_whole(schema: Schema, db: 
     for ref in refs:
         assert again.get("VM", ref) == store.get("VM", ref)
     again.close()
+
+
+def test_a_group_commit_writes_its_rows_in_order_and_whole(schema: Schema, db: Path) -> None:
+    """The rows of many commits go to disk as a few statements: creations, changes (the last of a ref
+    met twice wins) and deletions in their order, all or nothing."""
+    store = Store(schema, db)
+    a, b = make_sr(store, "a"), make_sr(store, "b")
+    data = {ref: store._row("SR", store.get("SR", ref)) for ref in (a, b)}  # type: ignore[arg-type]
+    c = "OpaqueRef:c"
+    rows = [(a, "SR", data[a].replace('"a"', '"a1"'), True), (b, "SR", None, True),
+            (c, "SR", data[b].replace('"b"', '"c"'), False), (a, "SR", data[a].replace('"a"', '"a2"'), True),
+            (c, "SR", None, False)]
+    store._write(rows)  # type: ignore[arg-type]
+    con = sqlite3.connect(on_disk(db))
+    assert dict(con.execute("SELECT ref, data FROM objects WHERE cls = 'SR'").fetchall()) == {
+        a: data[a].replace('"a"', '"a2"')}
+    con.close()
+    assert store._db is not None
+    store._db.execute("CREATE TRIGGER no_b BEFORE UPDATE ON objects WHEN new.data LIKE '%\"b2\"%' "
+                      "BEGIN SELECT RAISE(FAIL, 'disk'); END")
+    d = make_sr(store, "d")
+    rows = [(a, "SR", data[a].replace('"a"', '"a3"'), True), (d, "SR", None, True),
+            (a, "SR", data[a].replace('"a"', '"b2"'), True)]
+    with pytest.raises(ApiError):
+        store._write(rows)  # type: ignore[arg-type]
+    con = sqlite3.connect(on_disk(db))
+    found = dict(con.execute("SELECT ref, data FROM objects WHERE cls = 'SR'").fetchall())
+    con.close()
+    assert found[a] == data[a].replace('"a"', '"a2"') and d in found  # nothing of the failed batch
+    store.close()
