@@ -173,6 +173,10 @@ class Store:
         self.flushes = 0
         self.flushed_rows = 0
         self._broken: str | None = None
+        # Per class: the fields an index is kept on (uuid, the relation feeds).  A commit that set
+        # none of them replaces the record in its table and nothing else.
+        self._indexed: dict[str, frozenset[str]] = {
+            name: frozenset(["uuid", *(f for f, _index in feeds)]) for name, feeds in self._feeds.items()}
         # The row of each object last written by set_fields() alone, as one JSON "key":value text per
         # stored field in record order: the next such write re-encodes only the fields it set.
         self._row_parts: OrderedDict[str, tuple[Record, dict[str, str]]] = OrderedDict()
@@ -756,8 +760,13 @@ class Transaction:
                     rows.append((ref, cls, store._row_of(cls, ref, new, old, shallow.get((cls, ref))),
                                  old is not None))
             ops.append((cls, ref, "del" if new is None else "add" if old is None else "mod", old, new))
+        tables, indexed = store._tables, store._indexed
         for cls, ref, _op, old, new in ops:
-            store._install(cls, ref, old, new)
+            fields = shallow.get((cls, ref))
+            if fields is not None and old is not None and new is not None and indexed[cls].isdisjoint(fields):
+                tables[cls][ref] = new  # no indexed field set: the indexes hold as they are
+            else:
+                store._install(cls, ref, old, new)
         store.generation += 1
         store._queue(store.generation, rows)
         for listener in store.listeners:

@@ -572,3 +572,19 @@ def test_a_group_commit_writes_its_rows_in_order_and_whole(schema: Schema, db: P
     con.close()
     assert found[a] == data[a].replace('"a"', '"a2"') and d in found  # nothing of the failed batch
     store.close()
+
+
+def test_set_fields_keeps_the_indexes_of_the_fields_it_sets(schema: Schema) -> None:
+    store = Store(schema, None)
+    sr1, sr2 = make_sr(store, "one"), make_sr(store, "two")
+    with store.transaction() as tx:
+        pbd = tx.create("PBD", {"SR": sr1, "host": NULL_REF})
+    with store.transaction() as tx:
+        tx.set_fields("PBD", pbd, SR=sr2, other_config={"k": "v"})
+    assert store.render("SR", sr1)["PBDs"] == [] and store.render("SR", sr2)["PBDs"] == [pbd]
+    with store.transaction() as tx:
+        tx.set_fields("SR", sr1, uuid="u-new", name_label="renamed")
+    assert store.by_uuid("SR", "u-new") == sr1 and store.get("SR", sr1)["name_label"] == "renamed"  # type: ignore[index]
+    with store.transaction() as tx:
+        tx.set_fields("PBD", pbd, device_config={"a": "b"})  # no indexed field: the index stays
+    assert store.render("SR", sr2)["PBDs"] == [pbd] and store.get("PBD", pbd)["device_config"] == {"a": "b"}  # type: ignore[index]
