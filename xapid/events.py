@@ -23,6 +23,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import TYPE_CHECKING, Any
 
 from xapid.errors import ApiError
@@ -82,6 +83,8 @@ class Events:
         self.fed_by: dict[str, list[tuple[str, str]]] = {}
         for src_cls, src_field, target_cls in self.relations:
             self.fed_by.setdefault(src_cls, []).append((src_field, target_cls))
+        # All of a class's relation fields at once: a change that moved none of them is told by one comparison.
+        self._sources = {cls: itemgetter(*(f for f, _t in fed)) for cls, fed in self.fed_by.items()}
         self.parked: list[Waiter] = []  # oldest first
         self.max_waiting = 256
         self.max_waiting_per_user = 64
@@ -121,7 +124,17 @@ class Events:
             if cls in HIDDEN:
                 continue
             self._mark(gen, cls, ref, op)
-            for src_field, target_cls in self.fed_by.get(cls, ()):
+            fed = self.fed_by.get(cls)
+            if fed is None:
+                continue
+            if old is not None and new is not None:
+                sources = self._sources[cls]
+                try:
+                    if sources(old) == sources(new):
+                        continue
+                except KeyError:
+                    pass  # a record without one of the fields: looked at one by one below
+            for src_field, target_cls in fed:
                 before = old.get(src_field) if old else None
                 after = new.get(src_field) if new else None
                 if before != after:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from operator import itemgetter
 from typing import TYPE_CHECKING
 
 from xapid.schema import NULL_REF, Type
@@ -115,6 +116,9 @@ class RecordCache:
         self._relations: dict[str, list[str]] = {}  # source class -> its fields that fill derived fields
         for _cls, _field, src_cls, src_field in store.schema.relations():
             self._relations.setdefault(src_cls, []).append(src_field)
+        # All of a class's relation fields at once: a change that moved none of them (most) is
+        # told by one comparison.
+        self._sources = {cls: itemgetter(*fields) for cls, fields in self._relations.items()}
         with store.lock:
             store.listeners.append(self._on_commit)
 
@@ -178,7 +182,17 @@ class RecordCache:
         with self._lock:
             for cls, ref, _op, old, new in changes:
                 self._drop(ref)
-                for src_field in self._relations.get(cls, ()):
+                fields = self._relations.get(cls)
+                if fields is None:
+                    continue
+                if old is not None and new is not None:
+                    sources = self._sources[cls]
+                    try:
+                        if sources(old) == sources(new):
+                            continue
+                    except KeyError:
+                        pass  # a record without one of the fields: looked at one by one below
+                for src_field in fields:
                     before = old.get(src_field) if old else None
                     after = new.get(src_field) if new else None
                     if before != after:

@@ -173,6 +173,7 @@ class Store:
         self.flushes = 0
         self.flushed_rows = 0
         self._broken: str | None = None
+        self._persist = {name: c.persist for name, c in schema.classes.items()}
         # Per class: the fields an index is kept on (uuid, the relation feeds).  A commit that set
         # none of them replaces the record in its table and nothing else.
         self._indexed: dict[str, frozenset[str]] = {
@@ -732,41 +733,50 @@ class Transaction:
         store = self.store
         for hook in store.pre_commit:
             hook(self)
-        changed: dict[tuple[str, str], Record | None] = {}
+        tables = store._tables
         shallow = self._shallow
-        for key, new in self._changes.items():
-            old = store.get(*key)
-            if new is None and old is None:
+        # (cls, ref, op, old, new) of every record that changed, the fields set_fields() set on it
+        changed: list[tuple[Change, set[str] | None]] = []
+        for (cls, ref), new in self._changes.items():
+            old = tables[cls].get(ref)
+            if new is None:
+                if old is not None:
+                    changed.append(((cls, ref, "del", old, None), None))
                 continue
-            if new is not None and old is not None:
-                fields = shallow.get(key)
-                if fields is None:
-                    if new == old:
-                        continue
-                elif all(new[f] is old.get(f, _ABSENT) or new[f] == old.get(f, _ABSENT) for f in fields):
-                    continue  # set_fields() changed these fields only
-            changed[key] = new
+            if old is None:
+                changed.append(((cls, ref, "add", None, new), None))
+                continue
+            fields = shallow.get((cls, ref))
+            if fields is None:
+                if new == old:
+                    continue
+            else:
+                for f in fields:
+                    value, before = new[f], old.get(f, _ABSENT)
+                    if value is not before and value != before:
+                        break
+                else:
+                    continue  # set_fields() changed these fields only, and none of them changed
+            changed.append(((cls, ref, "mod", old, new), fields))
         if not changed:
             return 0
         rows: list[Row] = []
-        ops: list[Change] = []
-        for (cls, ref), new in changed.items():
-            old = store.get(cls, ref)
-            if self.schema.classes[cls].persist and store._db is not None:
-                if new is None:
-                    store._row_parts.pop(ref, None)
-                    rows.append((ref, cls, None, old is not None))
-                else:
-                    rows.append((ref, cls, store._row_of(cls, ref, new, old, shallow.get((cls, ref))),
-                                 old is not None))
-            ops.append((cls, ref, "del" if new is None else "add" if old is None else "mod", old, new))
-        tables, indexed = store._tables, store._indexed
-        for cls, ref, _op, old, new in ops:
-            fields = shallow.get((cls, ref))
-            if fields is not None and old is not None and new is not None and indexed[cls].isdisjoint(fields):
+        if store._db is not None:
+            persist = store._persist
+            for (cls, ref, _op, old, new), fields in changed:
+                if persist[cls]:
+                    if new is None:
+                        store._row_parts.pop(ref, None)
+                        rows.append((ref, cls, None, True))
+                    else:
+                        rows.append((ref, cls, store._row_of(cls, ref, new, old, fields), old is not None))
+        indexed = store._indexed
+        for (cls, ref, _op, old, new), fields in changed:
+            if fields is not None and indexed[cls].isdisjoint(fields):
                 tables[cls][ref] = new  # no indexed field set: the indexes hold as they are
             else:
                 store._install(cls, ref, old, new)
+        ops = [change for change, _fields in changed]
         store.generation += 1
         store._queue(store.generation, rows)
         for listener in store.listeners:
