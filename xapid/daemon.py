@@ -8,7 +8,7 @@ from pathlib import Path
 
 import structlog
 
-from xapid import operations, statefiles, templates
+from xapid import features, operations, statefiles, templates
 from xapid import schema as schema_mod
 from xapid.api import role as role_api
 from xapid.auth import Sessions, Users
@@ -78,6 +78,7 @@ class Daemon:
             log.info("seeded demo pool", hosts=hosts)
         reconcile(self.store, self.disks)  # before serving: files no record owns (crash leftovers)
         templates.ensure(self.store)
+        features.ensure(self.store)
         role_api.ensure(self.store)
         leftovers.discard(self.store, self.disks)  # VMs a killed daemon was importing: before ops are cleared
         operations.install(self.store)

@@ -98,6 +98,7 @@ CATALOGUE: dict[str, tuple[str, ...]] = {
     "VM_ASSIGNED_TO_SNAPSHOT_SCHEDULE": ("vm", "vmss"),
     "NOT_SYSTEM_DOMAIN": ("vm",),
     "VTPM_MAX_AMOUNT_REACHED": ("amount",),
+    "FEATURE_RESTRICTED": (),
     "VM_NO_SUSPEND_SR": ("vm",),
     "VM_CHECKPOINT_SUSPEND_FAILED": ("vm",),
     "VM_REVERT_FAILED": ("vm", "snapshot"),

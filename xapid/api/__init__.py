@@ -88,6 +88,7 @@ def load_all() -> dict[str, Handler]:
         vm_config,
         vm_copy,
         vm_migrate,
+        vtpm,
     )
 
     return HANDLERS
