@@ -274,7 +274,7 @@ class Processes:
 
 def write_conf(path: Path) -> Path:
     """The daemons' xapi.conf: shipped defaults, absolute paths to the shipped stacks and drivers."""
-    path.write_text(f"cluster-stack-root = {STACK_ROOT}\nsm-dir = {SM_DIR}\n")
+    path.write_text(f"cluster-stack-root = {STACK_ROOT}\nsm-dir = {SM_DIR}\nnbd-port = 0\n")
     return path
 
 

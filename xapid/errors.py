@@ -148,6 +148,7 @@ CATALOGUE: dict[str, tuple[str, ...]] = {
     "INVALID_CLUSTER_STACK": ("cluster_stack",),
     "NETWORK_ALREADY_CONNECTED": ("network", "connected PIF"),
     "NETWORK_UNMANAGED": ("network",),
+    "NETWORK_INCOMPATIBLE_PURPOSES": ("new_purpose", "conflicting_purpose"),
     "NO_CLUSTER_HOSTS_REACHABLE": ("cluster",),
     "PIF_ALLOWS_UNPLUG": ("PIF",),
     "PIF_HAS_NO_NETWORK_CONFIGURATION": ("PIF",),

@@ -82,6 +82,7 @@ def load_all() -> dict[str, Handler]:
         vbd,
         vdi,
         vdi_cbt,
+        vdi_nbd,
         vif,
         vm,
         vm_appliance,
