@@ -99,6 +99,7 @@ CATALOGUE: dict[str, tuple[str, ...]] = {
     "NOT_SYSTEM_DOMAIN": ("vm",),
     "VTPM_MAX_AMOUNT_REACHED": ("amount",),
     "FEATURE_RESTRICTED": (),
+    "HOST_NAME_INVALID": ("reason",),
     "VM_NO_SUSPEND_SR": ("vm",),
     "VM_CHECKPOINT_SUSPEND_FAILED": ("vm",),
     "VM_REVERT_FAILED": ("vm", "snapshot"),

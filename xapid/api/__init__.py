@@ -70,6 +70,7 @@ def load_all() -> dict[str, Handler]:
         cluster,
         event,
         host,
+        host_config,
         host_forget,
         message,
         network,
