@@ -140,6 +140,8 @@ CATALOGUE: dict[str, tuple[str, ...]] = {
     "CLUSTER_DOES_NOT_HAVE_ONE_NODE": ("number_of_nodes",),
     "CLUSTER_HOST_IS_LAST": ("cluster_host",),
     "CLUSTER_STACK_IN_USE": ("cluster_stack",),
+    "NO_COMPATIBLE_CLUSTER_HOST": ("host",),
+    "CLUSTER_HOST_NOT_JOINED": ("cluster_host",),
     "DEFAULT_SR_NOT_FOUND": ("sr",),
     "DUPLICATE_VM": ("vm",),
     "EVENTS_LOST": (),
