@@ -26,9 +26,10 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from xapid import statefiles
+from xapid import generic, statefiles
 from xapid.api import Call
 from xapid.api import vdi as vdi_api
+from xapid.api.vbd import create_vbd, plug_vbd
 from xapid.certificates import server_key_pair
 from xapid.errors import ApiError
 from xapid.nbd import NbdServer, Refused, bind
@@ -236,26 +237,26 @@ class NbdService:
     # -- the control domain's VBD -----------------------------------------------------------------
 
     def attach(self, session: str, dom0: str, vdi: str, vbd_uuid: str) -> str:
-        """``VBD.create`` and ``VBD.plug`` on the control domain with the client's session (so its
-        role decides, as for xapi-nbd); :class:`Refused` with the XenAPI error otherwise."""
+        """``VBD.create`` and ``VBD.plug`` on the control domain, allowed to the client's session as
+        for xapi-nbd, in one transaction that gives the VBD the uuid already tracked (a crash leaves
+        no VBD the next start cannot find); :class:`Refused` with the XenAPI error otherwise."""
         daemon = self.daemon
         table = daemon.dispatcher.table
-        call = Call(daemon, "VBD.create", session=session)
         args: dict[str, Any] = {
             "VM": dom0, "VDI": vdi, "userdevice": "autodetect", "bootable": False, "mode": "RO", "type": "Disk",
             "unpluggable": True, "empty": False, "other_config": {}, "qos_algorithm_type": "",
             "qos_algorithm_params": {}, "device": "", "currently_attached": False,
         }
         try:
-            vbd = str(daemon.dispatcher.run(call, table["VBD.create"], [args]))
+            daemon.sessions.authorise(session, table["VBD.create"])
+            daemon.sessions.authorise(session, table["VBD.plug"])
+            values = generic.create_values(Call(daemon, "VBD.create", session=session), daemon.schema.classes["VBD"],
+                                           args, daemon.dispatcher.coerce)
             with daemon.store.transaction() as tx:
+                vbd = create_vbd(tx, values)
                 tx.update("VBD", vbd, uuid=vbd_uuid)
+                plug_vbd(tx, vbd)
         except ApiError as e:
-            raise Refused(" ".join(e.description)) from None
-        try:
-            daemon.dispatcher.run(Call(daemon, "VBD.plug", session=session), table["VBD.plug"], [vbd])
-        except ApiError as e:
-            self._destroy(vbd)
             raise Refused(" ".join(e.description)) from None
         return vbd
 
@@ -271,11 +272,6 @@ class NbdService:
                         error=" ".join(e.description))
             return
         self.tracking.discard(vbd_uuid)
-
-    def _destroy(self, vbd: str) -> None:
-        with self.daemon.store.transaction() as tx:
-            if tx.find("VBD", vbd) is not None:
-                tx.delete("VBD", vbd)
 
     # -- TLS --------------------------------------------------------------------------------------
 

@@ -128,7 +128,7 @@ def test_an_export_reads_the_disk_read_only_and_holds_a_dom0_vbd_meanwhile(xapid
     assert client.option(6)[1] == 0x80000001  # NBD_OPT_INFO: unsupported, as xapi-nbd
     size, flags = client.export(info["exportname"])
     assert size == 16 * MIB and flags & 2  # NBD_FLAG_READ_ONLY
-    (vbd,) = wait_for(lambda: dom0_vbds(api, vdi), 5, "the control domain's VBD")
+    (vbd,) = wait_for(lambda: dom0_vbds(api, vdi), 20, "the control domain's VBD")
     host = next(h for h in api.host.get_all() if api.host.get_address(h) == info["address"])
     assert vbd["mode"] == "RO" and vbd["currently_attached"] and vbd["VM"] == api.host.get_control_domain(host)
     for offset, data in pieces.items():
@@ -143,7 +143,7 @@ def test_an_export_reads_the_disk_read_only_and_holds_a_dom0_vbd_meanwhile(xapid
         api.VDI.destroy(vdi)  # attached to dom0 while the client holds it
     assert e.value.details == ["VDI_IN_USE", vdi, "destroy"]
     client.close()
-    wait_for(lambda: dom0_vbds(api, vdi) == [], 5, "the VBD to go with the client")
+    wait_for(lambda: dom0_vbds(api, vdi) == [], 20, "the VBD to go with the client")
     assert not (xapid.state_dir / "nbd-vbds.json").exists()
 
 
@@ -211,7 +211,7 @@ def test_a_host_that_loses_power_closes_its_nbd_service(xapid: Xapid) -> None:
     with pytest.raises(OSError):
         socket.create_connection((address, int(info["port"])), timeout=2)
     assert address not in [i["address"] for i in api.VDI.get_nbd_info(vdi)]
-    wait_for(lambda: dom0_vbds(api, vdi) == [], 5, "the VBD to go with the connection")
+    wait_for(lambda: dom0_vbds(api, vdi) == [], 20, "the VBD to go with the connection")
 
 
 def test_a_stop_or_a_kill_with_a_client_connected_leaves_no_vbd_after_the_next_start(xapid: Xapid) -> None:
@@ -222,7 +222,7 @@ def test_a_stop_or_a_kill_with_a_client_connected_leaves_no_vbd_after_the_next_s
         info = api.VDI.get_nbd_info(vdi)[0]
         client = NbdClient(info["address"], int(info["port"]))
         client.export(info["exportname"])
-        wait_for(lambda: dom0_vbds(api, vdi), 5, "the control domain's VBD")  # noqa: B023
+        wait_for(lambda: dom0_vbds(api, vdi), 20, "the control domain's VBD")  # noqa: B023
         if end == "stop":
             assert xapid.stop() == 0  # the clean stop destroys the VBD itself
             assert not (xapid.state_dir / "nbd-vbds.json").exists()
