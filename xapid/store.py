@@ -162,12 +162,15 @@ class Store:
             name: {f.name: f.initial() for f in c.stored_fields()} for name, c in schema.classes.items()
         }
         self.generation = 0
-        # Group commit: rows queued by commits (under self.lock), written by whoever holds _flush_lock.
-        # Lock order: self.lock may be held when taking _flush_lock, so the flusher never takes self.lock.
+        # Group commit: rows queued by commits (under self.lock), written by the waiter that finds no
+        # write under way.  Lock order: self.lock may be held when waiting, so the writer never takes it.
         self._pending: list[Row] = []
         self._pending_top = 0  # the generation the queued rows bring the disk to
         self._pending_lock = threading.Lock()
-        self._flush_lock = threading.Lock()
+        self._flush_lock = threading.Lock()  # held while rows are written (and by close())
+        # Whether a waiter is writing rows now; every write's end is announced on _done.
+        self._flushing = False
+        self._done = threading.Condition(threading.Lock())
         self._durable = 0  # every generation up to this one is on disk (or needed nothing written)
         # Disk writes so far and the rows they carried (rows / flushes: how well commits batch).
         self.flushes = 0
@@ -434,30 +437,45 @@ class Store:
     def wait_durable(self, gen: int | None = None) -> None:
         """Return once every change up to generation ``gen`` (default: the current one) is on disk.
 
-        The first waiter writes every queued row in one SQLite transaction; those who queued
-        meanwhile find their rows written when their turn comes.  Raises ``INTERNAL_ERROR`` if the
-        store is broken (a write failed).
+        A waiter finding no write under way writes every queued row in one SQLite transaction;
+        those who queued meanwhile wait for it, and each leaves as soon as a write covered its
+        rows (a later write does not hold it up).  Raises ``INTERNAL_ERROR`` if the store is
+        broken (a write failed).
         """
         target = self.generation if gen is None else gen
         if self._durable >= target and self._broken is None:
             return
-        with self._flush_lock:
-            if self._broken is not None:
-                raise internal(self._broken)
-            if self._durable >= target:
-                return
-            with self._pending_lock:
-                rows, self._pending = self._pending, []
-                top = self._pending_top
-            if rows:
-                try:
-                    self._write(rows)
-                except ApiError as e:
-                    self._broken = f"the store is broken, restart the daemon: {e.description[-1]}"
-                    raise
-                self.flushes += 1
-                self.flushed_rows += len(rows)
-            self._durable = max(self._durable, top)
+        done = self._done
+        with done:
+            while True:
+                if self._broken is not None:
+                    raise internal(self._broken)
+                if self._durable >= target:
+                    return
+                if not self._flushing:
+                    break
+                done.wait()
+            self._flushing = True
+        top = -1
+        try:
+            with self._flush_lock:
+                with self._pending_lock:
+                    rows, self._pending = self._pending, []
+                    top = self._pending_top
+                if rows:
+                    try:
+                        self._write(rows)
+                    except ApiError as e:
+                        self._broken = f"the store is broken, restart the daemon: {e.description[-1]}"
+                        top = -1
+                        raise
+                    self.flushes += 1
+                    self.flushed_rows += len(rows)
+        finally:
+            with done:
+                self._flushing = False
+                self._durable = max(self._durable, top)
+                done.notify_all()
 
     def _queue(self, gen: int, rows: list[Row]) -> None:
         """Queue the rows of generation ``gen`` (called under self.lock, generations in order)."""
