@@ -50,6 +50,8 @@ import zlib
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from itertools import compress, islice
+from operator import is_not, itemgetter
 from pathlib import Path
 from typing import Any
 
@@ -263,7 +265,7 @@ class Store:
         collection every few thousand new records would rescan all earlier ones)."""
         shared = _Shared()
         shared.strs[NULL_REF] = NULL_REF  # most ref fields hold the default: found by identity below
-        tables, uuids, feeds = self._tables, self._uuids, self._feeds
+        tables = self._tables
         was_enabled = gc.isenabled()
         gc.disable()
         try:
@@ -281,18 +283,26 @@ class Store:
                         raise StoreCorrupt(f"{path}: object {ref} is not valid JSON: {e}") from e
                 if type(rec) is not dict or type(rec.get("uuid")) is not str:
                     raise StoreCorrupt(f"{path}: object {ref} has no uuid")
-                ref = shared.str(ref)
-                rec = self._complete(cls, rec, shared)
-                # What _install does for a new object, without its questions about an old one.
-                tables[cls][ref] = rec
-                uuids[cls][rec["uuid"]] = ref
-                for src_field, index in feeds[cls]:
-                    target = rec.get(src_field)
-                    if target is not NULL_REF and type(target) is str and target != NULL_REF:
-                        index[target].add(ref)
+                tables[cls][shared.str(ref)] = self._complete(cls, rec, shared)
+            for cls, table in tables.items():
+                if table:
+                    self._index(cls, table)
         finally:
             if was_enabled:
                 gc.enable()
+
+    def _index(self, cls: str, table: dict[str, Record]) -> None:
+        """Index the records of ``table``, all new to the store, by uuid and relation (what
+        :meth:`_install` does for each new object, a column at a time)."""
+        self._uuids[cls].update(zip(map(itemgetter("uuid"), table.values()), table))
+        for src_field, index in self._feeds[cls]:
+            # Every record holds every stored field (completed from the defaults).
+            targets = list(map(itemgetter(src_field), table.values()))
+            if targets.count(NULL_REF) == len(targets):
+                continue  # most ref fields of most objects hold the default
+            for ref, target in zip(table, targets):
+                if target is not NULL_REF and type(target) is str and target != NULL_REF:
+                    index[target].add(ref)
 
     def _complete(self, cls: str, rec: Record, shared: _Shared) -> Record:
         """A stored row back as a full record: schema defaults for every field the row omits.
@@ -371,6 +381,8 @@ class Store:
                 found = True
             except FileNotFoundError:
                 pass
+            except OSError:
+                found = True  # not a file (the daemon refuses to start on that): never loaded either
         return found
 
     def _load_snapshot(self, db: sqlite3.Connection, path: Path, token: str,
@@ -379,8 +391,8 @@ class Store:
         interpreter in every respect; False (nothing installed) otherwise."""
         snap = self.snapshot_path(path)
         try:
-            os.unlink(snap.with_name(snap.name + ".tmp"))
-        except FileNotFoundError:
+            os.unlink(snap.with_name(snap.name + ".tmp"))  # a close killed while writing the next one
+        except OSError:
             pass
         try:
             fd = os.open(snap, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -390,11 +402,17 @@ class Store:
         except OSError as e:
             self.snapshot_note = f"cannot open the snapshot: {e}"
             return False
-        with open(fd, "rb") as f:
+        try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 self.snapshot_note = "the snapshot is not a regular file"
                 return False
-            data = memoryview(f.read())
+            with open(fd, "rb", closefd=False) as f:
+                data = memoryview(f.read())
+        except OSError as e:
+            self.snapshot_note = f"cannot read the snapshot: {e}"
+            return False
+        finally:
+            os.close(fd)
         end = bytes(data[:4096]).find(b"\n", len(SNAPSHOT_MAGIC))
         if data[:len(SNAPSHOT_MAGIC)] != SNAPSHOT_MAGIC or end < 0:
             self.snapshot_note = "not a snapshot file"
@@ -415,7 +433,6 @@ class Store:
         try:
             classes = marshal.loads(body)
             tables: dict[str, dict[str, Record]] = {}
-            uuids: dict[str, dict[str, str]] = {}
             for cls, rows in classes.items():
                 if not self.schema.classes[cls].persist:
                     raise ValueError(f"class {cls} is not persisted")
@@ -423,8 +440,9 @@ class Store:
                 # In place: each row is freed as its record is made, so the records reuse its memory.
                 for ref, row in rows.items():
                     rows[ref] = {**defaults, **row}
+                if set(map(type, map(itemgetter("uuid"), rows.values()))) - {str}:
+                    raise ValueError(f"a {cls} without a uuid")
                 tables[cls] = rows
-                uuids[cls] = {rec["uuid"]: ref for ref, rec in rows.items()}
         except Exception as e:  # noqa: BLE001 - any surprise in the body: the rows decide
             self.snapshot_note = f"unreadable snapshot body: {e!r}"
             return False
@@ -433,12 +451,7 @@ class Store:
             return False
         for cls, table in tables.items():
             self._tables[cls] = table
-            self._uuids[cls] = uuids[cls]
-            for src_field, index in self._feeds[cls]:
-                for ref, rec in table.items():
-                    target = rec.get(src_field)
-                    if target is not NULL_REF and type(target) is str and target != NULL_REF:
-                        index[target].add(ref)
+            self._index(cls, table)
         return True
 
     def _snapshot_tables(self) -> dict[str, dict[str, Record]]:
@@ -452,7 +465,8 @@ class Store:
         for cls, table in self._tables.items():
             if not self.schema.classes[cls].persist:
                 continue
-            get = self._defaults[cls].get
+            defaults = self._defaults[cls]
+            values, width = defaults.values(), len(defaults)
             rows: dict[str, Record] = {}
             for ref, rec in table.items():
                 if (cls, ref) in dirty:
@@ -460,8 +474,12 @@ class Store:
                     full = self._complete(cls, row, shared)
                     rows[shared.str(ref)] = {k: v for k, v in full.items() if k in row}
                 else:
-                    rows[ref] = {k: v for k, v in rec.items()
-                                 if k == "uuid" or (d := get(k, _ABSENT)) is not v and d != v}
+                    # A loaded record starts with the defaults' fields in their order and holds the
+                    # default objects themselves where its row had nothing: keep what is not one.
+                    slim = dict(compress(rec.items(), map(is_not, rec.values(), values)))
+                    if len(rec) > width:
+                        slim.update(islice(rec.items(), width, None))
+                    rows[ref] = slim
             out[cls] = rows
         return out
 
