@@ -294,13 +294,13 @@ class Store:
     def _index(self, cls: str, table: dict[str, Record]) -> None:
         """Index the records of ``table``, all new to the store, by uuid and relation (what
         :meth:`_install` does for each new object, a column at a time)."""
-        self._uuids[cls].update(zip(map(itemgetter("uuid"), table.values()), table))
+        self._uuids[cls].update(zip(map(itemgetter("uuid"), table.values()), table, strict=True))
         for src_field, index in self._feeds[cls]:
             # Every record holds every stored field (completed from the defaults).
             targets = list(map(itemgetter(src_field), table.values()))
             if targets.count(NULL_REF) == len(targets):
                 continue  # most ref fields of most objects hold the default
-            for ref, target in zip(table, targets):
+            for ref, target in zip(table, targets, strict=True):
                 if target is not NULL_REF and type(target) is str and target != NULL_REF:
                     index[target].add(ref)
 

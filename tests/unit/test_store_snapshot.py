@@ -200,7 +200,7 @@ def test_a_write_by_another_program_makes_the_snapshot_stale(schema: Schema, db:
     assert token(db) is None
     store = Store(schema, db)
     assert store.loaded_from == "rows" and not snap_of(db).exists()
-    labels = [r["name_label"] for _ref, r in store.items("VM")] + [r["name_label"] for _ref, r in store.items("network")]
+    labels = [r["name_label"] for cls in ("VM", "network") for _ref, r in store.items(cls)]
     assert ("vm-6" in labels) is sql.startswith("INSERT") and ("edited" in labels) is not sql.startswith("DELETE")
 
 
