@@ -129,17 +129,19 @@ class _Shared:
 
     def container(self, value: list[Any] | dict[str, Any]) -> Any:
         strs = self.strs
-        if type(value) is list:
-            if not all(type(x) is str for x in value):
-                return value
-            key: tuple[Any, ...] = ("l", *value)
-        else:
-            if not all(type(x) is str for x in value.values()):
-                return value
-            key = ("d", *value.items())
-        found = self.containers.get(key)
+        try:
+            key: tuple[Any, ...] = ("l", *value) if type(value) is list else ("d", *value.items())
+            found = self.containers.get(key)
+        except TypeError:  # a list or map holding lists or maps: not shared
+            return value
         if found is not None:
+            # Only lists and maps of strings are kept, and only strings equal strings (JSON values).
             return found
+        if type(value) is list:
+            if set(map(type, value)) - {str}:
+                return value
+        elif set(map(type, value.values())) - {str}:
+            return value
         if type(value) is list:
             value = [strs.setdefault(x, x) if len(x) <= 64 else x for x in value]
         else:
