@@ -69,7 +69,9 @@ class Daemon:
         self.schema = schema_mod.load()
         self.encoder = Encoder(self.schema)
         self.store = Store(self.schema, self.state_dir / "xapid.db")
-        log.info("store loaded", source=self.store.loaded_from, objects=sum(map(len, self.store._tables.values())),
+        # Where the records came from: "snapshot" after a clean stop, "rows" otherwise (and why).
+        log.info("store loaded", source=self.store.loaded_from,
+                 objects=sum(self.store.count(name) for name in self.schema.classes),
                  **({"snapshot_unused": self.store.snapshot_note} if self.store.snapshot_note else {}))
         # The loaded records live as long as the daemon (or until replaced, freed by reference count):
         # out of the collector's sight at once, so no later collection walks them.

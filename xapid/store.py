@@ -513,7 +513,7 @@ class Store:
                 os.close(dir_fd)
             # Only now may the next start trust it: the token commits after the file is durable.
             db.execute("INSERT INTO meta VALUES ('snapshot', ?)", (token,))
-        except (OSError, ValueError, TypeError, sqlite3.Error):
+        except Exception:  # noqa: BLE001 - a value marshal refuses, a full disk: no snapshot, nothing else
             try:
                 db.execute("DELETE FROM meta WHERE key = 'snapshot'")
             except sqlite3.Error:
