@@ -393,3 +393,21 @@ def test_sigkill_at_any_step_never_loads_a_stale_snapshot(schema: Schema, db: Pa
     assert os.path.exists(snap_of(db)) is complete
     assert not os.path.exists(str(snap_of(db)) + ".tmp")  # no orphan either way
     assert_identical(store, rows_loaded(schema, db, tmp_path))
+
+
+def test_a_snapshot_that_cannot_be_written_leaves_a_clean_close(schema: Schema, db: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    refs = varied_store(schema, db)
+    store = Store(schema, db)
+    with store.transaction() as tx:
+        tx.update("VM", refs["vm4"], name_label="kept")
+
+    def full_disk(*_args: Any) -> bytes:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("xapid.store.marshal.dumps", full_disk)
+    store.close()
+    monkeypatch.undo()
+    assert store._db is None and token(db) is None and not snap_of(db).exists()
+    again = Store(schema, db)
+    assert again.loaded_from == "rows" and again.get("VM", refs["vm4"])["name_label"] == "kept"  # type: ignore[index]
