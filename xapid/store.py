@@ -100,6 +100,19 @@ def copy_record(rec: Record) -> Record:
     return {k: v if type(v) not in _CONTAINERS else _copy_value(v) if v else type(v)() for k, v in rec.items()}
 
 
+_CODE_HASH: list[str] = []
+
+
+def _code_hash() -> str:
+    """A hash of this module's source: a snapshot written by other loading code is not trusted."""
+    if not _CODE_HASH:
+        try:
+            _CODE_HASH.append(hashlib.sha256(Path(__file__).read_bytes()).hexdigest())
+        except OSError:
+            _CODE_HASH.append(secrets.token_hex(16))  # unknown code: trust no earlier process's snapshot
+    return _CODE_HASH[0]
+
+
 class StoreCorrupt(Exception):
     """The store file failed verification; the daemon must not serve from it."""
 
@@ -360,9 +373,10 @@ class Store:
         return {r[1]: tuple(r) for r in db.execute("SELECT type, name, tbl_name, sql FROM sqlite_master")}
 
     def _schema_hash(self, master: dict[str, tuple[Any, ...]]) -> str:
-        """What the snapshot's meaning depends on besides the rows: tables, triggers, datamodel defaults."""
+        """What the snapshot's meaning depends on besides the rows: tables, triggers, datamodel
+        defaults, and this module's code (how rows become records)."""
         persist = sorted(name for name, c in self.schema.classes.items() if c.persist)
-        text = repr((FORMAT_VERSION, sorted(master.values(), key=repr), persist, self._defaults))
+        text = repr((FORMAT_VERSION, sorted(master.values(), key=repr), persist, self._defaults, _code_hash()))
         return hashlib.sha256(text.encode()).hexdigest()
 
     def _snapshot_header(self, token: str, objects: int, body: bytes | memoryview,

@@ -270,6 +270,14 @@ def test_a_store_schema_change_makes_the_snapshot_stale(schema: Schema, db: Path
     assert store.loaded_from == "rows" and "schema" in store.snapshot_note
 
 
+def test_a_snapshot_written_by_other_loading_code_is_not_trusted(schema: Schema, db: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    varied_store(schema, db)
+    monkeypatch.setattr("xapid.store._CODE_HASH", ["another version of xapid/store.py"])
+    store = Store(schema, db)
+    assert store.loaded_from == "rows" and "schema" in store.snapshot_note and not snap_of(db).exists()
+
+
 def test_a_store_written_before_snapshots_gets_its_triggers(schema: Schema, db: Path) -> None:
     """A version-1 store of an older xapid (no triggers): a token in it cannot be trusted."""
     refs = varied_store(schema, db)
