@@ -163,6 +163,7 @@ import fcntl
 import gc
 import json
 import os
+import re
 import select
 import signal
 import socket
@@ -510,10 +511,32 @@ def encode_block(value: dict) -> bytes:
     return f'{body[:-1]},"crc":{crc}}}'.encode()
 
 
+_ZEROS = bytes(BLOCK_SIZE)
+# A JSON number that json.loads gives as a float (it has a fraction or an exponent).
+_FLOAT = rb"(-?(?:0|[1-9][0-9]*)(?:\.[0-9]+(?:[eE][-+]?[0-9]+)?|[eE][-+]?[0-9]+))"
+_UINT = rb"(0|[1-9][0-9]*)"
+# The members that change with every write, as this engine writes them (see _write_own_slot and
+# Daemon.send): such a tail is read without json; any other text takes the full decode.
+_SLOT_TAIL = re.compile(rb'"seq":' + _UINT + rb',"heartbeat":' + _FLOAT + rb',"crc":' + _UINT + rb"\}")
+_DATAGRAM_TAIL = re.compile(rb'"seq":' + _UINT + rb',"master_t":(?:null|' + _FLOAT + rb'),"t":' + _FLOAT + rb"\}")
+
+
+_EXCLUDED_TRUE = re.compile(rb'"excluded"\s*:\s*true')
+
+
+def block_body(data: bytes) -> bytes:
+    """``data`` without its NUL padding (``data.rstrip(b"\\0")``, without a scan byte by byte)."""
+    end = data.rfind(b"}") + 1
+    rest = len(data) - end
+    if rest <= BLOCK_SIZE and data[end:] == _ZEROS[:rest]:
+        return data[:end]
+    return data.rstrip(b"\0")
+
+
 def decode_block(data: bytes) -> dict | None:
     """The object in a NUL-padded block; None if empty.  Raises ValueError if unparsable or if
     its ``crc`` does not match (a torn read or damage)."""
-    body = data.rstrip(b"\0")
+    body = block_body(data)
     if not body:
         return None
     value = json.loads(body.decode("utf-8"))
@@ -787,8 +810,9 @@ def parse_report(data: Mapping[str, object], n: int, t: object) -> Report | None
 
 def partition_of(h: int, candidates: AbstractSet[int], hears: Mapping[int, AbstractSet[int]]) -> frozenset[int]:
     """Candidate ``h``'s partition: ``h`` and the candidates that hear it and that it hears."""
-    mine = hears.get(h, frozenset())
-    return frozenset({h} | {x for x in candidates if x in mine and h in hears.get(x, frozenset())})
+    empty: frozenset[int] = frozenset()
+    # Intersect first (in C): only the hosts h hears need the look-up of what they hear.
+    return frozenset({x for x in hears.get(h, empty) & candidates if h in hears.get(x, empty)} | {h})
 
 
 def winning_partition(candidates: Iterable[int], hears: Mapping[int, AbstractSet[int]]) -> frozenset[int]:
@@ -1464,7 +1488,7 @@ class Daemon:
         sender = self.by_address.get(addr[0])
         if sender is not None and cut > 0 and self.hb_prefix[sender] == data[:cut]:
             # Same content as the sender's previous datagram: only its age changed.
-            if self._refresh(sender, data[cut + 1 :], now):
+            if self._refresh(sender, data, cut + 1, now):
                 return
         try:
             obj = json.loads(data.decode("utf-8"))
@@ -1504,30 +1528,20 @@ class Daemon:
             self.reply_to.add(i)
             self.last_reply[i] = now
 
-    def _refresh(self, i: int, tail: bytes, now: float) -> bool:
-        """Take the seq/master_t/t tail of a datagram whose content is unchanged; False if the
-        tail is malformed (then the datagram is parsed in full)."""
+    def _refresh(self, i: int, data: bytes, at: int, now: float) -> bool:
+        """Take the seq/master_t/t tail (at ``at``) of a datagram whose content is unchanged; False
+        if the tail is not as this engine writes it (then the datagram is parsed in full)."""
         if not self.fabric.connected(self.conf.local, self.conf.hosts[i]):
             return True  # ignored, as a full parse would
         report = self.hb[i]
-        try:
-            fields = json.loads(b"{" + tail)
-        except (ValueError, UnicodeDecodeError):
-            return False
-        seq, read_at, t = fields.get("seq"), fields.get("master_t"), fields.get("t")
-        if (
-            report is None
-            or len(fields) != 3
-            or not _is_int(seq)
-            or not isinstance(t, float)
-            or not (read_at is None or isinstance(read_at, float))
-        ):
+        tail = _DATAGRAM_TAIL.fullmatch(data, at)
+        if report is None or tail is None:
             return False
         was_heard = now - self.hb_at[i] < self.conf.heartbeat_timeout
-        report.seq, report.t = seq, t
+        report.seq, report.t = int(tail[1]), float(tail[3])
         self.hb_at[i] = now
-        if read_at is not None:
-            self.peer_master[i] = (read_at, self.peer_master[i][1])
+        if tail[2] is not None:
+            self.peer_master[i] = (float(tail[2]), self.peer_master[i][1])
         if not was_heard:
             self.dirty = True
             if now - self.last_reply[i] >= HB_ACCELERATION:
@@ -1604,7 +1618,7 @@ class Daemon:
                 self.dirty = True
             if report is not None and self.slot[i] is report:
                 cut = raw.rfind(b',"seq":')
-                self.slot_raw[i] = raw[:cut] if cut > 0 else None
+                self.slot_raw[i] = raw[: cut + 1] if cut > 0 else None
         self._write_own_slot(fd, wall, self.pid)
         if self.state == "online" and block["pool_state"] == "init":
             self._global_update(fd, lambda g: g["pool_state"] == "init", {"pool_state": "active"})
@@ -1615,17 +1629,17 @@ class Daemon:
         """Take only seq and heartbeat time of a slot whose content did not change (checksum
         verified); False when it must be decoded in full."""
         prefix, report = self.slot_raw[i], self.slot[i]
-        if prefix is None or report is None or not raw.startswith(prefix + b',"seq":'):
+        if prefix is None or report is None or not raw.startswith(prefix):
             return False
-        body = raw.rstrip(b"\0")
-        try:
-            tail = json.loads(b"{" + body[len(prefix) + 1 :])
-        except (ValueError, UnicodeDecodeError):
+        tail = _SLOT_TAIL.match(raw, len(prefix))
+        if tail is None:
             return False
-        seq, beat, crc = tail.get("seq"), tail.get("heartbeat"), tail.get("crc")
-        if len(tail) != 3 or not _is_int(seq) or not isinstance(beat, float) or not _is_int(crc):
+        end = tail.end()
+        if raw[end:] != _ZEROS[: len(raw) - end]:
             return False
-        if zlib.crc32(body[: body.rfind(b',"crc":')] + b"}") != crc:
+        seq, beat, crc = int(tail[1]), float(tail[2]), int(tail[3])
+        # The checksum covers the text without its crc member: up to ',"crc":', then "}".
+        if zlib.crc32(b"}", zlib.crc32(memoryview(raw)[: tail.start(3) - 7])) != crc:
             return False
         if beat > report.t:
             report.seq, report.t = seq, beat
@@ -1935,7 +1949,9 @@ class Daemon:
             self.master,
             self.excluded,
             tuple(self.excluded_flags),
-            self.my_hears,
+            # While joining, what we hear changes with every newcomer, and nothing reads it from
+            # the view (the liveset of a Starting host is the minimal one): the tick rewrites it.
+            self.my_hears if self.state == "online" else None,
         )
 
     def write_view(self) -> None:
@@ -2256,8 +2272,13 @@ def read_fresh(conf: Conf) -> Fresh | None:
         raise Exit(EXIT_DAEMON_IS_NOT_PRESENT, "pool state is invalid; the daemon is stopping")
     excluded = []
     for i, host in enumerate(conf.hosts):
+        data = raw[i * BLOCK_SIZE : (i + 1) * BLOCK_SIZE]
+        if b"\\" not in data and _EXCLUDED_TRUE.search(data) is None:
+            # Without escapes the member is spelled out: no "excluded": true, no excluded flag.
+            excluded.append(False)
+            continue
         try:
-            slot = decode_block(raw[i * BLOCK_SIZE : (i + 1) * BLOCK_SIZE])
+            slot = decode_block(data)
         except (ValueError, UnicodeDecodeError):
             slot = None
         excluded.append(bool(slot and slot.get("host") == host and slot.get("excluded") is True))
@@ -2298,6 +2319,23 @@ def _uuids(conf: Conf, indices: object) -> str:
     if not isinstance(indices, list):
         return ""
     return " ".join(conf.hosts[i] for i in indices if _is_int(i) and 0 <= i < len(conf.hosts))
+
+
+def _uuid_lists(conf: Conf) -> Callable[[object], str]:
+    """``escape(_uuids(conf, indices))``, computed once per distinct list (in a 64-host pool most
+    hosts report the same 64 peers, 128 times per liveset)."""
+    done: dict[tuple, str] = {}
+
+    def text(indices: object) -> str:
+        if not isinstance(indices, list):
+            return ""
+        key = tuple(indices)
+        found = done.get(key)
+        if found is None:
+            found = done[key] = escape(_uuids(conf, indices))
+        return found
+
+    return text
 
 
 def liveness_table(conf: Conf, view: dict, fresh: Fresh | None) -> list[tuple[bool, bool, bool, bool]]:
@@ -2359,6 +2397,7 @@ def render_liveset(conf: Conf, view: dict, fresh: Fresh | None, now: float) -> s
     ):
         out.append(f"    <{name}>{int(value) if _is_int(value) else 0}</{name}>")
     restart_ms = {conf.index: xapi_restart_ms}  # xhad knows only its own (sc_func.c)
+    uuid_list = _uuid_lists(conf)
     hb_warn = sf_warn = False
     for index, (host, (live, _m, _a, _e)) in enumerate(zip(conf.hosts, rows, strict=True)):
         hb_age = _age_ms(now, view["hb_seen"][index])
@@ -2367,8 +2406,8 @@ def render_liveset(conf: Conf, view: dict, fresh: Fresh | None, now: float) -> s
             hb_warn = hb_warn or hb_age < 0 or hb_age > conf.heartbeat_timeout * 500
             sf_warn = sf_warn or sf_age < 0 or sf_age > conf.statefile_timeout * 500
         # As xhad: a host that is not live reports no peers.
-        on_hb = _uuids(conf, view["on_hb"][index]) if live else ""
-        on_sf = _uuids(conf, view["on_sf"][index]) if live else ""
+        on_hb = uuid_list(view["on_hb"][index]) if live else ""
+        on_sf = uuid_list(view["on_sf"][index]) if live else ""
         out += [
             "    <host_raw_data>",
             f"      <HostID>{escape(host)}</HostID>",
@@ -2376,8 +2415,8 @@ def render_liveset(conf: Conf, view: dict, fresh: Fresh | None, now: float) -> s
             f"      <time_since_last_heartbeat>{hb_age}</time_since_last_heartbeat>",
             f"      <time_since_xapi_restart_first_attempted>{restart_ms.get(index, -1)}"
             "</time_since_xapi_restart_first_attempted>",
-            f"      <heartbeat_active_list_on_heartbeat>{escape(on_hb)}</heartbeat_active_list_on_heartbeat>",
-            f"      <heartbeat_active_list_on_statefile>{escape(on_sf)}</heartbeat_active_list_on_statefile>",
+            f"      <heartbeat_active_list_on_heartbeat>{on_hb}</heartbeat_active_list_on_heartbeat>",
+            f"      <heartbeat_active_list_on_statefile>{on_sf}</heartbeat_active_list_on_statefile>",
             "    </host_raw_data>",
         ]
     out.append("  </raw_status_on_local_host>")
