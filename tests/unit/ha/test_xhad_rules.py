@@ -9,9 +9,10 @@ import importlib.util
 import json
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -393,7 +394,7 @@ def test_block_body_is_rstrip_of_the_padding(data: bytes) -> None:
     assert E.block_body(data) == data.rstrip(b"\0")
 
 
-def _slot_daemon(tmp_path: Path) -> tuple[ModuleType, object, int, Callable[..., bytes]]:
+def _slot_daemon(tmp_path: Path) -> tuple[ModuleType, Any, int, Callable[..., bytes]]:
     hosts = ["h0", "h1"]
     conf = E.Conf(str(tmp_path / "xhad.conf"), "gen", hosts, "h0", str(tmp_path / "sf"), {},
                   ["127.0.1.1", "127.0.1.2"], 7000)
