@@ -504,7 +504,11 @@ class Fabric:
 
 def encode_block(value: dict) -> bytes:
     """The JSON text of ``value`` with a ``crc`` member appended (CRC-32 of the text without it)."""
-    body = json.dumps(value, separators=(",", ":"))
+    return encode_text(json.dumps(value, separators=(",", ":")))
+
+
+def encode_text(body: str) -> bytes:
+    """:func:`encode_block` of the object whose JSON text is ``body``."""
     crc = zlib.crc32(body.encode("utf-8"))
     if body == "{}":
         return f'{{"crc":{crc}}}'.encode()
@@ -716,7 +720,7 @@ def open_statefile(conf: Conf, writable: bool, fabric: Fabric | None = None) -> 
 class Report:
     """What a host says about itself, by heartbeat datagram or in its statefile slot."""
 
-    __slots__ = ("inc", "seq", "t", "state", "sf", "hears", "live", "fencing", "excluded", "claim")
+    __slots__ = ("inc", "seq", "t", "state", "sf", "hears", "live", "fencing", "excluded", "claim", "_hears_json")
 
     def __init__(
         self,
@@ -741,6 +745,13 @@ class Report:
         self.fencing = fencing
         self.excluded = excluded
         self.claim = claim
+        self._hears_json: str | None = None
+
+    def hears_json(self) -> str:
+        """``hears`` as a sorted JSON list, encoded once per report (the view lists every peer's)."""
+        if self._hears_json is None:
+            self._hears_json = json.dumps(sorted(self.hears), separators=(",", ":"))
+        return self._hears_json
 
     @property
     def gone(self) -> bool:
@@ -1955,27 +1966,28 @@ class Daemon:
         )
 
     def write_view(self) -> None:
-        """Publish our liveset view for the scripts (atomic replace)."""
+        """Publish our liveset view for the scripts (rewritten in place)."""
         self.published = self.view_key()
         conf, n = self.conf, self.n
         wall = time.time()
         status = "Online" if self.state == "online" else "Starting"
         sf_access, hb_seen, sf_seen, on_hb, on_sf = [], [], [], [], []
+        mine = json.dumps(sorted(self.my_hears), separators=(",", ":"))
         for i in range(n):
             if i == self.me:
                 sf_access.append(self.sf_ok and self.sf_reachable())
                 hb_seen.append(self.last_send_wall)
                 sf_seen.append(self.last_slot_wall)
-                on_hb.append(sorted(self.my_hears))
-                on_sf.append(sorted(self.my_hears))
+                on_hb.append(mine)
+                on_sf.append(mine)
                 continue
             latest = self.latest(i)
             sf_access.append(bool(latest is not None and latest.sf))
             hb, sl = self.hb[i], self.slot[i]
             hb_seen.append(hb.t if hb is not None else None)
             sf_seen.append(sl.t if sl is not None else None)
-            on_hb.append(sorted(hb.hears) if hb is not None else None)
-            on_sf.append(sorted(sl.hears) if sl is not None else None)
+            on_hb.append(hb.hears_json() if hb is not None else "null")
+            on_sf.append(sl.hears_json() if sl is not None else "null")
         excluded = [self.excluded if i == self.me else self.excluded_flags[i] for i in range(n)]
         view = {
             "pid": self.pid,
@@ -1991,12 +2003,13 @@ class Daemon:
             "sf_access": sf_access,
             "hb_seen": hb_seen,
             "sf_seen": sf_seen,
-            "on_hb": on_hb,
-            "on_sf": on_sf,
             "latency": {"sf": _figures(self.sf_lat), "hb": _figures(self.hb_lat)},
             "xapi": self.xapimon.figures() if self.xapimon is not None else None,
         }
-        data = encode_block(view)
+        # The peers' lists (n * n numbers) are spliced in as each report encoded them once.
+        body = json.dumps(view, separators=(",", ":"))
+        lists = f',"on_hb":[{",".join(on_hb)}],"on_sf":[{",".join(on_sf)}]}}'
+        data = encode_text(body[:-1] + lists)
         try:
             if self.view_fd < 0:
                 self.view_fd = os.open(os.path.join(conf.hostdir, VIEW_FILE), os.O_RDWR | os.O_CREAT, 0o644)
@@ -2853,6 +2866,8 @@ def forkserver_main(argv: list[str]) -> int:
     signal.signal(signal.SIGINT, lambda signum, frame: stop.append(signum))
     signal.signal(signal.SIGCHLD, lambda signum, frame: None)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    # Every heartbeat and liveset query uses the xapi monitor module: loaded once, here.
+    xapi_mon()
     # Objects that exist now stay out of the collector's reach in the forks: a collection there
     # would otherwise touch (and copy) every page the server shares with them.
     gc.collect()

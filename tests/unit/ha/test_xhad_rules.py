@@ -479,3 +479,24 @@ def test_excluded_flags_read_without_decoding_every_slot(tmp_path: Path) -> None
         handle.write(b'{"host": "h2", "\\u0065xcluded" :  true}')
     fresh = E.read_fresh(conf)
     assert fresh is not None and fresh.excluded == [False, True, True]
+
+
+def test_view_lists_every_peers_reports(tmp_path: Path) -> None:
+    hosts = ["h0", "h1", "h2"]
+    conf = E.Conf(str(tmp_path / "xhad.conf"), "gen", hosts, "h0", str(tmp_path / "sf"), {},
+                  ["127.0.1.1", "127.0.1.2", "127.0.1.3"], 7000)
+    daemon = E.Daemon(conf)
+    daemon.my_hears = frozenset({0, 2})
+    daemon.hb[1] = report([2, 1, 0], live=[0, 1])
+    daemon.slot[1] = report([1])
+    daemon.slot[2] = report([2, 0], sf=False)
+    daemon.write_view()
+    view = E.read_view(conf, daemon.pid)
+    assert view is not None and E.decode_block((tmp_path / "xhad.view").read_bytes()) == view
+    assert view["on_hb"] == [[0, 2], [0, 1, 2], None] and view["on_sf"] == [[0, 2], [1], [0, 2]]
+    assert view["sf_access"] == [False, True, False] and view["status"] == "Starting"
+    # Rewritten in place: a shorter view leaves only padding behind.
+    daemon.hb[1] = None
+    daemon.write_view()
+    assert E.read_view(conf, daemon.pid)["on_hb"] == [[0, 2], None, None]
+    daemon.remove_view()
