@@ -1437,8 +1437,10 @@ class Daemon:
 
     def latest(self, i: int) -> Report | None:
         """The newest report of host ``i``'s current incarnation, however old."""
-        found = [r for r in (self.hb[i], self.slot[i]) if r is not None]
-        return max(found, key=lambda r: r.t) if found else None
+        hb, sl = self.hb[i], self.slot[i]
+        if hb is None or sl is None:
+            return sl if hb is None else hb
+        return sl if sl.t > hb.t else hb  # a tie goes to the datagram
 
     def last_seen(self, i: int) -> float | None:
         """Wall time of the newest evidence that host ``i`` was running."""
@@ -1785,7 +1787,13 @@ class Daemon:
             self._join(now, wall, reports, sf_fresh, excluded)
         elif self.state == "online":
             self._rules(now, wall, reports, sf_fresh, excluded)
-        if before != key():
+        after = key()
+        # A liveset that only grew is news to nobody: a peer's liveset matters to others only while
+        # they join ("does an Online host still count me live?"), and it only ever gains Online
+        # hosts.  It goes out with the next tick; at enable, 64 hosts going Online one after the
+        # other would otherwise each send n - 1 datagrams per change.
+        grew = before[0] == after[0] and before[2:] == after[2:] and before[1] < after[1]
+        if before != after and not grew:
             self.accelerate = True
             self.sf_accelerate = True
         self.next_eval = self._next_expiry(now, wall)
@@ -1884,7 +1892,7 @@ class Daemon:
             if i == self.me:
                 continue
             latest = self.latest(i)
-            seen = self.last_seen(i)
+            seen = latest.t if latest is not None else None
             if (
                 self.live_inc.get(i) != self.cur_inc[i]
                 or (latest is not None and latest.gone)
@@ -1936,10 +1944,9 @@ class Daemon:
                 if at > now:
                     times.append(at)
             if i in self.live:
-                hb, sl = self.hb[i], self.slot[i]
-                seen = max(hb.t if hb is not None else float("-inf"), sl.t if sl is not None else float("-inf"))
-                if seen > float("-inf"):
-                    at = now + (seen + conf.silence_limit - wall)
+                latest = self.latest(i)
+                if latest is not None:
+                    at = now + (latest.t + conf.silence_limit - wall)
                     if at > now:
                         times.append(at + 0.01)
         if self.lose_since is not None:
