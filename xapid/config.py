@@ -73,6 +73,7 @@ DEFAULTS: dict[str, tuple[str, Any, str]] = {
     "max-waiting-calls-per-user": ("int", 64, "most parked event.from/event.next calls of one user"),
     "shutdown-timeout": ("float", 5.0, "seconds a stop waits for calls in progress"),
     "record-cache-size": ("int", 128, "MiB of encoded records kept for get_record/get_all_records (0: none)"),
+    "nbd-port": ("int", 10809, "port of every host's NBD service (xapi-nbd: 10809; 0: a free port)"),
     "guest-agent-delay": ("float", 5.0,
                           "seconds after a start or resume before a guest's agent reports VM_guest_metrics"),
 }
@@ -80,7 +81,8 @@ DEFAULTS: dict[str, tuple[str, Any, str]] = {
 
 # Keys whose value has a floor (a zero collection interval would spin; a limit below it keeps nothing).
 MINIMUM: dict[str, float] = {
-    "gc-interval": 0.01, "task-limit-per-user": 0, "record-cache-size": 0, "message_limit": 0, "session-limit": 1,
+    "gc-interval": 0.01, "task-limit-per-user": 0, "record-cache-size": 0, "nbd-port": 0, "message_limit": 0,
+    "session-limit": 1,
     "completed_task_timeout": 0, "pending_task_timeout": 0,
 }
 

@@ -46,48 +46,53 @@ def create(call: Call, args: dict[str, Any]) -> str:
     cdef = call.daemon.schema.classes["VBD"]
     values = generic.create_values(call, cdef, args, call.daemon.dispatcher.coerce)
     with call.store.transaction() as tx:
-        vm = values["VM"]
-        vm_rec = tx.get("VM", vm)
-        empty = bool(values["empty"])
-        vdi = values.get("VDI", NULL_REF)
-        if not empty:
-            vdi_rec = tx.get("VDI", vdi)
-            if vdi_rec["type"] not in ATTACHABLE_VDI_TYPES:
-                raise ApiError("VDI_INCOMPATIBLE_TYPE", vdi, vdi_rec["type"])
-        elif vdi != NULL_REF:
-            tx.get("VDI", vdi)
-        vbd_type, mode = values["type"], values["mode"]
-        if vbd_type == "CD" and mode != "RO":
-            raise ApiError("VBD_CDS_MUST_BE_READONLY")
-        if vbd_type != "CD" and empty:
-            raise ApiError("VBD_NOT_REMOVABLE_MEDIA", "in constructor")
-        if mode == "RW" and not empty and tx.get("VDI", vdi)["read_only"]:
-            raise ApiError("VDI_READONLY", vdi)
-        for op_ref, op in sorted(vm_rec["current_operations"].items(), key=lambda item: item[1]):
-            if op in ("migrate_send", "pool_migrate"):
-                raise ApiError("OTHER_OPERATION_IN_PROGRESS", "VM", vm, op, op_ref)
-        userdevice = str(values["userdevice"])
-        if not valid_device(userdevice, vbd_type):
+        return create_vbd(tx, values)
+
+
+def create_vbd(tx: Transaction, values: dict[str, Any]) -> str:
+    """``VBD.create``'s checks and record inside ``tx`` (``values`` already coerced); the new ref."""
+    vm = values["VM"]
+    vm_rec = tx.get("VM", vm)
+    empty = bool(values["empty"])
+    vdi = values.get("VDI", NULL_REF)
+    if not empty:
+        vdi_rec = tx.get("VDI", vdi)
+        if vdi_rec["type"] not in ATTACHABLE_VDI_TYPES:
+            raise ApiError("VDI_INCOMPATIBLE_TYPE", vdi, vdi_rec["type"])
+    elif vdi != NULL_REF:
+        tx.get("VDI", vdi)
+    vbd_type, mode = values["type"], values["mode"]
+    if vbd_type == "CD" and mode != "RO":
+        raise ApiError("VBD_CDS_MUST_BE_READONLY")
+    if vbd_type != "CD" and empty:
+        raise ApiError("VBD_NOT_REMOVABLE_MEDIA", "in constructor")
+    if mode == "RW" and not empty and tx.get("VDI", vdi)["read_only"]:
+        raise ApiError("VDI_READONLY", vdi)
+    for op_ref, op in sorted(vm_rec["current_operations"].items(), key=lambda item: item[1]):
+        if op in ("migrate_send", "pool_migrate"):
+            raise ApiError("OTHER_OPERATION_IN_PROGRESS", "VM", vm, op, op_ref)
+    userdevice = str(values["userdevice"])
+    if not valid_device(userdevice, vbd_type):
+        raise ApiError("INVALID_DEVICE", userdevice)
+    if userdevice == "autodetect":
+        free = allowed_vbd_devices(tx, vm)
+        if not free:
             raise ApiError("INVALID_DEVICE", userdevice)
-        if userdevice == "autodetect":
-            free = allowed_vbd_devices(tx, vm)
-            if not free:
-                raise ApiError("INVALID_DEVICE", userdevice)
-            userdevice = free[0]
-        wanted = disk_number(userdevice)
-        if wanted is not None and wanted in used_disks(tx, vm):
-            raise ApiError("DEVICE_ALREADY_EXISTS", userdevice)
-        if not empty:
-            assert_agile_storage(tx, vm, vdi)
-        suspended = vm_rec["power_state"] == "Suspended"
-        values.update(userdevice=userdevice, VDI=vdi if not empty else NULL_REF,
-                      device=values.get("device", "") if suspended else "",
-                      currently_attached=bool(values.get("currently_attached")) if suspended else False)
-        if not empty:
-            backend = tx.get("VDI", vdi)["sm_config"].get("backend-kind")
-            if backend is not None:
-                values["other_config"] = {"backend-kind": backend, **values.get("other_config", {})}
-        return tx.create("VBD", values)
+        userdevice = free[0]
+    wanted = disk_number(userdevice)
+    if wanted is not None and wanted in used_disks(tx, vm):
+        raise ApiError("DEVICE_ALREADY_EXISTS", userdevice)
+    if not empty:
+        assert_agile_storage(tx, vm, vdi)
+    suspended = vm_rec["power_state"] == "Suspended"
+    values.update(userdevice=userdevice, VDI=vdi if not empty else NULL_REF,
+                  device=values.get("device", "") if suspended else "",
+                  currently_attached=bool(values.get("currently_attached")) if suspended else False)
+    if not empty:
+        backend = tx.get("VDI", vdi)["sm_config"].get("backend-kind")
+        if backend is not None:
+            values["other_config"] = {"backend-kind": backend, **values.get("other_config", {})}
+    return tx.create("VBD", values)
 
 
 @handler("VBD.destroy")
@@ -104,12 +109,17 @@ def destroy(call: Call, self: str) -> None:
 def plug(call: Call, self: str) -> None:
     """Hot-plug into the running VM: the VBD gets its device name and is attached."""
     with call.store.transaction() as tx:
-        rec = operations.assert_vbd(tx, self, "plug")
-        vm = tx.get("VM", rec["VM"])
-        metrics = tx.read("VM_metrics", vm["metrics"]) or {}
-        if metrics.get("current_domain_type") == "hvm" and rec["type"] != "CD" and rec["mode"] == "RO":
-            raise ApiError("DISK_VBD_MUST_BE_READWRITE_FOR_HVM", self)
-        rec.update(currently_attached=True, device=device_name(str(rec["userdevice"])))
+        plug_vbd(tx, self)
+
+
+def plug_vbd(tx: Transaction, self: str) -> None:
+    """``VBD.plug``'s checks and change inside ``tx``."""
+    rec = operations.assert_vbd(tx, self, "plug")
+    vm = tx.get("VM", rec["VM"])
+    metrics = tx.read("VM_metrics", vm["metrics"]) or {}
+    if metrics.get("current_domain_type") == "hvm" and rec["type"] != "CD" and rec["mode"] == "RO":
+        raise ApiError("DISK_VBD_MUST_BE_READWRITE_FOR_HVM", self)
+    rec.update(currently_attached=True, device=device_name(str(rec["userdevice"])))
 
 
 def _unplug(call: Call, vbd: str, op: str) -> None:
