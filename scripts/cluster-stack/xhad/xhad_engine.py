@@ -51,7 +51,8 @@ Heartbeat process
     Of two reports of a host (datagram, slot) the newer counts; a report of a new incarnation
     replaces the old one for good.  A newcomer (or a host that does not hear us yet) gets a reply
     at once, and a change of our own state, liveset or statefile access is announced at once
-    (datagrams and an extra statefile tick, rate-limited).  To keep 64 hosts cheap the loop wakes
+    (datagrams and an extra statefile tick, rate-limited); a liveset that only grew waits for the
+    next tick (only a joiner reads peers' livesets).  To keep 64 hosts cheap the loop wakes
     at most every 0.1 s, evaluates at most every 0.1 s unless a timeout falls due, and a
     datagram or slot whose content did not change (only ``seq``/times, which come last) is not
     parsed in full.  Measured at T=10: 64 hosts take about a quarter of one core.
