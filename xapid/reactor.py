@@ -59,6 +59,7 @@ class Reactor:
         self._closed = False
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
         self._ep.register(self._wake_r, select.EPOLLIN)
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
@@ -76,9 +77,11 @@ class Reactor:
                 return False
             fd = entry.fd
             self._entries[fd] = entry
+            wake = False
             if not entry.heaped:
                 entry.heaped = True
                 heapq.heappush(self._deadlines, (entry.idle_until, next(self._seq), entry))
+                wake = self._deadlines[0][2] is entry  # the loop may be waiting past it
             try:
                 self._ep.register(fd, select.EPOLLIN)
             except FileExistsError:  # a closed descriptor's number reused before epoll forgot it
@@ -86,7 +89,16 @@ class Reactor:
             except OSError:
                 del self._entries[fd]
                 return False
+            if wake:
+                self._wake()
         return True
+
+    def _wake(self) -> None:
+        """Make the loop look at its deadlines again (under the lock, while the pipe is open)."""
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:  # full: it will wake anyway
+            pass
 
     def _detach(self, entry: Any) -> bool:
         """Stop watching ``entry``; False if it was not parked (any more)."""
@@ -109,7 +121,12 @@ class Reactor:
             self._closed = True
             left = list(self._entries.values())
             self._entries.clear()
-        os.write(self._wake_w, b"x")
+            if self._thread.ident is None:  # never started: nothing else will close these
+                self._ep.close()
+                os.close(self._wake_r)
+                os.close(self._wake_w)
+            else:
+                self._wake()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(MAX_WAIT + 1.0)
         return left
@@ -129,6 +146,10 @@ class Reactor:
                     continue
                 for fd, _mask in events:
                     if fd == wake:
+                        try:
+                            os.read(wake, 4096)
+                        except BlockingIOError:
+                            pass
                         continue
                     entry = entries.get(fd)
                     if entry is None:
@@ -147,9 +168,10 @@ class Reactor:
         finally:
             for entry in self.close_left():
                 self._expire(entry)
-            ep.close()
-            os.close(self._wake_r)
-            os.close(self._wake_w)
+            with self._lock:
+                ep.close()
+                os.close(self._wake_r)
+                os.close(self._wake_w)
 
     def close_left(self) -> list[Any]:
         """What the loop's end leaves parked (the close's list when :meth:`close` ran first)."""

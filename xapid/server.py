@@ -952,6 +952,7 @@ class ApiServer:
         self._jobs: queue.SimpleQueue[tuple[Conn, Any]] = queue.SimpleQueue()
         self._idle_workers = 0
         self._pool_lock = threading.Lock()
+        self.threads_started = 0  # connection threads started so far (the loop answers without one)
 
     # -- life cycle -------------------------------------------------------------------------------
 
@@ -1072,6 +1073,7 @@ class ApiServer:
             try:
                 threading.Thread(target=self._connection, args=(listener, registry, routes, conn),
                                  name=f"conn-{ip}", daemon=True).start()
+                self.threads_started += 1
             except RuntimeError:  # cannot start a thread: refuse like a full server
                 registry.remove(conn)
                 self._refuse(sock)
@@ -1226,6 +1228,7 @@ class ApiServer:
                 return
         try:
             threading.Thread(target=self._worker, args=(job,), name=f"conn-{conn.ip}", daemon=True).start()
+            self.threads_started += 1
         except RuntimeError:  # cannot start a thread: the connection ends
             self._end(conn)
 
