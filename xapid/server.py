@@ -300,6 +300,9 @@ class RouteTable(list[Route]):
     def __init__(self, routes: Iterable[Route]) -> None:
         super().__init__(routes)
         self._found: dict[tuple[str, str], Route | None] = {}
+        # The event loop's parses of whole heads it may serve itself (a pure function of the
+        # head's bytes for this listener), up to HEAD_CACHE of them.
+        self.heads: dict[bytes, tuple[Any, ...]] = {}
 
     def find(self, method: str, path: str) -> Route | None:
         key = (method, path)
@@ -314,6 +317,7 @@ class RouteTable(list[Route]):
 
 
 ROUTE_CACHE = 1024
+HEAD_CACHE = 256
 
 
 def find_route(routes: list[Route], method: str, path: str) -> Route | None:
@@ -891,6 +895,8 @@ class UnixXapiServer(Listener):
 INLINE_IMPLS = frozenset({"get_record", "get_by_uuid", "get_all", "getter"})
 WORKER_IDLE = 10.0  # seconds an idle connection thread waits for another connection to serve
 STAY = 0.1  # seconds a connection served on a thread waits there for its next request
+DECODED_BODY = 1024  # bytes: XML-RPC bodies up to this size have their parse remembered...
+DECODED_CACHE = 1024  # ...this many of them (then forgotten at once)
 
 
 class NotNow(Exception):
@@ -949,6 +955,7 @@ class ApiServer:
         self._reactor: Reactor | None = None
         self._inline: frozenset[str] = frozenset()
         self._scratch = bytearray(65536)  # the event loop's receive buffer
+        self._decoded: dict[bytes, tuple[str, tuple[str, ...]]] = {}  # the event loop's (_decode_xml)
         self._jobs: queue.SimpleQueue[tuple[Conn, Any]] = queue.SimpleQueue()
         self._idle_workers = 0
         self._pool_lock = threading.Lock()
@@ -1267,6 +1274,40 @@ class ApiServer:
             if then is not None or not conn.buf:
                 return then
 
+    def _decode_xml(self, body: bytes) -> tuple[str, list[Any]]:
+        """:func:`decode_xmlrpc`, remembered for small bodies whose parameters are all strings
+        (clients repeat their reads: the same session and refs, byte for byte)."""
+        known = self._decoded.get(body)
+        if known is not None:
+            return known[0], list(known[1])
+        method, params = decode_xmlrpc(body)
+        if len(body) <= DECODED_BODY and all(type(p) is str for p in params):
+            if len(self._decoded) >= DECODED_CACHE:
+                self._decoded.clear()
+            self._decoded[body] = (method, tuple(params))
+        return method, params
+
+    def _servable_head(self, head: bytes, listener: Listener, routes: RouteTable) -> tuple[Any, ...] | None:
+        """The parse of a whole head (the bytes before its empty line) if the event loop may serve
+        its request: a well-formed small XML-RPC or JSON-RPC POST by ``content-length``.  None
+        otherwise (a thread reads it again, refusing what must be refused)."""
+        breaks = head.count(b"\r\n")
+        if (head[0] in (10, 13) or breaks >= MAX_HEADER_LINES or head.count(b"\r") != breaks
+                or head.count(b"\n") != breaks or b"\0" in head):
+            return None
+        try:
+            request, route, length = self._parse_head(head.decode("latin-1").split("\r\n"), listener, routes)
+        except Refused:
+            return None
+        if (route is None or route.stream or request.method != "POST" or not 0 <= length < SMALL_BODY
+                or "expect" in request.headers):
+            return None
+        xml = route.handler is ApiServer.xmlrpc
+        if not xml and route.handler is not ApiServer.jsonrpc:
+            return None
+        return (request.method, request.path, request.version, request.headers, request.close, request.query,
+                route, length, xml)
+
     def _inline_request(self, conn: Conn) -> Callable[[], None] | None:
         """Answer the buffered request here if it is whole, small, and a call :data:`INLINE_IMPLS`
         serves; else what hands it to a thread (already read, when it got that far)."""
@@ -1276,32 +1317,26 @@ class ApiServer:
             return lambda: self._submit(conn)  # a host's address may wait on its local database
         buf = conn.buf
         end = buf.find(b"\r\n\r\n")
-        if end <= 0 or end + 4 > lim.max_header_size or buf[0] in (10, 13):
+        if end <= 0 or end + 4 > lim.max_header_size:
             return lambda: self._submit(conn)
         head = bytes(buf[:end])
-        breaks = head.count(b"\r\n")
-        if breaks >= MAX_HEADER_LINES or head.count(b"\r") != breaks or head.count(b"\n") != breaks or b"\0" in head:
-            return lambda: self._submit(conn)  # the thread's reader refuses what must be refused
-        try:
-            request, route, length = self._parse_head(head.decode("latin-1").split("\r\n"), listener, routes)
-        except Refused:
-            return lambda: self._submit(conn)
-        if (route is None or route.stream or request.method != "POST" or not 0 <= length < SMALL_BODY
-                or "expect" in request.headers):
-            return lambda: self._submit(conn)
-        handler = route.handler
-        xml = handler is ApiServer.xmlrpc
-        if not xml and handler is not ApiServer.jsonrpc:
-            return lambda: self._submit(conn)
+        known = routes.heads.get(head)
+        if known is None:
+            known = self._servable_head(head, listener, routes)
+            if known is None:
+                return lambda: self._submit(conn)  # the thread's reader answers it (refusals too)
+            if len(routes.heads) < HEAD_CACHE:
+                routes.heads[head] = known
+        method, path, version, headers, close, query, route, length, xml = known
         total = end + 4 + length
         if len(buf) < total:
             return lambda: self._submit(conn)  # the body is still coming: read on a thread
-        request.body = bytes(buf[end + 4:total])
+        request = Request(method, path, version, headers, bytes(buf[end + 4:total]), close, listener.local, query,
+                          peer=conn.ip, endpoint=listener.endpoint)
         del buf[:total]
-        request.peer = conn.ip
         first = (request, route)
         try:
-            decoded = decode_xmlrpc(request.body) if xml else decode_jsonrpc(request.body)
+            decoded = self._decode_xml(request.body) if xml else decode_jsonrpc(request.body)
         except Exception:  # noqa: BLE001 - the handler parses it again and answers what is wrong
             return lambda: self._submit(conn, first)
         request.decoded = decoded
