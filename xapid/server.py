@@ -7,12 +7,23 @@ get xapi's HTTP 500; bodies over the size cap get 413.
 
 How clients are kept from locking each other out:
 
-* Every connection has a thread of its own, which reads, runs and answers its
-  requests (no hand-off: a call costs what it did before).  What is bounded is
-  what others need: the calls running at once (``worker-threads``), the
-  logins (``login-threads``), the parked ``event.from``/``event.next`` calls
-  (capped per user and overall by :mod:`xapid.events`), and the connections.
-  Reading a request, or waiting for one, holds none of these.
+* Connections waiting for their next request wait together in one event loop
+  (:mod:`xapid.reactor`, ``epoll``; ``inline-reads``, on by default, for plain
+  TCP and the Unix socket on the pool's address).  It serves, in its own thread
+  and batched as ``epoll`` reports them, the requests that cannot block: whole,
+  small XML-RPC/JSON-RPC calls of the generic reads (:data:`INLINE_IMPLS`),
+  whose answer need not wait for the disk (else :class:`NotNow`).  Anything
+  else (writes, long polls, logins, HTTP handlers, large or trickled requests,
+  a frozen host's) goes to a thread, as is every TLS connection and every one on
+  a host's own address; a thread keeps its connection while the client goes on
+  at once (:data:`STAY`), then gives it back.  Eight busy readers thus cost no
+  GIL hand-off per call between connection threads.
+* A connection on a thread reads, runs and answers its requests there.  What is
+  bounded is what others need: the calls running at once (``worker-threads``,
+  the event loop's included), the logins (``login-threads``), the parked
+  ``event.from``/``event.next`` calls (capped per user and overall by
+  :mod:`xapid.events`), and the connections.  Reading a request, or waiting for
+  one, holds none of these.
 * Each request has a total time budget for its headers (``header-timeout``,
   from its first byte; a trickled byte does not reset it: every ``recv`` waits
   only for what is left) and for its body (``body-timeout``); the first request
@@ -301,7 +312,7 @@ class RouteTable(list[Route]):
         super().__init__(routes)
         self._found: dict[tuple[str, str], Route | None] = {}
         # The event loop's parses of whole heads it may serve itself (a pure function of the
-        # head's bytes for this listener), up to HEAD_CACHE of them.
+        # head's bytes for this listener), up to HEAD_CACHE of them (then forgotten at once).
         self.heads: dict[bytes, tuple[Any, ...]] = {}
 
     def find(self, method: str, path: str) -> Route | None:
@@ -890,9 +901,11 @@ class UnixXapiServer(Listener):
 # -- the event loop's calls -------------------------------------------------------------------------------
 
 # The generic implementations (xapid.generic) the event loop may run itself: they read memory only,
-# never wait and cost little whatever the store holds (get_all_records and the filters can cost
-# much; they stay on threads, as do hand-written handlers, whose waits nothing here can see).
+# never wait and cost little (get_all: while its class has at most INLINE_ALL objects; the other
+# connections wait meanwhile).  get_all_records and the filters can cost much: they stay on
+# threads, as do hand-written handlers, whose waits nothing here can see.
 INLINE_IMPLS = frozenset({"get_record", "get_by_uuid", "get_all", "getter"})
+INLINE_ALL = 2000
 WORKER_IDLE = 10.0  # seconds an idle connection thread waits for another connection to serve
 STAY = 0.1  # seconds a connection served on a thread waits there for its next request
 DECODED_BODY = 1024  # bytes: XML-RPC bodies up to this size have their parse remembered...
@@ -903,16 +916,18 @@ class NotNow(Exception):
     """An inline call's answer must wait for the disk: a thread runs the call again (it read only)."""
 
 
-def inline_methods(table: dict[str, Any]) -> frozenset[str]:
-    """The wire names (canonical, without ``Async.``) the event loop answers itself."""
-    out = set()
+def inline_methods(table: dict[str, Any]) -> dict[str, str | None]:
+    """The wire names (canonical, without ``Async.``) the event loop answers itself, each with
+    the class whose size bounds its cost (None: a single object's)."""
+    out: dict[str, str | None] = {}
     for name, m in table.items():
         impl = m.impl
         if impl is None or m.removed or not m.session or getattr(impl, "__module__", "") != "xapid.generic":
             continue
-        if impl.__qualname__.split(".", 1)[0] in INLINE_IMPLS:
-            out.add(name)
-    return frozenset(out)
+        kind = impl.__qualname__.split(".", 1)[0]
+        if kind in INLINE_IMPLS:
+            out[name] = m.cls if kind == "get_all" else None
+    return out
 
 
 def durable_now(store: Any) -> bool:
@@ -936,8 +951,8 @@ class _Rest:
 
 
 class ApiServer:
-    """Accepts on every listener, serves each connection on its own thread; :meth:`call` is the
-    error boundary."""
+    """Accepts on every listener, serves idle connections' plain reads in one event loop and
+    everything else on a thread per busy connection; :meth:`call` is the error boundary."""
 
     def __init__(self, daemon: Daemon, limits: Limits) -> None:
         self.daemon = daemon
@@ -953,7 +968,7 @@ class ApiServer:
         self._accepting: list[threading.Thread] = []
         self._last_warning = 0.0
         self._reactor: Reactor | None = None
-        self._inline: frozenset[str] = frozenset()
+        self._inline: dict[str, str | None] = {}
         self._scratch = bytearray(65536)  # the event loop's receive buffer
         self._decoded: dict[bytes, tuple[str, tuple[str, ...]]] = {}  # the event loop's (_decode_xml)
         self._jobs: queue.SimpleQueue[tuple[Conn, Any]] = queue.SimpleQueue()
@@ -1325,8 +1340,9 @@ class ApiServer:
             known = self._servable_head(head, listener, routes)
             if known is None:
                 return lambda: self._submit(conn)  # the thread's reader answers it (refusals too)
-            if len(routes.heads) < HEAD_CACHE:
-                routes.heads[head] = known
+            if len(routes.heads) >= HEAD_CACHE:
+                routes.heads.clear()  # a client varying its heads: start again with the current ones
+            routes.heads[head] = known
         method, path, version, headers, close, query, route, length, xml = known
         total = end + 4 + length
         if len(buf) < total:
@@ -1340,7 +1356,10 @@ class ApiServer:
         except Exception:  # noqa: BLE001 - the handler parses it again and answers what is wrong
             return lambda: self._submit(conn, first)
         request.decoded = decoded
-        if (decoded[0] if xml else decoded.method) not in self._inline or not self.calls.try_enter():
+        name = decoded[0] if xml else decoded.method
+        sized = self._inline.get(name, "")
+        if (sized == "" or (sized is not None and self.daemon.store.count(sized) > INLINE_ALL)
+                or not self.calls.try_enter()):
             return lambda: self._submit(conn, first)
         conn.set(BUSY)
         try:

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from tests.unit.hardening.support import in_process_daemon
+from xapid import server as server_mod
 from xapid.daemon import Daemon
 from xapid.server import ApiServer, Limits, XapiServer, bind_tcp, durable_now, inline_methods
 
@@ -181,6 +182,20 @@ def test_plain_reads_are_answered_without_a_thread(serve: Serve, daemon: Daemon,
             c.close()
 
 
+def test_get_all_of_a_large_class_goes_to_a_thread(serve: Serve, daemon: Daemon, session: str,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    server, loop = serve()
+    c = Client(loop)
+    try:
+        assert b"Success" in c.call(xml("VM.get_all", session))
+        assert server.threads_started == 0
+        monkeypatch.setattr(server_mod, "INLINE_ALL", len(daemon.store.refs("VM")) - 1)
+        assert b"Success" in Client(loop).call(xml("VM.get_all", session))
+        assert server.threads_started == 1
+    finally:
+        c.close()
+
+
 def test_without_the_loop_every_connection_has_a_thread(serve: Serve, daemon: Daemon, session: str) -> None:
     server, threads = serve(inline=0)
     vm = daemon.store.refs("VM")[0]
@@ -197,12 +212,13 @@ def test_without_the_loop_every_connection_has_a_thread(serve: Serve, daemon: Da
 def test_the_loop_runs_only_side_effect_free_generic_reads(daemon: Daemon) -> None:
     names = inline_methods(daemon.dispatcher.table)
     assert {"VM.get_record", "host.get_record", "pool.get_record", "VM.get_by_uuid", "VM.get_all",
-            "VM.get_name_label", "VM.get_VBDs"} <= names
+            "VM.get_name_label", "VM.get_VBDs"} <= names.keys()
     for name in ("VM.set_name_label", "VM.get_all_records", "VM.get_all_records_where", "VM.get_by_name_label",
                  "event.from", "event.next", "session.login_with_password", "VM.start", "Async.VM.get_record",
                  "VM_get_record", "host.get_servertime"):
         assert name not in names, name
     assert all(daemon.dispatcher.table[n].impl.__module__ == "xapid.generic" for n in names)  # type: ignore[union-attr]
+    assert names["VM.get_all"] == "VM" and names["VM.get_record"] is None  # get_all: bounded by the class size
 
 
 def test_the_durability_check_reads_the_store(daemon: Daemon) -> None:
