@@ -83,6 +83,7 @@ FIGURES: tuple[str, ...] = (
     "read.VM.get_record.c8",
     "write.VM.set_name_label.c1",
     "write.VM.set_name_label.c8",
+    "write.floor",
     "read.scaling",
     "write.scaling",
     "growth.VM.get_record",
@@ -273,7 +274,7 @@ class Processes:
 
 def write_conf(path: Path) -> Path:
     """The daemons' xapi.conf: shipped defaults, absolute paths to the shipped stacks and drivers."""
-    path.write_text(f"cluster-stack-root = {STACK_ROOT}\nsm-dir = {SM_DIR}\n")
+    path.write_text(f"cluster-stack-root = {STACK_ROOT}\nsm-dir = {SM_DIR}\nnbd-port = 0\n")
     return path
 
 
@@ -380,6 +381,24 @@ class RawClient:
     def close(self) -> None:
         self.rfile.close()
         self.sock.close()
+
+
+def fsync_seconds(directory: Path, appends: int = 100) -> float:
+    """The median time of ``fsync`` after a 4 KiB append to a file in ``directory`` (what a
+    durable commit must wait for at least once)."""
+    path = directory / "bench-fsync.tmp"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        block, times = b"\0" * 4096, []
+        for _ in range(appends):
+            os.write(fd, block)
+            start = time.perf_counter()
+            os.fsync(fd)
+            times.append(time.perf_counter() - start)
+        return median(times)
+    finally:
+        os.close(fd)
+        path.unlink()
 
 
 def encode(method: str, *params: Any) -> bytes:
@@ -621,6 +640,7 @@ class Bench:
             servers = {"baseline": baseline[1], "xapid": daemon.port}
             reads: dict[tuple[str, str, int], list[float]] = {}
             writes: dict[int, list[float]] = {c: [] for c in self.p.clients}
+            syncs: list[float] = []  # per round: the median fsync of a 4 KiB append in the state dir
             for m in READ_METHODS:  # warm-up
                 for c in self.p.clients:
                     for port in servers.values():
@@ -635,6 +655,7 @@ class Bench:
                             reads.setdefault((server, m, c), []).append(cps)
                 for c in self.p.clients:
                     writes[c].append(throughput(daemon.port, write_body, c, self.p.duration))
+                syncs.append(fsync_seconds(daemon.state_dir))
                 self.log(f"throughput round {r + 1}/{self.p.rounds} done")
         finally:
             self.procs.stop(baseline[0])
@@ -660,7 +681,23 @@ class Bench:
                 ">= 0.5" if c == min(self.p.clients) else None,
                 write_calls_per_s=round(ws, 1), read_calls_per_s=round(rs, 1),
                 rounds=[round(v, 1) for v in writes[c]])
+        self.write_floor(reads, writes, syncs)
         self.scaling_figures(reads, writes)
+
+    def write_floor(self, reads: dict[tuple[str, str, int], list[float]], writes: dict[int, list[float]],
+                    syncs: list[float]) -> None:
+        """What 1-client writes / reads would be if a durable write cost exactly a read plus one
+        fsync (a commit free of CPU): the ceiling the disk sets on that figure."""
+        c = min(self.p.clients)
+        read_rtts = [1.0 / r for r in reads[("xapid", "VM.get_record", c)]]
+        ceilings = [rtt / (rtt + f) for rtt, f in zip(read_rtts, syncs, strict=True)]
+        measured = [w / r for w, r in zip(writes[c], reads[("xapid", "VM.get_record", c)], strict=True)]
+        self.results.add(
+            "write.floor", "1-client writes / reads if a write cost a read plus one fsync (the disk's ceiling)",
+            median(ceilings), "x", f"fsync {median(syncs) * 1e6:,.0f} us, read {median(read_rtts) * 1e6:,.0f} us; "
+            f"measured {median(measured):.2f}", fsync_us=[round(f * 1e6, 1) for f in syncs],
+            read_us=[round(r * 1e6, 1) for r in read_rtts],
+            share_of_ceiling=round(median(measured) / median(ceilings), 3))
 
     def scaling_figures(self, reads: dict[tuple[str, str, int], list[float]], writes: dict[int, list[float]]) -> None:
         """xapid against itself: many clients / one client, for reads (the worst method) and writes."""

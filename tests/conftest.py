@@ -33,6 +33,7 @@ TEST_CONF = {
     "ha-disable-retry-delay": "0.2",
     "ha-boot-retry-delay": "0.3",
     "guest-agent-delay": "0.2",
+    "nbd-port": "0",  # parallel daemons: every host's NBD service on a free port
 }
 
 

@@ -82,8 +82,9 @@ RELATIONS = {
 }
 
 # Internal-only fields kept as "internal_fields": stored like any field, never on the wire (no getter,
-# not in records), present because a published relation is derived from them.
-INTERNAL_FIELDS = {("task", "session")}
+# not in records), present because a published relation is derived from them (task.session) or
+# because behaviour needs them (VTPM.contents: the secret holding the TPM state, xapi_vtpm.ml).
+INTERNAL_FIELDS = {("task", "session"), ("VTPM", "contents")}
 
 PARAM_DEFAULTS = {
     ("SR", "create", "sm_config"): {},

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
+from xapid.api.host_config import expire_ssh
 from xapid.store import Change
 
 if TYPE_CHECKING:
@@ -67,6 +68,7 @@ class Collector:
         self.daemon.sessions.expire_idle()
         self.daemon.tasks.collect()
         self.trim_messages()
+        expire_ssh(self.store)
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):

@@ -75,6 +75,7 @@ DEFAULTS: dict[str, tuple[str, Any, str]] = {
     "inline-reads": ("int", 1, "1: idle keep-alive connections wait in one event loop, which answers the "
                                "plain reads itself; 0: a thread per connection"),
     "record-cache-size": ("int", 128, "MiB of encoded records kept for get_record/get_all_records (0: none)"),
+    "nbd-port": ("int", 10809, "port of every host's NBD service (xapi-nbd: 10809; 0: a free port)"),
     "guest-agent-delay": ("float", 5.0,
                           "seconds after a start or resume before a guest's agent reports VM_guest_metrics"),
 }
@@ -82,7 +83,8 @@ DEFAULTS: dict[str, tuple[str, Any, str]] = {
 
 # Keys whose value has a floor (a zero collection interval would spin; a limit below it keeps nothing).
 MINIMUM: dict[str, float] = {
-    "gc-interval": 0.01, "task-limit-per-user": 0, "record-cache-size": 0, "message_limit": 0, "session-limit": 1,
+    "gc-interval": 0.01, "task-limit-per-user": 0, "record-cache-size": 0, "nbd-port": 0, "message_limit": 0,
+    "session-limit": 1,
     "completed_task_timeout": 0, "pending_task_timeout": 0,
 }
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import structlog
 
-from xapid import operations, statefiles, templates
+from xapid import features, nbd_exports, operations, statefiles, templates
 from xapid import schema as schema_mod
 from xapid.api import role as role_api
 from xapid.auth import Sessions, Users
@@ -25,6 +25,7 @@ from xapid.hw.faults import FaultService
 from xapid.hw.guest import GuestAgents
 from xapid.hw.metrics import Metrics
 from xapid.liveness import HostLiveness
+from xapid.nbd_exports import NbdService
 from xapid.record_cache import RecordCache
 from xapid.seed import seed
 from xapid.statefiles import ensure_private_dir
@@ -60,6 +61,7 @@ class Daemon:
         validate_runtime(config)
         self.config = config
         self.tls_cert: Path | None = None  # the certificate HTTPS is served with (host.get_server_certificate)
+        self.tls_key: Path | None = None  # its key (None: in the certificate's file)
         # Refused before anything is written; later, a symbolic link or a foreign file met at start-up
         # is UnsafePath.  Both are ConfigErrors: start-up stops with their message and exit status 2.
         self.state_dir = ensure_private_dir(state_dir)
@@ -78,8 +80,10 @@ class Daemon:
             log.info("seeded demo pool", hosts=hosts)
         reconcile(self.store, self.disks)  # before serving: files no record owns (crash leftovers)
         templates.ensure(self.store)
+        features.ensure(self.store)
         role_api.ensure(self.store)
         leftovers.discard(self.store, self.disks)  # VMs a killed daemon was importing: before ops are cleared
+        nbd_exports.discard_leftovers(self.store, self.state_dir)  # VBDs of a killed daemon's NBD clients
         operations.install(self.store)
         self.users = Users(self.state_dir / "users.json")
         if not self.users.users:
@@ -99,6 +103,7 @@ class Daemon:
         self.hw = Hardware(self.state_dir, float(config["fence-reboot-delay"]))
         self.hw.attach([h["uuid"] for _r, h in self.store.items("host")])
         self.hw.on_power_change(self._on_power_change)
+        self.nbd = NbdService(self, int(config["nbd-port"]))
         self.hw.toolstack.on_change(self._on_toolstack)
         self.faults = FaultService(self)
         self.guests = GuestAgents(self)
@@ -182,6 +187,7 @@ class Daemon:
         self.collector.start()
 
     def stop(self) -> None:
+        self.nbd.stop()
         self.guests.stop()
         self.collector.stop()
         self.console.stop()

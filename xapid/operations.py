@@ -642,6 +642,9 @@ def refresh(tx: Transaction) -> None:
         rec = tx.read("VM", vm)
         if rec is not None:
             _set(tx, "VM", vm, vm_allowed(tx, vm, rec, ops))
+            # xapi_vm_lifecycle.ml vtpm_update_allowed_operations: destroy while the VM is halted.
+            for vtpm in tx.referrers("VTPM", "VM", vm):
+                _set(tx, "VTPM", vtpm, ["destroy"] if rec["power_state"] == "Halted" else [])
     for vbd in vbds:
         rec = tx.read("VBD", vbd)
         if rec is not None:

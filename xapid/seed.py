@@ -12,7 +12,7 @@ from __future__ import annotations
 import platform
 import uuid as uuidlib
 
-from xapid import __version__
+from xapid import __version__, features
 from xapid.storage import Disks
 from xapid.store import Store, Transaction
 from xapid.timeutil import now_iso
@@ -70,7 +70,7 @@ def seed(store: Store, disks: Disks, hosts: int) -> None:
                 "capabilities": ["xen-3.0-x86_64", "hvm-3.0-x86_32", "hvm-3.0-x86_64"],
                 "cpu_configuration": {}, "sched_policy": "credit", "supported_bootloaders": ["pygrub", "eliloader"],
                 "hostname": hostname, "address": f"127.0.1.{i}", "metrics": metrics,
-                "license_params": {}, "edition": "xcp-ng", "memory_overhead": 0,
+                "license_params": features.licensed(), "edition": "xcp-ng", "memory_overhead": 0,
                 "cpu_info": {"cpu_count": "8", "socket_count": "1", "vendor": "GenuineIntel", "speed": "2400.000",
                              "modelname": "xapid virtual CPU"},
                 "other_config": {"agent_start_time": "0.", "boot_time": "0."},
@@ -116,6 +116,6 @@ def seed(store: Store, disks: Disks, hosts: int) -> None:
             "suspend_image_SR": nfs, "crash_dump_SR": nfs, "ha_cluster_stack": "xhad",
             "other_config": {"memory-ratio-hvm": "0.25", "memory-ratio-pv": "0.25"},
             "cpu_info": {"cpu_count": str(8 * hosts), "socket_count": str(hosts), "vendor": "GenuineIntel"},
-            "restrictions": {"restrict_ha": "false"},
+            "restrictions": features.licensed(),
             "allowed_operations": ["ha_enable", "cluster_create", "designate_new_master"],
         })

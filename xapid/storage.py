@@ -33,8 +33,22 @@ SM_KEYS = ("type", "name_label", "name_description", "vendor", "copyright", "ver
            "required_cluster_stack")
 
 
+# Descriptor keys that are not SM fields: how the emulation treats the driver.
+#   clustering: PBD.plug and SR.create need the host's Cluster_host on one of required_cluster_stack,
+#   enabled and quorate (xapi_clustering.ml assert_cluster_host_is_enabled_for_matching_sms: real
+#   xapi's rule, which real gfs2 lives by).  Without it a required stack is the design's: HA starts it.
+EMULATION_KEYS = ("clustering",)
+
+_clustering_types: set[str] = set()
+
+
 class DescriptorError(Exception):
     pass
+
+
+def needs_clustering(sr_type: str) -> bool:
+    """Whether SRs of ``sr_type`` plug only on hosts of an enabled, quorate cluster (``clustering``)."""
+    return sr_type in _clustering_types
 
 
 def load_descriptors(sm_dir: Path) -> dict[str, dict[str, Any]]:
@@ -47,12 +61,14 @@ def load_descriptors(sm_dir: Path) -> dict[str, dict[str, Any]]:
             raise DescriptorError(f"{path}: {e}") from None
         if not isinstance(doc, dict) or not isinstance(doc.get("type"), str) or not doc["type"]:
             raise DescriptorError(f"{path}: descriptor needs a non-empty string 'type'")
-        unknown = set(doc) - set(SM_KEYS)
+        unknown = set(doc) - set(SM_KEYS) - set(EMULATION_KEYS)
         if unknown:
             raise DescriptorError(f"{path}: unknown keys {sorted(unknown)}")
         stacks = doc.get("required_cluster_stack", [])
         if not isinstance(stacks, list) or not all(isinstance(s, str) for s in stacks):
             raise DescriptorError(f"{path}: required_cluster_stack must be a list of strings")
+        if not isinstance(doc.get("clustering", False), bool):
+            raise DescriptorError(f"{path}: clustering must be true or false")
         features = doc.get("features", {})
         if not isinstance(features, dict) or not all(isinstance(v, int) for v in features.values()):
             raise DescriptorError(f"{path}: features must map names to integer versions")
@@ -64,6 +80,8 @@ def load_descriptors(sm_dir: Path) -> dict[str, dict[str, Any]]:
 
 def sync_sm_table(store: Store, descriptors: dict[str, dict[str, Any]]) -> None:
     """Make the SM table match the descriptors (create, update, remove), keeping refs stable."""
+    _clustering_types.clear()
+    _clustering_types.update(t for t, doc in descriptors.items() if doc.get("clustering"))
     with store.transaction() as tx:
         by_type = {rec["type"]: ref for ref, rec in tx.items("SM")}
         for sm_type, doc in descriptors.items():

@@ -70,6 +70,7 @@ def load_all() -> dict[str, Handler]:
         cluster,
         event,
         host,
+        host_config,
         host_forget,
         message,
         network,
@@ -82,12 +83,14 @@ def load_all() -> dict[str, Handler]:
         vbd,
         vdi,
         vdi_cbt,
+        vdi_nbd,
         vif,
         vm,
         vm_appliance,
         vm_config,
         vm_copy,
         vm_migrate,
+        vtpm,
     )
 
     return HANDLERS

@@ -111,3 +111,33 @@ def pool_create_vlan(call: Call, device: str, network: str, VLAN: int) -> list[s
         if not pifs:
             raise ApiError("INVALID_VALUE", "device", device)
         return _pool_vlans(tx, pifs[0], network, VLAN)
+
+
+# -- purposes (xapi_network.ml add_purpose, remove_purpose, assert_can_add_purpose) -----------------
+
+# A purpose that no network may have while another has the first (xapi-nbd serves either TLS or not).
+_CONFLICTS = {"nbd": "insecure_nbd", "insecure_nbd": "nbd"}
+
+
+@handler("network.add_purpose")
+def add_purpose(call: Call, self: str, value: str) -> None:
+    """Add ``value`` unless the network is unmanaged or another network holds the conflicting purpose."""
+    with call.store.transaction() as tx:
+        rec = tx.get("network", self)
+        if not rec["managed"]:
+            raise ApiError("NETWORK_UNMANAGED", self)
+        if value in rec["purpose"]:
+            return
+        conflicting = _CONFLICTS.get(value)
+        for _ref, other in tx.items("network"):
+            if conflicting is not None and conflicting in other["purpose"]:
+                raise ApiError("NETWORK_INCOMPATIBLE_PURPOSES", value, conflicting)
+        rec["purpose"] = [value, *rec["purpose"]]
+
+
+@handler("network.remove_purpose")
+def remove_purpose(call: Call, self: str, value: str) -> None:
+    with call.store.transaction() as tx:
+        rec = tx.get("network", self)
+        if value in rec["purpose"]:
+            rec["purpose"] = [p for p in rec["purpose"] if p != value]

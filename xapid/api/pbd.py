@@ -8,6 +8,7 @@ from xapid import generic
 from xapid.api import Call, handler
 from xapid.errors import ApiError
 from xapid.ha import stack
+from xapid.storage import needs_clustering, sm_of
 from xapid.store import Transaction
 
 
@@ -16,8 +17,32 @@ def plug(tx: Transaction, pbd: str) -> None:
     rec = tx.get("PBD", pbd)
     if rec["currently_attached"]:
         return
+    sr = tx.get("SR", rec["SR"])
+    assert_clustered_host(tx, rec["host"], sr["type"])
     stack.check_plug(tx, pbd)
     rec["currently_attached"] = True
+
+
+def assert_clustered_host(tx: Transaction, host: str, sr_type: str) -> None:
+    """xapi_clustering.ml assert_cluster_host_is_enabled_for_matching_sms, for drivers that need
+    clustering (gfs2): the host's Cluster_host must be on a required stack (else
+    ``NO_COMPATIBLE_CLUSTER_HOST [host]``), enabled (``CLUSTERING_DISABLED``) and quorate
+    (``CLUSTER_HOST_NOT_JOINED``)."""
+    if not needs_clustering(sr_type):
+        return
+    found = sm_of(tx, sr_type)
+    required = list(found[1]["required_cluster_stack"]) if found is not None else []
+    for ch in tx.referrers("Cluster_host", "host", host):
+        rec = tx.read("Cluster_host", ch)
+        cluster = tx.read("Cluster", rec["cluster"]) if rec is not None else None
+        if rec is None or cluster is None or cluster["cluster_stack"] not in required:
+            continue
+        if not rec["enabled"]:
+            raise ApiError("CLUSTERING_DISABLED", ch)
+        if not cluster["is_quorate"]:
+            raise ApiError("CLUSTER_HOST_NOT_JOINED", ch)
+        return
+    raise ApiError("NO_COMPATIBLE_CLUSTER_HOST", host)
 
 
 def in_use(tx: Transaction, pbd: str) -> None:

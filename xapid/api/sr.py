@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from xapid.api import Call, handler
-from xapid.api.pbd import plug
+from xapid.api.pbd import assert_clustered_host, plug
 from xapid.errors import ApiError
 from xapid.schema import NULL_REF
 from xapid.storage import plain_name, sm_of
@@ -19,6 +19,7 @@ def create(call: Call, host: str, device_config: dict[str, str], physical_size: 
             raise ApiError("SR_UNKNOWN_DRIVER", type)
         if physical_size < 0:
             raise ApiError("INVALID_VALUE", "physical_size", physical_size)
+        assert_clustered_host(tx, host, type)  # xapi_sr.ml create: before anything is made
         sr = tx.create("SR", {
             "name_label": name_label, "name_description": name_description, "type": type,
             "content_type": content_type, "shared": shared, "sm_config": sm_config,

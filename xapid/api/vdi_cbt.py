@@ -84,3 +84,4 @@ def list_changed_blocks(call: Call, vdi_from: str, vdi_to: str) -> str:
                for rec in (first, last)}
     return cbtlog.changed_between(sorted(sr_dirs), _log_of(call, first), _log_of(call, last),
                                   int(last["virtual_size"]), (vdi_from, vdi_to))
+

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from xapid import generic, operations
 from xapid.api import Call, handler
+from xapid.api import vtpm as vtpm_api
 from xapid.api.vdi import account, create_vdi, file_of, remove_vdi
 from xapid.errors import ApiError
 from xapid.ha import planner
@@ -332,6 +333,7 @@ def remove_vm(tx: Transaction, vm: str, rec: dict[str, Any]) -> None:
         tx.delete("VBD", vbd)
     for vif in tx.referrers("VIF", "VM", vm):
         tx.delete("VIF", vif)
+    vtpm_api.remove_all(tx, vm)
     if tx.read("VM_metrics", rec["metrics"]) is not None:
         tx.delete("VM_metrics", rec["metrics"])
     remove_metrics(tx, vm, rec)

@@ -17,6 +17,7 @@ from typing import Any
 from xapid import operations
 from xapid.api import Call, handler
 from xapid.api import vdi as vdi_api
+from xapid.api import vtpm as vtpm_api
 from xapid.api.vbd import create as vbd_create
 from xapid.api.vif import gen_mac
 from xapid.api.vm import _ha_enabled, _to_halted, suspend_sr, write_memory_image
@@ -191,6 +192,7 @@ def make_copy(call: Call, vm: str, op: str, new_name: str, sr: str | None = None
                 new_vm = tx.create("VM", values)
                 _copy_devices(tx, new_vm, disks, vifs, values["other_config"].get("mac_seed", new_uuid()),
                               op in ("snapshot", "checkpoint"), attached=power_state == "Suspended")
+                vtpm_api.copy_all(tx, vm, new_vm)
                 if op in ("snapshot", "checkpoint"):
                     live["parent"] = new_vm
                 return new_vm

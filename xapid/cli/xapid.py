@@ -103,6 +103,7 @@ def serve(args: argparse.Namespace) -> int:
         print(f"xapid: cannot listen on every host's address: {e.strerror or e}", file=sys.stderr)
         return 2
     daemon.tls_cert = Path(args.tls_cert) if args.tls_cert else None
+    daemon.tls_key = Path(args.tls_key) if args.tls_cert and args.tls_key else None
     tcp = XapiServer(sock, tls)
     server = ApiServer(daemon, limits)
     server.serve(tcp)
@@ -121,6 +122,7 @@ def serve(args: argparse.Namespace) -> int:
             log.warning("cannot serve the local socket", path=str(unix_path), error=str(e))
     daemon.start()
     server.start()
+    daemon.nbd.start(addresses)
     url_file = daemon.state_dir / "url"
     statefiles.write_atomic(url_file, (url + "\n").encode(), mode=0o644)
     log.info("xapid ready", url=url, console=url + "console", state_dir=str(daemon.state_dir),

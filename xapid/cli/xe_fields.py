@@ -160,6 +160,13 @@ DERIVED: dict[str, tuple[tuple[str, str, str], ...]] = {
     "VBD": (("vm-uuid", "VM", "uuid"), ("vm-name-label", "VM", "name_label"), ("vdi-uuid", "VDI", "uuid")),
     "PIF": (("network-uuid", "network", "uuid"), ("host-uuid", "host", "uuid")),
     "VIF": (("vm-uuid", "VM", "uuid"), ("network-uuid", "network", "uuid")),
+    "VTPM": (("vm-uuid", "VM", "uuid"), ("vm-name-label", "VM", "name_label")),
+}
+
+# Fields xe spells otherwise than with dashes (records.ml vtpm_record keeps the underscores).
+CLI_NAMES: dict[tuple[str, str], str] = {
+    ("VTPM", "is_unique"): "is_unique",
+    ("VTPM", "is_protected"): "is_protected",
 }
 
 # String fields that hold refs of another class (xe prints the target's uuid).
@@ -253,7 +260,7 @@ def class_fields(c: ClassDef, schema: Schema) -> list[CliField]:
             ty = Type("set", elem=target) if ty.kind == "set" else target
         methods = _wire_methods(c, f)
         out.append(CliField(
-            name=cli_name(f.name), type=ty, api=f.name, deprecated=f.deprecated,
+            name=CLI_NAMES.get((c.name, f.name), cli_name(f.name)), type=ty, api=f.name, deprecated=f.deprecated,
             join=JOINS.get((c.name, f.name), "; "), **methods,
         ))
         out.extend(derived.get(f.name, ()))

@@ -9,7 +9,18 @@ import re
 
 from xapid.schema import NULL_REF
 
-from .xe_commands import Args, Command, Context, Run, _print_uuid, failwith, host_named, parse_size, select_vms
+from .xe_commands import (
+    DANGEROUS,
+    Args,
+    Command,
+    Context,
+    Run,
+    _print_uuid,
+    failwith,
+    host_named,
+    parse_size,
+    select_vms,
+)
 from .xe_errors import ApiFailure, XeError
 from .xe_output import api_error_lines
 
@@ -281,6 +292,20 @@ def vbd_unplug(ctx: Context, args: Args) -> None:
     ctx.rpc.call("VBD.unplug_force" if args.flag("force") else "VBD.unplug", ref)
 
 
+def vtpm_create(ctx: Context, args: Args) -> None:
+    """cli_operations.ml VTPM.create: ``is-unique`` (or ``is_unique``) defaults to false."""
+    vm = ctx.db.ref_of("VM", args.require("vm-uuid"))
+    unique = args.flag("is-unique") or args.flag("is_unique")
+    _print_uuid(ctx, "VTPM", ctx.rpc.call("VTPM.create", vm, unique))
+
+
+def vtpm_destroy(ctx: Context, args: Args) -> None:
+    uuid = args.require("uuid")
+    if not args.flag("force"):
+        raise failwith(DANGEROUS)
+    ctx.rpc.call("VTPM.destroy", ctx.db.ref_of("VTPM", uuid))
+
+
 def vif_create(ctx: Context, args: Args) -> None:
     network = ctx.db.ref_of("network", args.require("network-uuid"))
     vm = ctx.db.ref_of("VM", args.require("vm-uuid"))
@@ -362,6 +387,8 @@ def vm_surface_commands() -> list[Command]:
                 "Attempt to attach the VIF while the VM is in the running state."),
         Command("vif-unplug", _on("VIF", "unplug"), ("uuid",), ("force",),
                 "Attempt to detach the VIF while the VM is in the running state."),
+        Command("vtpm-create", vtpm_create, ("vm-uuid",), ("is-unique",), "Create a VTPM associated with a VM."),
+        Command("vtpm-destroy", vtpm_destroy, ("uuid",), ("force",), "Destroy a VTPM"),
         Command("vlan-create", vlan_create, ("pif-uuid", "vlan", "network-uuid"), (),
                 "Create a new VLAN on a host; prints the uuid of its PIF."),
         Command("vlan-destroy", _on("VLAN", "destroy"), ("uuid",), (), "Destroy a VLAN."),

@@ -25,6 +25,8 @@ refs (xapi's ``complete_import``); on any failure, a client gone mid-way include
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import os
 import time
@@ -36,9 +38,10 @@ import structlog
 from xapid import operations
 from xapid.api import vdi as vdi_api
 from xapid.api import vm as vm_api
+from xapid.api import vtpm as vtpm_api
 from xapid.api.vif import gen_mac
 from xapid.api.vm_copy import vm_operation
-from xapid.errors import ApiError
+from xapid.errors import ApiError, internal
 from xapid.handlers import sparse, xva
 from xapid.handlers.access import Access, Refusal, bad_request, route
 from xapid.handlers.disks import PROGRESS_EVERY, read_piece, vdi_file, with_slash
@@ -51,6 +54,8 @@ from xapid.timeutil import now_iso
 log = structlog.get_logger("xapid.handlers.vms")
 
 VM_SET = Type("set", elem=Type("ref", "VM"))
+# The classes of an export, in export.ml make_all's order.
+EXPORTED = ("VM", "VM_metrics", "VBD", "VIF", "network", "VDI", "SR", "VTPM")
 VDI_FIELDS = ("name_label", "name_description", "type", "sharable", "read_only", "other_config", "xenstore_data",
               "virtual_size", "on_boot", "allow_caching", "metadata_of_pool", "tags", "sm_config")
 
@@ -168,14 +173,19 @@ def metadata(access: Access, vm: str) -> tuple[dict[str, str], list[tuple[str, s
                 add(store.get("VDI", vbd_rec["VDI"])["SR"])  # type: ignore[index]
     if store.exists("VM_metrics", rec["metrics"]):
         add(rec["metrics"])
+    for vtpm in rec["VTPMs"]:
+        add(vtpm)
     by_class: dict[str, list[str]] = {}
     for ref in table:
-        cls = next(c for c in ("VM", "VIF", "network", "VBD", "VDI", "SR", "VM_metrics") if store.exists(c, ref))
+        cls = next(c for c in EXPORTED if store.exists(c, ref))
         by_class.setdefault(cls, []).append(ref)
     encoder = access.daemon.encoder
     objects = []
-    for cls in ("VM", "VM_metrics", "VBD", "VIF", "network", "VDI", "SR"):  # export.ml make_all's order
+    for cls in EXPORTED:
         for ref in by_class.get(cls, []):
+            if cls == "VTPM":
+                objects.append((cls, table[ref], encoder.xml(_vtpm_snapshot(store, ref, table), None)))
+                continue
             snapshot = _rewrite(access, cls, store.render(cls, ref), table)
             objects.append((cls, table[ref], encoder.xml(snapshot, Type("record", cls))))
     disks = []
@@ -190,6 +200,16 @@ def metadata(access: Access, vm: str) -> tuple[dict[str, str], list[tuple[str, s
         disks.append((table[vbd_rec["VDI"]], vbd_rec["VDI"], int(vdi_rec["virtual_size"])))
     disks.sort()  # stream_vdi.ml vdi_ordering: by the prefix, as text
     return table, objects, disks
+
+
+def _vtpm_snapshot(store: Store, ref: str, table: dict[str, str]) -> dict[str, Any]:
+    """export.ml make_vtpm: not the API record but importexport.ml's ``vtpm'``, which carries the
+    contents (its keys are the OCaml field names, as ppx_deriving_rpc writes them)."""
+    rec = store.get("VTPM", ref) or {}
+    secret = store.get("secret", rec.get("contents", NULL_REF)) or {}
+    return {"vTPM'_VM": table.get(rec.get("VM", NULL_REF), NULL_REF), "vTPM'_uuid": rec.get("uuid", ""),
+            "vTPM'_is_unique": bool(rec.get("is_unique")), "vTPM'_is_protected": bool(rec.get("is_protected")),
+            "vTPM'_content": str(secret.get("value", ""))}
 
 
 def _map_refs(value: Any, ty: Type, table: dict[str, str]) -> Any:
@@ -363,6 +383,7 @@ def _create(access: Access, sr: str, objects: list[dict[str, Any]], restore: boo
     vm_ids = {o["id"] for o in vms}
     vbds = [o for o in of_class.get("vbd", []) if o["snapshot"].get("VM") in vm_ids]
     vifs = [o for o in of_class.get("vif", []) if o["snapshot"].get("VM") in vm_ids]
+    vtpms = [o for o in of_class.get("vtpm", []) if o["snapshot"].get("vTPM'_VM") in vm_ids]
     refs: dict[str, str] = {}
     files: list[tuple[str, str]] = []
     sr_uuid = store.get("SR", sr)["uuid"]  # type: ignore[index]
@@ -405,6 +426,8 @@ def _create(access: Access, sr: str, objects: list[dict[str, Any]], restore: boo
                     device = str(values.get("device", "0"))
                     values["MAC"] = gen_mac(int(device) if device.isdigit() else 0, seed)
                 refs[vif["id"]] = tx.create("VIF", values)
+            for vtpm in vtpms:
+                _import_vtpm(tx, vtpm["snapshot"], refs, restore)
     except BaseException:
         for sr_uuid_, vdi_uuid in files:
             disks.remove_vdi(sr_uuid_, vdi_uuid)
@@ -414,6 +437,23 @@ def _create(access: Access, sr: str, objects: list[dict[str, Any]], restore: boo
         made.disks.clear()
         raise
     made.disks.sort()  # the order the exporter streams them in
+
+
+def _import_vtpm(tx: Transaction, snap: dict[str, Any], refs: dict[str, str], restore: bool) -> None:
+    """import.ml VTPM: a new VTPM of the imported VM with the archive's contents; a restore keeps
+    its uuid, which must then be free."""
+    content = str(snap.get("vTPM'_content", ""))
+    try:
+        base64.b64decode(content.encode("ascii"), validate=True)
+    except (binascii.Error, ValueError, UnicodeEncodeError):
+        raise internal("VTPM contents are not base64") from None
+    ref = vtpm_api.introduce(tx, refs[snap["vTPM'_VM"]], snap.get("vTPM'_is_unique") is True, content,
+                             snap.get("vTPM'_is_protected") is True)
+    uuid = str(snap.get("vTPM'_uuid", ""))
+    if restore and uuid:
+        if tx.by_uuid("VTPM", uuid) is not None:
+            raise xva.XvaError("IMPORT_ERROR", f"A VTPM with UUID {uuid} already exists")
+        tx.update("VTPM", ref, uuid=uuid)
 
 
 def _networks(tx: Transaction, vifs: list[dict[str, Any]], by_id: dict[str, dict[str, Any]],

@@ -19,7 +19,8 @@ local socket) and restarts it with ``systemctl restart xapi.service``.  Here:
   service: ``{"url": ..., "requested": N, "completed": N, "result": "ok"|"failed"|"none",
   "fault": ...}``; a stack that asked for a restart waits for ``completed`` to grow.
 
-State lives in memory: a daemon restart restarts every host's xapi, so every fault ends with it.
+A daemon restart restarts every host's xapi: transient faults end with it, persistent ones are
+read back from ``xapi.json`` (until ``xapi-heal`` or a boot of the host).
 """
 
 from __future__ import annotations
@@ -75,11 +76,16 @@ class Toolstacks:
     # -- set-up -------------------------------------------------------------------------------------
 
     def attach(self, uuid: str, folder: Path) -> None:
-        """Know host ``uuid`` (its folder exists): write its ``ptoken`` and ``xapi.json``."""
+        """Know host ``uuid`` (its folder exists): write its ``ptoken`` and ``xapi.json``.
+
+        A daemon start restarts every host's xapi: a persistent fault the last ``xapi.json`` names
+        comes back with it (a transient one is cured by that restart)."""
         with self._lock:
             host = self._hosts.get(uuid)
             if host is None:
                 host = self._hosts[uuid] = _Host(folder)
+                host.fault = _persistent_fault(folder)
+                host.persistent = host.fault is not None
         statefiles.write_atomic(folder / TOKEN_FILE, (self.secret + "\n").encode(), mode=0o600)
         self._publish(host)
 
@@ -254,3 +260,14 @@ class Toolstacks:
             return {}
         return {"url": host.url, "requested": host.requested, "completed": host.completed,
                 "result": host.result, "fault": host.fault, "persistent": host.persistent}
+
+
+def _persistent_fault(folder: Path) -> str | None:
+    """The persistent fault ``xapi.json`` in ``folder`` records, if any."""
+    data = statefiles.read_bytes(folder / STATUS_FILE)
+    try:
+        doc = json.loads(data) if data else {}
+    except ValueError:
+        return None
+    fault = doc.get("fault") if isinstance(doc, dict) and doc.get("persistent") is True else None
+    return fault if fault in FAULTS else None

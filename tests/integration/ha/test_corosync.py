@@ -83,7 +83,7 @@ def test_nfs_heartbeat_sr_is_refused_when_corosync_is_required(corosync_pool: Po
     ocfs2_sr(x)
     with pytest.raises(XenAPI.Failure) as e:
         x.pool.enable_ha([x.pool.get_default_SR(p.pool)], {"timeout": "10"})
-    assert list(e.value.details) == ["INCOMPATIBLE_STATEFILE_SR", "ocfs2"]
+    assert list(e.value.details) == ["INCOMPATIBLE_STATEFILE_SR", "ocfs2,gfs2"]
     assert x.pool.get_ha_enabled(p.pool) is False
 
 

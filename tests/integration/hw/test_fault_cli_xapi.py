@@ -154,3 +154,18 @@ def test_host_restart_agent_restarts_that_hosts_xapi_after_answering(xapid: Xapi
     fault(xapid.state_dir, "crash", "host3")
     with pytest.raises(Exception, match="HOST_OFFLINE"):
         api.host.restart_agent(api.host.get_by_name_label("host3")[0])
+
+
+def test_a_daemon_restart_keeps_persistent_xapi_faults_and_cures_transient_ones(xapid: Xapid, api: Any) -> None:
+    assert fault(xapid.state_dir, "xapi-crash", "host2", "--persistent").returncode == 0
+    assert fault(xapid.state_dir, "xapi-fail", "host3").returncode == 0
+    assert xapi_word(xapid, "host3") == ("fail", "0")
+    xapid.restart()  # every host's xapi restarts with the daemon (toolstack.py): as xapi-restart does
+    api = xapid.session().xenapi
+    assert xapi_word(xapid, "host2")[0] == "crash+persistent"
+    assert refused(xapid, address_of(api, "host2"))
+    assert xapi_word(xapid, "host3")[0] == "ok"
+    proxy, session = local_login(xapid, api, "host3")
+    assert proxy.host.ha_xapi_healthcheck(session) == {"Status": "Success", "Value": True}
+    assert fault(xapid.state_dir, "xapi-heal", "host2").stdout == "host2: xapi crash+persistent -> ok\n"
+    local_login(xapid, api, "host2")

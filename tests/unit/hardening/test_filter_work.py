@@ -47,11 +47,15 @@ def best_of(n: int, fn: object) -> float:
 
 def test_a_2000_term_and_chain_is_answered_not_a_recursion_error() -> None:
     chain = " and ".join([TERM] * 2000)
-    start = time.perf_counter()
-    assert evaluate(parse(chain), row) is True
-    assert evaluate(parse(chain + ' and field "power_state" = "Halted"'), row) is False
-    assert evaluate(parse(" or ".join([TERM] * 2000)), row) is True
-    assert time.perf_counter() - start < 1.0
+
+    def answer_all() -> None:
+        assert evaluate(parse(chain), row) is True
+        assert evaluate(parse(chain + ' and field "power_state" = "Halted"'), row) is False
+        assert evaluate(parse(" or ".join([TERM] * 2000)), row) is True
+
+    # About 0.25 s on an idle core; the best of three keeps a suite running 4 workers on 2 cores
+    # from failing it, while a quadratic evaluation (seconds) still does.
+    assert best_of(3, answer_all) < 1.0
 
 
 def test_tokenizing_is_linear_in_the_length() -> None:
