@@ -92,6 +92,7 @@ FIGURES: tuple[str, ...] = (
     "all_records.VM",
     "startup.small",
     "startup.large",
+    "startup.large.crash",
     "rss.large",
     "ha.small",
     "ha.medium",
@@ -319,6 +320,14 @@ class Daemon:
             self.proc = None
             if code != 0:
                 raise BenchError(f"xapid stopped with status {code}:\n{self.tail()}")
+        kill_heartbeats(self.state_dir)
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash: no clean stop (and no start-up snapshot) is written."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.procs.stop(self.proc)
+            self.proc = None
         kill_heartbeats(self.state_dir)
 
     @property
@@ -614,6 +623,15 @@ class Bench:
                          f"{', '.join(f'{t:.2f}' for t in times)} s", target, objects=objects,
                          rounds=[round(t, 3) for t in times])
         self.log(f"start-up with {objects} objects: {value:.2f} s")
+        if name == "startup.large":
+            # After a crash the snapshot a clean stop writes is gone: the start loads every row.
+            daemon.start()
+            daemon.kill()
+            crash = daemon.start()
+            daemon.stop()
+            self.results.add("startup.large.crash", f"start-up after SIGKILL, {objects:,} objects (every row loaded)",
+                             crash, "s", f"{crash:.2f} s", None, objects=objects)
+            self.log(f"start-up after SIGKILL with {objects} objects: {crash:.2f} s")
 
     # 1 and 2. throughput against the baseline --------------------------------------------------
 

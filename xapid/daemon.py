@@ -40,7 +40,8 @@ log = structlog.get_logger("xapid.daemon")
 __all__ = ["Daemon", "ensure_private_dir"]
 
 # SQLite opens these by path; in a state dir nobody else can write, checking them first is enough.
-STORE_FILES = ("xapid.db", "xapid.db-wal", "xapid.db-shm", "xapid.db-journal")
+STORE_FILES = ("xapid.db", "xapid.db-wal", "xapid.db-shm", "xapid.db-journal", "xapid.db-snapshot",
+               "xapid.db-snapshot.tmp")
 
 
 class Daemon:
@@ -70,6 +71,10 @@ class Daemon:
         self.schema = schema_mod.load()
         self.encoder = Encoder(self.schema)
         self.store = Store(self.schema, self.state_dir / "xapid.db")
+        # Where the records came from: "snapshot" after a clean stop, "rows" otherwise (and why).
+        log.info("store loaded", source=self.store.loaded_from,
+                 objects=sum(self.store.count(name) for name in self.schema.classes),
+                 **({"snapshot_unused": self.store.snapshot_note} if self.store.snapshot_note else {}))
         # The loaded records live as long as the daemon (or until replaced, freed by reference count):
         # out of the collector's sight at once, so no later collection walks them.
         gc.freeze()

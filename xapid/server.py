@@ -7,12 +7,23 @@ get xapi's HTTP 500; bodies over the size cap get 413.
 
 How clients are kept from locking each other out:
 
-* Every connection has a thread of its own, which reads, runs and answers its
-  requests (no hand-off: a call costs what it did before).  What is bounded is
-  what others need: the calls running at once (``worker-threads``), the
-  logins (``login-threads``), the parked ``event.from``/``event.next`` calls
-  (capped per user and overall by :mod:`xapid.events`), and the connections.
-  Reading a request, or waiting for one, holds none of these.
+* Connections waiting for their next request wait together in one event loop
+  (:mod:`xapid.reactor`, ``epoll``; ``inline-reads``, on by default, for plain
+  TCP and the Unix socket on the pool's address).  It serves, in its own thread
+  and batched as ``epoll`` reports them, the requests that cannot block: whole,
+  small XML-RPC/JSON-RPC calls of the generic reads (:data:`INLINE_IMPLS`),
+  whose answer need not wait for the disk (else :class:`NotNow`).  Anything
+  else (writes, long polls, logins, HTTP handlers, large or trickled requests,
+  a frozen host's) goes to a thread, as is every TLS connection and every one on
+  a host's own address; a thread keeps its connection while the client goes on
+  at once (:data:`STAY`), then gives it back.  Eight busy readers thus cost no
+  GIL hand-off per call between connection threads.
+* A connection on a thread reads, runs and answers its requests there.  What is
+  bounded is what others need: the calls running at once (``worker-threads``,
+  the event loop's included), the logins (``login-threads``), the parked
+  ``event.from``/``event.next`` calls (capped per user and overall by
+  :mod:`xapid.events`), and the connections.  Reading a request, or waiting for
+  one, holds none of these.
 * Each request has a total time budget for its headers (``header-timeout``,
   from its first byte; a trickled byte does not reset it: every ``recv`` waits
   only for what is left) and for its body (``body-timeout``); the first request
@@ -70,6 +81,7 @@ from xapid.errors import ApiError
 from xapid.hw.faults import PATH as FAULT_PATH
 from xapid.logging import access_log
 from xapid.logging import flush as flush_log
+from xapid.reactor import Reactor
 from xapid.wire import (
     BadRequest,
     decode_jsonrpc,
@@ -151,6 +163,9 @@ class Limits:
     max_waiting_calls: int
     max_waiting_calls_per_user: int
     shutdown_timeout: float
+    # 1: idle keep-alive connections wait in one event loop, which answers calls that cannot block
+    # itself (see "Serving" above); 0: every connection keeps a thread of its own.
+    inline_reads: int = 1
 
     @classmethod
     def from_config(cls, config: Config) -> Limits:
@@ -159,6 +174,11 @@ class Limits:
         for name, f in cls.__dataclass_fields__.items():
             key = name.replace("_", "-")
             value = config[key]
+            if name == "inline_reads":
+                if value not in (0, 1):
+                    raise ConfigError(f"{key} must be 0 or 1, got {value}")
+                values[name] = int(value)
+                continue
             if not value > 0:
                 raise ConfigError(f"{key} must be positive, got {value}")
             values[name] = int(value) if f.type == "int" else float(value)
@@ -194,6 +214,14 @@ class Slots:
         """Slots not taken now."""
         return self._free.qsize()
 
+    def try_enter(self) -> bool:
+        """Take a slot if one is free now (then leave with :meth:`__exit__`); never waits."""
+        try:
+            self._free.get_nowait()
+        except queue.Empty:
+            return False
+        return True
+
 
 # -- requests, responses, routes ----------------------------------------------------------------------
 
@@ -220,6 +248,7 @@ class Request:
     answered: bool = False  # the answer's head is sent already (a body without framing)
     peer: str = ""  # the client's address ("local" on the Unix socket)
     endpoint: str | None = None  # the host whose own address received it (None: the pool's address)
+    decoded: Any = None  # the RPC body already parsed (by the event loop, which hands the call on)
 
     def header(self, name: str, default: str = "") -> str:
         values = self.headers.get(name)
@@ -282,6 +311,9 @@ class RouteTable(list[Route]):
     def __init__(self, routes: Iterable[Route]) -> None:
         super().__init__(routes)
         self._found: dict[tuple[str, str], Route | None] = {}
+        # The event loop's parses of whole heads it may serve itself (a pure function of the
+        # head's bytes for this listener), up to HEAD_CACHE of them (then forgotten at once).
+        self.heads: dict[bytes, tuple[Any, ...]] = {}
 
     def find(self, method: str, path: str) -> Route | None:
         key = (method, path)
@@ -296,6 +328,7 @@ class RouteTable(list[Route]):
 
 
 ROUTE_CACHE = 1024
+HEAD_CACHE = 256
 
 
 def find_route(routes: list[Route], method: str, path: str) -> Route | None:
@@ -429,7 +462,8 @@ class Conn:
     ``poll`` before every call).  A TLS socket uses its timeout per call, as the ssl module expects.
     """
 
-    __slots__ = ("sock", "ip", "state", "since", "served", "buf", "plain", "_rpoll", "_wpoll")
+    __slots__ = ("sock", "ip", "state", "since", "served", "buf", "plain", "_rpoll", "_wpoll",
+                 "fd", "idle_until", "heaped", "home")
 
     def __init__(self, sock: socket.socket, ip: str) -> None:
         self.sock = sock
@@ -441,6 +475,12 @@ class Conn:
         self.plain = not isinstance(sock, ssl.SSLSocket)
         self._rpoll: Any = None
         self._wpoll: Any = None
+        # While parked in the event loop (xapid.reactor): descriptor, deadline, its queued deadline,
+        # and (listener, registry, routes).
+        self.fd = -1
+        self.idle_until = 0.0
+        self.heaped = False
+        self.home: tuple[Listener, Registry, RouteTable] | None = None
         if self.plain:
             sock.setblocking(False)
 
@@ -643,6 +683,28 @@ class Conn:
                     return False
         return True
 
+    def send_now(self, parts: list[bytes]) -> list[Any] | None:
+        """Send what the kernel takes now of ``parts`` (a plain socket), never waiting: the pieces
+        left (empty: all sent), or None if the connection failed."""
+        sock = self.sock
+        pending: list[Any] = [p for p in parts if p]
+        i, n = 0, len(pending)
+        while i < n:
+            try:
+                sent = sock.send(pending[i]) if i == n - 1 else sock.sendmsg(pending[i:i + IOV_MAX])
+            except BlockingIOError:
+                return pending[i:]
+            except OSError:
+                return None
+            while sent:
+                first = len(pending[i])
+                if sent < first:
+                    pending[i] = memoryview(pending[i])[sent:]
+                    break
+                sent -= first
+                i += 1
+        return []
+
     def linger(self, seconds: float) -> None:
         """Half-close and discard what the client still sends for a moment, so that it reads our
         last answer rather than a reset (closing with unread bytes makes the kernel send RST)."""
@@ -836,12 +898,61 @@ class UnixXapiServer(Listener):
             pass
 
 
+# -- the event loop's calls -------------------------------------------------------------------------------
+
+# The generic implementations (xapid.generic) the event loop may run itself: they read memory only,
+# never wait and cost little (get_all: while its class has at most INLINE_ALL objects; the other
+# connections wait meanwhile).  get_all_records and the filters can cost much: they stay on
+# threads, as do hand-written handlers, whose waits nothing here can see.
+INLINE_IMPLS = frozenset({"get_record", "get_by_uuid", "get_all", "getter"})
+INLINE_ALL = 2000
+WORKER_IDLE = 10.0  # seconds an idle connection thread waits for another connection to serve
+STAY = 0.1  # seconds a connection served on a thread waits there for its next request
+DECODED_BODY = 1024  # bytes: XML-RPC bodies up to this size have their parse remembered...
+DECODED_CACHE = 1024  # ...this many of them (then forgotten at once)
+
+
+class NotNow(Exception):
+    """An inline call's answer must wait for the disk: a thread runs the call again (it read only)."""
+
+
+def inline_methods(table: dict[str, Any]) -> dict[str, str | None]:
+    """The wire names (canonical, without ``Async.``) the event loop answers itself, each with
+    the class whose size bounds its cost (None: a single object's)."""
+    out: dict[str, str | None] = {}
+    for name, m in table.items():
+        impl = m.impl
+        if impl is None or m.removed or not m.session or getattr(impl, "__module__", "") != "xapid.generic":
+            continue
+        kind = impl.__qualname__.split(".", 1)[0]
+        if kind in INLINE_IMPLS:
+            out[name] = m.cls if kind == "get_all" else None
+    return out
+
+
+def durable_now(store: Any) -> bool:
+    """Whether :meth:`xapid.store.Store.wait_durable` would return at once (False when unsure:
+    the call then goes to a thread, which waits)."""
+    try:
+        return store._broken is None and store._durable >= store.generation
+    except AttributeError:
+        return False
+
+
+@dataclass
+class _Rest:
+    """The part of an answer the event loop could not send at once, for a thread to finish."""
+
+    parts: list[Any]
+    close: bool
+
+
 # -- the server -------------------------------------------------------------------------------------------
 
 
 class ApiServer:
-    """Accepts on every listener, serves each connection on its own thread; :meth:`call` is the
-    error boundary."""
+    """Accepts on every listener, serves idle connections' plain reads in one event loop and
+    everything else on a thread per busy connection; :meth:`call` is the error boundary."""
 
     def __init__(self, daemon: Daemon, limits: Limits) -> None:
         self.daemon = daemon
@@ -856,6 +967,14 @@ class ApiServer:
         self._listeners_lock = threading.Lock()
         self._accepting: list[threading.Thread] = []
         self._last_warning = 0.0
+        self._reactor: Reactor | None = None
+        self._inline: dict[str, str | None] = {}
+        self._scratch = bytearray(65536)  # the event loop's receive buffer
+        self._decoded: dict[bytes, tuple[str, tuple[str, ...]]] = {}  # the event loop's (_decode_xml)
+        self._jobs: queue.SimpleQueue[tuple[Conn, Any]] = queue.SimpleQueue()
+        self._idle_workers = 0
+        self._pool_lock = threading.Lock()
+        self.threads_started = 0  # connection threads started so far (the loop answers without one)
 
     # -- life cycle -------------------------------------------------------------------------------
 
@@ -866,6 +985,10 @@ class ApiServer:
     def start(self) -> None:
         """Start accepting on every listener."""
         self.started = True
+        if self.limits.inline_reads:
+            self._inline = inline_methods(self.daemon.dispatcher.table)
+            self._reactor = Reactor(self._ready, self._end)
+            self._reactor.start()
         for listener in self.listeners:
             self._start_accepting(listener)
 
@@ -929,6 +1052,9 @@ class ApiServer:
             time.sleep(0.02)
         for reg in registries:
             reg.cut(busy_too=True)
+        if self._reactor is not None:
+            for conn in self._reactor.close():
+                self._end(conn)
         for listener in self.listeners:
             listener.close()
         flush_log()  # the lines of the last calls
@@ -958,9 +1084,18 @@ class ApiServer:
                 self._warn_limits(registry, ip)
                 self._refuse(sock)
                 continue
+            if self._reactor is not None and listener.tls is None and listener.endpoint is None:
+                # Its first request is awaited with the others, from the accept (header-timeout).
+                conn.home = (listener, registry, routes)
+                conn.fd = sock.fileno()
+                conn.idle_until = conn.since + self.limits.header_timeout
+                if not self._reactor.park(conn):
+                    self._end(conn)
+                continue
             try:
                 threading.Thread(target=self._connection, args=(listener, registry, routes, conn),
                                  name=f"conn-{ip}", daemon=True).start()
+                self.threads_started += 1
             except RuntimeError:  # cannot start a thread: refuse like a full server
                 registry.remove(conn)
                 self._refuse(sock)
@@ -985,15 +1120,42 @@ class ApiServer:
 
     # -- one connection -------------------------------------------------------------------------
 
-    def _connection(self, listener: Listener, registry: Registry, routes: list[Route], conn: Conn) -> None:
+    def _connection(self, listener: Listener, registry: Registry, routes: list[Route], conn: Conn,
+                    first: Any = None) -> None:
+        """Serve ``conn`` until it ends or, with the event loop, until it waits for its next
+        request (it is then parked there).  ``first``: what the event loop began, a request it
+        read (with its route) or the rest of an answer (:class:`_Rest`)."""
         lim = self.limits
+        parked = False
         try:
             if listener.closed:  # withdrawn while this connection was being admitted
                 return
-            if listener.tls is not None and not self._handshake(listener.tls, conn):
-                return
-            idle_until = conn.since + lim.header_timeout  # the first request: counted from the accept (as xapi)
+            if conn.home is not None:  # from the event loop: the deadline it was waiting with
+                idle_until = conn.idle_until
+            else:
+                if listener.tls is not None and not self._handshake(listener.tls, conn):
+                    return
+                idle_until = conn.since + lim.header_timeout  # the first request: counted from the accept (as xapi)
+            if isinstance(first, _Rest):
+                if not conn.send_parts(first.parts, lim.body_timeout) or first.close:
+                    return
+                conn.served += 1
+                idle_until = time.monotonic() + lim.keepalive_timeout
+                first = None
+                parked = self._linger_or_park(conn, idle_until)
+                if parked:
+                    return
             while not self.stopping:
+                if first is not None:
+                    (request, route), first = first, None
+                    conn.set(BUSY)
+                    if self._serve(conn, listener, request, route):
+                        break
+                    idle_until = time.monotonic() + lim.keepalive_timeout
+                    parked = self._linger_or_park(conn, idle_until)
+                    if parked:
+                        return
+                    continue
                 conn.set(IDLE)
                 if not conn.wait(idle_until):
                     break
@@ -1016,34 +1178,209 @@ class ApiServer:
                     conn.linger(LINGER)
                     break
                 conn.set(BUSY)
-                while not listener.running.is_set():  # a frozen host answers when it thaws
-                    listener.running.wait(ACCEPT_POLL)
-                if listener.closed:
+                if self._serve(conn, listener, request, route):
                     break
-                if route is None:
-                    response = Response(404, b"<html><body><h1>404 Not Found</h1></body></html>", "text/html")
-                else:
-                    response = route.handler(self, request)
-                if request.answered:  # the head went out before the body (BodyReader.on_start)
-                    self._discard(response)
-                    break
-                if request.method == "HEAD":
-                    response.body, response.parts = b"", None
-                    self._discard(response)
-                response.close = response.close or request.close or self.stopping
-                if request.reader is not None and not request.reader.done:
-                    response.close = True  # the unread rest of a streamed body cannot be skipped safely
-                if not self._answer(conn, response, request.version) or response.close:
-                    break
-                conn.served += 1
                 idle_until = time.monotonic() + lim.keepalive_timeout
+                parked = self._linger_or_park(conn, idle_until)
+                if parked:
+                    return
         except (Closed, Deadline, ClientGone):
             pass
         except Exception:  # noqa: BLE001 - one connection's failure must not reach anything else
             log.exception("unexpected exception serving a connection")
         finally:
-            registry.remove(conn)
-            conn.close()
+            if not parked:
+                registry.remove(conn)
+                conn.close()
+
+    def _serve(self, conn: Conn, listener: Listener, request: Request, route: Route | None) -> bool:
+        """Run and answer one request read whole (or streamed); True if the connection ends."""
+        while not listener.running.is_set():  # a frozen host answers when it thaws
+            listener.running.wait(ACCEPT_POLL)
+        if listener.closed:
+            return True
+        if route is None:
+            response = Response(404, b"<html><body><h1>404 Not Found</h1></body></html>", "text/html")
+        else:
+            response = route.handler(self, request)
+        if request.answered:  # the head went out before the body (BodyReader.on_start)
+            self._discard(response)
+            return True
+        if request.method == "HEAD":
+            response.body, response.parts = b"", None
+            self._discard(response)
+        response.close = response.close or request.close or self.stopping
+        if request.reader is not None and not request.reader.done:
+            response.close = True  # the unread rest of a streamed body cannot be skipped safely
+        if not self._answer(conn, response, request.version) or response.close:
+            return True
+        conn.served += 1
+        return False
+
+    # -- the event loop (xapid.reactor): idle connections, and the calls that cannot block ----------
+
+    def _linger_or_park(self, conn: Conn, idle_until: float) -> bool:
+        """After an answer on a thread: keep the connection on it while its client goes on at
+        once (up to :data:`STAY`), else give it to the event loop; True if it was parked there
+        (the thread must leave it alone), False to go on serving it here."""
+        if conn.home is None or conn.buf or self.stopping or self._reactor is None:
+            return False
+        conn.set(IDLE)
+        # A client calling back to back (writes, say) keeps its thread: handing each request over
+        # would cost a wake-up of the loop and one of a thread where one wake-up does.
+        if conn._readable(min(idle_until, time.monotonic() + STAY)):
+            return False
+        conn.idle_until = idle_until
+        return not self.stopping and self._reactor.park(conn)
+
+    def _end(self, conn: Conn) -> None:
+        """Close a connection the event loop held."""
+        home = conn.home
+        if home is not None:
+            home[1].remove(conn)
+        conn.close()
+
+    def _submit(self, conn: Conn, first: Any = None) -> None:
+        """Serve ``conn`` on a thread: an idle one of the pool, else a new one."""
+        job = (conn, first)
+        with self._pool_lock:
+            if self._idle_workers:
+                self._idle_workers -= 1
+                self._jobs.put(job)
+                return
+        try:
+            threading.Thread(target=self._worker, args=(job,), name=f"conn-{conn.ip}", daemon=True).start()
+            self.threads_started += 1
+        except RuntimeError:  # cannot start a thread: the connection ends
+            self._end(conn)
+
+    def _worker(self, job: tuple[Conn, Any]) -> None:
+        while True:
+            conn, first = job
+            home = conn.home
+            assert home is not None
+            self._connection(home[0], home[1], home[2], conn, first)
+            with self._pool_lock:
+                self._idle_workers += 1
+            try:
+                job = self._jobs.get(timeout=WORKER_IDLE)
+            except queue.Empty:
+                with self._pool_lock:
+                    try:
+                        job = self._jobs.get_nowait()  # given to this thread as it timed out
+                    except queue.Empty:
+                        self._idle_workers -= 1
+                        return
+
+    def _ready(self, conn: Conn) -> Callable[[], None] | None:
+        """The event loop's callback: ``conn`` has input.  Serve what can be served here; None
+        to keep the connection parked, or what takes it elsewhere (a thread, or the close)."""
+        try:
+            got = conn.sock.recv_into(self._scratch)
+        except BlockingIOError:
+            return None
+        except OSError:
+            got = 0
+        if not got:
+            return lambda: self._end(conn)
+        conn.buf += memoryview(self._scratch)[:got]
+        while True:
+            then = self._inline_request(conn)
+            if then is not None or not conn.buf:
+                return then
+
+    def _decode_xml(self, body: bytes) -> tuple[str, list[Any]]:
+        """:func:`decode_xmlrpc`, remembered for small bodies whose parameters are all strings
+        (clients repeat their reads: the same session and refs, byte for byte)."""
+        known = self._decoded.get(body)
+        if known is not None:
+            return known[0], list(known[1])
+        method, params = decode_xmlrpc(body)
+        if len(body) <= DECODED_BODY and all(type(p) is str for p in params):
+            if len(self._decoded) >= DECODED_CACHE:
+                self._decoded.clear()
+            self._decoded[body] = (method, tuple(params))
+        return method, params
+
+    def _servable_head(self, head: bytes, listener: Listener, routes: RouteTable) -> tuple[Any, ...] | None:
+        """The parse of a whole head (the bytes before its empty line) if the event loop may serve
+        its request: a well-formed small XML-RPC or JSON-RPC POST by ``content-length``.  None
+        otherwise (a thread reads it again, refusing what must be refused)."""
+        breaks = head.count(b"\r\n")
+        if (head[0] in (10, 13) or breaks >= MAX_HEADER_LINES or head.count(b"\r") != breaks
+                or head.count(b"\n") != breaks or b"\0" in head):
+            return None
+        try:
+            request, route, length = self._parse_head(head.decode("latin-1").split("\r\n"), listener, routes)
+        except Refused:
+            return None
+        if (route is None or route.stream or request.method != "POST" or not 0 <= length < SMALL_BODY
+                or "expect" in request.headers):
+            return None
+        xml = route.handler is ApiServer.xmlrpc
+        if not xml and route.handler is not ApiServer.jsonrpc:
+            return None
+        return (request.method, request.path, request.version, request.headers, request.close, request.query,
+                route, length, xml)
+
+    def _inline_request(self, conn: Conn) -> Callable[[], None] | None:
+        """Answer the buffered request here if it is whole, small, and a call :data:`INLINE_IMPLS`
+        serves; else what hands it to a thread (already read, when it got that far)."""
+        listener, _registry, routes = conn.home  # type: ignore[misc]
+        lim = self.limits
+        if self.stopping or listener.closed or not listener.running.is_set() or listener.endpoint is not None:
+            return lambda: self._submit(conn)  # a host's address may wait on its local database
+        buf = conn.buf
+        end = buf.find(b"\r\n\r\n")
+        if end <= 0 or end + 4 > lim.max_header_size:
+            return lambda: self._submit(conn)
+        head = bytes(buf[:end])
+        known = routes.heads.get(head)
+        if known is None:
+            known = self._servable_head(head, listener, routes)
+            if known is None:
+                return lambda: self._submit(conn)  # the thread's reader answers it (refusals too)
+            if len(routes.heads) >= HEAD_CACHE:
+                routes.heads.clear()  # a client varying its heads: start again with the current ones
+            routes.heads[head] = known
+        method, path, version, headers, close, query, route, length, xml = known
+        total = end + 4 + length
+        if len(buf) < total:
+            return lambda: self._submit(conn)  # the body is still coming: read on a thread
+        request = Request(method, path, version, headers, bytes(buf[end + 4:total]), close, listener.local, query,
+                          peer=conn.ip, endpoint=listener.endpoint)
+        del buf[:total]
+        first = (request, route)
+        try:
+            decoded = self._decode_xml(request.body) if xml else decode_jsonrpc(request.body)
+        except Exception:  # noqa: BLE001 - the handler parses it again and answers what is wrong
+            return lambda: self._submit(conn, first)
+        request.decoded = decoded
+        name = decoded[0] if xml else decoded.method
+        sized = self._inline.get(name, "")
+        if (sized == "" or (sized is not None and self.daemon.store.count(sized) > INLINE_ALL)
+                or not self.calls.try_enter()):
+            return lambda: self._submit(conn, first)
+        conn.set(BUSY)
+        try:
+            response = (self._xmlrpc_call(request, decoded[0], decoded[1], inline=True) if xml
+                        else self._jsonrpc_call(request, decoded, inline=True))
+        except NotNow:
+            return lambda: self._submit(conn, first)
+        finally:
+            self.calls.__exit__()
+        response.close = response.close or request.close or self.stopping
+        rest = conn.send_now(self._wire(response))
+        if rest is None:
+            return lambda: self._end(conn)
+        if rest:
+            return lambda: self._submit(conn, _Rest(rest, response.close))
+        if response.close:
+            return lambda: self._end(conn)
+        conn.served += 1
+        conn.set(IDLE)
+        conn.idle_until = conn.since + lim.keepalive_timeout
+        return None
 
     def _handshake(self, tls: ssl.SSLContext, conn: Conn) -> bool:
         """TLS handshake within ``header-timeout`` in total (a trickled handshake does not extend it)."""
@@ -1241,6 +1578,14 @@ class ApiServer:
         client did not take it."""
         if response.stream is not None:
             return self._answer_stream(conn, response, version)
+        data = self._wire(response)
+        if len(data) == 1:
+            return conn.send(data[0], self.limits.body_timeout)
+        return conn.send_parts(data, self.limits.body_timeout)
+
+    @staticmethod
+    def _wire(response: Response) -> list[bytes]:
+        """The bytes of an answer without a stream: head and body, as one buffer when small."""
         body = response.body
         length = len(body) if response.parts is None else sum(len(p) for p in response.parts)
         if response.headers is None:
@@ -1259,10 +1604,10 @@ class ApiServer:
             lines.extend(f"{k}: {v}" for k, v in response.headers)
             head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
         if response.parts is not None:
-            return conn.send_parts([head, *response.parts], self.limits.body_timeout)
+            return [head, *response.parts]
         if len(body) < 65536:  # one segment for the usual small answer: one copy, one send
-            return conn.send(head + body, self.limits.body_timeout)
-        return conn.send_parts([head, body], self.limits.body_timeout)
+            return [head + body]
+        return [head, body]
 
     def _answer_stream(self, conn: Conn, response: Response, version: tuple[int, int]) -> bool:
         stream = response.stream
@@ -1339,16 +1684,21 @@ class ApiServer:
             return work()
 
     def xmlrpc(self, request: Request) -> Response:
-        try:
-            method, params = self.decode(decode_xmlrpc, request.body)
-        except BadRequest as e:
-            return self.bad(str(e))
-        except Exception as e:  # noqa: BLE001 - the boundary
-            log.exception("unexpected exception parsing a request")
-            return self.bad(type(e).__name__)
+        if request.decoded is not None:
+            method, params = request.decoded
+        else:
+            try:
+                method, params = self.decode(decode_xmlrpc, request.body)
+            except BadRequest as e:
+                return self.bad(str(e))
+            except Exception as e:  # noqa: BLE001 - the boundary
+                log.exception("unexpected exception parsing a request")
+                return self.bad(type(e).__name__)
+        return self._xmlrpc_call(request, method, params)
 
+    def _xmlrpc_call(self, request: Request, method: str, params: list[Any], inline: bool = False) -> Response:
         def work() -> bytes | list[bytes]:
-            reply, error = self.call(method, params, request.local, request.endpoint)
+            reply, error = self.call(method, params, request.local, request.endpoint, inline)
             try:
                 if error is None:
                     assert reply is not None
@@ -1363,7 +1713,7 @@ class ApiServer:
                 error = ["INTERNAL_ERROR", f"{type(e).__name__}: {e}"[:500]]
             return xml_failure(error)
 
-        answer = self.run(method, work)
+        answer = work() if inline else self.run(method, work)
         if isinstance(answer, list):
             if len(answer) > 3:  # a large reply: sent from its pieces
                 return Response(200, b"", "text/xml", parts=answer)
@@ -1371,16 +1721,21 @@ class ApiServer:
         return Response(200, answer, "text/xml")
 
     def jsonrpc(self, request: Request) -> Response:
-        try:
-            call = self.decode(decode_jsonrpc, request.body)
-        except BadRequest as e:
-            return self.bad(str(e))
-        except Exception as e:  # noqa: BLE001 - the boundary
-            log.exception("unexpected exception parsing a request")
-            return self.bad(type(e).__name__)
+        if request.decoded is not None:
+            call = request.decoded
+        else:
+            try:
+                call = self.decode(decode_jsonrpc, request.body)
+            except BadRequest as e:
+                return self.bad(str(e))
+            except Exception as e:  # noqa: BLE001 - the boundary
+                log.exception("unexpected exception parsing a request")
+                return self.bad(type(e).__name__)
+        return self._jsonrpc_call(request, call)
 
+    def _jsonrpc_call(self, request: Request, call: Any, inline: bool = False) -> Response:
         def work() -> bytes:
-            reply, error = self.call(call.method, call.params, request.local, request.endpoint)
+            reply, error = self.call(call.method, call.params, request.local, request.endpoint, inline)
             try:
                 if error is None:
                     assert reply is not None
@@ -1390,7 +1745,7 @@ class ApiServer:
                 error = ["INTERNAL_ERROR", f"{type(e).__name__}: {e}"[:500]]
             return json_failure(call, error)
 
-        return Response(200, self.run(call.method, work), "application/json")
+        return Response(200, work() if inline else self.run(call.method, work), "application/json")
 
     def options(self, request: Request) -> Response:
         """CORS preflight (wire.md 1.1)."""
@@ -1418,20 +1773,28 @@ class ApiServer:
     # -- the call boundary --------------------------------------------------------------------------
 
     def call(self, method: str, params: list[Any], local: bool = False,
-             endpoint: str | None = None) -> tuple[Reply | None, list[str] | None]:
+             endpoint: str | None = None, inline: bool = False) -> tuple[Reply | None, list[str] | None]:
         """Dispatch one call (``endpoint``: the host whose address received it); return (reply, None)
-        or (None, ErrorDescription). Logs one line."""
+        or (None, ErrorDescription). Logs one line.
+
+        ``inline``: the event loop runs it (a read without side effects); :class:`NotNow`, with
+        nothing logged, if its answer would have to wait for the disk: a thread runs it again.
+        """
         start = time.monotonic()
         session = params[0] if params and isinstance(params[0], str) and params[0].startswith("OpaqueRef:") else None
         try:
             try:
                 reply = self.daemon.dispatcher.dispatch(method, params, local=local, endpoint=endpoint)
             finally:
+                if inline and not durable_now(self.daemon.store):
+                    raise NotNow
                 # Whatever the answer shows (even a failure) may have been read from changes other
                 # calls committed but have not yet written: it leaves once they are on disk.
                 self.daemon.store.wait_durable()
             result: tuple[Reply | None, list[str] | None] = (reply, None)
             code = "Success"
+        except NotNow:
+            raise
         except ApiError as e:
             result = (None, e.description)
             code = e.code

@@ -20,20 +20,38 @@ durable state).
 
 Classes whose schema says ``persist: false`` (session, task, message) live
 only in memory, as in xapi.
+
+Start-up: a clean :meth:`Store.close` also writes a *snapshot* of the persisted
+tables (``<db>-snapshot``: one ``marshal`` blob, which keeps equal values shared)
+and then a random token into the ``meta`` table.  Triggers on ``objects``
+delete that token in the same SQLite transaction as any later write to a row,
+whoever writes it, so the next open loads the snapshot only while the rows are
+exactly what it was made from (token, Python and marshal version, store format,
+SQLite and datamodel schema hash, object count and checksum all match);
+otherwise it removes the file and loads the rows, which stay the truth.
 """
 
 from __future__ import annotations
 
 import copy
 import gc
+import hashlib
 import json
 import json.encoder
 import json.scanner
+import marshal
+import os
+import secrets
 import sqlite3
+import stat
+import sys
 import threading
 import uuid as uuidlib
+import zlib
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterator
+from itertools import compress, islice
+from operator import is_not, itemgetter
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -46,6 +64,15 @@ Change = tuple[str, str, str, Record | None, Record | None]
 Row = tuple[str, str, str | None, bool]  # ref, cls, JSON data (None: delete), existed before
 
 FORMAT_VERSION = 1
+
+# The snapshot file: this line, one line of JSON header, then the marshal body.
+SNAPSHOT_MAGIC = b"xapid-snapshot 1\n"
+# Any change to a row makes the snapshot stale, in the writer's own transaction (whoever writes).
+_SNAPSHOT_TRIGGERS = tuple(
+    (f"snapshot_stale_on_{op.lower()}",
+     f"CREATE TRIGGER snapshot_stale_on_{op.lower()} AFTER {op} ON objects "
+     "BEGIN DELETE FROM meta WHERE key = 'snapshot'; END")
+    for op in ("INSERT", "UPDATE", "DELETE"))
 
 _ATOMIC = frozenset({str, int, float, bool, type(None)})
 _CONTAINERS = frozenset({dict, list})
@@ -90,6 +117,19 @@ def copy_record(rec: Record) -> Record:
     return {k: v if type(v) not in _CONTAINERS else _copy_value(v) if v else type(v)() for k, v in rec.items()}
 
 
+_CODE_HASH: list[str] = []
+
+
+def _code_hash() -> str:
+    """A hash of this module's source: a snapshot written by other loading code is not trusted."""
+    if not _CODE_HASH:
+        try:
+            _CODE_HASH.append(hashlib.sha256(Path(__file__).read_bytes()).hexdigest())
+        except OSError:
+            _CODE_HASH.append(secrets.token_hex(16))  # unknown code: trust no earlier process's snapshot
+    return _CODE_HASH[0]
+
+
 class StoreCorrupt(Exception):
     """The store file failed verification; the daemon must not serve from it."""
 
@@ -119,17 +159,19 @@ class _Shared:
 
     def container(self, value: list[Any] | dict[str, Any]) -> Any:
         strs = self.strs
-        if type(value) is list:
-            if not all(type(x) is str for x in value):
-                return value
-            key: tuple[Any, ...] = ("l", *value)
-        else:
-            if not all(type(x) is str for x in value.values()):
-                return value
-            key = ("d", *value.items())
-        found = self.containers.get(key)
+        try:
+            key: tuple[Any, ...] = ("l", *value) if type(value) is list else ("d", *value.items())
+            found = self.containers.get(key)
+        except TypeError:  # a list or map holding lists or maps: not shared
+            return value
         if found is not None:
+            # Only lists and maps of strings are kept, and only strings equal strings (JSON values).
             return found
+        if type(value) is list:
+            if set(map(type, value)) - {str}:
+                return value
+        elif set(map(type, value.values())) - {str}:
+            return value
         if type(value) is list:
             value = [strs.setdefault(x, x) if len(x) <= 64 else x for x in value]
         else:
@@ -192,6 +234,12 @@ class Store:
         self.pre_commit: list[Callable[[Transaction], None]] = []
         self._db: sqlite3.Connection | None = None
         self._cursor: sqlite3.Cursor | None = None  # the writer's, on _db
+        # Persisted records installed since the store was loaded: the snapshot takes them through
+        # the row encoding, so that a snapshot load gives exactly what loading the rows gives.
+        self._dirty: set[tuple[str, str]] = set()
+        self._snapshot_token: str | None = None  # the token of the snapshot loaded, if any
+        self.loaded_from = "new"  # "rows" or "snapshot" once a stored file was opened
+        self.snapshot_note = ""  # why a snapshot present was not used (for the daemon's log)
         if path is not None:
             self._open(path)
 
@@ -211,7 +259,10 @@ class Store:
                 db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
                 db.execute("CREATE TABLE objects (ref TEXT PRIMARY KEY, cls TEXT NOT NULL, data TEXT NOT NULL)")
                 db.execute("INSERT INTO meta VALUES ('format', ?)", (str(FORMAT_VERSION),))
+                for _name, sql in _SNAPSHOT_TRIGGERS:
+                    db.execute(sql)
                 db.execute("COMMIT")
+                self._remove_snapshot(path)  # one a crash left beside a file that never had tables
             else:
                 check = db.execute("PRAGMA quick_check").fetchone()
                 if not check or check[0] != "ok":
@@ -225,11 +276,40 @@ class Store:
         self._db = db
 
     def _load(self, db: sqlite3.Connection, path: Path) -> None:
+        """Every stored object into memory: from the snapshot when it provably matches the rows,
+        else from the rows (the snapshot file then removed)."""
+        master = self._sqlite_schema(db)
+        if any(name not in master for name, _sql in _SNAPSHOT_TRIGGERS):
+            # A store written before snapshots: no token can be trusted until the triggers exist.
+            db.execute("BEGIN IMMEDIATE")
+            for name, sql in _SNAPSHOT_TRIGGERS:
+                if name not in master:
+                    db.execute(sql)
+            db.execute("DELETE FROM meta WHERE key = 'snapshot'")
+            db.execute("COMMIT")
+            master = self._sqlite_schema(db)
+        row = db.execute("SELECT value FROM meta WHERE key = 'snapshot'").fetchone()
+        was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            if row is not None and self._load_snapshot(db, path, row[0], master):
+                self.loaded_from = "snapshot"
+                self._snapshot_token = row[0]
+                return
+        finally:
+            if was_enabled:
+                gc.enable()
+        if self._remove_snapshot(path) and row is None:
+            self.snapshot_note = "a stale snapshot (rows changed since it was written, or a crash while writing it)"
+        self._load_rows(db, path)
+        self.loaded_from = "rows"
+
+    def _load_rows(self, db: sqlite3.Connection, path: Path) -> None:
         """Every stored row into memory (the cyclic GC paused: the records hold no cycles, and a
         collection every few thousand new records would rescan all earlier ones)."""
         shared = _Shared()
         shared.strs[NULL_REF] = NULL_REF  # most ref fields hold the default: found by identity below
-        tables, uuids, feeds = self._tables, self._uuids, self._feeds
+        tables = self._tables
         was_enabled = gc.isenabled()
         gc.disable()
         try:
@@ -247,18 +327,26 @@ class Store:
                         raise StoreCorrupt(f"{path}: object {ref} is not valid JSON: {e}") from e
                 if type(rec) is not dict or type(rec.get("uuid")) is not str:
                     raise StoreCorrupt(f"{path}: object {ref} has no uuid")
-                ref = shared.str(ref)
-                rec = self._complete(cls, rec, shared)
-                # What _install does for a new object, without its questions about an old one.
-                tables[cls][ref] = rec
-                uuids[cls][rec["uuid"]] = ref
-                for src_field, index in feeds[cls]:
-                    target = rec.get(src_field)
-                    if target is not NULL_REF and type(target) is str and target != NULL_REF:
-                        index[target].add(ref)
+                tables[cls][shared.str(ref)] = self._complete(cls, rec, shared)
+            for cls, table in tables.items():
+                if table:
+                    self._index(cls, table)
         finally:
             if was_enabled:
                 gc.enable()
+
+    def _index(self, cls: str, table: dict[str, Record]) -> None:
+        """Index the records of ``table``, all new to the store, by uuid and relation (what
+        :meth:`_install` does for each new object, a column at a time)."""
+        self._uuids[cls].update(zip(map(itemgetter("uuid"), table.values()), table, strict=True))
+        for src_field, index in self._feeds[cls]:
+            # Every record holds every stored field (completed from the defaults).
+            targets = list(map(itemgetter(src_field), table.values()))
+            if targets.count(NULL_REF) == len(targets):
+                continue  # most ref fields of most objects hold the default
+            for ref, target in zip(table, targets, strict=True):
+                if target is not NULL_REF and type(target) is str and target != NULL_REF:
+                    index[target].add(ref)
 
     def _complete(self, cls: str, rec: Record, shared: _Shared) -> Record:
         """A stored row back as a full record: schema defaults for every field the row omits.
@@ -326,7 +414,7 @@ class Store:
         return "{" + ",".join(parts.values()) + "}"
 
     def close(self) -> None:
-        """Write what is queued, then close the database."""
+        """Write what is queued, write the snapshot the next start may load, then close the database."""
         with self.lock:
             try:
                 self.wait_durable()
@@ -337,8 +425,183 @@ class Store:
                     self._cursor.close()  # a statement it still held would keep the file open and locked
                     self._cursor = None
                 if self._db is not None:
+                    if self._broken is None and self.path is not None:
+                        self._save_snapshot(self._db, self.path)
                     self._db.close()
                     self._db = None
+
+    # -- the start-up snapshot -------------------------------------------------------------------
+
+    @staticmethod
+    def snapshot_path(path: Path) -> Path:
+        """The snapshot file of the database at ``path``."""
+        return path.with_name(path.name + "-snapshot")
+
+    @staticmethod
+    def _sqlite_schema(db: sqlite3.Connection) -> dict[str, tuple[Any, ...]]:
+        return {r[1]: tuple(r) for r in db.execute("SELECT type, name, tbl_name, sql FROM sqlite_master")}
+
+    def _schema_hash(self, master: dict[str, tuple[Any, ...]]) -> str:
+        """What the snapshot's meaning depends on besides the rows: tables, triggers, datamodel
+        defaults, and this module's code (how rows become records)."""
+        persist = sorted(name for name, c in self.schema.classes.items() if c.persist)
+        text = repr((FORMAT_VERSION, sorted(master.values(), key=repr), persist, self._defaults, _code_hash()))
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def _snapshot_header(self, token: str, objects: int, body: bytes | memoryview,
+                         master: dict[str, tuple[Any, ...]]) -> dict[str, Any]:
+        return {"token": token, "store_format": FORMAT_VERSION, "python": sys.version,
+                "cache_tag": sys.implementation.cache_tag, "marshal": marshal.version,
+                "schema": self._schema_hash(master), "objects": objects, "size": len(body),
+                "crc32": zlib.crc32(body)}
+
+    def _remove_snapshot(self, path: Path) -> bool:
+        """Remove the snapshot and any half-written one (a crash while closing leaves it); say
+        whether there was one."""
+        snap = self.snapshot_path(path)
+        found = False
+        for p in (snap, snap.with_name(snap.name + ".tmp")):
+            try:
+                os.unlink(p)
+                found = True
+            except FileNotFoundError:
+                pass
+            except OSError:
+                found = True  # not a file (the daemon refuses to start on that): never loaded either
+        return found
+
+    def _load_snapshot(self, db: sqlite3.Connection, path: Path, token: str,
+                       master: dict[str, tuple[Any, ...]]) -> bool:
+        """Install the snapshot if it is the one ``token`` names and matches this database and
+        interpreter in every respect; False (nothing installed) otherwise."""
+        snap = self.snapshot_path(path)
+        try:
+            os.unlink(snap.with_name(snap.name + ".tmp"))  # a close killed while writing the next one
+        except OSError:
+            pass
+        try:
+            fd = os.open(snap, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            self.snapshot_note = "no snapshot file"
+            return False
+        except OSError as e:
+            self.snapshot_note = f"cannot open the snapshot: {e}"
+            return False
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                self.snapshot_note = "the snapshot is not a regular file"
+                return False
+            with open(fd, "rb", closefd=False) as f:
+                data = memoryview(f.read())
+        except OSError as e:
+            self.snapshot_note = f"cannot read the snapshot: {e}"
+            return False
+        finally:
+            os.close(fd)
+        end = bytes(data[:4096]).find(b"\n", len(SNAPSHOT_MAGIC))
+        if data[:len(SNAPSHOT_MAGIC)] != SNAPSHOT_MAGIC or end < 0:
+            self.snapshot_note = "not a snapshot file"
+            return False
+        try:
+            header = json.loads(bytes(data[len(SNAPSHOT_MAGIC):end]))
+        except ValueError:
+            self.snapshot_note = "unreadable snapshot header"
+            return False
+        body = data[end + 1:]
+        objects = db.execute("SELECT count(*) FROM objects").fetchone()[0]
+        expected = self._snapshot_header(token, objects, body, master)
+        if header != expected:
+            differ = sorted(k for k in expected.keys() | (header.keys() if type(header) is dict else set())
+                            if type(header) is not dict or header.get(k) != expected.get(k))
+            self.snapshot_note = f"the snapshot does not match the database ({', '.join(differ)})"
+            return False
+        try:
+            classes = marshal.loads(body)
+            tables: dict[str, dict[str, Record]] = {}
+            for cls, rows in classes.items():
+                if not self.schema.classes[cls].persist:
+                    raise ValueError(f"class {cls} is not persisted")
+                defaults = self._defaults[cls]
+                # In place: each row is freed as its record is made, so the records reuse its memory.
+                for ref, row in rows.items():
+                    rows[ref] = {**defaults, **row}
+                if set(map(type, map(itemgetter("uuid"), rows.values()))) - {str}:
+                    raise ValueError(f"a {cls} without a uuid")
+                tables[cls] = rows
+        except Exception as e:  # noqa: BLE001 - any surprise in the body: the rows decide
+            self.snapshot_note = f"unreadable snapshot body: {e!r}"
+            return False
+        if sum(map(len, tables.values())) != objects:
+            self.snapshot_note = "the snapshot does not hold every row"
+            return False
+        for cls, table in tables.items():
+            self._tables[cls] = table
+            self._index(cls, table)
+        return True
+
+    def _snapshot_tables(self) -> dict[str, dict[str, Record]]:
+        """The persisted tables as their rows decode: each record's fields that differ from the
+        defaults.  Records installed since loading go through the row encoding, so that they load
+        exactly as their rows would (JSON types, shared values)."""
+        shared = _Shared()
+        shared.strs[NULL_REF] = NULL_REF
+        dirty = self._dirty
+        out: dict[str, dict[str, Record]] = {}
+        for cls, table in self._tables.items():
+            if not self.schema.classes[cls].persist:
+                continue
+            defaults = self._defaults[cls]
+            values, width = defaults.values(), len(defaults)
+            rows: dict[str, Record] = {}
+            for ref, rec in table.items():
+                if (cls, ref) in dirty:
+                    row = json.loads(self._row(cls, rec))
+                    full = self._complete(cls, row, shared)
+                    rows[shared.str(ref)] = {k: v for k, v in full.items() if k in row}
+                else:
+                    # A loaded record starts with the defaults' fields in their order and holds the
+                    # default objects themselves where its row had nothing: keep what is not one.
+                    slim = dict(compress(rec.items(), map(is_not, rec.values(), values)))
+                    if len(rec) > width:
+                        slim.update(islice(rec.items(), width, None))
+                    rows[ref] = slim
+            out[cls] = rows
+        return out
+
+    def _save_snapshot(self, db: sqlite3.Connection, path: Path) -> None:
+        """Write the snapshot, then its token (called with every change durable and no commit
+        possible).  Never fails: without a snapshot the next start loads the rows."""
+        snap = self.snapshot_path(path)
+        tmp = snap.with_name(snap.name + ".tmp")
+        try:
+            row = db.execute("SELECT value FROM meta WHERE key = 'snapshot'").fetchone()
+            if row is not None and row[0] == self._snapshot_token and os.path.isfile(snap):
+                return  # no row changed since that snapshot was loaded: it still matches
+            db.execute("DELETE FROM meta WHERE key = 'snapshot'")
+            body = marshal.dumps(self._snapshot_tables(), 4)
+            token = secrets.token_hex(16)
+            objects = db.execute("SELECT count(*) FROM objects").fetchone()[0]
+            header = self._snapshot_header(token, objects, body, self._sqlite_schema(db))
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            with open(fd, "wb") as f:
+                f.write(SNAPSHOT_MAGIC + json.dumps(header, sort_keys=True).encode() + b"\n")
+                f.write(body)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, snap)
+            dir_fd = os.open(snap.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+            # Only now may the next start trust it: the token commits after the file is durable.
+            db.execute("INSERT INTO meta VALUES ('snapshot', ?)", (token,))
+        except Exception:  # noqa: BLE001 - a value marshal refuses, a full disk: no snapshot, nothing else
+            try:
+                db.execute("DELETE FROM meta WHERE key = 'snapshot'")
+            except sqlite3.Error:
+                pass
+            self._remove_snapshot(path)
 
     # -- memory ----------------------------------------------------------------------------------
 
@@ -356,6 +619,7 @@ class Store:
         if new is None:
             table.pop(ref, None)
             return
+        self._dirty.add((cls, ref))
         table[ref] = new
         self._uuids[cls][new["uuid"]] = ref
         for src_field, index in feeds:
@@ -788,10 +1052,11 @@ class Transaction:
                         rows.append((ref, cls, None, True))
                     else:
                         rows.append((ref, cls, store._row_of(cls, ref, new, old, fields), old is not None))
-        indexed = store._indexed
+        indexed, dirty = store._indexed, store._dirty
         for (cls, ref, _op, old, new), fields in changed:
             if fields is not None and indexed[cls].isdisjoint(fields):
                 tables[cls][ref] = new  # no indexed field set: the indexes hold as they are
+                dirty.add((cls, ref))  # as _install does
             else:
                 store._install(cls, ref, old, new)
         ops = [change for change, _fields in changed]

@@ -20,7 +20,9 @@ log = structlog.get_logger("xapid.handlers")
 
 def discard(store: Store, disks: Disks) -> list[str]:
     """Destroy every VM an import left unfinished; return their uuids."""
-    vms = [ref for ref, rec in store.items("VM") if "import" in rec["current_operations"].values()]
+    # Nearly every VM has no current operation: test that first (start-up scans every VM).
+    vms = [ref for ref, rec in store.items("VM")
+           if rec["current_operations"] and "import" in rec["current_operations"].values()]
     if not vms:
         return []
     files: list[tuple[str, str]] = []

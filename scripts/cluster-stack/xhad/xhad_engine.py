@@ -51,7 +51,8 @@ Heartbeat process
     Of two reports of a host (datagram, slot) the newer counts; a report of a new incarnation
     replaces the old one for good.  A newcomer (or a host that does not hear us yet) gets a reply
     at once, and a change of our own state, liveset or statefile access is announced at once
-    (datagrams and an extra statefile tick, rate-limited).  To keep 64 hosts cheap the loop wakes
+    (datagrams and an extra statefile tick, rate-limited); a liveset that only grew waits for the
+    next tick (only a joiner reads peers' livesets).  To keep 64 hosts cheap the loop wakes
     at most every 0.1 s, evaluates at most every 0.1 s unless a timeout falls due, and a
     datagram or slot whose content did not change (only ``seq``/times, which come last) is not
     parsed in full.  Measured at T=10: 64 hosts take about a quarter of one core.
@@ -163,6 +164,7 @@ import fcntl
 import gc
 import json
 import os
+import re
 import select
 import signal
 import socket
@@ -503,17 +505,43 @@ class Fabric:
 
 def encode_block(value: dict) -> bytes:
     """The JSON text of ``value`` with a ``crc`` member appended (CRC-32 of the text without it)."""
-    body = json.dumps(value, separators=(",", ":"))
+    return encode_text(json.dumps(value, separators=(",", ":")))
+
+
+def encode_text(body: str) -> bytes:
+    """:func:`encode_block` of the object whose JSON text is ``body``."""
     crc = zlib.crc32(body.encode("utf-8"))
     if body == "{}":
         return f'{{"crc":{crc}}}'.encode()
     return f'{body[:-1]},"crc":{crc}}}'.encode()
 
 
+_ZEROS = bytes(BLOCK_SIZE)
+# A JSON number that json.loads gives as a float (it has a fraction or an exponent).
+_FLOAT = rb"(-?(?:0|[1-9][0-9]*)(?:\.[0-9]+(?:[eE][-+]?[0-9]+)?|[eE][-+]?[0-9]+))"
+_UINT = rb"(0|[1-9][0-9]*)"
+# The members that change with every write, as this engine writes them (see _write_own_slot and
+# Daemon.send): such a tail is read without json; any other text takes the full decode.
+_SLOT_TAIL = re.compile(rb'"seq":' + _UINT + rb',"heartbeat":' + _FLOAT + rb',"crc":' + _UINT + rb"\}")
+_DATAGRAM_TAIL = re.compile(rb'"seq":' + _UINT + rb',"master_t":(?:null|' + _FLOAT + rb'),"t":' + _FLOAT + rb"\}")
+
+
+_EXCLUDED_TRUE = re.compile(rb'"excluded"\s*:\s*true')
+
+
+def block_body(data: bytes) -> bytes:
+    """``data`` without its NUL padding (``data.rstrip(b"\\0")``, without a scan byte by byte)."""
+    end = data.rfind(b"}") + 1
+    rest = len(data) - end
+    if rest <= BLOCK_SIZE and data[end:] == _ZEROS[:rest]:
+        return data[:end]
+    return data.rstrip(b"\0")
+
+
 def decode_block(data: bytes) -> dict | None:
     """The object in a NUL-padded block; None if empty.  Raises ValueError if unparsable or if
     its ``crc`` does not match (a torn read or damage)."""
-    body = data.rstrip(b"\0")
+    body = block_body(data)
     if not body:
         return None
     value = json.loads(body.decode("utf-8"))
@@ -693,7 +721,7 @@ def open_statefile(conf: Conf, writable: bool, fabric: Fabric | None = None) -> 
 class Report:
     """What a host says about itself, by heartbeat datagram or in its statefile slot."""
 
-    __slots__ = ("inc", "seq", "t", "state", "sf", "hears", "live", "fencing", "excluded", "claim")
+    __slots__ = ("inc", "seq", "t", "state", "sf", "hears", "live", "fencing", "excluded", "claim", "_hears_json")
 
     def __init__(
         self,
@@ -718,6 +746,13 @@ class Report:
         self.fencing = fencing
         self.excluded = excluded
         self.claim = claim
+        self._hears_json: str | None = None
+
+    def hears_json(self) -> str:
+        """``hears`` as a sorted JSON list, encoded once per report (the view lists every peer's)."""
+        if self._hears_json is None:
+            self._hears_json = json.dumps(sorted(self.hears), separators=(",", ":"))
+        return self._hears_json
 
     @property
     def gone(self) -> bool:
@@ -787,8 +822,9 @@ def parse_report(data: Mapping[str, object], n: int, t: object) -> Report | None
 
 def partition_of(h: int, candidates: AbstractSet[int], hears: Mapping[int, AbstractSet[int]]) -> frozenset[int]:
     """Candidate ``h``'s partition: ``h`` and the candidates that hear it and that it hears."""
-    mine = hears.get(h, frozenset())
-    return frozenset({h} | {x for x in candidates if x in mine and h in hears.get(x, frozenset())})
+    empty: frozenset[int] = frozenset()
+    # Intersect first (in C): only the hosts h hears need the look-up of what they hear.
+    return frozenset({x for x in hears.get(h, empty) & candidates if h in hears.get(x, empty)} | {h})
 
 
 def winning_partition(candidates: Iterable[int], hears: Mapping[int, AbstractSet[int]]) -> frozenset[int]:
@@ -1402,8 +1438,10 @@ class Daemon:
 
     def latest(self, i: int) -> Report | None:
         """The newest report of host ``i``'s current incarnation, however old."""
-        found = [r for r in (self.hb[i], self.slot[i]) if r is not None]
-        return max(found, key=lambda r: r.t) if found else None
+        hb, sl = self.hb[i], self.slot[i]
+        if hb is None or sl is None:
+            return sl if hb is None else hb
+        return sl if sl.t > hb.t else hb  # a tie goes to the datagram
 
     def last_seen(self, i: int) -> float | None:
         """Wall time of the newest evidence that host ``i`` was running."""
@@ -1464,7 +1502,7 @@ class Daemon:
         sender = self.by_address.get(addr[0])
         if sender is not None and cut > 0 and self.hb_prefix[sender] == data[:cut]:
             # Same content as the sender's previous datagram: only its age changed.
-            if self._refresh(sender, data[cut + 1 :], now):
+            if self._refresh(sender, data, cut + 1, now):
                 return
         try:
             obj = json.loads(data.decode("utf-8"))
@@ -1504,30 +1542,20 @@ class Daemon:
             self.reply_to.add(i)
             self.last_reply[i] = now
 
-    def _refresh(self, i: int, tail: bytes, now: float) -> bool:
-        """Take the seq/master_t/t tail of a datagram whose content is unchanged; False if the
-        tail is malformed (then the datagram is parsed in full)."""
+    def _refresh(self, i: int, data: bytes, at: int, now: float) -> bool:
+        """Take the seq/master_t/t tail (at ``at``) of a datagram whose content is unchanged; False
+        if the tail is not as this engine writes it (then the datagram is parsed in full)."""
         if not self.fabric.connected(self.conf.local, self.conf.hosts[i]):
             return True  # ignored, as a full parse would
         report = self.hb[i]
-        try:
-            fields = json.loads(b"{" + tail)
-        except (ValueError, UnicodeDecodeError):
-            return False
-        seq, read_at, t = fields.get("seq"), fields.get("master_t"), fields.get("t")
-        if (
-            report is None
-            or len(fields) != 3
-            or not _is_int(seq)
-            or not isinstance(t, float)
-            or not (read_at is None or isinstance(read_at, float))
-        ):
+        tail = _DATAGRAM_TAIL.fullmatch(data, at)
+        if report is None or tail is None:
             return False
         was_heard = now - self.hb_at[i] < self.conf.heartbeat_timeout
-        report.seq, report.t = seq, t
+        report.seq, report.t = int(tail[1]), float(tail[3])
         self.hb_at[i] = now
-        if read_at is not None:
-            self.peer_master[i] = (read_at, self.peer_master[i][1])
+        if tail[2] is not None:
+            self.peer_master[i] = (float(tail[2]), self.peer_master[i][1])
         if not was_heard:
             self.dirty = True
             if now - self.last_reply[i] >= HB_ACCELERATION:
@@ -1604,7 +1632,7 @@ class Daemon:
                 self.dirty = True
             if report is not None and self.slot[i] is report:
                 cut = raw.rfind(b',"seq":')
-                self.slot_raw[i] = raw[:cut] if cut > 0 else None
+                self.slot_raw[i] = raw[: cut + 1] if cut > 0 else None
         self._write_own_slot(fd, wall, self.pid)
         if self.state == "online" and block["pool_state"] == "init":
             self._global_update(fd, lambda g: g["pool_state"] == "init", {"pool_state": "active"})
@@ -1615,17 +1643,17 @@ class Daemon:
         """Take only seq and heartbeat time of a slot whose content did not change (checksum
         verified); False when it must be decoded in full."""
         prefix, report = self.slot_raw[i], self.slot[i]
-        if prefix is None or report is None or not raw.startswith(prefix + b',"seq":'):
+        if prefix is None or report is None or not raw.startswith(prefix):
             return False
-        body = raw.rstrip(b"\0")
-        try:
-            tail = json.loads(b"{" + body[len(prefix) + 1 :])
-        except (ValueError, UnicodeDecodeError):
+        tail = _SLOT_TAIL.match(raw, len(prefix))
+        if tail is None:
             return False
-        seq, beat, crc = tail.get("seq"), tail.get("heartbeat"), tail.get("crc")
-        if len(tail) != 3 or not _is_int(seq) or not isinstance(beat, float) or not _is_int(crc):
+        end = tail.end()
+        if raw[end:] != _ZEROS[: len(raw) - end]:
             return False
-        if zlib.crc32(body[: body.rfind(b',"crc":')] + b"}") != crc:
+        seq, beat, crc = int(tail[1]), float(tail[2]), int(tail[3])
+        # The checksum covers the text without its crc member: up to ',"crc":', then "}".
+        if zlib.crc32(b"}", zlib.crc32(memoryview(raw)[: tail.start(3) - 7])) != crc:
             return False
         if beat > report.t:
             report.seq, report.t = seq, beat
@@ -1760,7 +1788,13 @@ class Daemon:
             self._join(now, wall, reports, sf_fresh, excluded)
         elif self.state == "online":
             self._rules(now, wall, reports, sf_fresh, excluded)
-        if before != key():
+        after = key()
+        # A liveset that only grew is news to nobody: a peer's liveset matters to others only while
+        # they join ("does an Online host still count me live?"), and it only ever gains Online
+        # hosts.  It goes out with the next tick; at enable, 64 hosts going Online one after the
+        # other would otherwise each send n - 1 datagrams per change.
+        grew = before[0] == after[0] and before[2:] == after[2:] and before[1] < after[1]
+        if before != after and not grew:
             self.accelerate = True
             self.sf_accelerate = True
         self.next_eval = self._next_expiry(now, wall)
@@ -1859,7 +1893,7 @@ class Daemon:
             if i == self.me:
                 continue
             latest = self.latest(i)
-            seen = self.last_seen(i)
+            seen = latest.t if latest is not None else None
             if (
                 self.live_inc.get(i) != self.cur_inc[i]
                 or (latest is not None and latest.gone)
@@ -1911,10 +1945,9 @@ class Daemon:
                 if at > now:
                     times.append(at)
             if i in self.live:
-                hb, sl = self.hb[i], self.slot[i]
-                seen = max(hb.t if hb is not None else float("-inf"), sl.t if sl is not None else float("-inf"))
-                if seen > float("-inf"):
-                    at = now + (seen + conf.silence_limit - wall)
+                latest = self.latest(i)
+                if latest is not None:
+                    at = now + (latest.t + conf.silence_limit - wall)
                     if at > now:
                         times.append(at + 0.01)
         if self.lose_since is not None:
@@ -1935,31 +1968,34 @@ class Daemon:
             self.master,
             self.excluded,
             tuple(self.excluded_flags),
-            self.my_hears,
+            # While joining, what we hear changes with every newcomer, and nothing reads it from
+            # the view (the liveset of a Starting host is the minimal one): the tick rewrites it.
+            self.my_hears if self.state == "online" else None,
         )
 
     def write_view(self) -> None:
-        """Publish our liveset view for the scripts (atomic replace)."""
+        """Publish our liveset view for the scripts (rewritten in place)."""
         self.published = self.view_key()
         conf, n = self.conf, self.n
         wall = time.time()
         status = "Online" if self.state == "online" else "Starting"
         sf_access, hb_seen, sf_seen, on_hb, on_sf = [], [], [], [], []
+        mine = json.dumps(sorted(self.my_hears), separators=(",", ":"))
         for i in range(n):
             if i == self.me:
                 sf_access.append(self.sf_ok and self.sf_reachable())
                 hb_seen.append(self.last_send_wall)
                 sf_seen.append(self.last_slot_wall)
-                on_hb.append(sorted(self.my_hears))
-                on_sf.append(sorted(self.my_hears))
+                on_hb.append(mine)
+                on_sf.append(mine)
                 continue
             latest = self.latest(i)
             sf_access.append(bool(latest is not None and latest.sf))
             hb, sl = self.hb[i], self.slot[i]
             hb_seen.append(hb.t if hb is not None else None)
             sf_seen.append(sl.t if sl is not None else None)
-            on_hb.append(sorted(hb.hears) if hb is not None else None)
-            on_sf.append(sorted(sl.hears) if sl is not None else None)
+            on_hb.append(hb.hears_json() if hb is not None else "null")
+            on_sf.append(sl.hears_json() if sl is not None else "null")
         excluded = [self.excluded if i == self.me else self.excluded_flags[i] for i in range(n)]
         view = {
             "pid": self.pid,
@@ -1975,12 +2011,13 @@ class Daemon:
             "sf_access": sf_access,
             "hb_seen": hb_seen,
             "sf_seen": sf_seen,
-            "on_hb": on_hb,
-            "on_sf": on_sf,
             "latency": {"sf": _figures(self.sf_lat), "hb": _figures(self.hb_lat)},
             "xapi": self.xapimon.figures() if self.xapimon is not None else None,
         }
-        data = encode_block(view)
+        # The peers' lists (n * n numbers) are spliced in as each report encoded them once.
+        body = json.dumps(view, separators=(",", ":"))
+        lists = f',"on_hb":[{",".join(on_hb)}],"on_sf":[{",".join(on_sf)}]}}'
+        data = encode_text(body[:-1] + lists)
         try:
             if self.view_fd < 0:
                 self.view_fd = os.open(os.path.join(conf.hostdir, VIEW_FILE), os.O_RDWR | os.O_CREAT, 0o644)
@@ -2256,8 +2293,13 @@ def read_fresh(conf: Conf) -> Fresh | None:
         raise Exit(EXIT_DAEMON_IS_NOT_PRESENT, "pool state is invalid; the daemon is stopping")
     excluded = []
     for i, host in enumerate(conf.hosts):
+        data = raw[i * BLOCK_SIZE : (i + 1) * BLOCK_SIZE]
+        if b"\\" not in data and _EXCLUDED_TRUE.search(data) is None:
+            # Without escapes the member is spelled out: no "excluded": true, no excluded flag.
+            excluded.append(False)
+            continue
         try:
-            slot = decode_block(raw[i * BLOCK_SIZE : (i + 1) * BLOCK_SIZE])
+            slot = decode_block(data)
         except (ValueError, UnicodeDecodeError):
             slot = None
         excluded.append(bool(slot and slot.get("host") == host and slot.get("excluded") is True))
@@ -2298,6 +2340,23 @@ def _uuids(conf: Conf, indices: object) -> str:
     if not isinstance(indices, list):
         return ""
     return " ".join(conf.hosts[i] for i in indices if _is_int(i) and 0 <= i < len(conf.hosts))
+
+
+def _uuid_lists(conf: Conf) -> Callable[[object], str]:
+    """``escape(_uuids(conf, indices))``, computed once per distinct list (in a 64-host pool most
+    hosts report the same 64 peers, 128 times per liveset)."""
+    done: dict[tuple, str] = {}
+
+    def text(indices: object) -> str:
+        if not isinstance(indices, list):
+            return ""
+        key = tuple(indices)
+        found = done.get(key)
+        if found is None:
+            found = done[key] = escape(_uuids(conf, indices))
+        return found
+
+    return text
 
 
 def liveness_table(conf: Conf, view: dict, fresh: Fresh | None) -> list[tuple[bool, bool, bool, bool]]:
@@ -2359,6 +2418,7 @@ def render_liveset(conf: Conf, view: dict, fresh: Fresh | None, now: float) -> s
     ):
         out.append(f"    <{name}>{int(value) if _is_int(value) else 0}</{name}>")
     restart_ms = {conf.index: xapi_restart_ms}  # xhad knows only its own (sc_func.c)
+    uuid_list = _uuid_lists(conf)
     hb_warn = sf_warn = False
     for index, (host, (live, _m, _a, _e)) in enumerate(zip(conf.hosts, rows, strict=True)):
         hb_age = _age_ms(now, view["hb_seen"][index])
@@ -2367,8 +2427,8 @@ def render_liveset(conf: Conf, view: dict, fresh: Fresh | None, now: float) -> s
             hb_warn = hb_warn or hb_age < 0 or hb_age > conf.heartbeat_timeout * 500
             sf_warn = sf_warn or sf_age < 0 or sf_age > conf.statefile_timeout * 500
         # As xhad: a host that is not live reports no peers.
-        on_hb = _uuids(conf, view["on_hb"][index]) if live else ""
-        on_sf = _uuids(conf, view["on_sf"][index]) if live else ""
+        on_hb = uuid_list(view["on_hb"][index]) if live else ""
+        on_sf = uuid_list(view["on_sf"][index]) if live else ""
         out += [
             "    <host_raw_data>",
             f"      <HostID>{escape(host)}</HostID>",
@@ -2376,8 +2436,8 @@ def render_liveset(conf: Conf, view: dict, fresh: Fresh | None, now: float) -> s
             f"      <time_since_last_heartbeat>{hb_age}</time_since_last_heartbeat>",
             f"      <time_since_xapi_restart_first_attempted>{restart_ms.get(index, -1)}"
             "</time_since_xapi_restart_first_attempted>",
-            f"      <heartbeat_active_list_on_heartbeat>{escape(on_hb)}</heartbeat_active_list_on_heartbeat>",
-            f"      <heartbeat_active_list_on_statefile>{escape(on_sf)}</heartbeat_active_list_on_statefile>",
+            f"      <heartbeat_active_list_on_heartbeat>{on_hb}</heartbeat_active_list_on_heartbeat>",
+            f"      <heartbeat_active_list_on_statefile>{on_sf}</heartbeat_active_list_on_statefile>",
             "    </host_raw_data>",
         ]
     out.append("  </raw_status_on_local_host>")
@@ -2814,6 +2874,8 @@ def forkserver_main(argv: list[str]) -> int:
     signal.signal(signal.SIGINT, lambda signum, frame: stop.append(signum))
     signal.signal(signal.SIGCHLD, lambda signum, frame: None)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    # Every heartbeat and liveset query uses the xapi monitor module: loaded once, here.
+    xapi_mon()
     # Objects that exist now stay out of the collector's reach in the forks: a collection there
     # would otherwise touch (and copy) every page the server shares with them.
     gc.collect()

@@ -9,9 +9,10 @@ import importlib.util
 import json
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -373,3 +374,129 @@ def test_daemon_takes_only_valid_datagrams(tmp_path: Path, monkeypatch: pytest.M
     daemon.take_datagram(datagram(inc="i2", t=9.0), src, 101.0)
     daemon.take_datagram(datagram(inc="i1", t=8.0), src, 102.0)
     assert daemon.hb[1].inc == "i2" and daemon.hb_at[1] == 101.0
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"\0" * 4096,
+        b"",
+        b'{"a":1}' + b"\0" * 4089,
+        b'{"a":1}',
+        b'{"a":"}"}' + b"\0" * 10,
+        b'{"a":1} x' + b"\0" * 10,  # garbage after the object: kept, so that decoding fails
+        b'{"a":1}\0\0\x01' + b"\0" * 10,
+        b"no brace at all\0\0",
+        b"}" + b"\0" * 5000,  # more padding than a block
+    ],
+)
+def test_block_body_is_rstrip_of_the_padding(data: bytes) -> None:
+    assert E.block_body(data) == data.rstrip(b"\0")
+
+
+def _slot_daemon(tmp_path: Path) -> tuple[ModuleType, Any, int, Callable[..., bytes]]:
+    hosts = ["h0", "h1"]
+    conf = E.Conf(str(tmp_path / "xhad.conf"), "gen", hosts, "h0", str(tmp_path / "sf"), {},
+                  ["127.0.1.1", "127.0.1.2"], 7000)
+    daemon = E.Daemon(conf)
+    path = tmp_path / "sf"
+    path.write_bytes(b"\0" * E.STATEFILE_SIZE)
+    fd = os.open(path, os.O_RDWR)
+    os.pwrite(fd, E.encode_block({"pool_state": "active", "generation": "gen", "master": None}), 0)
+
+    def slot(seq: int, beat: float, hears: list[int]) -> bytes:
+        block = {"host": "h1", "gen": "gen", "pid": 7, "inc": "i1", "state": "online", "sf": True, "hears": hears,
+                 "live": [0, 1], "fencing": False, "claim": False, "excluded": False, "armed": True, "seq": seq,
+                 "heartbeat": beat}
+        data = E.encode_block(block).ljust(E.BLOCK_SIZE, b"\0")
+        os.pwrite(fd, data, 2 * E.BLOCK_SIZE)
+        return data
+
+    return E, daemon, fd, slot
+
+
+def test_unchanged_slot_takes_only_its_age_and_a_bad_checksum_is_decoded_in_full(tmp_path: Path) -> None:
+    _e, daemon, fd, slot = _slot_daemon(tmp_path)
+    try:
+        now = 1000.0
+        slot(1, now, [0, 1])
+        daemon._sf_exchange(fd, now)
+        first = daemon.slot[1]
+        assert first is not None and first.t == now and first.hears == {0, 1}
+        # Same content, later heartbeat: the same report, only seq and time move.
+        slot(2, now + 1.5, [0, 1])
+        daemon._sf_exchange(fd, now + 2)
+        assert daemon.slot[1] is first and (first.seq, first.t) == (2, now + 1.5)
+        # A torn tail (checksum wrong) is never taken as an age update.
+        torn = slot(3, now + 3.5, [0, 1]).replace(b'"seq":3', b'"seq":4')
+        os.pwrite(fd, torn, 2 * E.BLOCK_SIZE)
+        assert daemon._refresh_slot(1, torn) is False
+        # Changed content is decoded in full: a new report.
+        slot(5, now + 4.5, [1])
+        daemon._sf_exchange(fd, now + 5)
+        assert daemon.slot[1] is not first and daemon.slot[1].hears == {1} and daemon.slot[1].t == now + 4.5
+    finally:
+        os.close(fd)
+
+
+def test_unchanged_datagram_takes_only_its_age(tmp_path: Path) -> None:
+    hosts = ["h0", "h1"]
+    conf = E.Conf(str(tmp_path / "xhad.conf"), "gen", hosts, "h0", str(tmp_path / "sf"), {},
+                  ["127.0.1.1", "127.0.1.2"], 7000)
+    daemon = E.Daemon(conf)
+
+    def datagram(seq: int, t: float, master_t: float | None, hears: list[int]) -> bytes:
+        body = {"v": 1, "gen": "gen", "host": "h1", "inc": "i1", "state": "online", "sf": True, "hears": hears,
+                "live": [0, 1], "fencing": False, "claim": False, "excluded": False, "master": None, "seq": seq,
+                "master_t": master_t, "t": t}
+        return json.dumps(body, separators=(",", ":")).encode()
+
+    src = ("127.0.1.2", 7000)
+    daemon.take_datagram(datagram(1, 5.0, None, [0, 1]), src, 100.0)
+    first = daemon.hb[1]
+    daemon.take_datagram(datagram(2, 6.5, 4.25, [0, 1]), src, 101.0)
+    assert daemon.hb[1] is first and (first.seq, first.t) == (2, 6.5) and daemon.hb_at[1] == 101.0
+    assert daemon.peer_master[1][0] == 4.25
+    # A tail this engine would not write (a string time) is parsed in full, and refused.
+    daemon.take_datagram(datagram(3, 7.5, None, [0, 1]).replace(b'"t":7.5', b'"t":"7.5"'), src, 102.0)
+    assert daemon.hb[1] is first and first.t == 6.5 and daemon.hb_at[1] == 101.0
+    daemon.take_datagram(datagram(4, 8.5, None, [1]), src, 103.0)
+    assert daemon.hb[1] is not first and daemon.hb[1].hears == {1}
+
+
+def test_excluded_flags_read_without_decoding_every_slot(tmp_path: Path) -> None:
+    hosts = ["h0", "h1", "h2"]
+    conf = E.Conf(str(tmp_path / "xhad.conf"), "gen", hosts, "h0", str(tmp_path / "sf"), {},
+                  ["127.0.1.1", "127.0.1.2", "127.0.1.3"], 7000)
+    path = tmp_path / "sf"
+    path.write_bytes(b"\0" * E.STATEFILE_SIZE)
+    with open(path, "r+b") as handle:
+        handle.write(E.encode_block({"pool_state": "active", "generation": "gen", "master": None}))
+        handle.seek(2 * E.BLOCK_SIZE)
+        handle.write(E.encode_block({"host": "h1", "excluded": True}))
+        # Written by hand, with the member name escaped: still excluded.
+        handle.seek(3 * E.BLOCK_SIZE)
+        handle.write(b'{"host": "h2", "\\u0065xcluded" :  true}')
+    fresh = E.read_fresh(conf)
+    assert fresh is not None and fresh.excluded == [False, True, True]
+
+
+def test_view_lists_every_peers_reports(tmp_path: Path) -> None:
+    hosts = ["h0", "h1", "h2"]
+    conf = E.Conf(str(tmp_path / "xhad.conf"), "gen", hosts, "h0", str(tmp_path / "sf"), {},
+                  ["127.0.1.1", "127.0.1.2", "127.0.1.3"], 7000)
+    daemon = E.Daemon(conf)
+    daemon.my_hears = frozenset({0, 2})
+    daemon.hb[1] = report([2, 1, 0], live=[0, 1])
+    daemon.slot[1] = report([1])
+    daemon.slot[2] = report([2, 0], sf=False)
+    daemon.write_view()
+    view = E.read_view(conf, daemon.pid)
+    assert view is not None and E.decode_block((tmp_path / "xhad.view").read_bytes()) == view
+    assert view["on_hb"] == [[0, 2], [0, 1, 2], None] and view["on_sf"] == [[0, 2], [1], [0, 2]]
+    assert view["sf_access"] == [False, True, False] and view["status"] == "Starting"
+    # Rewritten in place: a shorter view leaves only padding behind.
+    daemon.hb[1] = None
+    daemon.write_view()
+    assert E.read_view(conf, daemon.pid)["on_hb"] == [[0, 2], None, None]
+    daemon.remove_view()
