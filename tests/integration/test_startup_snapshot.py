@@ -4,7 +4,9 @@ once a write was acknowledged (README, state dir)."""
 from __future__ import annotations
 
 import json
+import shutil
 import sqlite3
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,11 +22,17 @@ def sources(log: str) -> list[str]:
 
 
 def token(state: Path) -> str | None:
-    con = sqlite3.connect(state / "xapid.db")
-    try:
-        row = con.execute("SELECT value FROM meta WHERE key = 'snapshot'").fetchone()
-    finally:
-        con.close()
+    """The snapshot token as the files on disk hold it now (read from a copy: a running daemon
+    holds its database exclusively)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in ("xapid.db", "xapid.db-wal"):
+            if (state / name).exists():
+                shutil.copyfile(state / name, Path(tmp) / name)
+        con = sqlite3.connect(Path(tmp) / "xapid.db")
+        try:
+            row = con.execute("SELECT value FROM meta WHERE key = 'snapshot'").fetchone()
+        finally:
+            con.close()
     return row[0] if row else None
 
 

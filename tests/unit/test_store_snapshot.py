@@ -43,11 +43,20 @@ def snap_of(db: Path) -> Path:
 
 
 def token(db: Path) -> str | None:
-    con = sqlite3.connect(db)
+    """The snapshot token as the files on disk hold it now (read from a copy: an open store that
+    has written holds its database exclusively)."""
+    copy = db.parent.parent / "token-copy"
+    shutil.rmtree(copy, ignore_errors=True)
+    copy.mkdir()
+    for suffix in ("", "-wal"):
+        if db.with_name(db.name + suffix).exists():
+            shutil.copyfile(db.with_name(db.name + suffix), copy / (db.name + suffix))
+    con = sqlite3.connect(copy / db.name)
     try:
         row = con.execute("SELECT value FROM meta WHERE key = 'snapshot'").fetchone()
     finally:
         con.close()
+        shutil.rmtree(copy, ignore_errors=True)
     return row[0] if row else None
 
 
@@ -181,8 +190,15 @@ def test_the_first_write_after_loading_makes_the_snapshot_stale_in_its_own_trans
     with store.transaction() as tx:
         tx.update("VM", refs["vm5"], name_label="after")
     assert token(db) is None  # committed with the row: a SIGKILL now cannot bring the snapshot back
-    again = Store(schema, db)  # no close: what SIGKILL leaves
-    assert again.loaded_from == "rows" and not snap_of(db).exists()
+    # No close: what SIGKILL leaves, the files as they are (a copy: the open store holds the database).
+    left = db.parent.parent / "left"
+    left.mkdir()
+    for suffix in ("", "-wal", "-snapshot"):
+        if db.with_name(db.name + suffix).exists():
+            shutil.copyfile(db.with_name(db.name + suffix), left / (db.name + suffix))
+    assert snap_of(left / db.name).exists()
+    again = Store(schema, left / db.name)
+    assert again.loaded_from == "rows" and not snap_of(left / db.name).exists()
     assert again.get("VM", refs["vm5"])["name_label"] == "after"  # type: ignore[index]
 
 
