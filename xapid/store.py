@@ -1052,6 +1052,11 @@ class Transaction:
                         rows.append((ref, cls, None, True))
                     else:
                         rows.append((ref, cls, store._row_of(cls, ref, new, old, fields), old is not None))
+        # The generation and its rows are published before any record is: a reader (who takes no
+        # lock) that sees a new record then waits for that generation, whose rows are queued.
+        gen = store.generation + 1
+        store._queue(gen, rows)
+        store.generation = gen
         indexed, dirty = store._indexed, store._dirty
         for (cls, ref, _op, old, new), fields in changed:
             if fields is not None and indexed[cls].isdisjoint(fields):
@@ -1060,8 +1065,6 @@ class Transaction:
             else:
                 store._install(cls, ref, old, new)
         ops = [change for change, _fields in changed]
-        store.generation += 1
-        store._queue(store.generation, rows)
         for listener in store.listeners:
-            listener(store.generation, ops)
-        return store.generation
+            listener(gen, ops)
+        return gen

@@ -588,3 +588,29 @@ def test_set_fields_keeps_the_indexes_of_the_fields_it_sets(schema: Schema) -> N
     with store.transaction() as tx:
         tx.set_fields("PBD", pbd, device_config={"a": "b"})  # no indexed field: the index stays
     assert store.render("SR", sr2)["PBDs"] == [pbd] and store.get("PBD", pbd)["device_config"] == {"a": "b"}  # type: ignore[index]
+
+
+@pytest.mark.parametrize("plain", [True, False])
+def test_a_record_becomes_visible_only_after_the_generation_that_makes_it_durable(schema: Schema, db: Path,
+                                                                                  plain: bool) -> None:
+    """Readers take no lock: one that sees a new record waits for store.generation, so that
+    generation (and its queued rows) must exist before the record is installed."""
+    store = Store(schema, db)
+    sr = make_sr(store)
+    seen: list[tuple[int, int]] = []
+    table = store._tables["SR"]
+
+    class Watching(dict):  # type: ignore[type-arg]
+        def __setitem__(self, key: str, value: object) -> None:
+            seen.append((store.generation, store._pending_top))
+            super().__setitem__(key, value)
+
+    store._tables["SR"] = Watching(table)
+    before = store.generation
+    with store.transaction() as tx:
+        if plain:
+            tx.set_fields("SR", sr, name_label="renamed")  # the fast path: no index touched
+        else:
+            tx.update("SR", sr, name_label="renamed")
+    assert seen and all(gen == before + 1 and top == before + 1 for gen, top in seen), (before, seen)
+    store.close()
