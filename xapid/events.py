@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from xapid.errors import ApiError
 from xapid.schema import NULL_REF, Type
-from xapid.store import Change, Store
+from xapid.store import Change, Store, relation_moves
 from xapid.wire import I4, Typed
 
 if TYPE_CHECKING:
@@ -84,7 +84,8 @@ class Events:
         for src_cls, src_field, target_cls in self.relations:
             self.fed_by.setdefault(src_cls, []).append((src_field, target_cls))
         # All of a class's relation fields at once: a change that moved none of them is told by one comparison.
-        self._sources = {cls: itemgetter(*(f for f, _t in fed)) for cls, fed in self.fed_by.items()}
+        self._fields = {cls: [f for f, _t in fed] for cls, fed in self.fed_by.items()}
+        self._sources = {cls: itemgetter(*fields) for cls, fields in self._fields.items()}
         self.parked: list[Waiter] = []  # oldest first
         self.max_waiting = 256
         self.max_waiting_per_user = 64
@@ -127,20 +128,11 @@ class Events:
             fed = self.fed_by.get(cls)
             if fed is None:
                 continue
-            if old is not None and new is not None:
-                sources = self._sources[cls]
-                try:
-                    if sources(old) == sources(new):
-                        continue
-                except KeyError:
-                    pass  # a record without one of the fields: looked at one by one below
-            for src_field, target_cls in fed:
-                before = old.get(src_field) if old else None
-                after = new.get(src_field) if new else None
-                if before != after:
-                    for target in (before, after):
-                        if isinstance(target, str) and target != NULL_REF and self.store.exists(target_cls, target):
-                            self._mark(gen, target_cls, target, "mod")
+            for i, before, after in relation_moves(self._fields[cls], self._sources[cls], old, new):
+                target_cls = fed[i][1]
+                for target in (before, after):
+                    if isinstance(target, str) and target != NULL_REF and self.store.exists(target_cls, target):
+                        self._mark(gen, target_cls, target, "mod")
         if self.parked:  # every call waiting on cv is parked (event.from, event.next)
             self.cv.notify_all()
 

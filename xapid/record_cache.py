@@ -20,6 +20,7 @@ from operator import itemgetter
 from typing import TYPE_CHECKING
 
 from xapid.schema import NULL_REF, Type
+from xapid.store import relation_moves
 from xapid.wire import Preencoded, dumps_value
 
 if TYPE_CHECKING:
@@ -185,17 +186,7 @@ class RecordCache:
                 fields = self._relations.get(cls)
                 if fields is None:
                     continue
-                if old is not None and new is not None:
-                    sources = self._sources[cls]
-                    try:
-                        if sources(old) == sources(new):
-                            continue
-                    except KeyError:
-                        pass  # a record without one of the fields: looked at one by one below
-                for src_field in fields:
-                    before = old.get(src_field) if old else None
-                    after = new.get(src_field) if new else None
-                    if before != after:
-                        for target in (before, after):
-                            if isinstance(target, str) and target != NULL_REF:
-                                self._drop(target)
+                for _i, before, after in relation_moves(fields, self._sources[cls], old, new):
+                    for target in (before, after):
+                        if isinstance(target, str) and target != NULL_REF:
+                            self._drop(target)

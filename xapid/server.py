@@ -454,6 +454,24 @@ class Deadline(Exception):
     """A time budget of the current request ran out."""
 
 
+def _send_some(sock: socket.socket, pending: list[Any], i: int) -> int:
+    """One system call sending ``pending[i:]`` (``sendmsg`` of up to IOV_MAX pieces); the bytes sent."""
+    return sock.send(pending[i]) if i == len(pending) - 1 else sock.sendmsg(pending[i:i + IOV_MAX])
+
+
+def _advance(pending: list[Any], i: int, sent: int) -> int:
+    """Account ``sent`` bytes from ``pending[i]`` on (a piece half sent keeps its rest); the index
+    of the first piece not wholly sent."""
+    while sent:
+        first = len(pending[i])
+        if sent < first:
+            pending[i] = memoryview(pending[i])[sent:]
+            break
+        sent -= first
+        i += 1
+    return i
+
+
 class Conn:
     """One client connection, what it is doing and how many requests it has had answered.
 
@@ -664,18 +682,12 @@ class Conn:
         i, n = 0, len(pending)  # pending[i] is the first piece not wholly sent
         while i < n:
             try:
-                sent = sock.send(pending[i]) if i == n - 1 else sock.sendmsg(pending[i:i + IOV_MAX])
+                sent = _send_some(sock, pending, i)
             except BlockingIOError:
                 sent = 0
             except OSError:
                 return False
-            while sent:
-                first = len(pending[i])
-                if sent < first:
-                    pending[i] = memoryview(pending[i])[sent:]
-                    break
-                sent -= first
-                i += 1
+            i = _advance(pending, i, sent)
             if i < n:
                 if not deadline:
                     deadline = time.monotonic() + seconds
@@ -691,18 +703,12 @@ class Conn:
         i, n = 0, len(pending)
         while i < n:
             try:
-                sent = sock.send(pending[i]) if i == n - 1 else sock.sendmsg(pending[i:i + IOV_MAX])
+                sent = _send_some(sock, pending, i)
             except BlockingIOError:
                 return pending[i:]
             except OSError:
                 return None
-            while sent:
-                first = len(pending[i])
-                if sent < first:
-                    pending[i] = memoryview(pending[i])[sent:]
-                    break
-                sent -= first
-                i += 1
+            i = _advance(pending, i, sent)
         return []
 
     def linger(self, seconds: float) -> None:
@@ -1092,11 +1098,14 @@ class ApiServer:
                 if not self._reactor.park(conn):
                     self._end(conn)
                 continue
+            with self._pool_lock:
+                self.threads_started += 1  # before the start: the thread may answer before this one runs on
             try:
                 threading.Thread(target=self._connection, args=(listener, registry, routes, conn),
                                  name=f"conn-{ip}", daemon=True).start()
-                self.threads_started += 1
             except RuntimeError:  # cannot start a thread: refuse like a full server
+                with self._pool_lock:
+                    self.threads_started -= 1
                 registry.remove(conn)
                 self._refuse(sock)
 
@@ -1248,10 +1257,13 @@ class ApiServer:
                 self._idle_workers -= 1
                 self._jobs.put(job)
                 return
+        with self._pool_lock:
+            self.threads_started += 1  # before the start: the thread may answer before this one runs on
         try:
             threading.Thread(target=self._worker, args=(job,), name=f"conn-{conn.ip}", daemon=True).start()
-            self.threads_started += 1
         except RuntimeError:  # cannot start a thread: the connection ends
+            with self._pool_lock:
+                self.threads_started -= 1
             self._end(conn)
 
     def _worker(self, job: tuple[Conn, Any]) -> None:

@@ -49,7 +49,7 @@ import threading
 import uuid as uuidlib
 import zlib
 from collections import OrderedDict, defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from itertools import compress, islice
 from operator import is_not, itemgetter
 from pathlib import Path
@@ -128,6 +128,26 @@ def _code_hash() -> str:
         except OSError:
             _CODE_HASH.append(secrets.token_hex(16))  # unknown code: trust no earlier process's snapshot
     return _CODE_HASH[0]
+
+
+def relation_moves(fields: Sequence[str], sources: Callable[[Record], Any], old: Record | None,
+                   new: Record | None) -> list[tuple[int, Any, Any]]:
+    """(index in ``fields``, value before, value after) of each of ``fields`` a change moved
+    (a missing record holds none); ``sources`` is ``itemgetter(*fields)``, which tells at once
+    that a modification moved none of them."""
+    if old is not None and new is not None:
+        try:
+            if sources(old) == sources(new):
+                return []
+        except KeyError:
+            pass  # a record without one of the fields: looked at one by one below
+    out = []
+    for i, f in enumerate(fields):
+        before = old.get(f) if old else None
+        after = new.get(f) if new else None
+        if before != after:
+            out.append((i, before, after))
+    return out
 
 
 class StoreCorrupt(Exception):

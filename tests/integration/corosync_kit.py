@@ -106,6 +106,11 @@ def ocfs2_sr(x: Any) -> str:
     return str(x.SR.create(master, {}, str(2 * 1024**4), "OCFS2", "", "ocfs2", "user", True, {}))
 
 
+def management(x: Any, host: str) -> str:
+    """The host's management PIF."""
+    return next(p for p in x.PIF.get_all() if x.PIF.get_host(p) == host and x.PIF.get_management(p))
+
+
 def power(fault: Any) -> dict[str, str]:
     """host name -> power state, from ``xapid fault status``."""
     out = {}

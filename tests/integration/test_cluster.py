@@ -17,6 +17,7 @@ from tests.integration.corosync_kit import (
     MISSING,
     Tracker,
     leftovers,
+    management,
     named,
     namespaces,
     needs_corosync,
@@ -31,10 +32,6 @@ DETECT = 40.0
 
 def details(exc: pytest.ExceptionInfo[XenAPI.Failure]) -> list[str]:
     return list(exc.value.details)
-
-
-def management(x: Any, host: str) -> str:
-    return next(p for p in x.PIF.get_all() if x.PIF.get_host(p) == host and x.PIF.get_management(p))
 
 
 def cluster_state(x: Any, cluster: str) -> tuple[bool, int, int, int]:

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import XenAPI
 
-from tests.integration.corosync_kit import Tracker, leftovers, named, needs_corosync
+from tests.integration.corosync_kit import Tracker, leftovers, management, named, needs_corosync
 from tests.integration.ha.conftest import wait_for
 
 TIB = str(1024**4)
@@ -38,10 +38,6 @@ def test_without_a_cluster_gfs2_is_refused_and_nothing_is_made(shared_api: Any) 
     assert x.PBD.get_currently_attached(pbd) is False
     x.PBD.destroy(pbd)
     x.SR.forget(sr)
-
-
-def management(x: Any, host: str) -> str:
-    return next(p for p in x.PIF.get_all() if x.PIF.get_host(p) == host and x.PIF.get_management(p))
 
 
 @needs_corosync

@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from tests.unit.test_store import damage_pages
 from xapid import schema as schema_mod
 from xapid.schema import NULL_REF, Schema
 from xapid.store import SNAPSHOT_MAGIC, Store, StoreCorrupt
@@ -318,11 +319,7 @@ def test_a_store_written_before_snapshots_gets_its_triggers(schema: Schema, db: 
 def test_a_damaged_database_is_refused_even_with_a_valid_snapshot(schema: Schema, db: Path) -> None:
     varied_store(schema, db)
     assert snap_of(db).is_file() and token(db) is not None
-    size = db.stat().st_size
-    with open(db, "r+b") as f:
-        for page in range(1, size // 4096):
-            f.seek(page * 4096)
-            f.write(b"\x00\xff" * 64)
+    damage_pages(db)
     with pytest.raises(StoreCorrupt):
         Store(schema, db)
 
