@@ -1155,37 +1155,30 @@ class ApiServer:
                 if parked:
                     return
             while not self.stopping:
-                if first is not None:
+                if first is not None:  # a request the loop already read
                     (request, route), first = first, None
-                    conn.set(BUSY)
-                    if self._serve(conn, listener, request, route):
+                else:
+                    conn.set(IDLE)
+                    if not conn.wait(idle_until):
                         break
-                    idle_until = time.monotonic() + lim.keepalive_timeout
-                    parked = self._linger_or_park(conn, idle_until)
-                    if parked:
-                        return
-                    continue
-                conn.set(IDLE)
-                if not conn.wait(idle_until):
-                    break
-                conn.set(READING)
-                try:
-                    request, route, length = self._read_head(conn, listener, routes)
-                    request.peer = conn.ip
-                    if route is not None and route.stream and length == UNTIL_CLOSE:
-                        request.reader = BodyReader(conn, None, lim.body_timeout, getattr(lim, route.body_cap),
-                                                    until_close=True,
-                                                    on_start=lambda r=request: self._early_head(conn, r))
-                    elif route is not None and route.stream:
-                        self._expect(conn, request, length)
-                        request.reader = BodyReader(conn, None if length < 0 else length, lim.body_timeout,
-                                                    getattr(lim, route.body_cap))
-                    else:
-                        request.body = self._read_body(conn, request, length)
-                except Refused as e:
-                    self._answer(conn, Response(e.status, str(e).encode(), close=True))
-                    conn.linger(LINGER)
-                    break
+                    conn.set(READING)
+                    try:
+                        request, route, length = self._read_head(conn, listener, routes)
+                        request.peer = conn.ip
+                        if route is not None and route.stream and length == UNTIL_CLOSE:
+                            request.reader = BodyReader(conn, None, lim.body_timeout, getattr(lim, route.body_cap),
+                                                        until_close=True,
+                                                        on_start=lambda r=request: self._early_head(conn, r))
+                        elif route is not None and route.stream:
+                            self._expect(conn, request, length)
+                            request.reader = BodyReader(conn, None if length < 0 else length, lim.body_timeout,
+                                                        getattr(lim, route.body_cap))
+                        else:
+                            request.body = self._read_body(conn, request, length)
+                    except Refused as e:
+                        self._answer(conn, Response(e.status, str(e).encode(), close=True))
+                        conn.linger(LINGER)
+                        break
                 conn.set(BUSY)
                 if self._serve(conn, listener, request, route):
                     break
