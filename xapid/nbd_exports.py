@@ -29,6 +29,7 @@ import structlog
 from xapid import generic, statefiles
 from xapid.api import Call
 from xapid.api import vdi as vdi_api
+from xapid.api.host import get_server_certificate
 from xapid.api.vbd import create_vbd, plug_vbd
 from xapid.certificates import server_key_pair
 from xapid.errors import ApiError
@@ -324,8 +325,6 @@ def nbd_info(daemon: Daemon, vdi: str, session: str) -> list[dict[str, Any]]:
         port = daemon.nbd.port_of(str(host_rec["uuid"]))
         if not ips or port is None:
             continue
-        from xapid.api.host import get_server_certificate  # the host's answer, whatever serves it
-
         cert = get_server_certificate(Call(daemon, "host.get_server_certificate"), host)
         subject = str(host_rec["hostname"] or host_rec["name_label"])
         out += [{"exportname": exportname, "address": ip, "port": port, "cert": cert, "subject": subject}

@@ -17,8 +17,9 @@ import zoneinfo
 from typing import Any
 
 from xapid.api import Call, handler
+from xapid.api.host import _host
 from xapid.errors import ApiError
-from xapid.store import Store, Transaction
+from xapid.store import Store
 
 EPOCH = "19700101T00:00:00Z"
 MAX_SSH_TIMEOUT = 172800  # two days (xapi_host.ml set_ssh_enabled_timeout)
@@ -33,10 +34,6 @@ def _seconds(iso: str) -> float:
     return float(calendar.timegm(time.strptime(iso, "%Y%m%dT%H:%M:%SZ")))
 
 
-def _host(tx: Transaction, host: str) -> dict[str, Any]:
-    return tx.get("host", host)
-
-
 @handler("host.set_hostname_live")
 def set_hostname_live(call: Call, host: str, hostname: str) -> None:
     """Letters, digits, ``-`` and ``.`` (no ``-`` at either end), at most 255 characters, else
@@ -48,7 +45,7 @@ def set_hostname_live(call: Call, host: str, hostname: str) -> None:
     if not _HOSTNAME.fullmatch(hostname) or hostname[0] == "-" or hostname[-1] == "-":
         raise ApiError("HOST_NAME_INVALID", "hostname contains invalid characters")
     with call.store.transaction() as tx:
-        rec = _host(tx, host)
+        rec = tx.get("host", host)
         rec["hostname"] = hostname
         dom0 = tx.find("VM", rec["control_domain"])
         if dom0 is not None:  # Helpers.update_domain_zero_name
@@ -58,29 +55,26 @@ def set_hostname_live(call: Call, host: str, hostname: str) -> None:
 @handler("host.set_power_on_mode")
 def set_power_on_mode(call: Call, self: str, power_on_mode: str, power_on_config: dict[str, str]) -> None:
     with call.store.transaction() as tx:
-        _host(tx, self).update(power_on_mode=power_on_mode, power_on_config=dict(power_on_config))
+        tx.get("host", self).update(power_on_mode=power_on_mode, power_on_config=dict(power_on_config))
 
 
 @handler("host.get_server_localtime")
 def get_server_localtime(call: Call, host: str) -> str:
     """The host's local time (Date.localtime: no zone designator)."""
-    with call.store.transaction() as tx:
-        _host(tx, host)
+    _host(call, host)
     return time.strftime("%Y%m%dT%H:%M:%S", time.localtime())
 
 
 @handler("host.syslog_reconfigure")
 def syslog_reconfigure(call: Call, host: str) -> None:
     """Re-read ``logging:syslog_destination`` (nothing to restart on an emulated host)."""
-    with call.store.transaction() as tx:
-        _host(tx, host)
+    _host(call, host)
 
 
 @handler("host.dmesg")
 def dmesg(call: Call, host: str) -> str:
     """The host's console ring (xenopsd's get_console_data): what the emulated machine printed."""
-    with call.store.transaction() as tx:
-        rec = _host(tx, host)
+    rec = _host(call, host)
     return (f"(XEN) Xen version {rec['software_version'].get('xen', '')} (xapid)\n"
             f"(XEN) Command line: dom0_mem=4096M,max:4096M watchdog ucode=scan\n"
             f"(XEN) Brought up {rec['cpu_info'].get('cpu_count', '1')} CPUs\n"
@@ -90,29 +84,25 @@ def dmesg(call: Call, host: str) -> str:
 
 @handler("host.get_sched_gran")
 def get_sched_gran(call: Call, self: str) -> str:
-    with call.store.transaction() as tx:
-        _host(tx, self)
+    _host(call, self)
     return "cpu"  # no sched-gran on the Xen command line: the default
 
 
 @handler("host.set_sched_gran")
 def set_sched_gran(call: Call, self: str, value: str) -> None:
-    with call.store.transaction() as tx:
-        _host(tx, self)
+    _host(call, self)
     raise ApiError("OPERATION_NOT_ALLOWED", "Disabled by xapi.conf")  # allow_host_sched_gran_modification
 
 
 @handler("host.get_ntp_synchronized")
 def get_ntp_synchronized(call: Call, self: str) -> bool:
-    with call.store.transaction() as tx:
-        _host(tx, self)
+    _host(call, self)
     return True  # the emulated hosts keep the daemon's clock
 
 
 @handler("host.list_timezones")
 def list_timezones(call: Call, self: str) -> list[str]:
-    with call.store.transaction() as tx:
-        _host(tx, self)
+    _host(call, self)
     return sorted(zoneinfo.available_timezones() | {"UTC"})
 
 
@@ -146,7 +136,7 @@ def _set_console_timeout(rec: dict[str, Any], value: int) -> None:
 
 def _on_host(call: Call, host: str, change: Any, *args: Any) -> None:
     with call.store.transaction() as tx:
-        change(_host(tx, host), *args)
+        change(tx.get("host", host), *args)
 
 
 def _on_pool(call: Call, pool: str, change: Any, *args: Any) -> None:
@@ -154,7 +144,7 @@ def _on_pool(call: Call, pool: str, change: Any, *args: Any) -> None:
     with call.store.transaction() as tx:
         tx.get("pool", pool)
         for host in tx.refs("host"):
-            change(_host(tx, host), *args)
+            change(tx.get("host", host), *args)
 
 
 @handler("host.enable_ssh")
