@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.integration.test_xe_support import REPO, Xe, make, values
+from tests.integration.test_xe_support import REPO, Result, Xe, make, values
 
 INTERNAL = ("The server failed to handle your request, due to an internal error. The given message may give"
             " details useful for debugging the problem.\n")
@@ -75,17 +76,39 @@ def test_ha_enable_with_cluster_stack(xe: Xe, api: Any) -> None:
 
 
 def test_host_emergency_ha_disable(xe: Xe, api: Any) -> None:
+    """Soft, then hard, on the master's own address (xapi_ha.ml emergency_ha_disable).
+
+    The soft call sets the master excluded, so the slaves' livesets lose it and they run the
+    master-failure procedure: the pool address then reaches the new master.  The calls go to
+    the old master's own address, where its local session stays valid through that transition.
+    """
     pool = pool_uuid(xe)
     xe.ok("pool-ha-enable", f"heartbeat-sr-uuids={nfs_uuid(xe)}", "ha-config:timeout=30")
-    assert xe.fail("host-emergency-ha-disable") == INTERNAL + (
+    old_master = xe.ok("pool-param-get", f"uuid={pool}", "param-name=master").strip()
+    address = xe.get("host", old_master, "address")
+
+    def on_old_master(*args: str) -> Any:
+        return xe.raw("-s", address, "-p", xe.port, "-u", "root", "-pwf", str(xe.pwf), "--nossl", *args)
+
+    assert on_old_master("host-emergency-ha-disable").err == INTERNAL + (
         "message: Failure: This operation is extremely dangerous and may cause data loss. This operation must be"
         " forced (use --force).\n")
-    assert xe.fail("host-emergency-ha-disable", "soft=true").startswith(INTERNAL)
+    assert on_old_master("host-emergency-ha-disable", "soft=true").err.startswith(INTERNAL)
     assert xe.get("pool", pool, "ha-enabled") == "true"
-    assert xe.ok("host-emergency-ha-disable", "--force", "soft=true") == ""
-    assert xe.ok("host-emergency-ha-disable", "force=true") == ""
+    assert on_old_master("host-emergency-ha-disable", "--force", "soft=true") == Result(0, "", "")
+    deadline = time.monotonic() + 20
+    while True:
+        # A poll may straddle the transition, which ends every pool session: it just asks again.
+        r = xe("pool-param-get", f"uuid={pool}", "param-name=master")
+        if r.rc == 0 and r.out.strip() != old_master:
+            break
+        assert time.monotonic() < deadline, f"the slaves never replaced the excluded master: {r}"
+        time.sleep(0.2)
+    assert on_old_master("host-emergency-ha-disable", "force=true") == Result(0, "", "")
+    assert on_old_master("host-emergency-ha-disable", "force=true", "soft=true") == Result(0, "", "")
     log = xe.daemon.log()
-    assert log.count('"method": "host.emergency_ha_disable"') == 2
+    assert log.count('"method": "host.emergency_ha_disable"') == 3
+    assert xe.get("pool", pool, "ha-enabled") == "true"  # the pool database is untouched
 
 
 def test_ha_fields_settable_through_setters(xe: Xe, api: Any) -> None:
