@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import selectors
+import shutil
 import signal
 import stat
 import subprocess
@@ -409,7 +410,7 @@ class ClusterStackRunner:
         raise internal(f"Unrecognised MTC exit code {code} from {stack}/{script} on host {host_uuid}")
 
     def _fork_server(self, stack: str, directory: Path, base_path: str) -> str | None:
-        """The socket of the stack's fork server, started now if needed; None if the stack has none.
+        """The path of the stack's fork server, started now if needed; None if the stack has none.
 
         The server runs in a session of its own with nothing but PATH in its environment, cwd the
         stack folder; it must print ``ready`` within FORKSERVER_READY_TIMEOUT.  One that fails to
@@ -445,7 +446,7 @@ class ClusterStackRunner:
     ) -> tuple[subprocess.Popen[bytes], str, Path | None] | None:
         assert self.state_dir is not None
         folder = self.state_dir / "run" / "forkservers"
-        sock = str(folder / f"{stack}.sock")
+        sock = str(folder / f"{stack}.server")
         env = {"PATH": f"{base_path}{os.pathsep}{directory}" if base_path else str(directory)}
         try:
             folder.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -475,7 +476,7 @@ class ClusterStackRunner:
         if line.strip() != b"ready":
             log.warning("cluster-stack fork server did not start; scripts run without it", stack=stack,
                         said=line.decode(errors="replace"))
-            self._end_server(proc, marker, grace=0.0)
+            self._end_server(proc, sock, marker, grace=0.0)
             return None
         log.info("cluster-stack fork server started", stack=stack, pid=proc.pid)
         return proc, sock, marker
@@ -483,11 +484,12 @@ class ClusterStackRunner:
     def _forget_server(self, stack: str) -> None:
         known = self._servers.pop(stack, None)
         if known is not None:
-            self._end_server(known[0], known[2], grace=0.0)
+            self._end_server(*known, grace=0.0)
 
     @staticmethod
-    def _end_server(proc: subprocess.Popen[bytes], marker: Path | None, grace: float) -> None:
-        """SIGTERM (when ``grace``) then SIGKILL the server's process group; always reaped."""
+    def _end_server(proc: subprocess.Popen[bytes], path: str, marker: Path | None, grace: float) -> None:
+        """SIGTERM (when ``grace``) then SIGKILL the server's process group; always reaped, and its
+        ``path`` removed."""
         if proc.poll() is None and grace > 0:
             proc.terminate()
             try:
@@ -500,6 +502,7 @@ class ClusterStackRunner:
             except ProcessLookupError:
                 pass
         proc.wait()
+        _remove_tree(Path(path))  # what the server made there goes with it, even after a SIGKILL
         if marker is not None:
             marker.unlink(missing_ok=True)
 
@@ -512,8 +515,8 @@ class ClusterStackRunner:
             self._closed = True
             servers = [s for s in self._servers.values() if s is not None]
             self._servers.clear()
-        for proc, _sock, marker in servers:
-            self._end_server(proc, marker, grace=FORKSERVER_STOP_GRACE)
+        for proc, path, marker in servers:
+            self._end_server(proc, path, marker, grace=FORKSERVER_STOP_GRACE)
 
     def _mark_running(self, pid: int) -> Path | None:
         if self.running_dir is None:
@@ -556,6 +559,11 @@ class ClusterStackRunner:
             marker.unlink(missing_ok=True)
         if killed:
             log.warning("killed cluster-stack scripts a previous run left behind", pids=killed)
+        servers = self.running_dir.parent / "forkservers"
+        if servers.is_dir():
+            for path in servers.iterdir():
+                if path.suffix == ".server":  # the paths of the fork servers killed above
+                    _remove_tree(path)
         return killed
 
     def _communicate(
@@ -642,3 +650,11 @@ class ClusterStackRunner:
             log.info("ha_propose_master_refused", stack=stack, host=host_uuid, exit_code=exc.exit_code)
             return False
         return result.stdout.rstrip() == "TRUE"
+
+
+def _remove_tree(path: Path) -> None:
+    """Remove ``path`` (a file, or a folder and its files); missing is fine."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)

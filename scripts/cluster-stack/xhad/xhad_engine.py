@@ -168,6 +168,7 @@ import re
 import select
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -2623,20 +2624,33 @@ if __name__ == "__main__":
 
 # --------------------------------------------------------------------------- fork server
 #
-# ``xapid-forkserver <socket>`` (in this folder) runs ``forkserver_main``: a process that has imported
+# ``xapid-forkserver <folder>`` (in this folder) runs ``forkserver_main``: a process that has imported
 # this engine once and forks a worker per script run, so that a run costs a fork instead of an
-# interpreter start and the imports.  The ``ha_*`` shims hand their request to it through
-# ``xhad_client`` (argv, environment, cwd and file descriptors 0-2) when ``XAPID_FORKSERVER`` names
-# its socket, and run in-process otherwise.  A worker heartbeat (``ha_start_daemon``) forks too.
+# interpreter start and the imports.  The ``ha_*`` scripts are POSIX shell shims, so that handing a
+# run over costs a shell instead of an interpreter: with ``XAPID_FORKSERVER`` naming a live server's
+# folder, a shim makes the FIFO ``r<its pid>`` there, writes ``xhad-fork-2 <pid> <script> <argc>`` into
+# the FIFO ``requests`` and reads its answer from its own FIFO: ``exit <code>``, ``signal <number>``
+# (it then kills itself with it), or ``refused`` (it then runs the script in its own interpreter,
+# ``xhad_run.py``, as it does without a server).  The server reads the rest from ``/proc/<pid>``:
+# the arguments (the last argc words of the command line), environment, folder and standard
+# streams, opened anew; a stream that would not behave the same when opened anew (a socket, a file
+# written at an offset) makes it refuse.  The answer FIFO's write end stays with the server until
+# the worker is reaped: a shim that dies (its caller's timeout) leaves the server POLLERR there,
+# and the worker is killed; a server that dies leaves the shim end-of-file (exit 127).
+# A worker heartbeat (``ha_start_daemon``) forks too.
 # Hosts' processes are recognised by their command line (``--heartbeat <conf>``) and environment
 # (``XAPID_HOST_DIR``), which the kernel reads from the process's original argv and environment
 # areas; the server starts with room in both, and every fork rewrites them in place (as
 # setproctitle does), so a forked process looks exactly like an executed one.
 
-FORK_PROTOCOL = b"xhad-fork-1"
+FORK_PROTOCOL = b"xhad-fork-2"
+FORK_REQUESTS = "requests"  # the server's request FIFO, in its folder
+FORK_PID = "pid"
+FORK_CONNECT_TIMEOUT = 10.0  # seconds between a request and its shim opening the answer FIFO
 FORK_ROOM = 1 << 15
 FORK_ROOM_VAR = "XHAD_FORK_ROOM"
-FORK_MAX_REQUEST = 1 << 18
+FORK_MAX_REQUEST = 4096  # a request line is written whole into the FIFO (PIPE_BUF)
+RUN_FILE = "xhad_run.py"  # what the shims run when no server takes the run
 _FORKED = False  # True in a fork-server worker: ha_start_daemon forks its heartbeat
 
 
@@ -2760,41 +2774,92 @@ def spawn_heartbeat(conf: Conf, log_fd: int) -> subprocess.Popen[bytes] | _Forke
         _exit_forked(code)
 
 
-def _unix_address(path: str) -> tuple[str, int]:
-    """(address to bind/connect, dir fd to close or -1): long paths go through /proc/self/fd."""
-    if len(os.fsencode(path)) < UNIX_PATH_MAX:
-        return path, -1
-    dir_fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY)
-    return f"/proc/self/fd/{dir_fd}/{os.path.basename(path)}", dir_fd
+class _Request:
+    """One script run a shim asked for: who, what, and where its answer goes."""
+
+    def __init__(self, pid: int, script: str, argc: int, reply_path: str, deadline: float) -> None:
+        self.pid, self.script, self.argc = pid, script, argc
+        self.reply_path = reply_path
+        self.deadline = deadline  # the shim must open its answer FIFO by then
+        self.reply = -1  # write end of the answer FIFO, once the shim reads it
 
 
-def _parse_request(data: bytes) -> tuple[str, str, list[str], dict[str, str]] | None:
-    """(script, cwd, argv, env) from a client request, or None if malformed."""
-    parts = data.split(b"\0")
+def _parse_request(line: bytes) -> tuple[int, str, int] | None:
+    """(pid, script, argc) from a request line ``xhad-fork-2 <pid> <script> <argc>``, or None."""
+    words = line.split()
+    if len(words) != 4 or words[0] != FORK_PROTOCOL or not words[1].isdigit() or not words[3].isdigit():
+        return None
+    script = words[2].decode("ascii", "replace")
+    if script not in SCRIPTS:
+        return None
+    return int(words[1]), script, int(words[3])
+
+
+def _open_stream(pid: int, n: int) -> int | None:
+    """Standard stream ``n`` of process ``pid``, opened anew as it is open there (a pipe, a device,
+    a file read or appended to); None where the copy would not behave the same (a socket, a file
+    written at an offset the caller's own writes would not see move)."""
+    path = f"/proc/{pid}/fd/{n}"
     try:
-        if parts[0] != FORK_PROTOCOL or parts[-1] != b"":
+        with open(f"/proc/{pid}/fdinfo/{n}", "rb") as handle:
+            info = dict(line.split(b":", 1) for line in handle.read().splitlines() if b":" in line)
+        flags, pos = int(info[b"flags"].strip(), 8), int(info[b"pos"].strip())
+        mode = os.stat(path).st_mode
+    except (OSError, KeyError, ValueError):
+        return None
+    if stat.S_ISSOCK(mode) or (stat.S_ISREG(mode) and n > 0 and not flags & os.O_APPEND):
+        return None
+    try:
+        # O_NONBLOCK: a pipe whose other end is gone must not block the server.
+        fd = os.open(path, (flags & (os.O_ACCMODE | os.O_APPEND)) | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    os.set_blocking(fd, True)
+    if stat.S_ISREG(mode):
+        os.lseek(fd, pos, os.SEEK_SET)
+    return fd
+
+
+def _gather(request: _Request, me: int) -> tuple[tuple[str, str, list[str], dict[str, str]], list[int]] | None:
+    """The run the shim ``request.pid`` asked for, read from ``/proc``: ((script, cwd, argv, env),
+    its standard streams), or None when it is not one of ours or cannot be reproduced."""
+    base = f"/proc/{request.pid}"
+    try:
+        if os.stat(base).st_uid != me:
             return None
-        script, cwd, argc = os.fsdecode(parts[1]), os.fsdecode(parts[2]), int(parts[3])
-        argv = [os.fsdecode(p) for p in parts[4 : 4 + argc]]
-        env = {}
-        for item in parts[4 + argc : -1]:
-            key, sep, value = os.fsdecode(item).partition("=")
-            if not sep or not key:
-                return None
+        with open(f"{base}/cmdline", "rb") as handle:
+            words = handle.read().split(b"\0")[:-1]
+        with open(f"{base}/environ", "rb") as handle:
+            items = handle.read().split(b"\0")[:-1]
+        cwd = os.readlink(f"{base}/cwd")
+    except OSError:
+        return None
+    # The kernel ran the shim as "<shell> <script path> args...": the arguments are the last argc words.
+    if len(words) < 2 + request.argc:
+        return None
+    argv = [os.fsdecode(w) for w in words[len(words) - request.argc :]] if request.argc else []
+    env: dict[str, str] = {}
+    for item in items:
+        key, sep, value = os.fsdecode(item).partition("=")
+        if sep and key:
             env[key] = value
-    except (IndexError, ValueError):
-        return None
-    if script not in SCRIPTS or len(argv) != argc:
-        return None
-    return script, cwd, argv, env
+    fds: list[int] = []
+    for n in range(3):
+        fd = _open_stream(request.pid, n)
+        if fd is None:
+            for other in fds:
+                os.close(other)
+            return None
+        fds.append(fd)
+    return (request.script, cwd, argv, env), fds
 
 
 def _worker_argv(script: str, argv: list[str]) -> list[str]:
-    """The command line an executed run of ``script argv`` shows."""
-    return [sys.executable or "python3", "-S", os.path.join(os.path.dirname(ENGINE_FILE), script), *argv]
+    """The command line a run of ``script argv`` in the shim's own interpreter shows."""
+    return [sys.executable or "python3", "-S", os.path.join(os.path.dirname(ENGINE_FILE), RUN_FILE), script, *argv]
 
 
-def _worker(conn: socket.socket, fds: list[int], request: tuple[str, str, list[str], dict[str, str]],
+def _worker(reply: int, fds: list[int], request: tuple[str, str, list[str], dict[str, str]],
             keep_out: list[int]) -> None:
     """Body of a forked worker: become the script run the client asked for; never returns."""
     global _FORKED
@@ -2807,7 +2872,7 @@ def _worker(conn: socket.socket, fds: list[int], request: tuple[str, str, list[s
             signal.signal(signum, signal.SIG_DFL)
         for fd in keep_out:
             os.close(fd)
-        conn.close()
+        os.close(reply)
         for target, fd in enumerate(fds):
             os.dup2(fd, target)
         for fd in fds:
@@ -2828,18 +2893,33 @@ def _worker(conn: socket.socket, fds: list[int], request: tuple[str, str, list[s
         _exit_forked(code)
 
 
-def forkserver_main(argv: list[str]) -> int:
-    """``xapid-forkserver <socket>``: serve script runs until SIGTERM or until its parent is gone.
+def _remove_server_dir(path: str) -> None:
+    """Remove the server's folder and what is in it (FIFOs, the pid file); missing is fine."""
+    try:
+        names = os.listdir(path)
+    except OSError:
+        return
+    for name in names:
+        _unlink(os.path.join(path, name))
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass
 
-    Prints ``ready`` once it listens (its starter waits for that line).  Only processes of its own
-    user are served.  On the way out every worker still running is killed with its process group.
+
+def forkserver_main(argv: list[str]) -> int:
+    """``xapid-forkserver <folder>``: serve script runs until SIGTERM or until its parent is gone.
+
+    Makes ``<folder>`` (mode 0700) with the request FIFO ``requests`` and the file ``pid``, prints
+    ``ready`` once it serves, and removes the folder on the way out, after killing every worker
+    still running with its process group.  Only processes of its own user are served.
     """
     if FORK_ROOM_VAR in os.environ and len(argv) == 2:
         argv = argv[:1]  # the padding argument of the restart below
     if len(argv) != 1:
-        print("usage: xapid-forkserver <socket>", file=sys.stderr)
+        print("usage: xapid-forkserver <folder>", file=sys.stderr)
         return EXIT_INVALID_PARAMETER
-    sock_path = os.path.abspath(argv[0])
+    folder = os.path.abspath(argv[0])
     areas = _proc_areas()
     if FORK_ROOM_VAR not in os.environ and (
         areas is None or areas[1] - areas[0] < FORK_ROOM or areas[3] - areas[2] < FORK_ROOM
@@ -2847,24 +2927,16 @@ def forkserver_main(argv: list[str]) -> int:
         # Room to rewrite: start again once, with large argv and environment areas.
         script = os.path.abspath(sys.argv[0])
         env = dict(os.environ, **{FORK_ROOM_VAR: "x" * FORK_ROOM})
-        os.execve(sys.executable, [sys.executable, "-S", script, sock_path, "-" * FORK_ROOM], env)
+        os.execve(sys.executable, [sys.executable, "-S", script, folder, "-" * FORK_ROOM], env)
     os.environ.pop(FORK_ROOM_VAR, None)
-    retitle([sys.executable or "python3", "-S", os.path.abspath(sys.argv[0]), sock_path], os.environ)
+    retitle([sys.executable or "python3", "-S", os.path.abspath(sys.argv[0]), folder], os.environ)
     parent = os.getppid()
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    address, dir_fd = _unix_address(sock_path)
-    try:
-        _unlink(sock_path)
-        old_mask = os.umask(0o177)
-        try:
-            listener.bind(address)
-        finally:
-            os.umask(old_mask)
-    finally:
-        if dir_fd >= 0:
-            os.close(dir_fd)
-    listener.listen(128)
-    listener.setblocking(False)
+    _remove_server_dir(folder)  # one a killed server left
+    os.mkdir(folder, 0o700)
+    requests_path = os.path.join(folder, FORK_REQUESTS)
+    os.mkfifo(requests_path, 0o600)
+    # Read-write: the FIFO never reports end-of-file between two shims' requests.
+    requests_fd = os.open(requests_path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_r, False)
     os.set_blocking(wake_w, False)
@@ -2880,25 +2952,35 @@ def forkserver_main(argv: list[str]) -> int:
     # would otherwise touch (and copy) every page the server shares with them.
     gc.collect()
     gc.freeze()
+    with open(os.path.join(folder, FORK_PID), "w") as handle:
+        handle.write(f"{os.getpid()}\n")
     print("ready", flush=True)
     null = os.open(os.devnull, os.O_RDWR)
     os.dup2(null, 0)
     os.dup2(null, 1)
     os.close(null)
-    waiting: set[socket.socket] = set()  # connected, request not read yet
-    running: dict[int, socket.socket] = {}  # worker pid -> its client's connection
-    by_conn: dict[socket.socket, int] = {}
+    poller = select.poll()
+    poller.register(requests_fd, select.POLLIN)
+    poller.register(wake_r, select.POLLIN)
+    pending: list[_Request] = []  # asked, the shim not reading its answer yet
+    running: dict[int, _Request] = {}  # worker pid -> its request
+    by_reply: dict[int, int] = {}  # answer fd -> worker pid
     me = os.getuid()
+    buffered = b""
 
-    def finish(conn: socket.socket, message: bytes | None) -> None:
-        if message is not None:
+    def answer(request: _Request, message: bytes) -> None:
+        if request.reply >= 0:
             try:
-                conn.send(message)
+                os.write(request.reply, message + b"\n")
             except OSError:
                 pass
-        waiting.discard(conn)
-        by_conn.pop(conn, None)
-        conn.close()
+            by_reply.pop(request.reply, None)
+            try:
+                poller.unregister(request.reply)
+            except KeyError:
+                pass
+            os.close(request.reply)
+            request.reply = -1
 
     def reap() -> None:
         while running:
@@ -2908,77 +2990,87 @@ def forkserver_main(argv: list[str]) -> int:
                 return
             if not pid:
                 return
-            conn = running.pop(pid, None)
-            if conn is None:
+            request = running.pop(pid, None)
+            if request is None:
                 continue
             if os.WIFSIGNALED(status):
-                finish(conn, b"signal %d" % os.WTERMSIG(status))
+                answer(request, b"signal %d" % os.WTERMSIG(status))
             else:
-                finish(conn, b"exit %d" % os.waitstatus_to_exitcode(status))
+                answer(request, b"exit %d" % os.waitstatus_to_exitcode(status))
 
-    def take(conn: socket.socket) -> None:
-        try:
-            data, ancdata, flags, _addr = conn.recvmsg(FORK_MAX_REQUEST, socket.CMSG_SPACE(3 * 4))
-        except OSError:
-            finish(conn, None)
-            return
-        fds: list[int] = []
-        for level, kind, payload in ancdata:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds += [int.from_bytes(payload[i : i + 4], sys.byteorder) for i in range(0, len(payload) - 3, 4)]
-        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
-        uid = int.from_bytes(creds[4:8], sys.byteorder)
-        truncated = flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC)
-        request = _parse_request(data) if data and not truncated else None
+    def start(request: _Request) -> None:
+        """The shim reads its answer now: fork its worker, or refuse."""
+        gathered = _gather(request, me)
         # A worker must show its script's environment (fencing finds a host's processes by it).
-        if request is not None and not retitle(_worker_argv(request[0], request[2]), request[3], check=True):
-            request = None
-        if request is None or len(fds) != 3 or uid != me:
-            for fd in fds:
+        if gathered is not None and not retitle(_worker_argv(request.script, gathered[0][2]), gathered[0][3],
+                                                check=True):
+            for fd in gathered[1]:
                 os.close(fd)
-            finish(conn, b"refused")
+            gathered = None
+        if gathered is None:
+            answer(request, b"refused")
             return
-        waiting.discard(conn)
+        run, fds = gathered
         sys.stdout.flush()
         sys.stderr.flush()
         pid = os.fork()
         if pid == 0:
-            others = [c.fileno() for c in (*waiting, *by_conn)] + [listener.fileno(), wake_r, wake_w]
-            _worker(conn, fds, request, others)
+            others = [*by_reply, requests_fd, wake_r, wake_w]
+            _worker(request.reply, fds, run, others)
         for fd in fds:
             os.close(fd)
-        running[pid] = conn
-        by_conn[conn] = pid
+        running[pid] = request
+        by_reply[request.reply] = pid
+        # No events asked: POLLERR alone comes, when the shim (the FIFO's reader) is gone.
+        poller.register(request.reply, 0)
+
+    def connect(now: float) -> None:
+        """Open the answer FIFO of every pending request whose shim reads it by now."""
+        for request in list(pending):
+            try:
+                request.reply = os.open(request.reply_path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            except OSError as exc:
+                gone = exc.errno != errno.ENXIO or now > request.deadline or not os.path.exists(
+                    f"/proc/{request.pid}")
+                if gone:  # no such FIFO, or its shim died before it read: nobody to run for
+                    pending.remove(request)
+                    _unlink(request.reply_path)
+                continue
+            pending.remove(request)
+            _unlink(request.reply_path)
+            start(request)
 
     try:
         while not stop:
             if os.getppid() != parent:
                 break  # whoever started the server is gone (a crash): so is the server
-            readable, _w, _x = select.select([listener, wake_r, *waiting, *by_conn], [], [], 1.0)
-            for item in readable:
-                if item is wake_r:
+            events = poller.poll(2 if pending else 1000)
+            for fd, flags in events:
+                if fd == wake_r:
                     try:
                         while os.read(wake_r, 64):
                             pass
                     except OSError:
                         pass
-                elif item is listener:
+                elif fd == requests_fd:
                     try:
-                        conn, _addr = listener.accept()
+                        buffered += os.read(requests_fd, 1 << 16)
                     except OSError:
                         continue
-                    conn.setblocking(False)
-                    waiting.add(conn)
-                elif item in waiting:
-                    take(item)
-                elif item in by_conn:
-                    # The client went away (its caller's timeout killed it): so does its run.
-                    try:
-                        gone = item.recv(16) == b""
-                    except OSError:
-                        gone = True
-                    if gone:
-                        _killpg(by_conn[item])
+                    *lines, buffered = buffered.split(b"\n")
+                    buffered = buffered[-FORK_MAX_REQUEST:]
+                    for line in lines:
+                        parsed = _parse_request(line)
+                        if parsed is not None:
+                            pid, script, argc = parsed
+                            pending.append(_Request(pid, script, argc, os.path.join(folder, f"r{pid}"),
+                                                    time.monotonic() + FORK_CONNECT_TIMEOUT))
+                elif fd in by_reply and flags & (select.POLLERR | select.POLLHUP):
+                    # The shim went away (its caller's timeout killed it): so does its run.
+                    _killpg(by_reply[fd])
+                    poller.unregister(fd)
+            if pending:
+                connect(time.monotonic())
             reap()
     finally:
         for pid in list(running):
@@ -2988,10 +3080,11 @@ def forkserver_main(argv: list[str]) -> int:
                 os.waitpid(pid, 0)
             except ChildProcessError:
                 pass
-        for conn in [*waiting, *by_conn]:
-            conn.close()
-        listener.close()
-        _unlink(sock_path)
+        for request in [*running.values(), *pending]:
+            if request.reply >= 0:
+                os.close(request.reply)
+        os.close(requests_fd)
+        _remove_server_dir(folder)
     return EXIT_SUCCESS
 
 

@@ -4,6 +4,8 @@ recorded server left)."""
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from typing import Any
 
@@ -21,6 +23,7 @@ def test_the_daemon_stops_its_fork_server(xapid: Xapid, api: Any) -> None:
     assert running_heartbeats(xapid) == []
     assert xapid.stop() == 0
     assert servers_under(xapid.state_dir) == []
+    assert not list((xapid.state_dir / "run" / "forkservers").glob("*.server"))  # its path goes with it
 
 
 def test_sigkill_of_the_daemon_reclaims_the_fork_server(xapid: Xapid, api: Any) -> None:
@@ -44,3 +47,19 @@ def test_sigkill_of_the_daemon_reclaims_the_fork_server(xapid: Xapid, api: Any) 
     assert running_heartbeats(xapid) == []
     assert xapid.stop() == 0
     assert servers_under(xapid.state_dir) == []
+
+
+def test_a_server_killed_with_the_daemon_leaves_nothing_after_the_next_start(xapid: Xapid, api: Any) -> None:
+    api.pool.enable_ha([], {"timeout": "10"})
+    [server] = servers_under(xapid.state_dir)
+    xapid.kill()
+    os.kill(server, signal.SIGKILL)  # before it notices its parent is gone: no time to clean up
+    wait_for(lambda: servers_under(xapid.state_dir) == [], timeout=5, what=f"fork server {server} to go")
+    folder = xapid.state_dir / "run" / "forkservers" / "xhad.server"
+    assert (folder / "requests").exists()
+    xapid.start()
+    x = xapid.session().xenapi
+    wait_for(lambda: all(x.host.get_enabled(h) for h in x.host.get_all()), timeout=30, what="start-ups done")
+    x.pool.disable_ha()
+    assert xapid.stop() == 0
+    assert not folder.exists() and servers_under(xapid.state_dir) == []

@@ -32,7 +32,7 @@ def heartbeat_pids_under(directory: Path) -> list[int]:
 
 
 def servers_under(directory: Path) -> list[int]:
-    """Live xhad fork servers whose socket lies below ``directory``."""
+    """Live xhad fork servers whose folder lies below ``directory``."""
     return processes_under(directory, lambda parts: any(p.endswith(b"xapid-forkserver") for p in parts))
 
 

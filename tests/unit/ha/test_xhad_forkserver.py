@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING
 import pytest
 
 from tests.unit.ha.support import code, servers_under
-from xapid import unixsock
 from xapid.errors import ApiError
 from xapid.hw.processes import processes_of
 
@@ -72,6 +71,7 @@ def test_close_stops_the_server_and_leaves_the_heartbeats(make_pool: MakePool,
     beating = pool.running_heartbeats()
     pool.runner.close()
     assert wait_until(lambda: not servers_under(pool.state), 5.0)
+    assert not (pool.state / "xapid" / "run" / "forkservers" / "xhad.server").exists()
     assert not Path(f"/proc/{server}").exists() or not Path(f"/proc/{server}/cmdline").read_bytes()
     assert sorted(pool.running_heartbeats()) == sorted(beating)
     # Without the server the scripts run in-process, with the same results.
@@ -127,18 +127,31 @@ def test_a_timed_out_run_dies_with_its_client(make_pool: MakePool, wait_until: C
     assert servers_under(pool.state)  # the server itself carries on
 
 
-def test_the_server_refuses_malformed_requests(make_pool: MakePool) -> None:
+def test_the_server_ignores_malformed_requests_and_refuses_streams_it_cannot_reopen(make_pool: MakePool) -> None:
     pool = make_pool("xhad", 1, forkserver=True)
     host = pool.hosts[0]
     assert code(pool, host, "ha_set_pool_state", "init") == 0
-    sock_path = pool.state / "xapid" / "run" / "forkservers" / "xhad.sock"
-    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
-        sock.settimeout(5.0)
-        unixsock.connect(sock, sock_path)  # a pytest-xdist temp path can be too long for AF_UNIX
-        sock.sendmsg([b"xhad-fork-1\0rm_rf\0/\0000\0"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                                         bytes(memoryview(bytearray(12))))])
-        assert sock.recv(64) == b"refused"
+    folder = pool.state / "xapid" / "run" / "forkservers" / "xhad.server"
+    requests = os.open(folder / "requests", os.O_WRONLY | os.O_NONBLOCK)
+    left, right = socket.socketpair()
+    # A process whose standard output is a socket: /proc cannot open it anew.
+    sleeper = subprocess.Popen(["sleep", "30"], stdin=subprocess.DEVNULL, stdout=right, stderr=subprocess.DEVNULL)
+    try:
+        os.write(requests, b"hello\nxhad-fork-2 1 rm_rf 0\nxhad-fork-2 x ha_query_liveset 0\n")
+        reply = folder / f"r{sleeper.pid}"
+        os.mkfifo(reply, 0o600)
+        os.write(requests, b"xhad-fork-2 %d ha_query_liveset 0\n" % sleeper.pid)
+        with open(reply, "rb") as answer:
+            assert answer.read() == b"refused\n"
+        assert not reply.exists()  # the server unlinks an answer FIFO once it has it open
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+        left.close()
+        right.close()
+        os.close(requests)
     assert code(pool, host, "ha_set_pool_state", "init") == 0
+    assert sorted(p.name for p in folder.iterdir()) == ["pid", "requests"]
 
 
 def test_the_server_goes_when_its_starter_dies(tmp_path: Path, process_groups: ProcessGroups,
@@ -166,7 +179,7 @@ def test_an_oversized_request_runs_in_process(make_pool: MakePool, chunks: int) 
     pool = make_pool("xhad", 1, forkserver=True)
     host = pool.hosts[0]
     assert code(pool, host, "ha_set_pool_state", "init") == 0
-    sock_path = pool.state / "xapid" / "run" / "forkservers" / "xhad.sock"
+    sock_path = pool.state / "xapid" / "run" / "forkservers" / "xhad.server"
     assert sock_path.exists()
     env = {"PATH": os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]),
            "XHAD_CONF": str(pool.conf(host)), "XAPI_HOST_UUID": host, "XAPID_FORKSERVER": str(sock_path)}
@@ -174,3 +187,54 @@ def test_an_oversized_request_runs_in_process(make_pool: MakePool, chunks: int) 
     done = subprocess.run([str(XHAD / "ha_set_pool_state"), "invalid"], env=env, capture_output=True, timeout=30)
     assert done.returncode == 0, done.stderr
     assert pool.global_block()["pool_state"] == "invalid"
+
+
+def shim_env(pool: EnginePool, host: str) -> dict[str, str]:
+    """What the adapter gives a script run of ``host`` with the fork server (xapid/ha/scripts.py)."""
+    return {"PATH": os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]),
+            "XHAD_CONF": str(pool.conf(host)), "XAPI_HOST_UUID": host, "XAPID_HOST_DIR": str(pool.hostdir(host)),
+            "XAPID_FORKSERVER": str(pool.state / "xapid" / "run" / "forkservers" / "xhad.server")}
+
+
+@pytest.mark.parametrize("mode", ["ab", "wb"])
+def test_output_into_a_file_lands_after_what_the_caller_wrote(make_pool: MakePool, tmp_path: Path, mode: str) -> None:
+    """Appended to, the file is the worker's; written at an offset, the server refuses (a new
+    description would write at 0) and the shim runs the script itself: the same bytes either way."""
+    pool = make_pool("xhad", 1, forkserver=True)
+    host = pool.hosts[0]
+    assert code(pool, host, "ha_set_pool_state", "init") == 0
+    (pool.hostdir(host) / "fist").mkdir()
+    (pool.hostdir(host) / "fist" / "ha_query_liveset").write_text("garbage\n")
+    out = tmp_path / "out"
+    with open(out, mode) as handle:
+        handle.write(b"before\n")
+        handle.flush()
+        done = subprocess.run([str(XHAD / "ha_query_liveset")], env=shim_env(pool, host), cwd=XHAD,
+                              stdin=subprocess.DEVNULL, stdout=handle, stderr=subprocess.PIPE, timeout=30)
+        handle.write(b"after\n")
+    assert done.returncode == 0, done.stderr
+    assert out.read_bytes() == b"before\n<<< this is not a liveset &&& \x7f TRUE\nafter\n"
+    assert servers_under(pool.state)
+
+
+def test_a_worker_killed_by_a_signal_kills_its_shim_with_it(make_pool: MakePool,
+                                                            wait_until: Callable[..., bool]) -> None:
+    pool = make_pool("xhad", 1, forkserver=True)
+    host = pool.hosts[0]
+    assert code(pool, host, "ha_set_pool_state", "init") == 0
+    (pool.hostdir(host) / "fist").mkdir()
+    (pool.hostdir(host) / "fist" / "ha_query_liveset").write_text("sleep 30\n")
+    [server] = servers_under(pool.state)
+    shim = subprocess.Popen([str(XHAD / "ha_query_liveset")], env=shim_env(pool, host), cwd=XHAD,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        workers: list[int] = []
+        assert wait_until(lambda: workers.extend(
+            p for p in processes_of(pool.hostdir(host)) if parent(p) == server) or workers, 5.0)
+        os.kill(workers[0], signal.SIGTERM)
+        assert shim.wait(timeout=10) == -signal.SIGTERM
+    finally:
+        shim.kill()
+        shim.wait()
+    assert sorted(p.name for p in (pool.state / "xapid" / "run" / "forkservers" / "xhad.server").iterdir()) == [
+        "pid", "requests"]
