@@ -2834,8 +2834,12 @@ def _gather(request: _Request, me: int) -> tuple[tuple[str, str, list[str], dict
         cwd = os.readlink(f"{base}/cwd")
     except OSError:
         return None
-    # The kernel ran the shim as "<shell> <script path> args...": the arguments are the last argc words.
+    # The kernel ran the shim as "<shell> <script path> args...": the arguments are the last argc words,
+    # and a process that is not that script's shell (a pid from elsewhere) is not served.
     if len(words) < 2 + request.argc:
+        return None
+    head = words[1 : len(words) - request.argc]
+    if not any(os.path.basename(os.fsdecode(w)) == request.script for w in head):
         return None
     argv = [os.fsdecode(w) for w in words[len(words) - request.argc :]] if request.argc else []
     env: dict[str, str] = {}

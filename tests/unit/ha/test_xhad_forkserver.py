@@ -127,26 +127,31 @@ def test_a_timed_out_run_dies_with_its_client(make_pool: MakePool, wait_until: C
     assert servers_under(pool.state)  # the server itself carries on
 
 
-def test_the_server_ignores_malformed_requests_and_refuses_streams_it_cannot_reopen(make_pool: MakePool) -> None:
+def test_the_server_ignores_malformed_requests_and_refuses_what_it_cannot_reproduce(make_pool: MakePool) -> None:
     pool = make_pool("xhad", 1, forkserver=True)
     host = pool.hosts[0]
     assert code(pool, host, "ha_set_pool_state", "init") == 0
     folder = pool.state / "xapid" / "run" / "forkservers" / "xhad.server"
     requests = os.open(folder / "requests", os.O_WRONLY | os.O_NONBLOCK)
     left, right = socket.socketpair()
-    # A process whose standard output is a socket: /proc cannot open it anew.
-    sleeper = subprocess.Popen(["sleep", "30"], stdin=subprocess.DEVNULL, stdout=right, stderr=subprocess.DEVNULL)
+    # Not a shim of the script it names; and a "shim" whose standard output is a socket (/proc
+    # cannot open one anew).
+    stranger = subprocess.Popen(["sleep", "30"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    socketed = subprocess.Popen(["sh", "-c", "sleep 30; :", "ha_query_liveset"], stdin=subprocess.DEVNULL,
+                                stdout=right, stderr=subprocess.DEVNULL)
     try:
         os.write(requests, b"hello\nxhad-fork-2 1 rm_rf 0\nxhad-fork-2 x ha_query_liveset 0\n")
-        reply = folder / f"r{sleeper.pid}"
-        os.mkfifo(reply, 0o600)
-        os.write(requests, b"xhad-fork-2 %d ha_query_liveset 0\n" % sleeper.pid)
-        with open(reply, "rb") as answer:
-            assert answer.read() == b"refused\n"
-        assert not reply.exists()  # the server unlinks an answer FIFO once it has it open
+        for proc in (stranger, socketed):
+            reply = folder / f"r{proc.pid}"
+            os.mkfifo(reply, 0o600)
+            os.write(requests, b"xhad-fork-2 %d ha_query_liveset 0\n" % proc.pid)
+            with open(reply, "rb") as answer:
+                assert answer.read() == b"refused\n"
+            assert not reply.exists()  # the server unlinks an answer FIFO once it has it open
     finally:
-        sleeper.kill()
-        sleeper.wait()
+        for proc in (stranger, socketed):
+            proc.kill()
+            proc.wait()
         left.close()
         right.close()
         os.close(requests)
