@@ -73,7 +73,7 @@ DEFAULTS: dict[str, tuple[str, Any, str]] = {
     "max-waiting-calls-per-user": ("int", 64, "most parked event.from/event.next calls of one user"),
     "shutdown-timeout": ("float", 5.0, "seconds a stop waits for calls in progress"),
     "inline-reads": ("int", 1, "1: idle keep-alive connections wait in one event loop, which answers the "
-                               "plain reads itself; 0: a thread per connection"),
+                               "plain reads and field writes itself; 0: a thread per connection"),
     "record-cache-size": ("int", 128, "MiB of encoded records kept for get_record/get_all_records (0: none)"),
     "nbd-port": ("int", 10809, "port of every host's NBD service (xapi-nbd: 10809; 0: a free port)"),
     "guest-agent-delay": ("float", 5.0,

@@ -6,7 +6,8 @@ CPU per read).  Here the connections that wait for their next request are *parke
 waits on all of them with one ``epoll_wait``, and whatever it reports ready is handled in a batch
 by the server's ``ready`` callback, in this thread.  The callback either serves the request at
 once (a call that cannot block) and leaves the connection parked, or asks for it to be detached
-and hands it to a thread, which parks it again after its answer.
+and hands it to a thread, which parks it again after its answer.  An ``after`` callback, if
+given, runs in this thread after each batch (the server writes the batch's changes there, once).
 
 The reactor knows nothing of HTTP: an entry is any object with ``fd`` (its descriptor),
 ``idle_until`` (a :func:`time.monotonic` deadline, which the owner may push back at any time while
@@ -48,9 +49,11 @@ Ready = Callable[[Any], Callable[[], None] | None]
 class Reactor:
     """Parked entries, watched for input by one thread (:meth:`start`) until :meth:`close`."""
 
-    def __init__(self, ready: Ready, expire: Callable[[Any], None], name: str = "reactor") -> None:
+    def __init__(self, ready: Ready, expire: Callable[[Any], None], name: str = "reactor",
+                 after: Callable[[], None] | None = None) -> None:
         self._ready = ready
         self._expire = expire
+        self._after = after  # run in the loop's thread after each batch of ready entries
         self._ep = select.epoll()
         self._entries: dict[int, Any] = {}
         self._deadlines: list[tuple[float, int, Any]] = []
@@ -164,6 +167,11 @@ class Reactor:
                         continue
                     if then is not None and self._detach(entry):
                         then()
+                if self._after is not None and events:
+                    try:
+                        self._after()
+                    except Exception:  # noqa: BLE001 - the loop goes on
+                        log.exception("unexpected exception after a batch in the reactor")
                 self._expire_due()
         finally:
             for entry in self.close_left():

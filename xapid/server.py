@@ -12,12 +12,15 @@ How clients are kept from locking each other out:
   TCP and the Unix socket on the pool's address).  It serves, in its own thread
   and batched as ``epoll`` reports them, the requests that cannot block: whole,
   small XML-RPC/JSON-RPC calls of the generic reads (:data:`INLINE_IMPLS`),
-  whose answer need not wait for the disk (else :class:`NotNow`).  Anything
-  else (writes, long polls, logins, HTTP handlers, large or trickled requests,
-  a frozen host's) goes to a thread, as is every TLS connection and every one on
-  a host's own address; a thread keeps its connection while the client goes on
-  at once (:data:`STAY`), then gives it back.  Eight busy readers thus cost no
-  GIL hand-off per call between connection threads.
+  whose answer need not wait for the disk (else :class:`NotNow`), and of the
+  generic field writes (:data:`INLINE_WRITE_IMPLS`), whose answers it holds
+  until one disk write at the end of its batch covers them all (group commit
+  without a thread hand-off).  Anything else (other writes, long polls, logins,
+  HTTP handlers, large or trickled requests, a frozen host's) goes to a thread,
+  as is every TLS connection and every one on a host's own address; a thread
+  keeps its connection while the client goes on at once (:data:`STAY`), then
+  gives it back.  Eight busy readers or writers thus cost no GIL hand-off per
+  call between connection threads.
 * A connection on a thread reads, runs and answers its requests there.  What is
   bounded is what others need: the calls running at once (``worker-threads``,
   the event loop's included), the logins (``login-threads``), the parked
@@ -911,11 +914,18 @@ class UnixXapiServer(Listener):
 # connections wait meanwhile).  get_all_records and the filters can cost much: they stay on
 # threads, as do hand-written handlers, whose waits nothing here can see.
 INLINE_IMPLS = frozenset({"get_record", "get_by_uuid", "get_all", "getter"})
+# The generic writes of one object's field the event loop runs too: their transaction returns at its
+# commit, and their answers wait for one disk write at the end of the loop's batch (_release_held).
+INLINE_WRITE_IMPLS = frozenset({"setter", "map_add", "map_remove", "set_add", "set_remove"})
 INLINE_ALL = 2000
 WORKER_IDLE = 10.0  # seconds an idle connection thread waits for another connection to serve
 STAY = 0.1  # seconds a connection served on a thread waits there for its next request
 DECODED_BODY = 1024  # bytes: XML-RPC bodies up to this size have their parse remembered...
 DECODED_CACHE = 1024  # ...this many of them (then forgotten at once)
+
+
+def _HELD() -> None:  # noqa: N802 - a sentinel: the connection is off the loop's list, its answer held
+    """What the event loop runs for a connection whose answer waits for the disk: nothing yet."""
 
 
 class NotNow(Exception):
@@ -934,6 +944,26 @@ def inline_methods(table: dict[str, Any]) -> dict[str, str | None]:
         if kind in INLINE_IMPLS:
             out[name] = m.cls if kind == "get_all" else None
     return out
+
+
+def inline_writes(table: dict[str, Any]) -> frozenset[str]:
+    """The wire names of the generic field writes (:data:`INLINE_WRITE_IMPLS`) the event loop runs."""
+    return frozenset(
+        name for name, m in table.items()
+        if m.impl is not None and not m.removed and m.session
+        and getattr(m.impl, "__module__", "") == "xapid.generic"
+        and m.impl.__qualname__.split(".", 1)[0] in INLINE_WRITE_IMPLS
+    )
+
+
+@dataclass
+class _Held:
+    """An answer of the event loop waiting for the disk: sent once generation ``target`` is durable."""
+
+    target: int
+    conn: Any
+    response: Any
+    failed: Callable[[list[str]], Any]  # the answer instead, if the disk write fails
 
 
 def durable_now(store: Any) -> bool:
@@ -975,6 +1005,8 @@ class ApiServer:
         self._last_warning = 0.0
         self._reactor: Reactor | None = None
         self._inline: dict[str, str | None] = {}
+        self._inline_writes: frozenset[str] = frozenset()
+        self._held: list[_Held] = []  # the event loop's answers waiting for the disk (see _hold)
         self._scratch = bytearray(65536)  # the event loop's receive buffer
         self._decoded: dict[bytes, tuple[str, tuple[str, ...]]] = {}  # the event loop's (_decode_xml)
         self._jobs: queue.SimpleQueue[tuple[Conn, Any]] = queue.SimpleQueue()
@@ -993,7 +1025,8 @@ class ApiServer:
         self.started = True
         if self.limits.inline_reads:
             self._inline = inline_methods(self.daemon.dispatcher.table)
-            self._reactor = Reactor(self._ready, self._end)
+            self._inline_writes = inline_writes(self.daemon.dispatcher.table)
+            self._reactor = Reactor(self._ready, self._end, after=self._release_held)
             self._reactor.start()
         for listener in self.listeners:
             self._start_accepting(listener)
@@ -1363,18 +1396,29 @@ class ApiServer:
         request.decoded = decoded
         name = decoded[0] if xml else decoded.method
         sized = self._inline.get(name, "")
-        if (sized == "" or (sized is not None and self.daemon.store.count(sized) > INLINE_ALL)
+        write = sized == "" and name in self._inline_writes
+        if ((not write and (sized == "" or (sized is not None and self.daemon.store.count(sized) > INLINE_ALL)))
                 or not self.calls.try_enter()):
             return lambda: self._submit(conn, first)
         conn.set(BUSY)
         try:
-            response = (self._xmlrpc_call(request, decoded[0], decoded[1], inline=True) if xml
-                        else self._jsonrpc_call(request, decoded, inline=True))
+            response = (self._xmlrpc_call(request, decoded[0], decoded[1], inline=True, defer=write) if xml
+                        else self._jsonrpc_call(request, decoded, inline=True, defer=write))
         except NotNow:
             return lambda: self._submit(conn, first)
         finally:
             self.calls.__exit__()
         response.close = response.close or request.close or self.stopping
+        if write and not durable_now(self.daemon.store):
+            failed = ((lambda e: Response(200, xml_failure(e), "text/xml")) if xml
+                      else (lambda e, c=decoded: Response(200, json_failure(c, e), "application/json")))
+            self._hold(_Held(self.daemon.store.generation, conn, response, failed))
+            return _HELD  # off the loop's list until its answer has gone (_release_held)
+        return self._answer_inline(conn, response)
+
+    def _answer_inline(self, conn: Conn, response: Response) -> Callable[[], None] | None:
+        """Send an answer of the event loop; None if the connection stays parked, else what takes
+        it elsewhere (a thread finishing the send, or the close)."""
         rest = conn.send_now(self._wire(response))
         if rest is None:
             return lambda: self._end(conn)
@@ -1384,8 +1428,41 @@ class ApiServer:
             return lambda: self._end(conn)
         conn.served += 1
         conn.set(IDLE)
-        conn.idle_until = conn.since + lim.keepalive_timeout
+        conn.idle_until = conn.since + self.limits.keepalive_timeout
         return None
+
+    # -- answers that wait for the disk (the generic field writes the event loop ran) --------------
+
+    def _hold(self, held: _Held) -> None:
+        """Keep ``held`` until the end of the loop's batch (:meth:`_release_held`)."""
+        self._held.append(held)
+
+    def _release_held(self) -> None:
+        """After a batch of the event loop: one disk write for every answer the batch held (so
+        concurrent writers share it), then send them (their failure instead if the write failed)
+        and park their connections again."""
+        if not self._held:
+            return
+        held, self._held = self._held, []
+        error: list[str] | None = None
+        try:
+            self.daemon.store.wait_durable(max(h.target for h in held))
+        except ApiError as e:
+            error = e.description
+        except Exception as e:  # noqa: BLE001 - the boundary: the held answers get an INTERNAL_ERROR
+            log.exception("unexpected exception writing held answers' changes")
+            error = ["INTERNAL_ERROR", f"{type(e).__name__}: {e}"[:500]]
+        for h in held:
+            conn = h.conn
+            response = h.response if error is None else h.failed(error)
+            response.close = h.response.close
+            then = self._answer_inline(conn, response)
+            if then is not None:
+                then()
+            elif conn.buf:
+                self._submit(conn)  # a request sent behind this one is already read: a thread serves it
+            elif self.stopping or self._reactor is None or not self._reactor.park(conn):
+                self._end(conn)
 
     def _handshake(self, tls: ssl.SSLContext, conn: Conn) -> bool:
         """TLS handshake within ``header-timeout`` in total (a trickled handshake does not extend it)."""
@@ -1701,9 +1778,10 @@ class ApiServer:
                 return self.bad(type(e).__name__)
         return self._xmlrpc_call(request, method, params)
 
-    def _xmlrpc_call(self, request: Request, method: str, params: list[Any], inline: bool = False) -> Response:
+    def _xmlrpc_call(self, request: Request, method: str, params: list[Any], inline: bool = False,
+                     defer: bool = False) -> Response:
         def work() -> bytes | list[bytes]:
-            reply, error = self.call(method, params, request.local, request.endpoint, inline)
+            reply, error = self.call(method, params, request.local, request.endpoint, inline, defer)
             try:
                 if error is None:
                     assert reply is not None
@@ -1738,9 +1816,9 @@ class ApiServer:
                 return self.bad(type(e).__name__)
         return self._jsonrpc_call(request, call)
 
-    def _jsonrpc_call(self, request: Request, call: Any, inline: bool = False) -> Response:
+    def _jsonrpc_call(self, request: Request, call: Any, inline: bool = False, defer: bool = False) -> Response:
         def work() -> bytes:
-            reply, error = self.call(call.method, call.params, request.local, request.endpoint, inline)
+            reply, error = self.call(call.method, call.params, request.local, request.endpoint, inline, defer)
             try:
                 if error is None:
                     assert reply is not None
@@ -1778,24 +1856,35 @@ class ApiServer:
     # -- the call boundary --------------------------------------------------------------------------
 
     def call(self, method: str, params: list[Any], local: bool = False,
-             endpoint: str | None = None, inline: bool = False) -> tuple[Reply | None, list[str] | None]:
+             endpoint: str | None = None, inline: bool = False,
+             defer: bool = False) -> tuple[Reply | None, list[str] | None]:
         """Dispatch one call (``endpoint``: the host whose address received it); return (reply, None)
         or (None, ErrorDescription). Logs one line.
 
         ``inline``: the event loop runs it (a read without side effects); :class:`NotNow`, with
         nothing logged, if its answer would have to wait for the disk: a thread runs it again.
+        ``defer``: it returns without waiting for the disk (its transactions too): the caller holds
+        the answer back until the store's generation after the call is durable.
         """
         start = time.monotonic()
         session = params[0] if params and isinstance(params[0], str) and params[0].startswith("OpaqueRef:") else None
+        store = self.daemon.store
         try:
             try:
-                reply = self.daemon.dispatcher.dispatch(method, params, local=local, endpoint=endpoint)
+                if defer:
+                    with store.durability_deferred():
+                        reply = self.daemon.dispatcher.dispatch(method, params, local=local, endpoint=endpoint)
+                else:
+                    reply = self.daemon.dispatcher.dispatch(method, params, local=local, endpoint=endpoint)
             finally:
-                if inline and not durable_now(self.daemon.store):
+                if defer:
+                    pass  # the caller waits (ApiServer._release_held)
+                elif inline and not durable_now(store):
                     raise NotNow
-                # Whatever the answer shows (even a failure) may have been read from changes other
-                # calls committed but have not yet written: it leaves once they are on disk.
-                self.daemon.store.wait_durable()
+                else:
+                    # Whatever the answer shows (even a failure) may have been read from changes other
+                    # calls committed but have not yet written: it leaves once they are on disk.
+                    store.wait_durable()
             result: tuple[Reply | None, list[str] | None] = (reply, None)
             code = "Success"
         except NotNow:

@@ -50,6 +50,7 @@ import uuid as uuidlib
 import zlib
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from itertools import compress, islice
 from operator import is_not, itemgetter
 from pathlib import Path
@@ -238,6 +239,8 @@ class Store:
         self.flushes = 0
         self.flushed_rows = 0
         self._broken: str | None = None
+        # Threads whose transactions leave the durability wait to their caller (durability_deferred).
+        self._deferring = threading.local()
         self._persist = {name: c.persist for name, c in schema.classes.items()}
         # Per class: the fields an index is kept on (uuid, the relation feeds).  A commit that set
         # none of them replaces the record in its table and nothing else.
@@ -718,6 +721,18 @@ class Store:
         visible unless it completes, and it has returned only once its changes are durable."""
         return _Block(self)
 
+    @contextmanager
+    def durability_deferred(self) -> Iterator[None]:
+        """Within the block, this thread's transactions return at their commit, before their changes
+        are durable: the caller promises to answer nothing it did or read before
+        :meth:`wait_durable` covers :attr:`generation` as it stands after the block (the event loop
+        holds such a reply back; see :mod:`xapid.server`)."""
+        self._deferring.on = True
+        try:
+            yield
+        finally:
+            self._deferring.on = False
+
     def wait_durable(self, gen: int | None = None) -> None:
         """Return once every change up to generation ``gen`` (default: the current one) is on disk.
 
@@ -865,6 +880,8 @@ class _Block:
             gen = self.tx._commit()
         finally:
             store.lock.release()
+        if getattr(store._deferring, "on", False):
+            return  # the caller waits (Store.durability_deferred)
         # A transaction that changed nothing still read state others may not have written yet.
         store.wait_durable(gen or None)
 

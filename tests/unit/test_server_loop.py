@@ -22,7 +22,8 @@ import pytest
 from tests.unit.hardening.support import in_process_daemon
 from xapid import server as server_mod
 from xapid.daemon import Daemon
-from xapid.server import ApiServer, Limits, XapiServer, bind_tcp, durable_now, inline_methods
+from xapid.errors import ApiError
+from xapid.server import ApiServer, Limits, XapiServer, bind_tcp, durable_now, inline_methods, inline_writes
 
 
 @pytest.fixture(scope="module")
@@ -265,6 +266,81 @@ def test_a_read_that_saw_a_change_leaves_after_it_is_on_disk(serve: Serve, daemo
     assert b"Success" in reader.call(xml("VM.get_name_label", session, vm))  # and the loop goes on
     reader.close()
     writer.close()
+
+
+def test_the_loop_runs_only_generic_field_writes(daemon: Daemon) -> None:
+    names = inline_writes(daemon.dispatcher.table)
+    assert {"VM.set_name_label", "VM.set_name_description", "pool.add_to_other_config",
+            "pool.remove_from_other_config", "VM.add_tags", "VM.remove_tags"} <= names
+    for name in ("VM.get_record", "VM.start", "VM.create", "VM.destroy", "Async.VM.set_name_label",
+                 "session.logout", "pool.enable_ha", "VM.set_memory_static_max"):
+        assert name not in names, name
+    assert all(daemon.dispatcher.table[n].impl.__module__ == "xapid.generic" for n in names)  # type: ignore[union-attr]
+
+
+def test_concurrent_field_writes_share_a_disk_write_and_answer_only_after_it(
+        serve: Serve, daemon: Daemon, session: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The loop runs the writes and holds their answers to the end of its batch: one disk write
+    for all it ran, then the answers (no thread started)."""
+    server, loop = serve()
+    store = daemon.store
+    vms = store.refs("VM")[:4]
+    written: list[float] = []
+    write = store._write
+
+    def slow_write(rows: list[Any]) -> None:
+        time.sleep(0.3)  # a slow disk: the writes arriving meanwhile queue for the next batch
+        write(rows)
+        written.append(time.monotonic())
+
+    monkeypatch.setattr(store, "_write", slow_write)
+    clients = [Client(loop) for _ in vms]
+    try:
+        before = store.flushes
+        for c, vm in zip(clients, vms, strict=True):
+            c.send(xml("VM.set_name_label", session, vm, f"batched {vm[-4:]}"))
+        answers = []
+        for c in clients:
+            answers.append(c.answer())
+            assert written and time.monotonic() >= written[0]
+        assert all(b"<name>Status</name><value>Success</value>" in a for a in answers)
+        assert [store.get("VM", vm)["name_label"] for vm in vms] == [f"batched {vm[-4:]}" for vm in vms]  # type: ignore[index]
+        assert store.flushes - before <= 2 < len(vms)
+        assert server.threads_started == 0
+        # The connections are parked again: the next call is the loop's too.
+        assert b"batched" in clients[0].call(xml("VM.get_name_label", session, vms[0]))
+        assert server.threads_started == 0
+    finally:
+        for c in clients:
+            c.close()
+
+
+def test_a_held_answer_whose_disk_write_fails_is_an_internal_error(serve: Serve, tmp_path: Any,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    d = in_process_daemon(tmp_path)
+    try:
+        sess = d.sessions.login("root", d.state_dir.joinpath("root-password").read_text().strip(), "test")
+        server = ApiServer(d, dataclasses.replace(Limits.from_config(d.config), inline_reads=1))
+        listener = XapiServer(bind_tcp("127.0.0.1", 0))
+        server.serve(listener)
+        server.start()
+        vm = d.store.refs("VM")[0]
+
+        def failing_write(rows: list[Any]) -> None:
+            raise ApiError("INTERNAL_ERROR", "disk full")
+
+        monkeypatch.setattr(d.store, "_write", failing_write)
+        c = Client(listener)
+        try:
+            answer = c.call(jsonrpc("VM.set_name_label", sess, vm, "never on disk"))
+            error = json.loads(answer.partition(b"\r\n\r\n")[2])["error"]
+            assert (error["message"], error["data"]) == ("INTERNAL_ERROR", ["disk full"])
+            assert server.threads_started == 0
+        finally:
+            c.close()
+            server.stop()
+    finally:
+        d.stop()
 
 
 def test_idle_connections_in_the_loop_keep_their_deadlines(serve: Serve, daemon: Daemon, session: str) -> None:
