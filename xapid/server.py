@@ -1397,6 +1397,8 @@ class ApiServer:
         name = decoded[0] if xml else decoded.method
         sized = self._inline.get(name, "")
         write = sized == "" and name in self._inline_writes
+        if write and not self._store_free():
+            return lambda: self._submit(conn, first)  # a long transaction elsewhere: wait on a thread
         if ((not write and (sized == "" or (sized is not None and self.daemon.store.count(sized) > INLINE_ALL)))
                 or not self.calls.try_enter()):
             return lambda: self._submit(conn, first)
@@ -1415,6 +1417,15 @@ class ApiServer:
             self._hold(_Held(self.daemon.store.generation, conn, response, failed))
             return _HELD  # off the loop's list until its answer has gone (_release_held)
         return self._answer_inline(conn, response)
+
+    def _store_free(self) -> bool:
+        """Whether no other thread holds the store's lock now (then the loop's write will not wait
+        long for it; a holder doing slow work must not hold up every parked connection)."""
+        lock = self.daemon.store.lock
+        if not lock.acquire(blocking=False):
+            return False
+        lock.release()
+        return True
 
     def _answer_inline(self, conn: Conn, response: Response) -> Callable[[], None] | None:
         """Send an answer of the event loop; None if the connection stays parked, else what takes

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import socket
+import threading
 import time
 import xmlrpc.client
 from collections.abc import Callable, Iterator
@@ -313,6 +314,37 @@ def test_concurrent_field_writes_share_a_disk_write_and_answer_only_after_it(
     finally:
         for c in clients:
             c.close()
+
+
+def test_a_field_write_while_another_thread_holds_the_store_goes_to_a_thread(serve: Serve, daemon: Daemon,
+                                                                             session: str) -> None:
+    server, loop = serve()
+    vm = daemon.store.refs("VM")[0]
+    c = Client(loop)
+    held = threading.Event()
+    release = threading.Event()
+
+    def long_transaction() -> None:
+        with daemon.store.lock:
+            held.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=long_transaction)
+    holder.start()
+    try:
+        assert held.wait(5)
+        c.send(xml("VM.set_name_description", session, vm, "after the long one"))
+        reader = Client(loop)  # the loop is not stuck behind the holder: it still answers reads
+        assert b"Success" in reader.call(xml("VM.get_uuid", session, vm))
+        reader.close()
+        release.set()
+        assert b"Success" in c.answer()
+        assert server.threads_started == 1
+        assert daemon.store.get("VM", vm)["name_description"] == "after the long one"  # type: ignore[index]
+    finally:
+        release.set()
+        holder.join(5)
+        c.close()
 
 
 def test_a_held_answer_whose_disk_write_fails_is_an_internal_error(serve: Serve, tmp_path: Any,
