@@ -103,6 +103,11 @@ class Reactor:
         except OSError:  # full: it will wake anyway
             pass
 
+    def detach(self, entry: Any) -> bool:
+        """Stop watching ``entry`` (from the loop's thread: its ``ready`` or ``after`` callback);
+        False if it was not parked (any more)."""
+        return self._detach(entry)
+
     def _detach(self, entry: Any) -> bool:
         """Stop watching ``entry``; False if it was not parked (any more)."""
         with self._lock:

@@ -924,8 +924,9 @@ DECODED_BODY = 1024  # bytes: XML-RPC bodies up to this size have their parse re
 DECODED_CACHE = 1024  # ...this many of them (then forgotten at once)
 
 
-def _HELD() -> None:  # noqa: N802 - a sentinel: the connection is off the loop's list, its answer held
-    """What the event loop runs for a connection whose answer waits for the disk: nothing yet."""
+def _HELD() -> None:  # noqa: N802 - a sentinel, never run
+    """What :meth:`ApiServer._inline_request` returns for an answer held for the disk: the
+    connection stays parked, and nothing it sent behind is served before the answer goes."""
 
 
 class NotNow(Exception):
@@ -1324,6 +1325,8 @@ class ApiServer:
         conn.buf += memoryview(self._scratch)[:got]
         while True:
             then = self._inline_request(conn)
+            if then is _HELD:
+                return None  # parked still; what it sent behind waits for the answer (_release_held)
             if then is not None or not conn.buf:
                 return then
 
@@ -1415,7 +1418,7 @@ class ApiServer:
             failed = ((lambda e: Response(200, xml_failure(e), "text/xml")) if xml
                       else (lambda e, c=decoded: Response(200, json_failure(c, e), "application/json")))
             self._hold(_Held(self.daemon.store.generation, conn, response, failed))
-            return _HELD  # off the loop's list until its answer has gone (_release_held)
+            return _HELD
         return self._answer_inline(conn, response)
 
     def _store_free(self) -> bool:
@@ -1463,17 +1466,17 @@ class ApiServer:
         except Exception as e:  # noqa: BLE001 - the boundary: the held answers get an INTERNAL_ERROR
             log.exception("unexpected exception writing held answers' changes")
             error = ["INTERNAL_ERROR", f"{type(e).__name__}: {e}"[:500]]
+        reactor = self._reactor
+        assert reactor is not None
         for h in held:
             conn = h.conn
             response = h.response if error is None else h.failed(error)
             response.close = h.response.close
-            then = self._answer_inline(conn, response)
-            if then is not None:
+            then = self._answer_inline(conn, response)  # it stayed parked: no epoll_wait came between
+            if then is None and conn.buf:
+                then = lambda c=conn: self._submit(c)  # noqa: E731 - a request sent behind it, already read
+            if then is not None and reactor.detach(conn):
                 then()
-            elif conn.buf:
-                self._submit(conn)  # a request sent behind this one is already read: a thread serves it
-            elif self.stopping or self._reactor is None or not self._reactor.park(conn):
-                self._end(conn)
 
     def _handshake(self, tls: ssl.SSLContext, conn: Conn) -> bool:
         """TLS handshake within ``header-timeout`` in total (a trickled handshake does not extend it)."""
