@@ -1453,8 +1453,9 @@ class ApiServer:
 
     def _release_held(self) -> None:
         """After a batch of the event loop: one disk write for every answer the batch held (so
-        concurrent writers share it), then send them (their failure instead if the write failed)
-        and park their connections again."""
+        concurrent writers share it), then send them (their failure instead if the write failed);
+        their connections stay parked, unless a request they sent behind is already read (a
+        thread serves it) or the answer ends them."""
         if not self._held:
             return
         held, self._held = self._held, []
