@@ -560,9 +560,11 @@ class ClusterStackRunner:
         if killed:
             log.warning("killed cluster-stack scripts a previous run left behind", pids=killed)
         servers = self.running_dir.parent / "forkservers"
+        with self._servers_lock:
+            mine = {Path(s[1]) for s in self._servers.values() if s is not None}
         if servers.is_dir():
             for path in servers.iterdir():
-                if path.suffix == ".server":  # the paths of the fork servers killed above
+                if path.suffix == ".server" and path not in mine:  # the fork servers killed above
                     _remove_tree(path)
         return killed
 
