@@ -1007,7 +1007,7 @@ class ApiServer:
         self._reactor: Reactor | None = None
         self._inline: dict[str, str | None] = {}
         self._inline_writes: frozenset[str] = frozenset()
-        self._held: list[_Held] = []  # the event loop's answers waiting for the disk (see _hold)
+        self._held: list[_Held] = []  # the event loop's answers waiting for the disk (_release_held)
         self._scratch = bytearray(65536)  # the event loop's receive buffer
         self._decoded: dict[bytes, tuple[str, tuple[str, ...]]] = {}  # the event loop's (_decode_xml)
         self._jobs: queue.SimpleQueue[tuple[Conn, Any]] = queue.SimpleQueue()
@@ -1417,7 +1417,7 @@ class ApiServer:
         if write and not durable_now(self.daemon.store):
             failed = ((lambda e: Response(200, xml_failure(e), "text/xml")) if xml
                       else (lambda e, c=decoded: Response(200, json_failure(c, e), "application/json")))
-            self._hold(_Held(self.daemon.store.generation, conn, response, failed))
+            self._held.append(_Held(self.daemon.store.generation, conn, response, failed))
             return _HELD
         return self._answer_inline(conn, response)
 
@@ -1446,10 +1446,6 @@ class ApiServer:
         return None
 
     # -- answers that wait for the disk (the generic field writes the event loop ran) --------------
-
-    def _hold(self, held: _Held) -> None:
-        """Keep ``held`` until the end of the loop's batch (:meth:`_release_held`)."""
-        self._held.append(held)
 
     def _release_held(self) -> None:
         """After a batch of the event loop: one disk write for every answer the batch held (so

@@ -34,9 +34,23 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     d.stop()
 
 
+def login(daemon: Daemon) -> str:
+    return daemon.sessions.login("root", daemon.state_dir.joinpath("root-password").read_text().strip(), "test")
+
+
 @pytest.fixture(scope="module")
 def session(daemon: Daemon) -> str:
-    return daemon.sessions.login("root", daemon.state_dir.joinpath("root-password").read_text().strip(), "test")
+    return login(daemon)
+
+
+def start_server(daemon: Daemon, inline: int = 1, **limits: Any) -> tuple[ApiServer, XapiServer]:
+    """An ApiServer started on ``daemon`` at 127.0.0.1:0 (``inline``: the event loop or not)."""
+    lim = dataclasses.replace(Limits.from_config(daemon.config), inline_reads=inline, **limits)
+    server = ApiServer(daemon, lim)
+    listener = XapiServer(bind_tcp("127.0.0.1", 0))
+    server.serve(listener)
+    server.start()
+    return server, listener
 
 
 Serve = Callable[..., tuple[ApiServer, XapiServer]]
@@ -48,11 +62,7 @@ def serve(daemon: Daemon) -> Iterator[Serve]:
     started: list[ApiServer] = []
 
     def start(inline: int = 1, **limits: Any) -> tuple[ApiServer, XapiServer]:
-        lim = dataclasses.replace(Limits.from_config(daemon.config), inline_reads=inline, **limits)
-        server = ApiServer(daemon, lim)
-        listener = XapiServer(bind_tcp("127.0.0.1", 0))
-        server.serve(listener)
-        server.start()
+        server, listener = start_server(daemon, inline, **limits)
         started.append(server)
         return server, listener
 
@@ -347,15 +357,12 @@ def test_a_field_write_while_another_thread_holds_the_store_goes_to_a_thread(ser
         c.close()
 
 
-def test_a_held_answer_whose_disk_write_fails_is_an_internal_error(serve: Serve, tmp_path: Any,
+def test_a_held_answer_whose_disk_write_fails_is_an_internal_error(tmp_path: Any,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     d = in_process_daemon(tmp_path)
     try:
-        sess = d.sessions.login("root", d.state_dir.joinpath("root-password").read_text().strip(), "test")
-        server = ApiServer(d, dataclasses.replace(Limits.from_config(d.config), inline_reads=1))
-        listener = XapiServer(bind_tcp("127.0.0.1", 0))
-        server.serve(listener)
-        server.start()
+        sess = login(d)
+        server, listener = start_server(d)
         vm = d.store.refs("VM")[0]
 
         def failing_write(rows: list[Any]) -> None:
