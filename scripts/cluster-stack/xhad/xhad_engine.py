@@ -33,7 +33,9 @@ Statefile
     heartbeat), ``seq``, ``heartbeat`` (time.time() of the last write), ``state``
     (starting/online/fencing/stopped), ``sf`` (statefile_ok), ``hears`` (conf indices of the
     hosts it hears on the network), ``live`` (indices live in its liveset), ``fencing``,
-    ``claim`` (holds a master claim made without statefile), ``excluded`` and ``armed``.
+    ``claim`` (holds a master claim made without statefile), ``excluded`` and ``armed``.  A set
+    of conf indices is written as a bit mask in lower-case hex (bit i for index i: ``"5"`` is
+    {0, 2}); a JSON list of indices is read as well.
     Writers take a POSIX record lock on the bytes they rewrite (a slot, the global block, or the
     whole file for ``init``); readers take none and retry a block whose CRC does not match.  So
     a hung (SIGSTOPped) host can only block its own scripts, never another host.
@@ -771,8 +773,8 @@ class Report:
             "inc": self.inc,
             "state": self.state,
             "sf": self.sf,
-            "hears": sorted(self.hears),
-            "live": sorted(self.live),
+            "hears": index_mask(self.hears),
+            "live": index_mask(self.live),
             "fencing": self.fencing,
             "claim": self.claim,
             "seq": self.seq,
@@ -781,11 +783,41 @@ class Report:
 
 _INDICES = [frozenset(range(n)) for n in range(MAX_HOSTS + 1)]
 _INT_ONLY = frozenset({int})
+_HEX_MASK = re.compile(r"[0-9a-f]{1,16}")
+# The sets a pool's reports carry repeat from host to host and tick to tick: each mask is
+# converted once (both ways), which makes a report as cheap to read as its JSON text allows.
+_MASK_SETS: dict[str, frozenset[int]] = {}
+_SET_MASKS: dict[frozenset[int], str] = {}
+_MASK_CACHE_LIMIT = 4096
 
 
-def _index_set(value: object, n: int) -> frozenset[int] | None:
-    """A list of conf indices as a set; None if malformed (set operations, not a Python loop:
-    every host parses every other host's lists every second)."""
+def index_mask(indices: AbstractSet[int]) -> str:
+    """``indices`` (conf indices, 0..63) as the hex bit mask reports carry."""
+    key = indices if isinstance(indices, frozenset) else frozenset(indices)
+    mask = _SET_MASKS.get(key)
+    if mask is None:
+        mask = format(sum(1 << i for i in key), "x")
+        if len(_SET_MASKS) >= _MASK_CACHE_LIMIT:
+            _SET_MASKS.clear()
+        _SET_MASKS[key] = mask
+    return mask
+
+
+def index_set(value: object, n: int) -> frozenset[int] | None:
+    """A set of conf indices below ``n`` from a hex bit mask (or a list of indices); None if
+    malformed."""
+    if isinstance(value, str):
+        found = _MASK_SETS.get(value)
+        if found is None:
+            if not _HEX_MASK.fullmatch(value):
+                return None
+            bits = int(value, 16)
+            found = frozenset(i for i in range(bits.bit_length()) if bits >> i & 1)
+            if len(_MASK_SETS) >= _MASK_CACHE_LIMIT:
+                _MASK_SETS.clear()
+            _MASK_SETS[value] = found
+        return found if found <= _INDICES[n] else None
+    # A list, as older heartbeats wrote (set operations, not a Python loop).
     if not isinstance(value, list) or len(value) > n:
         return None
     if not set(map(type, value)) <= _INT_ONLY:
@@ -797,8 +829,8 @@ def _index_set(value: object, n: int) -> frozenset[int] | None:
 def parse_report(data: Mapping[str, object], n: int, t: object) -> Report | None:
     """The report in a datagram or slot object, or None if anything is malformed."""
     inc, seq, state, sf = data.get("inc"), data.get("seq"), data.get("state"), data.get("sf")
-    hears = _index_set(data.get("hears"), n)
-    live = _index_set(data.get("live", []), n)
+    hears = index_set(data.get("hears"), n)
+    live = index_set(data.get("live", []), n)
     fencing, excluded, claim = data.get("fencing", False), data.get("excluded", False), data.get("claim", False)
     if (
         not isinstance(inc, str)
@@ -1123,7 +1155,7 @@ def read_view(conf: Conf, pid: int | None = None) -> dict | None:
     for name in ("excluded", "sf_access", "hb_seen", "sf_seen", "on_hb", "on_sf"):
         if not isinstance(view.get(name), list) or len(view[name]) != n:
             return None
-    if _index_set(view.get("live"), n) is None:
+    if index_set(view.get("live"), n) is None:
         return None
     return view
 

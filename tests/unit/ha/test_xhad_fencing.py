@@ -317,7 +317,8 @@ def test_heartbeat_datagrams(make_cluster: MakeCluster) -> None:
             first, second = messages[:2]
             assert first["gen"] == cluster.generation and second["seq"] > first["seq"]
             assert second["state"] == "online" and second["sf"] is True and second["fencing"] is False
-            assert second["hears"] == [0, 1] and second["live"] == [0, 1] and second["excluded"] is False
+            # Sets of conf indices travel as hex bit masks: {0, 1} is "3".
+            assert second["hears"] == "3" and second["live"] == "3" and second["excluded"] is False
         # Forged datagrams from "h2": foreign generation, malformed, another network group.
         forged = dict(seen[h0][-1], host=h2, hears=[0, 1, 2], state="starting", live=[], inc="forged")
         cluster.partition([h0, h1], [h2])

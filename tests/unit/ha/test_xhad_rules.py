@@ -310,6 +310,26 @@ def test_reports_are_validated() -> None:
     assert not E.parse_report({**good, "excluded": True}, 2, 1.0).online
 
 
+def test_index_sets_travel_as_hex_masks() -> None:
+    """Reports carry sets of conf indices as lower-case hex bit masks; a list is still read."""
+    assert E.index_mask(frozenset()) == "0"
+    assert E.index_mask({0, 2}) == "5"
+    assert E.index_mask(frozenset(range(64))) == "f" * 16
+    for indices in (set(), {0}, {1, 5, 9}, set(range(64)), {63}):
+        assert E.index_set(E.index_mask(indices), 64) == indices
+    assert E.index_set("5", 3) == {0, 2}
+    assert E.index_set([2, 0], 3) == {0, 2}
+    # Bits beyond the pool, other spellings int() would take, and non-strings are refused.
+    for bad in ("8", "0x7", " 7", "7 ", "-1", "+7", "7_0", "A", "", "1" * 17, 7, None, ["1"], [True]):
+        assert E.index_set(bad, 3) is None, bad
+    good = {"inc": "a1", "seq": 3, "state": "online", "sf": True, "hears": "3", "live": "1", "fencing": False}
+    parsed = E.parse_report(good, 2, 12.5)
+    assert parsed is not None and parsed.hears == {0, 1} and parsed.live == {0}
+    assert E.parse_report({**good, "hears": "4"}, 2, 12.5) is None
+    fields = E.Report("a1", 3, 1.0, "online", True, {0, 1}, {1}).fields()
+    assert (fields["hears"], fields["live"]) == ("3", "2")
+
+
 def test_fabric_groups_blocks_and_reload(tmp_path: Path) -> None:
     fabric = E.Fabric(str(tmp_path))
     assert not fabric.refresh() and fabric.group("a") == "0" and fabric.connected("a", "b")
