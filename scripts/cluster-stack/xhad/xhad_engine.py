@@ -2124,9 +2124,10 @@ def _decode_retry(fd: int, index: int, raw: bytes) -> dict | None:
     raise OSError(errno.EIO, f"statefile block {index} is corrupt")
 
 
-def heartbeat_main(conf_path: str) -> int:
-    """Body of the heartbeat process; returns its exit status (see the module docstring)."""
-    conf = read_conf(conf_path)
+def heartbeat_main(conf_path: str, parsed: Conf | None = None) -> int:
+    """Body of the heartbeat process; returns its exit status (see the module docstring).
+    ``parsed`` is the conf at ``conf_path`` as the forking ha_start_daemon just read it."""
+    conf = parsed if parsed is not None and parsed.path == conf_path else read_conf(conf_path)
     me = os.getpid()
     lock_fd = os.open(os.path.join(conf.hostdir, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -2799,7 +2800,7 @@ def spawn_heartbeat(conf: Conf, log_fd: int) -> subprocess.Popen[bytes] | _Forke
         os.chdir(conf.hostdir)
         retitle(argv)
         _log("forked by the fork server")
-        code = _guarded(heartbeat_main, conf.path)
+        code = _guarded(heartbeat_main, conf.path, conf)
     except BaseException:  # noqa: BLE001 - a forked child never returns into its parent's code
         traceback.print_exc()
     finally:

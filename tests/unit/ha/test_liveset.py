@@ -267,3 +267,63 @@ def test_only_internal_error_escapes_on_random_text(text: str) -> None:
         liveset.parse(text)
     except ApiError as exc:
         assert exc.code == "INTERNAL_ERROR"
+
+
+def _strict(text: str) -> liveset.Liveset:
+    """The answer of the strict walk alone, as before the one-pass walk existed."""
+    root = liveset.fast_fromstring(text)
+    return liveset.Liveset(
+        status=liveset._status(root),
+        local_host=liveset._local_host(root),
+        hosts=liveset._hosts(root),
+        raw=liveset._raw(root),
+        warnings=liveset._warnings(root),
+    )
+
+
+def _quick_agrees(text: str) -> bool:
+    """The one-pass walk of ``text`` declines it or gives exactly the strict walk's answer."""
+    try:
+        root = liveset.fast_fromstring(text)
+    except liveset.ParseError:
+        return True
+    try:
+        quick = liveset._quick(root)
+    except ApiError:
+        quick = "refused"  # the parts the quick walk shares (status, localhost, warnings) refused it
+    try:
+        strict: object = _strict(text)
+    except ApiError:
+        strict = "refused"
+    return quick is None or quick == strict
+
+
+@pytest.mark.parametrize("name", sorted(k for k, v in STRICT_CASES.items() if isinstance(v, str)))
+def test_one_pass_walk_never_accepts_what_the_strict_walk_refuses(name: str) -> None:
+    assert _quick_agrees(STRICT_CASES[name])
+
+
+def test_one_pass_walk_gives_the_strict_answer() -> None:
+    root = liveset.fast_fromstring(EXAMPLE)
+    quick = liveset._quick(root)
+    assert quick is not None and quick == _strict(EXAMPLE)
+    assert quick.raw is not None and quick.raw[H1].heartbeat_active_list_on_heartbeat == [H1, H2]
+    # Repeated list elements, a list with children, and a host field with children are left
+    # to the strict walk.
+    for bad in (
+        EXAMPLE.replace("</heartbeat_active_list_on_statefile>",
+                        "</heartbeat_active_list_on_statefile><heartbeat_active_list_on_statefile/>", 1),
+        EXAMPLE.replace("<heartbeat_active_list_on_heartbeat>", "<heartbeat_active_list_on_heartbeat><x/>", 1),
+        EXAMPLE.replace("<liveness>TRUE", "<liveness><b/>TRUE", 1),
+    ):
+        assert liveset._quick(liveset.fast_fromstring(bad)) is None
+        refused(bad)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_one_pass_walk_agrees_on_mangled_input(data: st.DataObject) -> None:
+    start = data.draw(st.integers(0, len(EXAMPLE)))
+    end = data.draw(st.integers(start, min(len(EXAMPLE), start + 80)))
+    filler = data.draw(st.sampled_from(["", " ", "TRUE", "<x/>", "</host><host>", "-1", "a b"]))
+    assert _quick_agrees(EXAMPLE[:start] + filler + EXAMPLE[end:])
