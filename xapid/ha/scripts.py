@@ -11,6 +11,7 @@ captured output.
 from __future__ import annotations
 
 import os
+import re
 import selectors
 import shutil
 import signal
@@ -76,6 +77,12 @@ _READ_CHUNK = 65536
 FORKSERVER = "xapid-forkserver"
 FORKSERVER_READY_TIMEOUT = 10.0
 FORKSERVER_STOP_GRACE = 5.0
+
+
+# The marker of the script running for a host is ``run/scripts/host-<uuid>`` (one per host);
+# other markers (fork servers) are named by pid.
+HOST_MARKER_PREFIX = "host-"
+_MARKER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]{0,63}")
 
 
 def _start_time(pid: int) -> str | None:
@@ -376,7 +383,7 @@ class ClusterStackRunner:
                 duration = round(time.monotonic() - started, 3)
                 log.info("ha_script", **fields, exit_code=None, duration=duration, error=str(exc))
                 raise internal(f"Cannot run cluster stack script {where}: {exc}") from None
-            marker = self._mark_running(proc.pid)
+            slot = self._mark_host_running(host_uuid, proc.pid)
             with self._locks_guard:
                 self._procs[host_uuid] = proc
             try:
@@ -384,8 +391,8 @@ class ClusterStackRunner:
             finally:
                 with self._locks_guard:
                     self._procs.pop(host_uuid, None)
-                if marker is not None:
-                    marker.unlink(missing_ok=True)
+                if slot is not None:
+                    _clear_marker(slot)
             duration = time.monotonic() - started
         code = proc.returncode
         log.info("ha_script", **fields, exit_code=code, duration=round(duration, 3), timed_out=timed_out)
@@ -518,6 +525,36 @@ class ClusterStackRunner:
         for proc, path, marker in servers:
             self._end_server(proc, path, marker, grace=FORKSERVER_STOP_GRACE)
 
+    def _mark_host_running(self, host_uuid: str, pid: int) -> Path | None:
+        """Record ``pid`` as the script running for ``host_uuid`` (for :meth:`reap_orphans`).
+
+        A host runs one script at a time (its lock), so its marker is one file, rewritten in place:
+        a 64-host enable and disable would otherwise create and delete some 200 files, and on a
+        file system without a journal every creation searches past the recently deleted inodes.
+        """
+        if self.running_dir is None or not _MARKER_NAME.fullmatch(host_uuid):
+            return self._mark_running(pid)
+        start = _start_time(pid)
+        if start is None:
+            return None
+        marker = self.running_dir / f"{HOST_MARKER_PREFIX}{host_uuid}"
+        data = f"{pid} {start}\n".encode()
+        try:
+            try:
+                fd = os.open(marker, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except FileNotFoundError:
+                self.running_dir.mkdir(parents=True, exist_ok=True)
+                fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            try:
+                os.pwrite(fd, data, 0)
+                os.ftruncate(fd, len(data))
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            log.warning("cannot record a running script", pid=pid, error=str(exc))
+            return None
+        return marker
+
     def _mark_running(self, pid: int) -> Path | None:
         if self.running_dir is None:
             return None
@@ -545,9 +582,14 @@ class ClusterStackRunner:
         killed = []
         for marker in self.running_dir.iterdir():
             try:
-                pid = int(marker.name)
-                recorded = marker.read_text()
-            except (ValueError, OSError):
+                if marker.name.startswith(HOST_MARKER_PREFIX):
+                    words = marker.read_text().split()
+                    if not words:
+                        continue  # nothing ran for this host when the daemon stopped
+                    pid, recorded = int(words[0]), words[1]
+                else:
+                    pid, recorded = int(marker.name), marker.read_text()
+            except (ValueError, IndexError, OSError):
                 marker.unlink(missing_ok=True)
                 continue
             if _start_time(pid) == recorded:
@@ -652,6 +694,20 @@ class ClusterStackRunner:
             log.info("ha_propose_master_refused", stack=stack, host=host_uuid, exit_code=exc.exit_code)
             return False
         return result.stdout.rstrip() == "TRUE"
+
+
+def _clear_marker(marker: Path) -> None:
+    """Empty a host's marker (its script ended); the file stays for the next run."""
+    try:
+        fd = os.open(marker, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        os.ftruncate(fd, 0)
+    except OSError:
+        marker.unlink(missing_ok=True)
+    finally:
+        os.close(fd)
 
 
 def _remove_tree(path: Path) -> None:

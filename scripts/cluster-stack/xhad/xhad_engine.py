@@ -724,7 +724,7 @@ def open_statefile(conf: Conf, writable: bool, fabric: Fabric | None = None) -> 
 class Report:
     """What a host says about itself, by heartbeat datagram or in its statefile slot."""
 
-    __slots__ = ("inc", "seq", "t", "state", "sf", "hears", "live", "fencing", "excluded", "claim", "_hears_json")
+    __slots__ = ("inc", "seq", "t", "state", "sf", "hears", "live", "fencing", "excluded", "claim")
 
     def __init__(
         self,
@@ -749,13 +749,6 @@ class Report:
         self.fencing = fencing
         self.excluded = excluded
         self.claim = claim
-        self._hears_json: str | None = None
-
-    def hears_json(self) -> str:
-        """``hears`` as a sorted JSON list, encoded once per report (the view lists every peer's)."""
-        if self._hears_json is None:
-            self._hears_json = json.dumps(sorted(self.hears), separators=(",", ":"))
-        return self._hears_json
 
     @property
     def gone(self) -> bool:
@@ -2013,7 +2006,7 @@ class Daemon:
         wall = time.time()
         status = "Online" if self.state == "online" else "Starting"
         sf_access, hb_seen, sf_seen, on_hb, on_sf = [], [], [], [], []
-        mine = json.dumps(sorted(self.my_hears), separators=(",", ":"))
+        mine = index_mask(self.my_hears)
         for i in range(n):
             if i == self.me:
                 sf_access.append(self.sf_ok and self.sf_reachable())
@@ -2027,8 +2020,8 @@ class Daemon:
             hb, sl = self.hb[i], self.slot[i]
             hb_seen.append(hb.t if hb is not None else None)
             sf_seen.append(sl.t if sl is not None else None)
-            on_hb.append(hb.hears_json() if hb is not None else "null")
-            on_sf.append(sl.hears_json() if sl is not None else "null")
+            on_hb.append(index_mask(hb.hears) if hb is not None else None)
+            on_sf.append(index_mask(sl.hears) if sl is not None else None)
         excluded = [self.excluded if i == self.me else self.excluded_flags[i] for i in range(n)]
         view = {
             "pid": self.pid,
@@ -2046,11 +2039,11 @@ class Daemon:
             "sf_seen": sf_seen,
             "latency": {"sf": _figures(self.sf_lat), "hb": _figures(self.hb_lat)},
             "xapi": self.xapimon.figures() if self.xapimon is not None else None,
+            # What each peer hears, as hex bit masks (a 64-host view stays a few kB).
+            "on_hb": on_hb,
+            "on_sf": on_sf,
         }
-        # The peers' lists (n * n numbers) are spliced in as each report encoded them once.
-        body = json.dumps(view, separators=(",", ":"))
-        lists = f',"on_hb":[{",".join(on_hb)}],"on_sf":[{",".join(on_sf)}]}}'
-        data = encode_text(body[:-1] + lists)
+        data = encode_text(json.dumps(view, separators=(",", ":")))
         try:
             if self.view_fd < 0:
                 self.view_fd = os.open(os.path.join(conf.hostdir, VIEW_FILE), os.O_RDWR | os.O_CREAT, 0o644)
@@ -2377,16 +2370,19 @@ def _uuids(conf: Conf, indices: object) -> str:
 
 
 def _uuid_lists(conf: Conf) -> Callable[[object], str]:
-    """``escape(_uuids(conf, indices))``, computed once per distinct list (in a 64-host pool most
-    hosts report the same 64 peers, 128 times per liveset)."""
-    done: dict[tuple, str] = {}
+    """``escape(_uuids(conf, indices))`` of a view's hex bit mask (or list) of indices, computed
+    once per distinct set (in a 64-host pool most hosts report the same 64 peers, 128 times per
+    liveset)."""
+    done: dict[object, str] = {}
 
     def text(indices: object) -> str:
-        if not isinstance(indices, list):
+        key = tuple(indices) if isinstance(indices, list) else indices
+        if not isinstance(key, (str, tuple)):
             return ""
-        key = tuple(indices)
         found = done.get(key)
         if found is None:
+            if isinstance(indices, str):
+                indices = sorted(index_set(indices, len(conf.hosts)) or ())
             found = done[key] = escape(_uuids(conf, indices))
         return found
 

@@ -537,3 +537,46 @@ def test_hardware_a_stack_asks_for_reaches_its_environment(
     assert runner.run("net", "ha_query_liveset", HOST, conf_path).stdout.strip() == "none not made yet"
     assert runner.run("plain", "ha_start_daemon", HOST, conf_path).stdout.strip() == "none"
     assert asked == [("netns", HOST, True), ("netns", HOST, False)]
+
+
+def test_a_script_a_killed_daemon_left_running_is_reaped_at_the_next_start(
+    make_script: MakeScript, stack_root: Path, conf_path: Path, tmp_path: Path,
+    process_groups: ProcessGroups, wait_until: Callable[..., bool],
+) -> None:
+    """scripts.py reap_orphans: each host's running script is recorded in one marker, rewritten in
+    place (no file is created per run), and a later runner kills what that marker names."""
+    state = tmp_path / "state"
+    make_script("s", "ha_query_liveset", "#!/bin/sh\necho ok\n")
+    make_script("s", "ha_start_daemon", '#!/bin/sh\necho $$ > "$(dirname "$XHAD_CONF")/script.pid"\nsleep 100\n')
+    first = ClusterStackRunner(stack_root, timeout=30.0, start_timeout=30.0, state_dir=state)
+    marker = state / "run" / "scripts" / f"host-{HOST}"
+    first.run("s", "ha_query_liveset", HOST, conf_path)
+    inode = marker.stat().st_ino
+    assert marker.read_text() == ""  # the run ended: nothing recorded, the file kept for the next
+    first.run("s", "ha_query_liveset", HOST, conf_path)
+    assert marker.stat().st_ino == inode and marker.read_text() == ""
+
+    outcome: list[BaseException] = []
+
+    def run_and_fail() -> None:
+        try:
+            first.run("s", "ha_start_daemon", HOST, conf_path)
+        except BaseException as exc:  # noqa: BLE001 - the assertion below looks at it
+            outcome.append(exc)
+
+    worker = threading.Thread(target=run_and_fail)
+    worker.start()
+    try:
+        assert wait_until(lambda: (conf_path.parent / "script.pid").exists(), 5.0)
+        pid = int((conf_path.parent / "script.pid").read_text())
+        process_groups.track(pid)
+        assert marker.read_text().split()[0] == str(pid)
+        # A daemon started after a crash of the first, on the same state dir.
+        second = ClusterStackRunner(stack_root, timeout=30.0, start_timeout=30.0, state_dir=state)
+        assert second.reap_orphans() == [pid]
+        assert wait_until(lambda: not process_groups.members(pid), 5.0)
+    finally:
+        worker.join(10.0)
+    assert outcome and isinstance(outcome[0], ApiError) and "SIGKILL" in outcome[0].params[0]
+    # Nothing is recorded for a host whose marker is empty.
+    assert ClusterStackRunner(stack_root, state_dir=state).reap_orphans() == []

@@ -513,10 +513,11 @@ def test_view_lists_every_peers_reports(tmp_path: Path) -> None:
     daemon.write_view()
     view = E.read_view(conf, daemon.pid)
     assert view is not None and E.decode_block((tmp_path / "xhad.view").read_bytes()) == view
-    assert view["on_hb"] == [[0, 2], [0, 1, 2], None] and view["on_sf"] == [[0, 2], [1], [0, 2]]
+    # What each peer hears, as hex bit masks: {0, 2} is "5", {0, 1, 2} "7", {1} "2".
+    assert view["on_hb"] == ["5", "7", None] and view["on_sf"] == ["5", "2", "5"]
     assert view["sf_access"] == [False, True, False] and view["status"] == "Starting"
     # Rewritten in place: a shorter view leaves only padding behind.
     daemon.hb[1] = None
     daemon.write_view()
-    assert E.read_view(conf, daemon.pid)["on_hb"] == [[0, 2], None, None]
+    assert E.read_view(conf, daemon.pid)["on_hb"] == ["5", None, None]
     daemon.remove_view()
