@@ -622,38 +622,49 @@ class ClusterStackRunner:
         sel = selectors.DefaultSelector()
         sel.register(proc.stdout, selectors.EVENT_READ, out)
         sel.register(proc.stderr, selectors.EVENT_READ, err)
+        # The child's exit wakes the selector through a pidfd, so a run costs no polling wake-ups
+        # (64 hosts' scripts run at once during an enable); without one, poll every 50 ms.
+        pidfd = _pidfd(proc.pid)
+        if pidfd is not None:
+            sel.register(pidfd, selectors.EVENT_READ, None)
+        pipes = 2
         exited_at: float | None = None
         timed_out = False
         try:
             while True:
                 now = time.monotonic()
-                if exited_at is None and proc.poll() is not None:
+                if exited_at is None and pidfd is None and proc.poll() is not None:
                     exited_at = now
-                if not sel.get_map():
-                    if exited_at is not None:
-                        break
-                    wait_for = deadline - now
-                    if wait_for <= 0:
-                        timed_out = True
-                        break
-                    try:
-                        proc.wait(timeout=min(wait_for, 0.1))
-                    except subprocess.TimeoutExpired:
-                        pass
-                    continue
-                if exited_at is not None and now - exited_at >= EXIT_GRACE:
+                if exited_at is not None and (not pipes or now - exited_at >= EXIT_GRACE):
                     break
                 if exited_at is None and now >= deadline:
                     timed_out = True
                     break
-                for key, _ in sel.select(timeout=0.05):
+                wait = (deadline if exited_at is None else exited_at + EXIT_GRACE) - now
+                if pidfd is None:
+                    wait = min(wait, 0.05)
+                if not pipes and pidfd is None:
+                    try:
+                        proc.wait(timeout=max(wait, 0.0))
+                    except subprocess.TimeoutExpired:
+                        pass
+                    continue
+                for key, _ in sel.select(timeout=max(wait, 0.0)):
+                    if key.data is None:  # the pidfd: the child has exited
+                        sel.unregister(key.fileobj)
+                        proc.poll()
+                        exited_at = time.monotonic()
+                        continue
                     chunk = os.read(key.fd, _READ_CHUNK)
                     if chunk:
                         key.data.add(chunk)
                     else:
                         sel.unregister(key.fileobj)
+                        pipes -= 1
         finally:
             sel.close()
+            if pidfd is not None:
+                os.close(pidfd)
             # Only while the child is unreaped is its pid (= process group id) safe from reuse.
             if proc.poll() is None:
                 try:
@@ -694,6 +705,14 @@ class ClusterStackRunner:
             log.info("ha_propose_master_refused", stack=stack, host=host_uuid, exit_code=exc.exit_code)
             return False
         return result.stdout.rstrip() == "TRUE"
+
+
+def _pidfd(pid: int) -> int | None:
+    """A pidfd of ``pid`` (readable once it exits), or None where the kernel has none."""
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return None
 
 
 def _clear_marker(marker: Path) -> None:
