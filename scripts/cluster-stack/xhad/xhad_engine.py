@@ -229,8 +229,12 @@ CLAIM_FILE = "xhad.claim"
 WATCHDOG_SOCKET = "watchdog"
 FABRIC_FILE = "fabric.json"
 POLL = 0.1
-# ha_start_daemon looks for the Online view this often (a stat; the view is read only when it changed).
+# ha_start_daemon waits for the heartbeat's word on a pipe, and looks at the view (a stat; read only
+# when it changed) on every word and at least every START_WAIT; once the pipe is closed (the
+# heartbeat is ending), every START_POLL until the exit shows.
 START_POLL = 0.05
+START_WAIT = 1.0
+ONLINE_FD_VAR = "XHAD_ONLINE_FD"
 STOP_GRACE = 5.0
 LOCK_TIMEOUT = 10.0
 DAEMON_LOCK_TIMEOUT = 1.0
@@ -1228,6 +1232,7 @@ class Daemon:
         self.signals: list[int] = []
         self.wake_r = -1
         self.xapimon: Any = None  # xapi_mon.XapiMon once Online
+        self.online_fd = -1  # told "online" once the view shows it (see spawn_heartbeat)
 
     # -- set-up and the loop ---------------------------------------------------------------
 
@@ -1331,6 +1336,8 @@ class Daemon:
                 self.last_pet = time.monotonic()
             if ticked or self.view_key() != self.published:
                 self.write_view()
+            if self.online_fd >= 0 and self.state == "online":
+                self._tell_online()
             deadline = min(self.next_send, self.next_sf, self.next_eval)
             if self.dirty:
                 deadline = min(deadline, self.last_eval + EVAL_INTERVAL)
@@ -1350,6 +1357,15 @@ class Daemon:
             except InterruptedError:
                 pass
             self.last_wake = time.monotonic()
+
+    def _tell_online(self) -> None:
+        """Tell the waiting ha_start_daemon that the view now says Online (best effort)."""
+        try:
+            os.write(self.online_fd, b"online\n")
+        except OSError:
+            pass
+        os.close(self.online_fd)
+        self.online_fd = -1
 
     def _signals(self) -> bool:
         """Handle pending signals; whether a stop was requested."""
@@ -2117,9 +2133,10 @@ def _decode_retry(fd: int, index: int, raw: bytes) -> dict | None:
     raise OSError(errno.EIO, f"statefile block {index} is corrupt")
 
 
-def heartbeat_main(conf_path: str, parsed: Conf | None = None) -> int:
+def heartbeat_main(conf_path: str, parsed: Conf | None = None, online_fd: int = -1) -> int:
     """Body of the heartbeat process; returns its exit status (see the module docstring).
-    ``parsed`` is the conf at ``conf_path`` as the forking ha_start_daemon just read it."""
+    ``parsed`` is the conf at ``conf_path`` as the forking ha_start_daemon just read it;
+    ``online_fd`` is told ``online`` once the view says so (ha_start_daemon waits on it)."""
     conf = parsed if parsed is not None and parsed.path == conf_path else read_conf(conf_path)
     me = os.getpid()
     lock_fd = os.open(os.path.join(conf.hostdir, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
@@ -2131,6 +2148,7 @@ def heartbeat_main(conf_path: str, parsed: Conf | None = None) -> int:
     write_pid_file(conf.hostdir, me)
     _log(f"heartbeat {me} started for host {conf.local} (index {conf.index})")
     daemon = Daemon(conf)
+    daemon.online_fd = online_fd
     try:
         code = daemon.run()
     except Exit as exc:
@@ -2202,8 +2220,17 @@ def start_daemon(conf_path: str) -> int:
     remove_pid_file(conf.hostdir)
     for name in (VIEW_FILE, CLAIM_FILE):
         _unlink(os.path.join(conf.hostdir, name))
-    with open(os.path.join(conf.hostdir, LOG_FILE), "ab") as log:
-        proc = spawn_heartbeat(conf, log.fileno())
+    # The heartbeat says "online" on this pipe (and closes it when done or dead), so the wait
+    # below costs no wake-ups; the view stays the authority, looked at on every wake-up.
+    told, tell = os.pipe()
+    try:
+        with open(os.path.join(conf.hostdir, LOG_FILE), "ab") as log:
+            proc = spawn_heartbeat(conf, log.fileno(), tell)
+    except BaseException:
+        os.close(told)
+        raise
+    finally:
+        os.close(tell)
     deadline = time.monotonic() + max(conf.join_timeout, conf.boot_join_timeout) + START_MARGIN
     view_path = os.path.join(conf.hostdir, VIEW_FILE)
     seen: tuple[int, int] | None = None
@@ -2228,12 +2255,21 @@ def start_daemon(conf_path: str) -> int:
                 proc.kill()
                 proc.wait()
                 return EXIT_BOOTJOIN_TIMEOUT
-            time.sleep(START_POLL)
+            if told < 0:
+                time.sleep(START_POLL)  # it closed the pipe: it is ending (or Online by now)
+                continue
+            left = max(0.0, min(START_WAIT, deadline - time.monotonic()))
+            if select.select([told], [], [], left)[0] and not os.read(told, 64):
+                os.close(told)
+                told = -1
     except BaseException:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
         raise
+    finally:
+        if told >= 0:
+            os.close(told)
 
 
 def stop_daemon(conf_path: str) -> int:
@@ -2646,7 +2682,14 @@ def main(script: str, argv: list[str]) -> int:
 
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == HEARTBEAT_FLAG:
-        sys.exit(_guarded(heartbeat_main, os.path.abspath(sys.argv[2])))
+        told = os.environ.pop(ONLINE_FD_VAR, "")
+        online_fd = int(told) if told.isdigit() else -1
+        if online_fd >= 0:
+            try:
+                os.set_inheritable(online_fd, False)
+            except OSError:
+                online_fd = -1
+        sys.exit(_guarded(heartbeat_main, os.path.abspath(sys.argv[2]), None, online_fd))
     print(f"usage: {sys.argv[0]} {HEARTBEAT_FLAG} <xhad.conf>", file=sys.stderr)
     sys.exit(EXIT_INVALID_PARAMETER)
 
@@ -2763,14 +2806,19 @@ def _exit_forked(code: int) -> None:
         os._exit(code)
 
 
-def spawn_heartbeat(conf: Conf, log_fd: int) -> subprocess.Popen[bytes] | _Forked:
-    """Start this host's heartbeat process with ``log_fd`` as its output, in a session of its own.
+def spawn_heartbeat(conf: Conf, log_fd: int, online_fd: int = -1) -> subprocess.Popen[bytes] | _Forked:
+    """Start this host's heartbeat process with ``log_fd`` as its output, in a session of its own;
+    it writes ``online`` to ``online_fd`` (when given) once Online, then closes it.
 
     In a fork-server worker it is forked (its command line rewritten to the executed form), else
-    executed as ``<python> -S xhad_engine.py --heartbeat <conf>``.
+    executed as ``<python> -S xhad_engine.py --heartbeat <conf>`` (``online_fd`` named in
+    ``XHAD_ONLINE_FD``).
     """
     argv = [sys.executable or "python3", "-S", ENGINE_FILE, HEARTBEAT_FLAG, conf.path]
     if not (_FORKED and retitle(argv, check=True)):
+        env = dict(os.environ)
+        if online_fd >= 0:
+            env[ONLINE_FD_VAR] = str(online_fd)
         return subprocess.Popen(
             argv,
             stdin=subprocess.DEVNULL,
@@ -2779,6 +2827,8 @@ def spawn_heartbeat(conf: Conf, log_fd: int) -> subprocess.Popen[bytes] | _Forke
             cwd=conf.hostdir,
             start_new_session=True,
             close_fds=True,
+            pass_fds=(online_fd,) if online_fd >= 0 else (),
+            env=env,
         )
     sys.stdout.flush()
     sys.stderr.flush()
@@ -2792,11 +2842,13 @@ def spawn_heartbeat(conf: Conf, log_fd: int) -> subprocess.Popen[bytes] | _Forke
         os.dup2(null, 0)
         os.dup2(log_fd, 1)
         os.dup2(log_fd, 2)
-        os.closerange(3, 1 << 16)
+        if online_fd >= 0:
+            os.dup2(online_fd, 3, inheritable=False)
+        os.closerange(3 if online_fd < 0 else 4, 1 << 16)
         os.chdir(conf.hostdir)
         retitle(argv)
         _log("forked by the fork server")
-        code = _guarded(heartbeat_main, conf.path, conf)
+        code = _guarded(heartbeat_main, conf.path, conf, 3 if online_fd >= 0 else -1)
     except BaseException:  # noqa: BLE001 - a forked child never returns into its parent's code
         traceback.print_exc()
     finally:

@@ -366,3 +366,21 @@ def test_engine_conf_reader_agrees_with_xapid(tmp_path: Path) -> None:
         30,
         90,
     )
+
+
+@pytest.mark.parametrize("forkserver", [False, True], ids=["executed", "forked"])
+def test_start_daemon_returns_as_soon_as_the_heartbeat_is_online(make_pool: MakePool, forkserver: bool) -> None:
+    """The heartbeat tells ha_start_daemon "online" on a pipe (xhad_engine.py spawn_heartbeat): the
+    script returns right after the join instead of at its next look at the view (START_WAIT)."""
+    pool = make_pool("xhad", 1, forkserver=forkserver)
+    host = pool.hosts[0]
+    assert code(pool, host, "ha_set_pool_state", "init") == 0
+    assert code(pool, host, "ha_start_daemon") == 0
+    returned = time.time()
+    lines = (pool.conf(host).parent / "xhad.log").read_text().splitlines()
+    formed = [line for line in lines if "formed the liveset" in line]
+    assert formed, lines
+    stamp = formed[0].split(" ", 1)[0]
+    online = time.mktime(time.strptime(stamp[:19], "%Y-%m-%dT%H:%M:%S")) + int(stamp[20:23]) / 1000
+    engine = load_engine()
+    assert returned - online < engine.START_WAIT / 2
