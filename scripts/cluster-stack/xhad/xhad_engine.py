@@ -524,6 +524,8 @@ def encode_text(body: str) -> bytes:
 
 
 _ZEROS = bytes(BLOCK_SIZE)
+# NUL padding is checked with startswith(a view of _ZEROS): a memcmp, no copy, no byte loop.
+_ZEROS_VIEW = memoryview(_ZEROS)
 # A JSON number that json.loads gives as a float (it has a fraction or an exponent).
 _FLOAT = rb"(-?(?:0|[1-9][0-9]*)(?:\.[0-9]+(?:[eE][-+]?[0-9]+)?|[eE][-+]?[0-9]+))"
 _UINT = rb"(0|[1-9][0-9]*)"
@@ -540,7 +542,7 @@ def block_body(data: bytes) -> bytes:
     """``data`` without its NUL padding (``data.rstrip(b"\\0")``, without a scan byte by byte)."""
     end = data.rfind(b"}") + 1
     rest = len(data) - end
-    if rest <= BLOCK_SIZE and data[end:] == _ZEROS[:rest]:
+    if rest <= BLOCK_SIZE and data.startswith(_ZEROS_VIEW[:rest], end):
         return data[:end]
     return data.rstrip(b"\0")
 
@@ -728,7 +730,8 @@ def open_statefile(conf: Conf, writable: bool, fabric: Fabric | None = None) -> 
 class Report:
     """What a host says about itself, by heartbeat datagram or in its statefile slot."""
 
-    __slots__ = ("inc", "seq", "t", "state", "sf", "hears", "live", "fencing", "excluded", "claim")
+    __slots__ = ("inc", "seq", "t", "state", "sf", "hears", "live", "fencing", "excluded", "claim", "gone", "online",
+                 "_hears_mask")
 
     def __init__(
         self,
@@ -753,16 +756,18 @@ class Report:
         self.fencing = fencing
         self.excluded = excluded
         self.claim = claim
+        # Plain attributes, not properties: every evaluation asks them of every peer, twice.
+        # Whether the host says it is fencing or has stopped (it is certainly not live).
+        self.gone = fencing or state in ("fencing", "stopped")
+        # Whether the host says it is Online (and not leaving).
+        self.online = state == "online" and not fencing and not excluded
+        self._hears_mask: str | None = None
 
-    @property
-    def gone(self) -> bool:
-        """Whether the host says it is fencing or has stopped (it is certainly not live)."""
-        return self.fencing or self.state in ("fencing", "stopped")
-
-    @property
-    def online(self) -> bool:
-        """Whether the host says it is Online (and not leaving)."""
-        return self.state == "online" and not self.fencing and not self.excluded
+    def hears_mask(self) -> str:
+        """``hears`` as a hex bit mask, worked out once per report (the view lists every peer's)."""
+        if self._hears_mask is None:
+            self._hears_mask = index_mask(self.hears)
+        return self._hears_mask
 
     def fields(self) -> dict:
         """The report as JSON-ready members (shared by datagrams and slots)."""
@@ -770,7 +775,7 @@ class Report:
             "inc": self.inc,
             "state": self.state,
             "sf": self.sf,
-            "hears": index_mask(self.hears),
+            "hears": self.hears_mask(),
             "live": index_mask(self.live),
             "fencing": self.fencing,
             "claim": self.claim,
@@ -1655,9 +1660,9 @@ class Daemon:
         self.master = block["master"]
         self.master_t = wall
         for i in self.others:
-            raw = data[(1 + i) * BLOCK_SIZE : (2 + i) * BLOCK_SIZE]
-            if self._refresh_slot(i, raw):
+            if self._refresh_slot(i, data, (1 + i) * BLOCK_SIZE):
                 continue
+            raw = data[(1 + i) * BLOCK_SIZE : (2 + i) * BLOCK_SIZE]
             try:
                 slot = _decode_retry(fd, 1 + i, raw)
             except OSError:
@@ -1681,21 +1686,23 @@ class Daemon:
         if self.claim:
             self._settle_claim(fd)
 
-    def _refresh_slot(self, i: int, raw: bytes) -> bool:
-        """Take only seq and heartbeat time of a slot whose content did not change (checksum
-        verified); False when it must be decoded in full."""
+    def _refresh_slot(self, i: int, data: bytes, at: int) -> bool:
+        """Take only seq and heartbeat time of the slot at offset ``at`` of ``data`` when its content
+        did not change (checksum verified); False when it must be decoded in full.  Nothing is
+        copied: this runs for every peer at every statefile tick."""
         prefix, report = self.slot_raw[i], self.slot[i]
-        if prefix is None or report is None or not raw.startswith(prefix):
+        if prefix is None or report is None or not data.startswith(prefix, at):
             return False
-        tail = _SLOT_TAIL.match(raw, len(prefix))
+        stop = at + BLOCK_SIZE
+        tail = _SLOT_TAIL.match(data, at + len(prefix), stop)
         if tail is None:
             return False
         end = tail.end()
-        if raw[end:] != _ZEROS[: len(raw) - end]:
-            return False
+        if not data.startswith(_ZEROS_VIEW[: stop - end], end):
+            return False  # not NUL padding to the end of the block
         seq, beat, crc = int(tail[1]), float(tail[2]), int(tail[3])
         # The checksum covers the text without its crc member: up to ',"crc":', then "}".
-        if zlib.crc32(b"}", zlib.crc32(memoryview(raw)[: tail.start(3) - 7])) != crc:
+        if zlib.crc32(b"}", zlib.crc32(memoryview(data)[at : tail.start(3) - 7])) != crc:
             return False
         if beat > report.t:
             report.seq, report.t = seq, beat
@@ -2036,8 +2043,8 @@ class Daemon:
             hb, sl = self.hb[i], self.slot[i]
             hb_seen.append(hb.t if hb is not None else None)
             sf_seen.append(sl.t if sl is not None else None)
-            on_hb.append(index_mask(hb.hears) if hb is not None else None)
-            on_sf.append(index_mask(sl.hears) if sl is not None else None)
+            on_hb.append(hb.hears_mask() if hb is not None else None)
+            on_sf.append(sl.hears_mask() if sl is not None else None)
         excluded = [self.excluded if i == self.me else self.excluded_flags[i] for i in range(n)]
         view = {
             "pid": self.pid,

@@ -450,7 +450,14 @@ def test_unchanged_slot_takes_only_its_age_and_a_bad_checksum_is_decoded_in_full
         # A torn tail (checksum wrong) is never taken as an age update.
         torn = slot(3, now + 3.5, [0, 1]).replace(b'"seq":3', b'"seq":4')
         os.pwrite(fd, torn, 2 * E.BLOCK_SIZE)
-        assert daemon._refresh_slot(1, torn) is False
+        assert daemon._refresh_slot(1, torn, 0) is False
+        # So is a block with anything but NUL padding after the object, wherever it is read from.
+        good = slot(3, now + 3.5, [0, 1])
+        assert daemon._refresh_slot(1, bytes(E.BLOCK_SIZE) + good, E.BLOCK_SIZE) is True
+        dirty = good[:-1] + b"x"
+        assert daemon._refresh_slot(1, dirty, 0) is False
+        assert daemon._refresh_slot(1, bytes(E.BLOCK_SIZE) + dirty + bytes(E.BLOCK_SIZE), E.BLOCK_SIZE) is False
+        os.pwrite(fd, torn, 2 * E.BLOCK_SIZE)
         # Changed content is decoded in full: a new report.
         slot(5, now + 4.5, [1])
         daemon._sf_exchange(fd, now + 5)
