@@ -1272,6 +1272,9 @@ class Daemon:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
             signal.signal(signum, on_signal)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        # A fork-server worker resets SIGPIPE to the default; the "online" word to an
+        # ha_start_daemon that already saw the view and left must not kill the heartbeat.
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
 
     def run(self) -> int:
         """Heartbeat until stopped (0), fenced (0) or an error stops us (Exit)."""

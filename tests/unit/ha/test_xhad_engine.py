@@ -384,3 +384,10 @@ def test_start_daemon_returns_as_soon_as_the_heartbeat_is_online(make_pool: Make
     online = time.mktime(time.strptime(stamp[:19], "%Y-%m-%dT%H:%M:%S")) + int(stamp[20:23]) / 1000
     engine = load_engine()
     assert returned - online < engine.START_WAIT / 2
+    # The word may find ha_start_daemon gone (it also looks at the view): the heartbeat ignores
+    # SIGPIPE, or a late word would kill it (a fork-server worker resets SIGPIPE to the default).
+    pid = pool.pid(host)
+    assert pid is not None
+    ignored = int(next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                        if line.startswith("SigIgn:")).split()[1], 16)
+    assert ignored & (1 << (signal.SIGPIPE - 1))
