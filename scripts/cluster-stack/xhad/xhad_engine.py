@@ -2710,25 +2710,30 @@ if __name__ == "__main__":
 # this engine once and forks a worker per script run, so that a run costs a fork instead of an
 # interpreter start and the imports.  The ``ha_*`` scripts are POSIX shell shims, so that handing a
 # run over costs a shell instead of an interpreter: with ``XAPID_FORKSERVER`` naming a live server's
-# folder, a shim makes the FIFO ``r<its pid>`` there, writes ``xhad-fork-2 <pid> <script> <argc>`` into
-# the FIFO ``requests`` and reads its answer from its own FIFO: ``exit <code>``, ``signal <number>``
-# (it then kills itself with it), or ``refused`` (it then runs the script in its own interpreter,
-# ``xhad_run.py``, as it does without a server).  The server reads the rest from ``/proc/<pid>``:
-# the arguments (the last argc words of the command line), environment, folder and standard
-# streams, opened anew; a stream that would not behave the same when opened anew (a socket, a file
-# written at an offset) makes it refuse.  The answer FIFO's write end stays with the server until
-# the worker is reaped: a shim that dies (its caller's timeout) leaves the server POLLERR there,
-# and the worker is killed; a server that dies leaves the shim end-of-file (exit 127).
+# folder, a shim reads its answer from a command substitution whose shell (the *waiter*, pid from
+# ``/proc/self/stat``) copies its standard output (the pipe the shim reads) to fd 9, writes
+# ``xhad-fork-3 <shim pid> <waiter pid> <script> <argc>`` into the FIFO ``requests`` and stops
+# itself.  The server opens that pipe anew through ``/proc/<waiter>/fd/9`` and kills the waiter,
+# so that the server holds the only write end: no file is made per run.  The answer is
+# ``exit <code>``, ``signal <number>`` (the shim then kills itself with it), or ``refused`` (it
+# then runs the script in its own interpreter, ``xhad_run.py``, as it does without a server); a
+# waiter that could not send says ``unsent``, with the same effect.  The server reads the rest from ``/proc/<shim pid>``: the arguments (the last
+# argc words of the command line), environment, folder and standard streams, opened anew; a stream
+# that would not behave the same when opened anew (a socket, a file written at an offset) makes it
+# refuse.  The answer's write end stays with the server until the worker is reaped: a shim that
+# dies (its caller's timeout) leaves the server POLLERR there, and the worker is killed; a server
+# that dies leaves the shim end-of-file (exit 127).
 # A worker heartbeat (``ha_start_daemon``) forks too.
 # Hosts' processes are recognised by their command line (``--heartbeat <conf>``) and environment
 # (``XAPID_HOST_DIR``), which the kernel reads from the process's original argv and environment
 # areas; the server starts with room in both, and every fork rewrites them in place (as
 # setproctitle does), so a forked process looks exactly like an executed one.
 
-FORK_PROTOCOL = b"xhad-fork-2"
+FORK_PROTOCOL = b"xhad-fork-3"
 FORK_REQUESTS = "requests"  # the server's request FIFO, in its folder
 FORK_PID = "pid"
-FORK_CONNECT_TIMEOUT = 10.0  # seconds between a request and its shim opening the answer FIFO
+# The waiter's copy of its standard output: fd 1 itself is the request FIFO while echo writes.
+FORK_ANSWER_FD = 9
 FORK_ROOM = 1 << 15
 FORK_ROOM_VAR = "XHAD_FORK_ROOM"
 FORK_MAX_REQUEST = 4096  # a request line is written whole into the FIFO (PIPE_BUF)
@@ -2868,22 +2873,52 @@ def spawn_heartbeat(conf: Conf, log_fd: int, online_fd: int = -1) -> subprocess.
 class _Request:
     """One script run a shim asked for: who, what, and where its answer goes."""
 
-    def __init__(self, pid: int, script: str, argc: int, reply_path: str, deadline: float) -> None:
+    def __init__(self, pid: int, script: str, argc: int, reply: int) -> None:
         self.pid, self.script, self.argc = pid, script, argc
-        self.reply_path = reply_path
-        self.deadline = deadline  # the shim must open its answer FIFO by then
-        self.reply = -1  # write end of the answer FIFO, once the shim reads it
+        self.reply = reply  # write end of the pipe the shim reads its answer from
 
 
-def _parse_request(line: bytes) -> tuple[int, str, int] | None:
-    """(pid, script, argc) from a request line ``xhad-fork-2 <pid> <script> <argc>``, or None."""
+def _parse_request(line: bytes) -> tuple[int, int, str, int] | None:
+    """(pid, waiter, script, argc) from ``xhad-fork-3 <pid> <waiter> <script> <argc>``, or None."""
     words = line.split()
-    if len(words) != 4 or words[0] != FORK_PROTOCOL or not words[1].isdigit() or not words[3].isdigit():
+    if len(words) != 5 or words[0] != FORK_PROTOCOL or not all(w.isdigit() for w in (words[1], words[2], words[4])):
         return None
-    script = words[2].decode("ascii", "replace")
+    script = words[3].decode("ascii", "replace")
     if script not in SCRIPTS:
         return None
-    return int(words[1]), script, int(words[3])
+    return int(words[1]), int(words[2]), script, int(words[4])
+
+
+def _answer_pipe(pid: int, waiter: int, me: int) -> int | None:
+    """The write end of the pipe shim ``pid`` reads its answer from, opened anew from its waiter's
+    copy of its standard output (fd 9); the waiter (a subshell of the shim, of our user) is then killed, so that the
+    server holds the only write end.  None if ``waiter`` is not such a subshell or has no pipe
+    there (a waiter that is one is killed all the same: its shim then sees end-of-file)."""
+    base = f"/proc/{waiter}"
+    try:
+        if os.stat(base).st_uid != me:
+            return None
+        with open(f"{base}/stat", "rb") as handle:
+            parent_pid = int(handle.read().rsplit(b")", 1)[1].split()[1])
+        with open(f"{base}/cmdline", "rb") as handle:
+            waiter_cmdline = handle.read()
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            shim_cmdline = handle.read()
+    except (OSError, ValueError, IndexError):
+        return None
+    # A subshell is a fork of its shell: same parent link, same command line.
+    if parent_pid != pid or waiter_cmdline != shim_cmdline:
+        return None
+    fd: int | None = None
+    try:
+        fd = os.open(f"{base}/fd/{FORK_ANSWER_FD}", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+            os.close(fd)
+            fd = None
+    except OSError:
+        fd = None
+    _signal(waiter, signal.SIGKILL)
+    return fd
 
 
 def _open_stream(pid: int, n: int) -> int | None:
@@ -3057,7 +3092,6 @@ def forkserver_main(argv: list[str]) -> int:
     poller = select.poll()
     poller.register(requests_fd, select.POLLIN)
     poller.register(wake_r, select.POLLIN)
-    pending: list[_Request] = []  # asked, the shim not reading its answer yet
     running: dict[int, _Request] = {}  # worker pid -> its request
     by_reply: dict[int, int] = {}  # answer fd -> worker pid
     me = os.getuid()
@@ -3119,27 +3153,11 @@ def forkserver_main(argv: list[str]) -> int:
         # No events asked: POLLERR alone comes, when the shim (the FIFO's reader) is gone.
         poller.register(request.reply, 0)
 
-    def connect(now: float) -> None:
-        """Open the answer FIFO of every pending request whose shim reads it by now."""
-        for request in list(pending):
-            try:
-                request.reply = os.open(request.reply_path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-            except OSError as exc:
-                gone = exc.errno != errno.ENXIO or now > request.deadline or not os.path.exists(
-                    f"/proc/{request.pid}")
-                if gone:  # no such FIFO, or its shim died before it read: nobody to run for
-                    pending.remove(request)
-                    _unlink(request.reply_path)
-                continue
-            pending.remove(request)
-            _unlink(request.reply_path)
-            start(request)
-
     try:
         while not stop:
             if os.getppid() != parent:
                 break  # whoever started the server is gone (a crash): so is the server
-            events = poller.poll(2 if pending else 1000)
+            events = poller.poll(1000)
             for fd, flags in events:
                 if fd == wake_r:
                     try:
@@ -3156,16 +3174,16 @@ def forkserver_main(argv: list[str]) -> int:
                     buffered = buffered[-FORK_MAX_REQUEST:]
                     for line in lines:
                         parsed = _parse_request(line)
-                        if parsed is not None:
-                            pid, script, argc = parsed
-                            pending.append(_Request(pid, script, argc, os.path.join(folder, f"r{pid}"),
-                                                    time.monotonic() + FORK_CONNECT_TIMEOUT))
+                        if parsed is None:
+                            continue
+                        pid, waiter, script, argc = parsed
+                        reply = _answer_pipe(pid, waiter, me)
+                        if reply is not None:
+                            start(_Request(pid, script, argc, reply))
                 elif fd in by_reply and flags & (select.POLLERR | select.POLLHUP):
                     # The shim went away (its caller's timeout killed it): so does its run.
                     _killpg(by_reply[fd])
                     poller.unregister(fd)
-            if pending:
-                connect(time.monotonic())
             reap()
     finally:
         for pid in list(running):
@@ -3175,7 +3193,7 @@ def forkserver_main(argv: list[str]) -> int:
                 os.waitpid(pid, 0)
             except ChildProcessError:
                 pass
-        for request in [*running.values(), *pending]:
+        for request in running.values():
             if request.reply >= 0:
                 os.close(request.reply)
         os.close(requests_fd)

@@ -127,30 +127,52 @@ def test_a_timed_out_run_dies_with_its_client(make_pool: MakePool, wait_until: C
     assert servers_under(pool.state)  # the server itself carries on
 
 
-def test_the_server_ignores_malformed_requests_and_refuses_what_it_cannot_reproduce(make_pool: MakePool) -> None:
+# A "shim" that asks as the shipped ones do (xhad_engine.py, "fork server"): its waiter keeps the
+# answer pipe on fd 9, sends the request and stops; the answer lands in $OUT.
+ASKER = (
+    'a=$( { exec 9>&1 && read -r w _ </proc/self/stat && '
+    'echo "xhad-fork-3 $$ $w ha_query_liveset 0" 1<>"$REQ" && kill -STOP "$w"; } ) 2>/dev/null; '
+    'echo "$a" > "$OUT"; sleep 30'
+)
+
+
+def test_the_server_ignores_malformed_requests_and_refuses_what_it_cannot_reproduce(
+    make_pool: MakePool, tmp_path: Path, wait_until: Callable[..., bool]
+) -> None:
     pool = make_pool("xhad", 1, forkserver=True)
     host = pool.hosts[0]
     assert code(pool, host, "ha_set_pool_state", "init") == 0
     folder = pool.state / "xapid" / "run" / "forkservers" / "xhad.server"
     requests = os.open(folder / "requests", os.O_WRONLY | os.O_NONBLOCK)
     left, right = socket.socketpair()
-    # Not a shim of the script it names; and a "shim" whose standard output is a socket (/proc
-    # cannot open one anew).
-    stranger = subprocess.Popen(["sleep", "30"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
-    socketed = subprocess.Popen(["sh", "-c", "sleep 30; :", "ha_query_liveset"], stdin=subprocess.DEVNULL,
-                                stdout=right, stderr=subprocess.DEVNULL)
+    # A live process named as the waiter of a request that is not its shell's: left alone.
+    bystander = subprocess.Popen(["sleep", "30"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
+    askers: dict[str, subprocess.Popen[bytes]] = {}
     try:
-        os.write(requests, b"hello\nxhad-fork-2 1 rm_rf 0\nxhad-fork-2 x ha_query_liveset 0\n")
-        for proc in (stranger, socketed):
-            reply = folder / f"r{proc.pid}"
-            os.mkfifo(reply, 0o600)
-            os.write(requests, b"xhad-fork-2 %d ha_query_liveset 0\n" % proc.pid)
-            with open(reply, "rb") as answer:
-                assert answer.read() == b"refused\n"
-            assert not reply.exists()  # the server unlinks an answer FIFO once it has it open
+        os.write(requests, b"hello\nxhad-fork-3 1 2 rm_rf 0\nxhad-fork-3 x 1 ha_query_liveset 0\n"
+                           b"xhad-fork-2 1 ha_query_liveset 0\n")
+        os.write(requests, b"xhad-fork-3 %d %d ha_query_liveset 0\n" % (os.getpid(), bystander.pid))
+        # Not a shim of the script it names ($0 is another name); and one whose standard output is
+        # a socket (/proc cannot open one anew): both are refused, through their answer pipes.
+        cases = (("stranger", "other_script", subprocess.DEVNULL), ("socketed", "ha_query_liveset", right))
+        for name, script, out in cases:
+            env = {"PATH": os.environ.get("PATH", ""), "REQ": str(folder / "requests"), "OUT": str(tmp_path / name)}
+            askers[name] = subprocess.Popen(["sh", "-c", ASKER, script], stdin=subprocess.DEVNULL, stdout=out,
+                                            stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+        for name in askers:
+            answer = tmp_path / name
+            assert wait_until(lambda answer=answer: answer.exists() and answer.read_text() == "refused\n", 5.0), name
+        time.sleep(0.2)
+        assert bystander.poll() is None
     finally:
-        for proc in (stranger, socketed):
-            proc.kill()
+        for proc in (*askers.values(), bystander):
+            try:
+                if proc is bystander:
+                    proc.kill()
+                else:
+                    os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
             proc.wait()
         left.close()
         right.close()
