@@ -2269,9 +2269,13 @@ def start_daemon(conf_path: str) -> int:
                 time.sleep(START_POLL)  # it closed the pipe: it is ending (or Online by now)
                 continue
             left = max(0.0, min(START_WAIT, deadline - time.monotonic()))
-            if select.select([told], [], [], left)[0] and not os.read(told, 64):
-                os.close(told)
-                told = -1
+            if select.select([told], [], [], left)[0]:
+                # Read the view again whatever its stamp: two writes within one tick of the
+                # file system's clock share an mtime, and the word follows the Online write.
+                seen = None
+                if not os.read(told, 64):
+                    os.close(told)
+                    told = -1
     except BaseException:
         if proc.poll() is None:
             proc.kill()
@@ -2717,12 +2721,13 @@ if __name__ == "__main__":
 # so that the server holds the only write end: no file is made per run.  The answer is
 # ``exit <code>``, ``signal <number>`` (the shim then kills itself with it), or ``refused`` (it
 # then runs the script in its own interpreter, ``xhad_run.py``, as it does without a server); a
-# waiter that could not send says ``unsent``, with the same effect.  The server reads the rest from ``/proc/<shim pid>``: the arguments (the last
-# argc words of the command line), environment, folder and standard streams, opened anew; a stream
-# that would not behave the same when opened anew (a socket, a file written at an offset) makes it
-# refuse.  The answer's write end stays with the server until the worker is reaped: a shim that
-# dies (its caller's timeout) leaves the server POLLERR there, and the worker is killed; a server
-# that dies leaves the shim end-of-file (exit 127).
+# waiter that could not send says ``unsent``, with the same effect.  The server reads the rest
+# from ``/proc/<shim pid>``: the arguments (the last argc words of the command line), environment,
+# folder and standard streams, opened anew; a stream that would not behave the same when opened
+# anew (a socket, a file written at an offset) makes it refuse.  The answer's write end stays with
+# the server until the worker is reaped: a shim that dies (its caller's timeout) leaves the server
+# POLLERR there, and the worker is killed; a server that dies leaves the shim end-of-file (exit
+# 127).
 # A worker heartbeat (``ha_start_daemon``) forks too.
 # Hosts' processes are recognised by their command line (``--heartbeat <conf>``) and environment
 # (``XAPID_HOST_DIR``), which the kernel reads from the process's original argv and environment
