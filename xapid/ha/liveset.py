@@ -272,23 +272,19 @@ def _warnings(root: Element) -> dict[str, bool] | None:
 
 
 _BOOLS = {"TRUE": True, "FALSE": False}
-_REPEATED = Element("repeated")  # marks a tag met twice among one element's children
-
-
-def _by_tag(parent: Element) -> dict[str, Element]:
-    """The direct children of ``parent`` by tag; a tag met more than once maps to ``_REPEATED``."""
-    found: dict[str, Element] = {}
-    for child in parent:
-        found[child.tag] = _REPEATED if child.tag in found else child
-    return found
-
-
-def _leaf(children: dict[str, Element], tag: str) -> str | None:
-    """The trimmed text of the single leaf ``tag``, or None if it is absent, repeated or not a leaf."""
-    element = children.get(tag)
-    if element is None or element is _REPEATED or len(element):
+def _only_leaf(groups: dict[str, list[Element]], tag: str) -> Element | None:
+    """The single leaf ``tag`` among ``groups`` (see :func:`_groups`), or None if it is absent,
+    repeated or not a leaf."""
+    found = groups.get(tag)
+    if found is None or len(found) != 1 or len(found[0]):
         return None
-    return (element.text or "").strip()
+    return found[0]
+
+
+def _leaf(groups: dict[str, list[Element]], tag: str) -> str | None:
+    """The trimmed text of the single leaf ``tag``, or None if it is absent, repeated or not a leaf."""
+    element = _only_leaf(groups, tag)
+    return None if element is None else (element.text or "").strip()
 
 
 def _quick_hosts(elements: list[Element]) -> dict[str, HostStatus] | None:
@@ -296,7 +292,7 @@ def _quick_hosts(elements: list[Element]) -> dict[str, HostStatus] | None:
     (the strict walk then names it)."""
     hosts: dict[str, HostStatus] = {}
     for host in elements:
-        children = _by_tag(host)
+        children = _groups(host)
         uuid = _leaf(children, "HostID")
         if not uuid or uuid in hosts:
             return None
@@ -313,7 +309,7 @@ def _quick_hosts(elements: list[Element]) -> dict[str, HostStatus] | None:
 
 def _quick_raw(block: Element) -> dict[str, RawHost] | None:
     """:func:`_raw` of a ``raw_status_on_local_host`` that breaks no rule; None at the first problem."""
-    children = _by_tag(block)
+    children = _groups(block)
     for name in RAW_LATENCIES:
         text = _leaf(children, name)
         if text is None or not _INT.fullmatch(text):
@@ -322,7 +318,7 @@ def _quick_raw(block: Element) -> dict[str, RawHost] | None:
     for entry in block:
         if entry.tag != "host_raw_data":
             continue
-        fields = _by_tag(entry)
+        fields = _groups(entry)
         uuid = _leaf(fields, "HostID")
         if not uuid or uuid in raw:
             return None
@@ -332,11 +328,11 @@ def _quick_raw(block: Element) -> dict[str, RawHost] | None:
             if text is None or not _INT.fullmatch(text):
                 return None
             ints.append(int(text))
-        lists = [fields.get(name) for name in RAW_HOST_LISTS]
-        if any(e is None or e is _REPEATED or len(e) for e in lists):
+        on_heartbeat, on_statefile = (_only_leaf(fields, name) for name in RAW_HOST_LISTS)
+        if on_heartbeat is None or on_statefile is None:
             return None
         # The text as it stands: split() on reading ignores the whitespace strip() would remove.
-        raw[uuid] = RawHost(ints[0], ints[1], lists[0].text or "", lists[1].text or "")
+        raw[uuid] = RawHost(ints[0], ints[1], on_heartbeat.text or "", on_statefile.text or "")
     return raw
 
 

@@ -383,7 +383,7 @@ class ClusterStackRunner:
                 duration = round(time.monotonic() - started, 3)
                 log.info("ha_script", **fields, exit_code=None, duration=duration, error=str(exc))
                 raise internal(f"Cannot run cluster stack script {where}: {exc}") from None
-            slot = self._mark_host_running(host_uuid, proc.pid)
+            marker = self._mark_running(proc.pid, host_uuid)
             with self._locks_guard:
                 self._procs[host_uuid] = proc
             try:
@@ -391,8 +391,8 @@ class ClusterStackRunner:
             finally:
                 with self._locks_guard:
                     self._procs.pop(host_uuid, None)
-                if slot is not None:
-                    _clear_marker(slot)
+                if marker is not None:
+                    _release_marker(marker)
             duration = time.monotonic() - started
         code = proc.returncode
         log.info("ha_script", **fields, exit_code=code, duration=round(duration, 3), timed_out=timed_out)
@@ -525,46 +525,35 @@ class ClusterStackRunner:
         for proc, path, marker in servers:
             self._end_server(proc, path, marker, grace=FORKSERVER_STOP_GRACE)
 
-    def _mark_host_running(self, host_uuid: str, pid: int) -> Path | None:
-        """Record ``pid`` as the script running for ``host_uuid`` (for :meth:`reap_orphans`).
+    def _mark_running(self, pid: int, host_uuid: str | None = None) -> Path | None:
+        """Record ``pid`` as running (for :meth:`reap_orphans`); the marker, or None if not recorded.
 
-        A host runs one script at a time (its lock), so its marker is one file, rewritten in place:
-        a 64-host enable and disable would otherwise create and delete some 200 files, and on a
-        file system without a journal every creation searches past the recently deleted inodes.
+        A script for a host goes to that host's one marker, ``host-<uuid>``, rewritten in place (a
+        host runs one script at a time, its lock): a 64-host enable and disable would otherwise
+        create and delete some 200 files, and on a file system without a journal every creation
+        searches past the recently deleted inodes.  Anything else (a fork server) is named by pid.
         """
-        if self.running_dir is None or not _MARKER_NAME.fullmatch(host_uuid):
-            return self._mark_running(pid)
-        start = _start_time(pid)
-        if start is None:
-            return None
-        marker = self.running_dir / f"{HOST_MARKER_PREFIX}{host_uuid}"
-        data = f"{pid} {start}\n".encode()
-        try:
-            try:
-                fd = os.open(marker, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-            except FileNotFoundError:
-                self.running_dir.mkdir(parents=True, exist_ok=True)
-                fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-            try:
-                os.pwrite(fd, data, 0)
-                os.ftruncate(fd, len(data))
-            finally:
-                os.close(fd)
-        except OSError as exc:
-            log.warning("cannot record a running script", pid=pid, error=str(exc))
-            return None
-        return marker
-
-    def _mark_running(self, pid: int) -> Path | None:
         if self.running_dir is None:
             return None
         start = _start_time(pid)
         if start is None:
             return None
+        if host_uuid is not None and _MARKER_NAME.fullmatch(host_uuid):
+            marker, data = self.running_dir / f"{HOST_MARKER_PREFIX}{host_uuid}", f"{pid} {start}\n"
+        else:
+            marker, data = self.running_dir / str(pid), start
+        flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
-            self.running_dir.mkdir(parents=True, exist_ok=True)
-            marker = self.running_dir / str(pid)
-            marker.write_text(start)
+            try:
+                fd = os.open(marker, flags, 0o600)
+            except FileNotFoundError:
+                self.running_dir.mkdir(parents=True, exist_ok=True)
+                fd = os.open(marker, flags, 0o600)
+            try:
+                os.pwrite(fd, data.encode(), 0)
+                os.ftruncate(fd, len(data))
+            finally:
+                os.close(fd)
         except OSError as exc:
             log.warning("cannot record a running script", pid=pid, error=str(exc))
             return None
@@ -715,8 +704,12 @@ def _pidfd(pid: int) -> int | None:
         return None
 
 
-def _clear_marker(marker: Path) -> None:
-    """Empty a host's marker (its script ended); the file stays for the next run."""
+def _release_marker(marker: Path) -> None:
+    """The recorded process ended: a host's marker is emptied (kept for its next script), any
+    other removed."""
+    if not marker.name.startswith(HOST_MARKER_PREFIX):
+        marker.unlink(missing_ok=True)
+        return
     try:
         fd = os.open(marker, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
