@@ -359,6 +359,97 @@ def _quick(root: Element) -> Liveset | None:
     )
 
 
+# The plain reading (_plain): a liveset laid out as xhad prints it, read with regular expressions
+# and str.find instead of a tree.  Each pattern below names its elements in the one order xhad
+# writes them, with only blanks between elements and only names, digits and TRUE/FALSE inside
+# them, so that a document they match is well-formed XML with the answer the tree walk gives.
+_BLANKS = r"[ \t\n]*"
+_NAME = r"[0-9A-Za-z_.:-]+"
+_HOST_INDEX = r"(?:<HostIndex>[0-9]+</HostIndex>)?"
+# Printable ASCII without "&" (no entity), "[" and "]" (no "]]>"), plus tab and newline (no CR
+# for XML to normalise): character data made of these reads as it stands.
+_PLAIN_CHARS = bytes(c for c in range(0x20, 0x7F) if c not in b"&[]") + b"\t\n"
+_PLAIN_HEAD = re.compile(
+    r'(?:<\?xml version="1\.0" encoding="UTF-8"\?>)?' + _BLANKS + r'<ha_liveset_info version="1\.0">' + _BLANKS
+    + r"<status>(Online|Starting|Offline)</status>" + _BLANKS
+    + rf"<localhost><HostID>({_NAME})</HostID>{_HOST_INDEX}</localhost>" + _BLANKS
+)
+_PLAIN_HOST = re.compile(
+    rf"<host>{_BLANKS}<HostID>({_NAME})</HostID>{_BLANKS}{_HOST_INDEX}{_BLANKS}"
+    + _BLANKS.join(f"<{name}>(TRUE|FALSE)</{name}>" for name in HOST_FIELDS[1:])
+    + rf"{_BLANKS}</host>{_BLANKS}"
+)
+_PLAIN_RAW_HEAD = re.compile(
+    "<raw_status_on_local_host>" + _BLANKS
+    + _BLANKS.join(f"<{name}>-?[0-9]+</{name}>" for name in RAW_LATENCIES) + _BLANKS
+)
+_PLAIN_RAW_HOST = re.compile(
+    rf"<host_raw_data>{_BLANKS}<HostID>({_NAME})</HostID>{_BLANKS}"
+    + _BLANKS.join(f"<{name}>(-?[0-9]+)</{name}>" for name in RAW_HOST_INTS)
+    + f"{_BLANKS}<{RAW_HOST_LISTS[0]}>"
+)
+_PLAIN_BETWEEN_LISTS = re.compile(f"</{RAW_HOST_LISTS[0]}>{_BLANKS}<{RAW_HOST_LISTS[1]}>")
+_PLAIN_RAW_END = re.compile(f"</{RAW_HOST_LISTS[1]}>{_BLANKS}</host_raw_data>{_BLANKS}")
+_PLAIN_TAIL = re.compile(
+    "</raw_status_on_local_host>" + _BLANKS + "<warning_on_local_host>" + _BLANKS
+    + _BLANKS.join(f"<{name}>(TRUE|FALSE)</{name}>" for name in WARNINGS)
+    + _BLANKS + "</warning_on_local_host>" + _BLANKS + "</ha_liveset_info>" + _BLANKS
+)
+
+
+def _plain_list(text: str, start: int, close: str) -> int:
+    """Where the list text from ``start`` ends (at ``close``), or -1 if it holds markup."""
+    end = text.find(close, start)
+    return -1 if end < 0 or text.find("<", start, end) >= 0 else end
+
+
+def _plain(text: str) -> Liveset | None:
+    """The liveset of an Online document laid out as xhad prints it, or None for any other
+    document (the tree walk then reads it, or names what is wrong).
+
+    A 64-host liveset is some 350 kB, 300 kB of it peer lists: read this way it takes about a
+    third of the time of expat's pass alone (parse() runs once per query and host)."""
+    if not text.isascii() or text.encode("ascii").translate(None, _PLAIN_CHARS):
+        return None
+    head = _PLAIN_HEAD.match(text)
+    if head is None:
+        return None
+    at = head.end()
+    hosts: dict[str, HostStatus] = {}
+    while (host := _PLAIN_HOST.match(text, at)) is not None:
+        if host[1] in hosts:
+            return None
+        hosts[host[1]] = HostStatus(*(flag == "TRUE" for flag in host.groups()[1:]))
+        at = host.end()
+    block = _PLAIN_RAW_HEAD.match(text, at)
+    if block is None:
+        return None
+    at = block.end()
+    raw: dict[str, RawHost] = {}
+    close_first, close_second = (f"</{name}>" for name in RAW_HOST_LISTS)
+    while (entry := _PLAIN_RAW_HOST.match(text, at)) is not None:
+        first = entry.end()
+        first_end = _plain_list(text, first, close_first)
+        between = _PLAIN_BETWEEN_LISTS.match(text, first_end) if first_end >= 0 else None
+        second = between.end() if between is not None else -1
+        second_end = _plain_list(text, second, close_second) if second >= 0 else -1
+        end = _PLAIN_RAW_END.match(text, second_end) if second_end >= 0 else None
+        if end is None or entry[1] in raw:
+            return None
+        raw[entry[1]] = RawHost(int(entry[2]), int(entry[3]), text[first:first_end], text[second:second_end])
+        at = end.end()
+    tail = _PLAIN_TAIL.fullmatch(text, at)
+    if tail is None:
+        return None
+    return Liveset(
+        status=head[1],
+        local_host=head[2],
+        hosts=hosts,
+        raw=raw,
+        warnings={name: flag == "TRUE" for name, flag in zip(WARNINGS, tail.groups(), strict=True)},
+    )
+
+
 def parse(text: str) -> Liveset:
     """Parse a liveset document, applying every rule of ha.md 3.2.1.
 
@@ -370,6 +461,9 @@ def parse(text: str) -> Liveset:
         raise internal(f"liveset must be text, got {type(text).__name__}")
     if len(text) > MAX_BYTES or len(text.encode("utf-8", "surrogatepass")) > MAX_BYTES:
         raise internal("liveset is larger than 1 MiB")
+    plain = _plain(text)
+    if plain is not None:
+        return plain
     try:
         if "<!DOCTYPE" in text:
             # No DTD, so no entity but the five predefined ones (expat refuses any other reference):

@@ -327,3 +327,60 @@ def test_one_pass_walk_agrees_on_mangled_input(data: st.DataObject) -> None:
     end = data.draw(st.integers(start, min(len(EXAMPLE), start + 80)))
     filler = data.draw(st.sampled_from(["", " ", "TRUE", "<x/>", "</host><host>", "-1", "a b"]))
     assert _quick_agrees(EXAMPLE[:start] + filler + EXAMPLE[end:])
+
+
+# As xhad_engine.render_liveset lays a liveset out: HostIndex beside each HostID, lists on one line.
+XHAD_LAYOUT = re.sub(r"\n\s+(%s[^\n]*)\n\s+</" % H1[:8], r"\1</", EXAMPLE)
+for _index, _host in enumerate((H1, H2, H3)):
+    XHAD_LAYOUT = XHAD_LAYOUT.replace(f"<HostID>{_host}</HostID>\n    <liveness>",
+                                      f"<HostID>{_host}</HostID><HostIndex>{_index}</HostIndex>\n    <liveness>")
+XHAD_LAYOUT = XHAD_LAYOUT.replace(f"<localhost><HostID>{H1}</HostID>",
+                                  f"<localhost><HostID>{H1}</HostID><HostIndex>0</HostIndex>")
+
+# What may break the plain reading's promise: entities, CDATA, comments, CR, characters beyond
+# ASCII or forbidden in XML, markup inside text, other spellings of the words it reads.
+TRICKY = ["", " ", "\t", "\n", "\r", "\r\n", "&amp;", "&lt;", "&#65;", "]]>", "]", "<!-- c -->", "<![CDATA[x]]>",
+          "<x/>", "<b>TRUE</b>", "</host><host>", "TRUE", "true", "FALSE", "-1", "0123", "é", "\x00", "\x0b", "\u2028",
+          "a b", H1, "<HostIndex>1</HostIndex>", '"', ">", "<?pi?>", "<!DOCTYPE x>"]
+
+
+def _plain_agrees(text: str) -> bool:
+    """The plain reading of ``text`` declines it or gives exactly the strict walk's answer."""
+    plain = liveset._plain(text)
+    if plain is None:
+        return True
+    try:
+        return plain == _strict(text)
+    except (ApiError, liveset.ParseError):
+        return False  # the plain reading took a document the parser refuses
+
+
+@pytest.mark.parametrize("text", [EXAMPLE, XHAD_LAYOUT], ids=["ha.md", "xhad"])
+def test_plain_reading_gives_the_tree_answer(text: str) -> None:
+    plain = liveset._plain(text)
+    assert plain is not None and plain == _strict(text) == liveset.parse(text)
+    assert plain.raw is not None and plain.raw[H2].heartbeat_active_list_on_statefile == [H1, H2]
+    assert plain.raw[H3].heartbeat_active_list_on_heartbeat == []
+    assert plain.hosts[H3] == HostStatus(False, False, False, False, False)
+
+
+@pytest.mark.parametrize("name", sorted(k for k, v in STRICT_CASES.items() if isinstance(v, str)))
+def test_plain_reading_never_accepts_what_the_strict_walk_refuses(name: str) -> None:
+    assert liveset._plain(STRICT_CASES[name]) is None
+
+
+@pytest.mark.parametrize("filler", TRICKY)
+def test_plain_reading_agrees_with_every_tricky_insertion(filler: str) -> None:
+    for text in (EXAMPLE, XHAD_LAYOUT):
+        for at in range(0, len(text), 7):
+            assert _plain_agrees(text[:at] + filler + text[at:]), (at, filler)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_plain_reading_agrees_on_mangled_input(data: st.DataObject) -> None:
+    text = data.draw(st.sampled_from([EXAMPLE, XHAD_LAYOUT]))
+    start = data.draw(st.integers(0, len(text)))
+    end = data.draw(st.integers(start, min(len(text), start + 60)))
+    filler = data.draw(st.one_of(st.sampled_from(TRICKY), st.text(max_size=6)))
+    assert _plain_agrees(text[:start] + filler + text[end:])
