@@ -298,7 +298,8 @@ class HaManager:
             )
         self.planning.update_pool_status()
         generation = str(uuidlib.uuid4())
-        self._write_conf(master, generation, base_t, statefile_path)
+        members = [(h["uuid"], h["address"]) for _r, h in self.hosts()]
+        self._write_conf(master, generation, base_t, statefile_path, members)
         self.run(master, "ha_set_pool_state", "init")
         hosts = [r for r, _ in self.hosts()]
         tasks = self.daemon.tasks
@@ -307,8 +308,13 @@ class HaManager:
             # xapi preconfigures host after host; nothing a client sees depends on that order, and
             # doing the hosts at once keeps a 64-host enable from queueing hundreds of fsyncs.
             tasks.check_cancelled(task)
+            # Each host's Host.preconfigure_ha sets its own ha_statefiles in xapi: one transaction
+            # here, so that 64 hosts do not queue 64 commits before their files are written.
+            with self.store.transaction() as tx:
+                for h in hosts:
+                    tx.update("host", h, ha_statefiles=[statefile])
             results = self.in_parallel(hosts, lambda h: self._preconfigure(
-                h, chosen, [statefile], metadata, generation, base_t, statefile_path, is_master=h == master))
+                h, chosen, generation, base_t, statefile_path, members, is_master=h == master))
             failures = [e for _h, e in results if e is not None]
             if failures:
                 raise failures[0]
@@ -393,7 +399,9 @@ class HaManager:
                 self._port_for = (generation, conf.free_udp_port([h["address"] for _r, h in self.hosts()]))
             return self._port_for[1]
 
-    def _write_conf(self, host: str, generation: str, base_t: object, statefile_path: str) -> None:
+    def _write_conf(self, host: str, generation: str, base_t: object, statefile_path: str,
+                    members: list[tuple[str, str]]) -> None:
+        """Write ``host``'s xhad.conf for the pool ``members`` (UUID and address of each host)."""
         host_rec = self.store.get("host", host)
         assert host_rec is not None
         bridge, device = "xenbr0", "eth0"
@@ -409,7 +417,7 @@ class HaManager:
         cfg = self.daemon.config
         text = conf.render(
             generation,
-            [(h["uuid"], h["address"]) for _r, h in self.hosts()],
+            members,
             base_t,
             host_rec["uuid"],
             bridge,
@@ -429,21 +437,19 @@ class HaManager:
         self,
         host: str,
         chosen: str,
-        statefiles: list[str],
-        metadata: str,
         generation: str,
         base_t: object,
         statefile_path: str,
+        members: list[tuple[str, str]],
         is_master: bool,
     ) -> None:
-        """``Host.preconfigure_ha`` (ha.md 4.2)."""
+        """The files of ``Host.preconfigure_ha`` (ha.md 4.2): xhad.conf and the local database;
+        the caller has set the host's ``ha_statefiles``."""
         self.runner.stack_dir(chosen)
         uuid = self.host_uuid(host)
-        with self.store.transaction() as tx:
-            tx.update("host", host, ha_statefiles=list(statefiles))
         if not is_master:
-            self._write_conf(host, generation, base_t, statefile_path)
-        peers = {h["uuid"]: h["address"] for _r, h in self.hosts()}
+            self._write_conf(host, generation, base_t, statefile_path, members)
+        peers = dict(members)
         # One durable write per host: until it lands, run() falls back on the pool's stack.
         self.local.set(uuid, ha_cluster_stack=chosen, ha_peers=peers, ha_base_t=int(str(base_t)))
 

@@ -1224,6 +1224,8 @@ class Daemon:
         self.sf_accelerate = False
         self.reply_to: set[int] = set()
         self.last_reply = [float("-inf")] * self.n
+        # Per peer: whether the last datagram it was sent said we hear it.
+        self.told_heard = [False] * self.n
         self.last_eval = float("-inf")
         self.published: tuple = ()
         self.last_wake = float("-inf")
@@ -1516,7 +1518,7 @@ class Daemon:
         payload["master_t"] = self.master_t if self.master_t > float("-inf") else None
         payload["t"] = wall
         data = json.dumps(payload, separators=(",", ":")).encode("utf-8")
-        local = self.conf.local
+        local, hears = self.conf.local, self.my_hears
         for i in self.others if targets is None else targets:
             host = self.conf.hosts[i]
             if not self.fabric.connected(local, host):
@@ -1525,6 +1527,7 @@ class Daemon:
                 self.sock.sendto(data, (self.conf.addresses[i], self.conf.udp_port))
             except OSError:
                 pass
+            self.told_heard[i] = i in hears
         if targets is not None:
             return
         mono = time.monotonic()
@@ -1823,6 +1826,11 @@ class Daemon:
                 and not self.hb[i].gone
             }
         )
+        if self.state == "starting":
+            # A joining host does not tell everybody each peer it begins to hear (Online hosts do):
+            # it tells that peer, which counts it up only once it says so.  Without this, a peer
+            # whose last datagram from us predates our hearing it waited for our next tick.
+            self.reply_to.update(i for i in self.my_hears if not self.told_heard[i] and i != self.me)
         sf_fresh = {
             i
             for i in self.others

@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import socket
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -528,3 +529,30 @@ def test_view_lists_every_peers_reports(tmp_path: Path) -> None:
     daemon.write_view()
     assert E.read_view(conf, daemon.pid)["on_hb"] == ["5", None, None]
     daemon.remove_view()
+
+
+def test_a_joining_host_tells_each_peer_it_begins_to_hear(tmp_path: Path) -> None:
+    """xha sm.c join: a joining host's heartbeats say whom it hears.  A peer whose last datagram from
+    us predates our hearing it must get a new one, or it counts us not up (we do not hear it, as
+    far as it knows) until our next tick: 3 s of a 3-host enable at T = 30, one time in 15."""
+    conf = E.Conf(str(tmp_path / "xhad.conf"), "gen", ["h0", "h1"], "h0", str(tmp_path / "sf"), {},
+                  ["127.0.1.1", "127.0.1.2"], 7000)
+    daemon = E.Daemon(conf)
+    daemon.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        body = {"v": 1, "gen": "gen", "host": "h1", "inc": "i1", "state": "starting", "sf": True, "hears": [1],
+                "live": [], "fencing": False, "claim": False, "excluded": False, "master": None, "seq": 1,
+                "master_t": None, "t": 5.0}
+        daemon.take_datagram(json.dumps(body).encode(), ("127.0.1.2", 7000), 100.0)
+        assert daemon.reply_to == {1}  # a newcomer: answered at once ...
+        daemon.send(5.0, sorted(daemon.reply_to))  # ... before we evaluate, so not yet as heard
+        daemon.reply_to.clear()
+        daemon.evaluate(100.05, 5.05)
+        assert 1 in daemon.my_hears and daemon.state == "starting"
+        assert daemon.reply_to == {1}
+        daemon.send(5.05, sorted(daemon.reply_to))
+        daemon.reply_to.clear()
+        daemon.evaluate(100.2, 5.2)
+        assert daemon.reply_to == set()  # told once: no datagram per evaluation
+    finally:
+        daemon.sock.close()
