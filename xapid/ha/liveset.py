@@ -388,8 +388,9 @@ _PLAIN_RAW_HOST = re.compile(
     + _BLANKS.join(f"<{name}>(-?[0-9]+)</{name}>" for name in RAW_HOST_INTS)
     + f"{_BLANKS}<{RAW_HOST_LISTS[0]}>"
 )
-_PLAIN_BETWEEN_LISTS = re.compile(f"</{RAW_HOST_LISTS[0]}>{_BLANKS}<{RAW_HOST_LISTS[1]}>")
-_PLAIN_RAW_END = re.compile(f"</{RAW_HOST_LISTS[1]}>{_BLANKS}</host_raw_data>{_BLANKS}")
+_PLAIN_LIST_ENDS = tuple(f"</{name}>" for name in RAW_HOST_LISTS)
+_PLAIN_BETWEEN_LISTS = re.compile(f"{_PLAIN_LIST_ENDS[0]}{_BLANKS}<{RAW_HOST_LISTS[1]}>")
+_PLAIN_RAW_END = re.compile(f"{_PLAIN_LIST_ENDS[1]}{_BLANKS}</host_raw_data>{_BLANKS}")
 _PLAIN_TAIL = re.compile(
     "</raw_status_on_local_host>" + _BLANKS + "<warning_on_local_host>" + _BLANKS
     + _BLANKS.join(f"<{name}>(TRUE|FALSE)</{name}>" for name in WARNINGS)
@@ -426,7 +427,7 @@ def _plain(text: str) -> Liveset | None:
         return None
     at = block.end()
     raw: dict[str, RawHost] = {}
-    close_first, close_second = (f"</{name}>" for name in RAW_HOST_LISTS)
+    close_first, close_second = _PLAIN_LIST_ENDS
     while (entry := _PLAIN_RAW_HOST.match(text, at)) is not None:
         first = entry.end()
         first_end = _plain_list(text, first, close_first)

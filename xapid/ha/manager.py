@@ -298,10 +298,11 @@ class HaManager:
             )
         self.planning.update_pool_status()
         generation = str(uuidlib.uuid4())
-        members = [(h["uuid"], h["address"]) for _r, h in self.hosts()]
+        pool_hosts = self.hosts()
+        members = [(h["uuid"], h["address"]) for _r, h in pool_hosts]
         self._write_conf(master, generation, base_t, statefile_path, members)
         self.run(master, "ha_set_pool_state", "init")
-        hosts = [r for r, _ in self.hosts()]
+        hosts = [r for r, _ in pool_hosts]
         tasks = self.daemon.tasks
         steps = 3 * len(hosts)  # as xapi: preconfigure, join and finish count one step per host
         try:
